@@ -1,0 +1,157 @@
+"""`scopeloop` command line: demo, run, driver serve, bench."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from agent.config import ConfigError, ExperimentConfig, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+driver_app = typer.Typer(no_args_is_help=True, help="Driver nodes (instrument side).")
+app.add_typer(driver_app, name="driver")
+console = Console()
+err_console = Console(stderr=True)
+
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+DEFAULT_CONFIG = CONFIGS_DIR / "twin-feedback-trap.yaml"
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config value: dotted.key=value (repeatable)."),
+]
+
+
+def _load(config: Path, overrides: list[str] | None) -> ExperimentConfig:
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as exc:
+        err_console.print(str(exc), markup=False, highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _run(config: ExperimentConfig) -> dict[str, Any]:
+    from agent.runner import run_experiment
+
+    phases = 2 if config.compare_free_diffusion else 1
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[t]}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task(config.name, total=config.duration_s * phases, t="")
+        offsets = {"feedback": 0.0, "free": config.duration_s}
+
+        def on_progress(phase: str, t_s: float) -> None:
+            progress.update(
+                task,
+                completed=offsets.get(phase, 0.0) + min(t_s, config.duration_s),
+                description=f"{config.name} [{phase}]",
+                t=f"{t_s:5.1f} s",
+            )
+
+        run_dir, summary = run_experiment(config, on_progress)
+    _print_summary(summary)
+    console.print(
+        f"run written to [bold]{run_dir}[/bold] (summary.json, events-*.jsonl, "
+        f"{', '.join(summary.get('plots', []))})"
+    )
+    return summary
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    table = Table(title="run summary", show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in (
+        "rms_feedback_um",
+        "rms_free_um",
+        "rms_ratio",
+        "latency_p50_ms",
+        "latency_p99_ms",
+        "steps",
+        "frames_received",
+        "frames_skipped",
+        "commands_failed",
+        "detection_rmse_um",
+    ):
+        if key in summary:
+            value = summary[key]
+            table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
+@app.command()
+def demo(overrides: SetOption = None) -> None:
+    """Run the default experiment: a thermophoretic feedback trap on the particle twin."""
+    config = _load(DEFAULT_CONFIG, overrides)
+    summary = _run(config)
+    ratio = summary.get("rms_ratio", math.nan)
+    console.print(f"trapped RMS distance / free-diffusion RMS distance = [bold]{ratio:.3f}[/bold]")
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="Experiment YAML.")],
+    overrides: SetOption = None,
+) -> None:
+    """Run any experiment config; driver and agent run in separate processes."""
+    _run(_load(config, overrides))
+
+
+@driver_app.command("serve")
+def driver_serve(
+    config: Annotated[Path, typer.Argument(help="Experiment YAML (its `driver` section).")],
+    overrides: SetOption = None,
+) -> None:
+    """Serve a driver node (the twin in UniMMCore) until SIGINT/SIGTERM or `shutdown`."""
+    from drivers.serve import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    serve(_load(config, overrides).driver)
+
+
+@app.command()
+def bench(
+    name: Annotated[str, typer.Argument(help="Benchmark name, e.g. transport.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Short run (checks, not figures).")
+    ] = False,
+) -> None:
+    """Measure and print a table; with --json one object {"bench": NAME, "metrics": {...}}."""
+    from benchmarks import BENCHMARKS
+
+    if name not in BENCHMARKS:
+        err_console.print(f"bench: NAME must be one of {sorted(BENCHMARKS)}, got {name!r}")
+        raise typer.Exit(2)
+    module = importlib.import_module(BENCHMARKS[name])
+    metrics = module.run(quick=quick, log=(lambda _m: None) if as_json else console.print)
+    if as_json:
+        sys.stdout.write(json.dumps({"bench": name, "metrics": metrics}) + "\n")
+        return
+    table = Table(title=f"bench {name}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

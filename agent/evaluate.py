@@ -1,0 +1,86 @@
+"""Evaluation against twin ground truth. Only this module subscribes to the truth topic,
+so no policy or detector can read ground truth by accident.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from agent.recorder import EventLog
+from drivers.protocol import TRUTH_PREFIX, unpack_map
+
+
+class TruthRecorder(threading.Thread):
+    """Background subscriber that logs every ground-truth message to a JSONL file."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, path: Path) -> None:
+        super().__init__(daemon=True, name="truth-recorder")
+        self._socket = ctx.socket(zmq.SUB)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.RCVHWM, 100_000)  # evaluation must not lose records
+        self._socket.setsockopt(zmq.SUBSCRIBE, TRUTH_PREFIX)
+        self._socket.connect(endpoint)
+        self._log = EventLog(path)
+        self._stop_event = threading.Event()
+        self.records: list[dict[str, Any]] = []
+
+    def run(self) -> None:
+        try:
+            while not self._stop_event.is_set():
+                if not self._socket.poll(50):
+                    continue
+                while True:
+                    try:
+                        parts = self._socket.recv_multipart(flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    record = unpack_map(parts[1], "truth")
+                    record.pop("v", None)
+                    self.records.append(record)
+                    self._log.write("truth", **record)
+        finally:
+            self._log.close()
+            self._socket.close()
+
+    def stop(self) -> list[dict[str, Any]]:
+        self._stop_event.set()
+        self.join(timeout=5)
+        return self.records
+
+
+def controlled_track(records: list[dict[str, Any]], target: tuple[float, float]) -> np.ndarray:
+    """(T, 2) true positions of the particle the trap is about: nearest the target at start."""
+    if not records:
+        return np.zeros((0, 2))
+    positions = [np.asarray(r["positions_um"], dtype=float).reshape(-1, 2) for r in records]
+    first = positions[0]
+    index = int(np.argmin(np.hypot(*(first - np.asarray(target)).T)))
+    return np.array([p[index] for p in positions])
+
+
+def rms_distance(track: np.ndarray, target: tuple[float, float]) -> float:
+    if len(track) == 0:
+        return float("nan")
+    return float(np.sqrt(np.mean(np.sum((track - np.asarray(target)) ** 2, axis=1))))
+
+
+def detection_rmse_um(
+    steps: list[dict[str, Any]], truth: list[dict[str, Any]], match_radius_um: float = 1.0
+) -> float:
+    """RMS distance between each step's first detection and the nearest true particle."""
+    by_seq = {r["seq"]: np.asarray(r["positions_um"], dtype=float).reshape(-1, 2) for r in truth}
+    errors = []
+    for step in steps:
+        true = by_seq.get(step["seq"])
+        if true is None or not step["detections_um"]:
+            continue
+        found = np.asarray(step["detections_um"][0], dtype=float)
+        distance = float(np.min(np.hypot(*(true - found).T)))
+        if distance <= match_radius_um:
+            errors.append(distance)
+    return float(np.sqrt(np.mean(np.square(errors)))) if errors else float("nan")

@@ -1,0 +1,228 @@
+"""The inference loop: newest frame -> detections -> policy -> command, logged step by step.
+
+The agent never blocks the driver: it acts on the newest frame and counts what
+it skipped. It heartbeats from the loop itself, so if this loop stalls the
+driver's watchdog switches the laser off.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zmq
+
+from agent.detect import ParticleDetector
+from agent.recorder import EventLog
+from agent.safety import LaserLimits
+from drivers.protocol import EVENT_TOPIC, Frame, now_ns
+from drivers.transport import (
+    CommandClient,
+    CommandError,
+    CommandTimeout,
+    StreamSubscriber,
+)
+from policies.contract import Action, LaserSpot, Observation, Policy
+
+
+class DriverSilent(RuntimeError):
+    """No frame or heartbeat from the driver for longer than allowed."""
+
+
+@dataclass
+class LoopResult:
+    steps: int = 0
+    frames_received: int = 0
+    frames_skipped: int = 0
+    commands_failed: int = 0
+    actions_clipped: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    driver_events: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LoopEndpoints:
+    stream: str
+    command: str
+
+
+def _spots_wire(spots: tuple[LaserSpot, ...]) -> list[dict[str, float]]:
+    return [{"x_um": s.x_um, "y_um": s.y_um, "power_mw": s.power_mw} for s in spots]
+
+
+class AgentLoop:
+    """Runs one policy against one driver for a fixed duration."""
+
+    def __init__(
+        self,
+        endpoints: LoopEndpoints,
+        detector: ParticleDetector,
+        policy: Policy,
+        events: EventLog,
+        target_um: tuple[float, float] | None = None,
+        command_timeout_ms: int = 250,
+        heartbeat_ms: int = 100,
+        driver_silence_ms: int = 3000,
+        ctx: zmq.Context | None = None,
+    ) -> None:
+        self.ctx = ctx or zmq.Context.instance()
+        self.endpoints = endpoints
+        self.detector = detector
+        self.policy = policy
+        self.events = events
+        self.target_um = target_um
+        self.command_timeout_ms = command_timeout_ms
+        self.heartbeat_ms = heartbeat_ms
+        self.driver_silence_ms = driver_silence_ms
+
+    def wait_for_driver(self, client: CommandClient, timeout_s: float) -> dict[str, Any]:
+        """Poll `get_state` until the driver answers (it may still be starting)."""
+        deadline = now_ns() + int(timeout_s * 1e9)
+        while True:
+            try:
+                return client.call("get_state", timeout_ms=500).result
+            except CommandTimeout:
+                if now_ns() > deadline:
+                    raise DriverSilent(
+                        f"driver at {self.endpoints.command} did not answer within {timeout_s:g} s"
+                    ) from None
+
+    def run(
+        self,
+        duration_s: float,
+        stop: threading.Event | None = None,
+        startup_timeout_s: float = 30.0,
+        on_step: Callable[[int, float], None] | None = None,
+    ) -> LoopResult:
+        stop = stop or threading.Event()
+        client = CommandClient(self.ctx, self.endpoints.command, self.command_timeout_ms)
+        subscriber = StreamSubscriber(self.ctx, self.endpoints.stream)
+        result = LoopResult()
+        try:
+            state = self.wait_for_driver(client, startup_timeout_s)
+            limits = LaserLimits.from_driver_state(state)
+            field_um = tuple(state["field_um"])
+            target = self.target_um or (field_um[0] / 2, field_um[1] / 2)
+            self.events.write("start", driver_state=state, target_um=list(target))
+            self.policy.reset()
+            self._loop(
+                client, subscriber, limits, field_um, target, duration_s, stop, result, on_step
+            )
+        finally:
+            try:
+                client.call("laser_off", timeout_ms=1000)
+            except (CommandTimeout, CommandError) as exc:
+                self.events.write("error", where="final laser_off", message=str(exc))
+            result.frames_received = subscriber.stats.received
+            result.frames_skipped = subscriber.stats.skipped
+            self.events.write(
+                "end",
+                steps=result.steps,
+                frames_received=result.frames_received,
+                frames_skipped=result.frames_skipped,
+                commands_failed=result.commands_failed,
+                late_replies=client.late_replies,
+            )
+            subscriber.close()
+            client.close()
+        return result
+
+    def _loop(
+        self,
+        client: CommandClient,
+        subscriber: StreamSubscriber,
+        limits: LaserLimits,
+        field_um: tuple[float, float],
+        target: tuple[float, float],
+        duration_s: float,
+        stop: threading.Event,
+        result: LoopResult,
+        on_step: Callable[[int, float], None] | None,
+    ) -> None:
+        t_start = now_ns()
+        t_end = t_start + int(duration_s * 1e9)
+        last_heartbeat = 0
+        last_traffic = t_start
+        while now_ns() < t_end and not stop.is_set():
+            frame = subscriber.recv_newest(timeout_ms=self.heartbeat_ms)
+            t = now_ns()
+            if t - last_heartbeat > self.heartbeat_ms * 1_000_000:
+                client.send("heartbeat", reply=False)
+                last_heartbeat = t
+            for topic, message in subscriber.take_messages():
+                if topic == EVENT_TOPIC:
+                    result.driver_events.append(message)
+                    self.events.write("driver_event", **message)
+            if subscriber.last_message_ns:
+                last_traffic = subscriber.last_message_ns
+            if t - last_traffic > self.driver_silence_ms * 1_000_000:
+                raise DriverSilent(f"no frame or heartbeat for {self.driver_silence_ms} ms")
+            if frame is None:
+                continue
+            self._step(client, frame, limits, field_um, target, result, subscriber.stats.skipped)
+            if on_step is not None:
+                on_step(result.steps, (t - t_start) / 1e9)
+
+    def _step(
+        self,
+        client: CommandClient,
+        frame: Frame,
+        limits: LaserLimits,
+        field_um: tuple[float, float],
+        target: tuple[float, float],
+        result: LoopResult,
+        skipped_total: int,
+    ) -> None:
+        header = frame.header
+        t_received = now_ns()
+        pixel_size = float(header.state.get("pixel_size_um", 1.0))
+        detections_um = self.detector(frame.data) * pixel_size
+        t_detected = now_ns()
+        obs = Observation(
+            seq=header.seq,
+            t_s=header.t_exposure_end_ns / 1e9,
+            detections_um=detections_um,
+            target_um=target,
+            exposure_s=(header.t_exposure_end_ns - header.t_exposure_start_ns) / 1e9,
+            laser=tuple(LaserSpot(**s) for s in header.state.get("laser", [])),
+            field_um=field_um,
+        )
+        action, clipped = limits.clip(self.policy.act(obs))
+        result.actions_clipped += int(clipped)
+        latency_ms = None
+        error = None
+        try:
+            reply = self._send(client, action, header.seq)
+            if "latency_ns" in reply:
+                latency_ms = reply["latency_ns"] / 1e6
+                result.latencies_ms.append(latency_ms)
+        except (CommandTimeout, CommandError) as exc:
+            result.commands_failed += 1
+            error = str(exc)
+        result.steps += 1
+        self.events.write(
+            "step",
+            seq=header.seq,
+            t_exp_end_ns=header.t_exposure_end_ns,
+            t_pub_ns=header.t_published_ns,
+            receive_delay_ms=(t_received - header.t_published_ns) / 1e6,
+            detect_ms=(t_detected - t_received) / 1e6,
+            n_detections=len(detections_um),
+            detections_um=np.round(detections_um[:16], 4).tolist(),
+            target_um=list(target),
+            laser=_spots_wire(action.laser),
+            clipped=clipped,
+            info=action.info,
+            latency_ms=latency_ms,
+            skipped_total=skipped_total,
+            error=error,
+        )
+
+    def _send(self, client: CommandClient, action: Action, seq: int) -> dict[str, Any]:
+        if action.laser:
+            args = {"spots": _spots_wire(action.laser), "frame_seq": seq}
+            return client.call("set_laser", args).result
+        return client.call("laser_off", {"frame_seq": seq}).result

@@ -1,0 +1,173 @@
+"""Run an experiment: driver in its own process, agent here, one phase per comparison.
+
+A feedback run is compared with a control run of the same twin, seed and
+duration with the laser off (free diffusion); each phase starts a fresh driver
+process so both start from the same state.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from agent.config import ExperimentConfig, dump_config
+from agent.detect import ParticleDetector
+from agent.evaluate import TruthRecorder, controlled_track, detection_rmse_um, rms_distance
+from agent.loop import AgentLoop, LoopEndpoints, LoopResult
+from agent.plots import plot_run
+from agent.recorder import EventLog, new_run_dir, read_events, write_json
+from drivers.serve import resolve_endpoints
+from policies.contract import Policy
+from policies.feedback import LaserOff, ProportionalTrap, ProportionalTrapConfig
+
+ProgressFn = Callable[[str, float], None]
+
+
+def make_policy(config: ExperimentConfig) -> Policy:
+    if isinstance(config.policy, ProportionalTrapConfig):
+        return ProportionalTrap(config.policy)
+    return LaserOff(config.policy)
+
+
+@dataclass
+class PhaseResult:
+    name: str
+    loop: LoopResult
+    truth: list[dict[str, Any]]
+    steps: list[dict[str, Any]]
+    target_um: tuple[float, float]
+    driver_returncode: int | None
+
+
+class DriverProcess:
+    """`scopeloop driver serve` as a child process, stopped gracefully (SIGTERM) at exit."""
+
+    def __init__(self, config_path: Path, log_path: Path) -> None:
+        self._log = log_path.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "driver", "serve", str(config_path)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def stop(self, timeout_s: float = 10.0) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+def run_phase(
+    config: ExperimentConfig,
+    run_dir: Path,
+    name: str,
+    policy: Policy,
+    progress: ProgressFn | None = None,
+) -> PhaseResult:
+    driver_config = resolve_endpoints(config.driver)
+    phase_config = config.model_copy(update={"driver": driver_config})
+    config_path = run_dir / f"driver-{name}.yaml"
+    dump_config(phase_config, config_path)
+    ctx = zmq.Context.instance()
+    driver = DriverProcess(config_path, run_dir / f"driver-{name}.log")
+    truth = TruthRecorder(ctx, driver_config.stream_endpoint, run_dir / f"truth-{name}.jsonl")
+    truth.start()
+    events_path = run_dir / f"events-{name}.jsonl"
+    settings = config.agent
+    try:
+        with EventLog(events_path) as events:
+            loop = AgentLoop(
+                LoopEndpoints(driver_config.stream_endpoint, driver_config.command_endpoint),
+                ParticleDetector(settings.detector),
+                policy,
+                events,
+                target_um=settings.target_um,
+                command_timeout_ms=settings.command_timeout_ms,
+                heartbeat_ms=settings.heartbeat_ms,
+                driver_silence_ms=settings.driver_silence_ms,
+                ctx=ctx,
+            )
+            on_step = (lambda _n, t: progress(name, t)) if progress else None
+            result = loop.run(
+                config.duration_s, threading.Event(), settings.startup_timeout_s, on_step
+            )
+    finally:
+        returncode = driver.stop()
+        records = truth.stop()
+    all_events = read_events(events_path)
+    start = next(e for e in all_events if e["kind"] == "start")
+    return PhaseResult(
+        name=name,
+        loop=result,
+        truth=records,
+        steps=[e for e in all_events if e["kind"] == "step"],
+        target_um=tuple(start["target_um"]),
+        driver_returncode=returncode,
+    )
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def summarize(config: ExperimentConfig, phases: dict[str, PhaseResult]) -> dict[str, Any]:
+    feedback = phases["feedback"]
+    target = feedback.target_um
+    track = controlled_track(feedback.truth, target)
+    summary: dict[str, Any] = {
+        "name": config.name,
+        "seed": config.seed,
+        "duration_s": config.duration_s,
+        "target_um": list(target),
+        "rms_feedback_um": rms_distance(track, target),
+        "steps": feedback.loop.steps,
+        "frames_received": feedback.loop.frames_received,
+        "frames_skipped": feedback.loop.frames_skipped,
+        "commands_failed": feedback.loop.commands_failed,
+        "actions_clipped": feedback.loop.actions_clipped,
+        "latency_p50_ms": _percentile(feedback.loop.latencies_ms, 50),
+        "latency_p99_ms": _percentile(feedback.loop.latencies_ms, 99),
+        "latency_max_ms": max(feedback.loop.latencies_ms, default=float("nan")),
+        "detection_rmse_um": detection_rmse_um(feedback.steps, feedback.truth),
+        "driver_events": feedback.loop.driver_events,
+    }
+    if "free" in phases:
+        free = phases["free"]
+        free_track = controlled_track(free.truth, target)
+        summary["rms_free_um"] = rms_distance(free_track, target)
+        summary["rms_ratio"] = summary["rms_feedback_um"] / summary["rms_free_um"]
+    return summary
+
+
+def run_experiment(
+    config: ExperimentConfig, progress: ProgressFn | None = None
+) -> tuple[Path, dict[str, Any]]:
+    """Run every phase, write summary.json and plots; return (run_dir, summary)."""
+    run_dir = new_run_dir(config.runs_dir, config.name)
+    dump_config(config, run_dir / "config.yaml")
+    phases = {"feedback": run_phase(config, run_dir, "feedback", make_policy(config), progress)}
+    if config.compare_free_diffusion:
+        phases["free"] = run_phase(config, run_dir, "free", LaserOff(), progress)
+    summary = summarize(config, phases)
+    summary["plots"] = plot_run(
+        run_dir,
+        {n: (p.truth, p.steps) for n, p in phases.items()},
+        phases["feedback"].target_um,
+        phases["feedback"].loop.latencies_ms,
+    )
+    write_json(run_dir / "summary.json", summary)
+    return run_dir, summary

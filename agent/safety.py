@@ -1,0 +1,46 @@
+"""Agent-side limits: clip what a policy asks for to what the driver will accept.
+
+The driver refuses out-of-range commands; clipping here first keeps a policy's
+over-eager request from turning into a refused command and a missed step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from policies.contract import Action, LaserSpot
+
+
+@dataclass(frozen=True, slots=True)
+class LaserLimits:
+    x_um: tuple[float, float]
+    y_um: tuple[float, float]
+    max_power_mw: float
+    max_spots: int
+
+    @staticmethod
+    def from_driver_state(state: dict[str, Any]) -> LaserLimits:
+        """Limits as the driver reports them in `get_state` (None ranges = camera field)."""
+        limits = state["limits"]
+        width, height = state["field_um"]
+        return LaserLimits(
+            x_um=tuple(limits.get("laser_x_um") or (0.0, width)),
+            y_um=tuple(limits.get("laser_y_um") or (0.0, height)),
+            max_power_mw=float(limits["max_laser_power_mw"]),
+            max_spots=min(int(limits["max_laser_spots"]), 1),
+        )
+
+    def clip(self, action: Action) -> tuple[Action, bool]:
+        """Return the clipped action and whether anything had to change."""
+        spots = []
+        changed = len(action.laser) > self.max_spots
+        for spot in action.laser[: self.max_spots]:
+            x = float(np.clip(spot.x_um, *self.x_um))
+            y = float(np.clip(spot.y_um, *self.y_um))
+            p = float(np.clip(spot.power_mw, 0.0, self.max_power_mw))
+            changed |= (x, y, p) != (spot.x_um, spot.y_um, spot.power_mw)
+            spots.append(LaserSpot(x, y, p))
+        return Action(laser=tuple(spots), info=action.info), changed

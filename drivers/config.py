@@ -1,0 +1,90 @@
+"""Driver-node configuration: endpoints, safety limits, watchdog, and the twin it may host.
+
+The driver validates its own config because it must run, and stay safe, with no
+agent attached. Every field has a range so a typo or an unsafe value fails
+before any hardware moves.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from simulators.camera import CameraConfig
+from simulators.particles import ParticleTwinConfig
+
+Range = tuple[float, float]
+
+
+class StrictModel(BaseModel):
+    """Unknown fields are errors: a misspelt limit must never be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _ordered(name: str, rng: Range | None) -> None:
+    if rng is not None and rng[0] > rng[1]:
+        raise ValueError(f"{name}: lower bound {rng[0]} is above upper bound {rng[1]}")
+
+
+class Limits(StrictModel):
+    """Hard limits enforced by the driver on every command, whoever sends it."""
+
+    max_laser_power_mw: float = Field(3.0, ge=0.0, le=10_000.0)
+    max_laser_spots: int = Field(1, ge=1, le=256)
+    laser_x_um: Range | None = None  # None: the camera field
+    laser_y_um: Range | None = None
+    stage_x_um: Range = (-10_000.0, 10_000.0)
+    stage_y_um: Range = (-10_000.0, 10_000.0)
+    exposure_ms: Range = (0.1, 10_000.0)
+
+    @model_validator(mode="after")
+    def _check_order(self) -> Limits:
+        for name in ("laser_x_um", "laser_y_um", "stage_x_um", "stage_y_um", "exposure_ms"):
+            _ordered(f"limits.{name}", getattr(self, name))
+        return self
+
+
+class DeviceNames(StrictModel):
+    """Micro-Manager device labels and property names the driver talks to."""
+
+    laser: str = "Laser"
+    laser_x_property: str = "X_um"
+    laser_y_property: str = "Y_um"
+    laser_power_property: str = "Power_mW"
+
+
+class TwinSettings(StrictModel):
+    """The particle digital twin hosted as pure-Python Micro-Manager devices."""
+
+    particles: ParticleTwinConfig = ParticleTwinConfig()
+    camera: CameraConfig = CameraConfig()
+    substeps: int = Field(5, ge=1, le=100)
+    readout_ms: float = Field(1.0, ge=0.0, le=1000.0)
+    realtime: bool = True  # pace exposures on the wall clock, as real hardware does
+
+
+class DriverConfig(StrictModel):
+    kind: Literal["twin"] = "twin"
+    stream_endpoint: str = "auto"  # "auto": a private ipc:// path chosen at start
+    command_endpoint: str = "auto"
+    watchdog_ms: int = Field(500, ge=20, le=600_000)
+    heartbeat_ms: int = Field(100, ge=5, le=60_000)
+    exposure_ms: float = Field(30.0, gt=0.0, le=10_000.0)
+    # Frames queued per subscriber before the oldest are dropped. ZeroMQ acknowledges reads
+    # lazily, so a very small mark drops frames even when the reader keeps up.
+    stream_hwm: int = Field(32, ge=4, le=10_000)
+    seed: int = Field(0, ge=0)
+    limits: Limits = Limits()
+    devices: DeviceNames = DeviceNames()
+    twin: TwinSettings = TwinSettings()
+
+    @model_validator(mode="after")
+    def _exposure_within_limits(self) -> DriverConfig:
+        lo, hi = self.limits.exposure_ms
+        if not lo <= self.exposure_ms <= hi:
+            raise ValueError(
+                f"exposure_ms: {self.exposure_ms} is outside limits.exposure_ms [{lo}, {hi}]"
+            )
+        return self

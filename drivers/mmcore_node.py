@@ -1,0 +1,339 @@
+"""Micro-Manager driver node: streams camera frames, executes commands, keeps the rig safe.
+
+One thread owns both sockets and the core calls, so commands and frames are
+ordered and no socket is shared between threads. Limits are enforced here, on
+every command, whoever sent it; if no agent message arrives for `watchdog_ms`
+while an actuator is live, the laser goes off.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+from pymmcore_plus import CMMCorePlus
+
+from drivers.config import DriverConfig
+from drivers.protocol import (
+    EVENT_TOPIC,
+    HEARTBEAT_TOPIC,
+    TRUTH_PREFIX,
+    ProtocolError,
+    Reply,
+    now_ns,
+)
+from drivers.transport import CommandServer, IncomingRequest, StreamPublisher
+
+log = logging.getLogger(__name__)
+
+TruthSource = Callable[[Any], dict[str, Any] | None]
+STREAM = "camera"
+PUBLISHED_RING = 512
+
+
+@dataclass
+class LaserState:
+    x_um: float = 0.0
+    y_um: float = 0.0
+    power_mw: float = 0.0
+
+    @property
+    def on(self) -> bool:
+        return self.power_mw > 0
+
+
+def _number(cmd: str, args: dict[str, Any], name: str) -> float:
+    value = args.get(name)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ProtocolError(
+            "bad_args", f"{cmd}: field '{name}' must be a finite number, got {value!r}"
+        )
+    return float(value)
+
+
+def _within(cmd: str, name: str, value: float, rng: tuple[float, float], unit: str) -> None:
+    lo, hi = rng
+    if not lo <= value <= hi:
+        raise ProtocolError(
+            "out_of_limits",
+            f"{cmd}: field '{name}' = {value:g} {unit} is outside the allowed range "
+            f"[{lo:g}, {hi:g}] {unit}",
+        )
+
+
+class DriverNode:
+    """Serves one Micro-Manager core over protocol v1 until `stop` is set."""
+
+    def __init__(
+        self,
+        core: CMMCorePlus,
+        config: DriverConfig,
+        ctx: zmq.Context | None = None,
+        truth_source: TruthSource | None = None,
+        field_um: tuple[float, float] | None = None,
+    ) -> None:
+        self.core = core
+        self.config = config
+        self.ctx = ctx or zmq.Context.instance()
+        self.truth_source = truth_source
+        self.field_um = field_um or self._field_from_core()
+        limits = config.limits
+        self.laser_x_range = limits.laser_x_um or (0.0, self.field_um[0])
+        self.laser_y_range = limits.laser_y_um or (0.0, self.field_um[1])
+        self.publisher = StreamPublisher(self.ctx, config.stream_endpoint, config.stream_hwm)
+        self.server = CommandServer(self.ctx, config.command_endpoint)
+        self.laser = LaserState()
+        self.watchdog_tripped = False
+        self.last_agent_ns = 0
+        self.frames_published = 0
+        self.commands_handled = 0
+        self.commands_rejected = 0
+        self._published_ns: OrderedDict[int, int] = OrderedDict()
+        self._last_heartbeat_ns = 0
+        self._handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+            "set_laser": self._cmd_set_laser,
+            "laser_off": self._cmd_laser_off,
+            "move_stage": self._cmd_move_stage,
+            "set_exposure": self._cmd_set_exposure,
+            "get_state": self._cmd_get_state,
+            "heartbeat": lambda _args: {},
+            "shutdown": self._cmd_shutdown,
+        }
+        self.stop = threading.Event()
+
+    @property
+    def endpoints(self) -> tuple[str, str]:
+        return self.publisher.endpoint, self.server.endpoint
+
+    # --- main loop ----------------------------------------------------------
+
+    def serve(self) -> None:
+        """Run until stopped; always leaves actuators in their safe state."""
+        # Short GIL slices: a command must not wait behind the camera thread's numpy work.
+        previous_interval = sys.getswitchinterval()
+        sys.setswitchinterval(0.0005)
+        self.safe_state("start")
+        self.core.startContinuousSequenceAcquisition(0)
+        log.info("driver serving stream=%s commands=%s", *self.endpoints)
+        try:
+            while not self.stop.is_set():
+                for incoming in self.server.poll(timeout_ms=1):
+                    self._handle(incoming)
+                self._pump_frames()
+                self._tick()
+        finally:
+            self.safe_state("shutdown")
+            if self.core.isSequenceRunning():
+                self.core.stopSequenceAcquisition()
+            self.publisher.close()
+            self.server.close()
+            sys.setswitchinterval(previous_interval)
+
+    def _pump_frames(self) -> None:
+        while self.core.getRemainingImageCount() > 0:
+            image, meta = self.core.popNextImageAndMD()
+            t_end = int(float(meta.get("t_exp_end_ns", now_ns())))
+            exposure_ns = int(self.core.getExposure() * 1e6)
+            t_start = int(float(meta.get("t_exp_start_ns", t_end - exposure_ns)))
+            header = self.publisher.publish_frame(
+                STREAM,
+                image,
+                t_start,
+                t_end,
+                self._state(),
+            )
+            self.frames_published += 1
+            self._published_ns[header.seq] = header.t_published_ns
+            while len(self._published_ns) > PUBLISHED_RING:
+                self._published_ns.popitem(last=False)
+            if self.truth_source is not None:
+                truth = self.truth_source(meta)
+                if truth is not None:
+                    self.publisher.publish(
+                        TRUTH_PREFIX + STREAM.encode(), {"seq": header.seq, **truth}
+                    )
+
+    def _tick(self) -> None:
+        t = now_ns()
+        silent_ns = t - self.last_agent_ns
+        if self.laser.on and silent_ns > self.config.watchdog_ms * 1_000_000:
+            self.watchdog_tripped = True
+            self.safe_state("watchdog")
+            self.publisher.publish(
+                EVENT_TOPIC,
+                {"event": "watchdog", "silent_ms": silent_ns / 1e6, "t_ns": t},
+            )
+            log.warning("no agent message for %.0f ms: laser switched off", silent_ns / 1e6)
+        if t - self._last_heartbeat_ns >= self.config.heartbeat_ms * 1_000_000:
+            self._last_heartbeat_ns = t
+            self.publisher.publish(
+                HEARTBEAT_TOPIC,
+                {"t_ns": t, "frames": self.frames_published, "state": self._state()},
+            )
+
+    # --- commands -------------------------------------------------------------
+
+    def _handle(self, incoming: IncomingRequest) -> None:
+        request = incoming.request
+        if request is None:
+            self.commands_rejected += 1
+            error = incoming.error or ProtocolError("malformed", "unreadable command")
+            log.warning("rejected command: %s", error)
+            self.server.reply(
+                incoming,
+                Reply(
+                    None,
+                    False,
+                    error_code=error.code,
+                    error_message=str(error),
+                    t_received_ns=incoming.t_received_ns,
+                    t_done_ns=now_ns(),
+                ),
+            )
+            return
+        self.last_agent_ns = incoming.t_received_ns
+        handler = self._handlers.get(request.cmd)
+        try:
+            if handler is None:
+                raise ProtocolError(
+                    "unknown_command",
+                    f"command: field 'cmd' = {request.cmd!r} is not one of "
+                    f"{sorted(self._handlers)}",
+                )
+            result = handler(request.args)
+            ok, code, message = True, "", ""
+            self.commands_handled += 1
+        except ProtocolError as exc:
+            result, ok, code, message = {}, False, exc.code, str(exc)
+        except Exception as exc:  # a device error must not kill the node
+            result, ok, code, message = {}, False, "device_error", f"{request.cmd}: {exc}"
+        if not ok:
+            self.commands_rejected += 1
+            log.warning("command %s refused: %s", request.cmd, message)
+        if request.expect_reply:
+            self.server.reply(
+                incoming,
+                Reply(request.id, ok, result, code, message, incoming.t_received_ns, now_ns()),
+            )
+
+    def _cmd_set_laser(self, args: dict[str, Any]) -> dict[str, Any]:
+        spots = args.get("spots")
+        if not isinstance(spots, list):
+            raise ProtocolError(
+                "bad_args", f"set_laser: field 'spots' must be a list, got {spots!r}"
+            )
+        limit = self.config.limits.max_laser_spots
+        names = self.config.devices
+        if len(spots) > min(limit, 1):
+            raise ProtocolError(
+                "out_of_limits",
+                f"set_laser: field 'spots' has {len(spots)} spots, this laser allows at most "
+                f"{min(limit, 1)}",
+            )
+        if not spots:
+            return self._cmd_laser_off(args)
+        spot = spots[0]
+        if not isinstance(spot, dict):
+            raise ProtocolError("bad_args", "set_laser: field 'spots[0]' must be a map")
+        x = _number("set_laser", spot, "x_um")
+        y = _number("set_laser", spot, "y_um")
+        p = _number("set_laser", spot, "power_mw")
+        _within("set_laser", "spots[0].x_um", x, self.laser_x_range, "um")
+        _within("set_laser", "spots[0].y_um", y, self.laser_y_range, "um")
+        _within(
+            "set_laser", "spots[0].power_mw", p, (0.0, self.config.limits.max_laser_power_mw), "mW"
+        )
+        # Move first, then power: the spot never lights up at the previous position.
+        self.core.setProperty(names.laser, names.laser_x_property, x)
+        self.core.setProperty(names.laser, names.laser_y_property, y)
+        self.core.setProperty(names.laser, names.laser_power_property, p)
+        self.laser = LaserState(x, y, p)
+        self.watchdog_tripped = False
+        return self._applied(args)
+
+    def _cmd_laser_off(self, args: dict[str, Any]) -> dict[str, Any]:
+        self.safe_state("command")
+        return self._applied(args)
+
+    def _applied(self, args: dict[str, Any]) -> dict[str, Any]:
+        t_applied = now_ns()
+        result: dict[str, Any] = {"t_applied_ns": t_applied, "laser": self._laser_list()}
+        seq = args.get("frame_seq")
+        if isinstance(seq, int) and seq in self._published_ns:
+            result["latency_ns"] = t_applied - self._published_ns[seq]
+        return result
+
+    def _cmd_move_stage(self, args: dict[str, Any]) -> dict[str, Any]:
+        x = _number("move_stage", args, "x_um")
+        y = _number("move_stage", args, "y_um")
+        _within("move_stage", "x_um", x, self.config.limits.stage_x_um, "um")
+        _within("move_stage", "y_um", y, self.config.limits.stage_y_um, "um")
+        self.core.setXYPosition(x, y)
+        return {"stage_um": [x, y]}
+
+    def _cmd_set_exposure(self, args: dict[str, Any]) -> dict[str, Any]:
+        exposure = _number("set_exposure", args, "exposure_ms")
+        _within("set_exposure", "exposure_ms", exposure, self.config.limits.exposure_ms, "ms")
+        running = self.core.isSequenceRunning()
+        if running:
+            self.core.stopSequenceAcquisition()
+        self.core.setExposure(exposure)
+        if running:
+            self.core.startContinuousSequenceAcquisition(0)
+        return {"exposure_ms": exposure}
+
+    def _cmd_get_state(self, _args: dict[str, Any]) -> dict[str, Any]:
+        return {
+            **self._state(),
+            "frames_published": self.frames_published,
+            "commands_handled": self.commands_handled,
+            "commands_rejected": self.commands_rejected,
+            "watchdog_tripped": self.watchdog_tripped,
+            "limits": self.config.limits.model_dump(),
+        }
+
+    def _cmd_shutdown(self, _args: dict[str, Any]) -> dict[str, Any]:
+        self.stop.set()
+        return {}
+
+    # --- state ----------------------------------------------------------------
+
+    def safe_state(self, reason: str) -> None:
+        """Laser power to zero through the device itself; idempotent."""
+        names = self.config.devices
+        try:
+            self.core.setProperty(names.laser, names.laser_power_property, 0.0)
+        except Exception:  # keep trying to be safe even if the device misbehaves
+            log.exception("could not switch the laser off (%s)", reason)
+            raise
+        self.laser = LaserState(self.laser.x_um, self.laser.y_um, 0.0)
+
+    def _laser_list(self) -> list[dict[str, float]]:
+        if not self.laser.on:
+            return []
+        return [{"x_um": self.laser.x_um, "y_um": self.laser.y_um, "power_mw": self.laser.power_mw}]
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "exposure_ms": self.core.getExposure(),
+            "pixel_size_um": self._pixel_size_um(),
+            "field_um": list(self.field_um),
+            "laser": self._laser_list(),
+            "stage_um": list(self.core.getXYPosition()) if self.core.getXYStageDevice() else [],
+            "watchdog_tripped": self.watchdog_tripped,
+        }
+
+    def _pixel_size_um(self) -> float:
+        size = self.core.getPixelSizeUm()
+        return float(size) if size > 0 else self.field_um[0] / max(self.core.getImageWidth(), 1)
+
+    def _field_from_core(self) -> tuple[float, float]:
+        size = self.core.getPixelSizeUm() or 1.0
+        return (self.core.getImageWidth() * size, self.core.getImageHeight() * size)

@@ -1,0 +1,57 @@
+"""Start a driver node for a config and serve until told to stop (SIGINT/SIGTERM/shutdown)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import tempfile
+from pathlib import Path
+
+import zmq
+
+from drivers.config import DriverConfig
+from drivers.mmcore_node import DriverNode
+from drivers.twin_devices import build_twin_core
+
+log = logging.getLogger(__name__)
+
+
+def resolve_endpoints(config: DriverConfig) -> DriverConfig:
+    """Replace "auto" endpoints with private ipc:// sockets (fastest on one host)."""
+    if "auto" not in (config.stream_endpoint, config.command_endpoint):
+        return config
+    folder = Path(tempfile.mkdtemp(prefix="scopeloop-"))
+    update = {}
+    if config.stream_endpoint == "auto":
+        update["stream_endpoint"] = f"ipc://{folder}/stream"
+    if config.command_endpoint == "auto":
+        update["command_endpoint"] = f"ipc://{folder}/command"
+    return config.model_copy(update=update)
+
+
+def build_node(config: DriverConfig, ctx: zmq.Context | None = None) -> DriverNode:
+    """The driver node for `config.kind` (today: the particle twin in UniMMCore)."""
+    core, rig = build_twin_core(config.twin, config.seed, config.exposure_ms, config.devices)
+    camera = config.twin.camera
+    field = (camera.width_px * camera.pixel_size_um, camera.height_px * camera.pixel_size_um)
+
+    def truth(meta: object) -> dict | None:
+        index = getattr(meta, "get", lambda *_: None)("twin_frame")
+        return rig.truth(int(index)) if index is not None else None
+
+    return DriverNode(core, config, ctx=ctx, truth_source=truth, field_um=field)
+
+
+def serve(config: DriverConfig) -> None:
+    config = resolve_endpoints(config)
+    node = build_node(config)
+
+    def _stop(signum: int, _frame: object) -> None:
+        log.info("signal %s: stopping driver", signum)
+        node.stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    stream, command = node.endpoints
+    print(f"driver ready: stream={stream} command={command}", flush=True)
+    node.serve()

@@ -1,0 +1,57 @@
+"""The observation/action contract every policy, env and loop shares.
+
+Policies see only these types: never sockets, drivers or twins. The same policy
+object therefore runs in a gym env, an offline replay and the live loop.
+Units are physical (um, s, mW) in the camera field frame: x along image columns,
+y along image rows, origin at the centre of pixel (0, 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class LaserSpot:
+    """One focused laser spot: position in the field (um) and power (mW)."""
+
+    x_um: float
+    y_um: float
+    power_mw: float
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """What a policy may know at one step: detections, not ground truth."""
+
+    seq: int
+    t_s: float
+    detections_um: np.ndarray  # (N, 2) float, x/y in um; N may be 0
+    target_um: tuple[float, float]
+    exposure_s: float
+    laser: tuple[LaserSpot, ...] = ()
+    field_um: tuple[float, float] = (0.0, 0.0)  # width, height of the camera field
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """What a policy asks for. `laser=()` switches every spot off."""
+
+    laser: tuple[LaserSpot, ...] = ()
+    info: dict[str, float] = field(default_factory=dict)
+
+    @staticmethod
+    def off() -> Action:
+        return Action(laser=())
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """A decision maker: reset at the start of a run, then one action per observation."""
+
+    def reset(self) -> None: ...
+
+    def act(self, obs: Observation) -> Action: ...

@@ -1,0 +1,176 @@
+"""Brownian particle twin with a laser actuator (thermophoretic heating or optical tweezers).
+
+Overdamped Langevin dynamics integrated by Euler–Maruyama in the camera field frame
+(x along columns, y along rows; um, s, mW, K). Defaults follow the thermophoretic
+trap of Franzl et al. (D ~ 0.33 um^2/s, D_T ~ 0.67 um^2/(K s), ~20 K per mW with
+~0.38 K/um^2 curvature at the spot centre), see shared/ANCHORS.md.
+
+The thermal noise comes from a dedicated generator whose draws depend only on the
+number of particles and on the step length, so a laser-off run and a feedback run
+with the same seed feel exactly the same kicks: the comparison isolates the control.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from policies.contract import LaserSpot
+
+#: Boltzmann constant in fN*um/K (1 fN*um = 1e-21 J), so kB*T(296 K) ~ 4.09 fN*um.
+KB_FN_UM_PER_K = 1.380649e-2
+
+
+class ParticleTwinConfig(BaseModel):
+    """Physical parameters of the particle twin; bounds make bad values fail loudly."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_particles: int = Field(1, ge=1, le=5000)
+    diffusion_um2_s: float = Field(0.33, gt=0.0, le=100.0)
+    thermodiffusion_um2_per_k_s: float = Field(0.67, ge=0.0, le=1000.0)
+    heating_k_per_mw: float = Field(20.0, ge=0.0, le=1000.0)
+    heating_width_um: float = Field(7.25, gt=0.0, le=1000.0)
+    actuator: Literal["heating", "tweezers"] = "heating"
+    trap_stiffness_fn_per_um_per_mw: float = Field(0.5, ge=0.0, le=1e6)
+    trap_range_um: float = Field(1.0, gt=0.0, le=1e6)
+    temperature_k: float = Field(296.0, gt=0.0, le=1000.0)
+    max_internal_step_s: float = Field(0.002, gt=0.0, le=1.0)
+    initial: Literal["center", "random"] = "center"
+    drift_um_s: tuple[float, float] = (0.0, 0.0)
+
+
+def _reflect(v: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Fold coordinates back into [lo, hi] as mirror walls would, even for big overshoots."""
+    span = hi - lo
+    y = np.mod(v - lo, 2.0 * span)
+    return lo + np.where(y > span, 2.0 * span - y, y)
+
+
+class ParticleTwin:
+    """N independent Brownian particles in a box with reflecting walls, pushed by laser spots."""
+
+    def __init__(
+        self, config: ParticleTwinConfig, box_um: tuple[float, float, float, float], seed: int
+    ) -> None:
+        xmin, xmax, ymin, ymax = (float(b) for b in box_um)
+        if not (xmax > xmin and ymax > ymin):
+            raise ValueError(f"box_um must satisfy xmin < xmax and ymin < ymax, got {box_um}")
+        self.config = config
+        self.box_um = (xmin, xmax, ymin, ymax)
+        self._spots = np.zeros((0, 3))
+        self._laser: tuple[LaserSpot, ...] = ()
+        self.reset(seed)
+
+    # ------------------------------------------------------------------ state
+    def reset(self, seed: int | None = None) -> None:
+        """Back to t = 0, initial positions and laser off; same seed gives the same run."""
+        if seed is not None:
+            self._seed = int(seed)
+        noise_ss, init_ss = np.random.SeedSequence(self._seed).spawn(2)
+        # Separate streams: the initial layout never shifts the thermal-noise sequence.
+        self._noise_rng = np.random.default_rng(noise_ss)
+        init_rng = np.random.default_rng(init_ss)
+        xmin, xmax, ymin, ymax = self.box_um
+        n = self.config.n_particles
+        if self.config.initial == "random":
+            self._xy = np.column_stack(
+                (init_rng.uniform(xmin, xmax, n), init_rng.uniform(ymin, ymax, n))
+            )
+        else:
+            self._xy = np.tile([(xmin + xmax) / 2.0, (ymin + ymax) / 2.0], (n, 1))
+        self._t = 0.0
+        self.set_laser(())
+
+    @property
+    def positions_um(self) -> np.ndarray:
+        """Copy of the (N, 2) positions, so callers cannot corrupt the twin."""
+        return self._xy.copy()
+
+    @property
+    def t_s(self) -> float:
+        """Simulated time since the last reset."""
+        return self._t
+
+    @property
+    def laser(self) -> tuple[LaserSpot, ...]:
+        """Spots currently on (empty when off)."""
+        return self._laser
+
+    def set_laser(self, spots: Sequence[LaserSpot]) -> None:
+        """Replace the active spots; takes effect from the next internal step."""
+        self._laser = tuple(spots)
+        self._spots = np.array(
+            [(s.x_um, s.y_um, s.power_mw) for s in self._laser], dtype=float
+        ).reshape(-1, 3)
+
+    # ---------------------------------------------------------------- physics
+    def temperature_rise_k(self, xy: np.ndarray) -> np.ndarray:
+        """(N,) temperature rise summed over heating spots; zero for tweezers (no absorber)."""
+        xy = np.asarray(xy, dtype=float).reshape(-1, 2)
+        if self.config.actuator != "heating" or len(self._spots) == 0:
+            return np.zeros(len(xy))
+        w = self.config.heating_width_um
+        d = xy[:, None, :] - self._spots[None, :, :2]
+        r2 = np.einsum("nmk,nmk->nm", d, d)
+        amp = self._spots[:, 2] * self.config.heating_k_per_mw * w
+        return (amp / np.sqrt(r2 + w * w)).sum(axis=1)
+
+    def drift_velocity_um_s(self, xy: np.ndarray) -> np.ndarray:
+        """(N, 2) deterministic velocity: laser-induced drift plus the constant nuisance drift."""
+        cfg = self.config
+        xy = np.asarray(xy, dtype=float).reshape(-1, 2)
+        v = np.empty_like(xy)
+        v[:] = cfg.drift_um_s
+        if len(self._spots) == 0:
+            return v
+        d = xy[:, None, :] - self._spots[None, :, :2]  # particle minus spot, (N, M, 2)
+        r2 = np.einsum("nmk,nmk->nm", d, d)
+        power = self._spots[:, 2]
+        if cfg.actuator == "heating":
+            # T = P h w / sqrt(r^2 + w^2)  =>  -grad T = P h w d / (r^2 + w^2)^1.5 (outward).
+            w = cfg.heating_width_um
+            coef = cfg.thermodiffusion_um2_per_k_s * power * cfg.heating_k_per_mw * w
+            scale = coef / (r2 + w * w) ** 1.5
+        else:
+            # Stokes–Einstein mobility D / kB T times a Gaussian-cut harmonic force.
+            k = cfg.trap_stiffness_fn_per_um_per_mw * power
+            cut = np.exp(-r2 / (2.0 * cfg.trap_range_um**2))
+            mobility = cfg.diffusion_um2_s / (KB_FN_UM_PER_K * cfg.temperature_k)
+            scale = -mobility * k * cut
+        v += np.einsum("nm,nmk->nk", scale, d)
+        return v
+
+    def n_internal_steps(self, dt_s: float) -> int:
+        """Pieces a step(dt) is split into; depends on dt only so noise draws never vary."""
+        if dt_s <= 0.0:
+            return 0
+        return max(1, math.ceil(dt_s / self.config.max_internal_step_s * (1.0 - 1e-12)))
+
+    def step(self, dt_s: float) -> np.ndarray:
+        """Advance by dt_s with Euler–Maruyama and reflecting walls; returns new positions."""
+        if dt_s < 0.0 or not math.isfinite(dt_s):
+            raise ValueError(f"dt_s must be finite and >= 0, got {dt_s}")
+        n = self.n_internal_steps(dt_s)
+        if n == 0:
+            return self.positions_um
+        h = dt_s / n
+        # One block of draws, identical whatever the laser does (same as n sequential draws).
+        kicks = self._noise_rng.standard_normal((n, *self._xy.shape))
+        kicks *= math.sqrt(2.0 * self.config.diffusion_um2_s * h)
+        xmin, xmax, ymin, ymax = self.box_um
+        xy = self._xy
+        for i in range(n):
+            xy = xy + self.drift_velocity_um_s(xy) * h + kicks[i]
+            x, y = xy[:, 0], xy[:, 1]
+            if x.min() < xmin or x.max() > xmax:
+                xy[:, 0] = _reflect(x, xmin, xmax)
+            if y.min() < ymin or y.max() > ymax:
+                xy[:, 1] = _reflect(y, ymin, ymax)
+        self._xy = xy
+        self._t += dt_s
+        return self.positions_um

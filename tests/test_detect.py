@@ -1,0 +1,196 @@
+"""Tests for agent.detect on synthetic camera frames with known sub-pixel truth."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+from scipy import ndimage
+from scipy.special import erf
+
+from agent.detect import (
+    DetectorConfig,
+    ParticleDetector,
+    _noise_gain_1d,
+    centroid_center,
+    estimate_background,
+    radial_symmetry_center,
+)
+
+OFFSET = 100.0
+PSF_SIGMA = 2.0
+READ_NOISE = 2.0
+
+
+def _spots(
+    shape: tuple[int, int], xy: np.ndarray, photons: np.ndarray, sigma: float = PSF_SIGMA
+) -> np.ndarray:
+    """Expected photons per pixel: Gaussian spots integrated over each pixel's area."""
+    rows = np.arange(shape[0], dtype=np.float64)
+    cols = np.arange(shape[1], dtype=np.float64)
+    s2 = np.sqrt(2.0) * sigma
+    img = np.zeros(shape)
+    for (x, y), n in zip(xy, photons, strict=True):
+        px = 0.5 * (erf((cols + 0.5 - x) / s2) - erf((cols - 0.5 - x) / s2))
+        py = 0.5 * (erf((rows + 0.5 - y) / s2) - erf((rows - 0.5 - y) / s2))
+        img += n * np.outer(py, px)
+    return img
+
+
+def _frame(
+    rng: np.random.Generator,
+    shape: tuple[int, int],
+    xy: np.ndarray | list[tuple[float, float]],
+    photons: np.ndarray | list[float],
+    background: float = 10.0,
+) -> np.ndarray:
+    """Camera frame: Poisson shot noise + Gaussian read noise + offset, as uint16."""
+    lam = _spots(shape, np.asarray(xy, dtype=float).reshape(-1, 2), np.asarray(photons)) + (
+        background
+    )
+    adu = rng.poisson(lam) + rng.normal(0.0, READ_NOISE, shape) + OFFSET
+    return np.clip(np.round(adu), 0, 65535).astype(np.uint16)
+
+
+def _match(found: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Distance from each true position to its nearest detection."""
+    d = np.hypot(found[None, :, 0] - truth[:, None, 0], found[None, :, 1] - truth[:, None, 1])
+    return d.min(axis=1)
+
+
+@pytest.mark.parametrize("method", ["centroid", "radial_symmetry"])
+def test_single_bright_particle_within_0p1_px(method: str) -> None:
+    rng = np.random.default_rng(11)
+    det = ParticleDetector(DetectorConfig(method=method))
+    for _ in range(5):
+        truth = np.array([[60.0, 70.0]]) + rng.uniform(-0.5, 0.5, (1, 2))
+        found = det(_frame(rng, (128, 128), truth, [20000.0]))
+        assert found.shape == (1, 2)
+        assert found.dtype == np.float64
+        assert _match(found, truth)[0] < 0.1
+
+
+def test_radial_symmetry_beats_centroid_with_background() -> None:
+    rng = np.random.default_rng(3)
+    rs = ParticleDetector(DetectorConfig(method="radial_symmetry"))
+    cen = ParticleDetector(DetectorConfig(method="centroid"))
+    err_rs, err_cen = [], []
+    for _ in range(50):
+        truth = np.array([[32.0, 32.0]]) + rng.uniform(-0.5, 0.5, (1, 2))
+        frame = _frame(rng, (64, 64), truth, [3000.0], background=50.0)
+        found_rs, found_cen = rs(frame), cen(frame)
+        assert len(found_rs) == 1
+        assert len(found_cen) == 1
+        err_rs.append(_match(found_rs, truth)[0])
+        err_cen.append(_match(found_cen, truth)[0])
+    rms_rs = float(np.sqrt(np.mean(np.square(err_rs))))
+    rms_cen = float(np.sqrt(np.mean(np.square(err_cen))))
+    assert rms_rs < rms_cen
+    assert rms_rs < 0.2
+
+
+def test_twenty_separated_particles_all_found() -> None:
+    rng = np.random.default_rng(5)
+    grid = np.stack(np.meshgrid(np.arange(5) * 45 + 30, np.arange(4) * 55 + 40), -1)
+    truth = grid.reshape(-1, 2).astype(float) + rng.uniform(-0.5, 0.5, (20, 2))
+    photons = rng.uniform(3000.0, 8000.0, 20)
+    found = ParticleDetector()(_frame(rng, (256, 256), truth, photons))
+    assert found.shape == (20, 2)
+    assert np.all(_match(found, truth) < 0.3)
+    # Brightest first: the first detection is the brightest particle.
+    assert _match(found[:1], truth[np.argmax(photons)][None])[0] < 0.3
+
+
+def test_pure_noise_gives_no_detections() -> None:
+    rng = np.random.default_rng(8)
+    det = ParticleDetector()
+    for _ in range(5):
+        found = det(_frame(rng, (256, 256), np.zeros((0, 2)), np.zeros(0)))
+        assert found.shape == (0, 2)
+
+
+@pytest.mark.parametrize("truth_xy", [(1.3, 60.2), (126.2, 2.0), (64.4, 126.6), (2.7, 3.1)])
+def test_particle_near_edge(truth_xy: tuple[float, float]) -> None:
+    rng = np.random.default_rng(13)
+    truth = np.array([truth_xy])
+    found = ParticleDetector()(_frame(rng, (128, 128), truth, [5000.0]))
+    assert found.shape == (1, 2)
+    assert _match(found, truth)[0] < 0.5
+
+
+def test_max_objects_keeps_brightest() -> None:
+    rng = np.random.default_rng(21)
+    truth = np.array([[20.0, 20.0], [60.0, 60.0], [100.0, 30.0]])
+    photons = np.array([3000.0, 12000.0, 6000.0])
+    frame = _frame(rng, (128, 128), truth, photons)
+    found = ParticleDetector(DetectorConfig(max_objects=2))(frame)
+    assert found.shape == (2, 2)
+    assert _match(found, truth[[1, 2]]).max() < 0.3
+
+
+def test_patch_refiners_on_noiseless_spot() -> None:
+    truth = np.array([[5.3, 4.6]])
+    patch = _spots((11, 11), truth, np.array([1000.0]))
+    x, y = radial_symmetry_center(patch)
+    assert np.hypot(x - 5.3, y - 4.6) < 0.05
+    # A constant offset must not move the radial-symmetry centre.
+    x2, y2 = radial_symmetry_center(patch + 7.0)
+    assert np.hypot(x2 - x, y2 - y) < 1e-9
+    cx, cy = centroid_center(patch)
+    assert np.hypot(cx - 5.3, cy - 4.6) < 0.05
+    # Nothing positive: centroid falls back to the patch centre instead of dividing by zero.
+    assert centroid_center(-np.ones((5, 7))) == (3.0, 2.0)
+
+
+def test_estimate_background_matches_noise_model() -> None:
+    rng = np.random.default_rng(2)
+    frame = _frame(rng, (256, 256), np.zeros((0, 2)), np.zeros(0), background=10.0)
+    level, sigma = estimate_background(frame)
+    true_sigma = np.sqrt(10.0 + READ_NOISE**2)
+    assert abs(level - (OFFSET + 10.0)) < 0.5
+    assert abs(sigma - true_sigma) / true_sigma < 0.1
+
+
+@pytest.mark.parametrize("bad", [np.zeros(10), np.zeros((2, 3, 4)), np.zeros((0, 5))])
+def test_bad_frame_raises(bad: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="frame"):
+        ParticleDetector()(bad)
+    with pytest.raises(ValueError, match="frame"):
+        estimate_background(bad)
+
+
+def test_bad_patch_raises() -> None:
+    with pytest.raises(ValueError, match="patch"):
+        radial_symmetry_center(np.zeros(9))
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValidationError, match="threshold_sigma"):
+        DetectorConfig(threshold_sigma=-1)
+    with pytest.raises(ValidationError, match="window_px"):
+        DetectorConfig(window_px=1)
+    with pytest.raises(ValidationError):
+        DetectorConfig(unknown=1)  # type: ignore[call-arg]
+
+
+def test_edge_noise_gain_matches_filtered_white_noise() -> None:
+    # The threshold must follow the larger smoothed-noise sigma at reflect-mode edges.
+    rng = np.random.default_rng(4)
+    noise = ndimage.gaussian_filter1d(rng.normal(size=(20000, 40)), 1.0, axis=1, mode="reflect")
+    measured = noise.std(axis=0)
+    predicted = _noise_gain_1d(1.0, 40)
+    assert predicted[0] > 1.2 * predicted[20]
+    np.testing.assert_allclose(measured, predicted, rtol=0.03)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 3), (4, 40), (9, 9)])
+def test_tiny_frames_do_not_crash(shape: tuple[int, int]) -> None:
+    rng = np.random.default_rng(1)
+    frame = rng.normal(100.0, 3.0, shape)
+    frame[shape[0] // 2, shape[1] // 2] += 500.0
+    for method in ("centroid", "radial_symmetry"):
+        for smooth in (0.0, 1.0):
+            cfg = DetectorConfig(method=method, smooth_sigma_px=smooth, min_area_px=1)
+            found = ParticleDetector(cfg)(frame)
+            assert found.ndim == 2
+            assert found.shape[1] == 2

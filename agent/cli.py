@@ -40,6 +40,7 @@ def _load(config: Path, overrides: list[str] | None) -> ExperimentConfig:
 
 
 def _run(config: ExperimentConfig) -> dict[str, Any]:
+    from agent.loop import DriverSilent
     from agent.runner import run_experiment
 
     phases = 2 if config.compare_free_diffusion else 1
@@ -61,7 +62,11 @@ def _run(config: ExperimentConfig) -> dict[str, Any]:
                 t=f"{t_s:5.1f} s",
             )
 
-        run_dir, summary = run_experiment(config, on_progress)
+        try:
+            run_dir, summary = run_experiment(config, on_progress)
+        except DriverSilent as exc:
+            err_console.print(f"error: {exc}", markup=False, highlight=False)
+            raise typer.Exit(1) from None
     _print_summary(summary)
     console.print(
         f"run written to [bold]{run_dir}[/bold] (summary.json, events-*.jsonl, "

@@ -51,6 +51,18 @@ class ExperimentConfig(BaseModel):
             self.driver = self.driver.model_copy(update={"seed": self.seed})
         return self
 
+    @model_validator(mode="after")
+    def _policy_matches_twin_actuator(self) -> ExperimentConfig:
+        # A heating-trap controller driving tweezers (or vice versa) pushes the wrong way.
+        twin_actuator = self.driver.twin.particles.actuator
+        policy_actuator = getattr(self.policy, "actuator", twin_actuator)
+        if self.driver.kind == "twin" and policy_actuator != twin_actuator:
+            raise ValueError(
+                f"policy.actuator: {policy_actuator!r} does not match "
+                f"driver.twin.particles.actuator {twin_actuator!r}"
+            )
+        return self
+
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Set `dotted.key=value` pairs (value parsed as YAML) into a raw config dict."""

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from agent.recorder import EventLog
+from agent.recorder import EventLog, read_events
 from drivers.protocol import TRUTH_PREFIX, unpack_map
 
 
@@ -27,7 +27,7 @@ class TruthRecorder(threading.Thread):
         self._socket.connect(endpoint)
         self._log = EventLog(path)
         self._stop_event = threading.Event()
-        self.records: list[dict[str, Any]] = []
+        self.path = path
 
     def run(self) -> None:
         try:
@@ -41,16 +41,16 @@ class TruthRecorder(threading.Thread):
                         break
                     record = unpack_map(parts[1], "truth")
                     record.pop("v", None)
-                    self.records.append(record)
                     self._log.write("truth", **record)
         finally:
             self._log.close()
             self._socket.close()
 
     def stop(self) -> list[dict[str, Any]]:
+        """Stop and return every record, read back from the file (memory stays flat)."""
         self._stop_event.set()
         self.join(timeout=5)
-        return self.records
+        return read_events(self.path)
 
 
 def controlled_track(records: list[dict[str, Any]], target: tuple[float, float]) -> np.ndarray:

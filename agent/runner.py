@@ -21,7 +21,7 @@ import zmq
 from agent.config import ExperimentConfig, dump_config
 from agent.detect import ParticleDetector
 from agent.evaluate import TruthRecorder, controlled_track, detection_rmse_um, rms_distance
-from agent.loop import AgentLoop, LoopEndpoints, LoopResult
+from agent.loop import AgentLoop, DriverSilent, LoopEndpoints, LoopResult
 from agent.plots import plot_run
 from agent.recorder import EventLog, new_run_dir, read_events, write_json
 from drivers.serve import resolve_endpoints
@@ -51,6 +51,7 @@ class DriverProcess:
     """`scopeloop driver serve` as a child process, stopped gracefully (SIGTERM) at exit."""
 
     def __init__(self, config_path: Path, log_path: Path) -> None:
+        self.log_path = log_path
         self._log = log_path.open("w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent.cli", "driver", "serve", str(config_path)],
@@ -105,6 +106,10 @@ def run_phase(
             result = loop.run(
                 config.duration_s, threading.Event(), settings.startup_timeout_s, on_step
             )
+    except DriverSilent as exc:
+        code = driver.proc.poll()
+        status = "running" if code is None else f"exited with code {code}"
+        raise DriverSilent(f"{exc}; driver {status}, log: {driver.log_path}") from None
     finally:
         returncode = driver.stop()
         records = truth.stop()

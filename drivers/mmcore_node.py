@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 TruthSource = Callable[[Any], dict[str, Any] | None]
 STREAM = "camera"
+ACTUATING = frozenset({"set_laser", "move_stage"})
 PUBLISHED_RING = 512
 
 
@@ -92,6 +93,7 @@ class DriverNode:
         self.laser = LaserState()
         self.watchdog_tripped = False
         self.last_agent_ns = 0
+        self.controller: bytes | None = None
         self.frames_published = 0
         self.commands_handled = 0
         self.commands_rejected = 0
@@ -198,7 +200,12 @@ class DriverNode:
                 ),
             )
             return
-        self.last_agent_ns = incoming.t_received_ns
+        if request.cmd in ACTUATING:
+            self.controller = incoming.identity
+        if self.controller in (None, incoming.identity):
+            # Only the agent in control keeps the watchdog fed: a dashboard polling
+            # get_state must not keep the laser alive after the controller died.
+            self.last_agent_ns = incoming.t_received_ns
         handler = self._handlers.get(request.cmd)
         try:
             if handler is None:

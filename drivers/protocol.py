@@ -8,6 +8,7 @@ Never pickle: a message from the network can only ever decode to plain data.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -109,7 +110,7 @@ class FrameHeader:
             )
         except KeyError as exc:
             raise ProtocolError("malformed", f"frame header: missing field {exc}") from None
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             raise ProtocolError("malformed", f"frame header: bad field value ({exc})") from None
         if header.dtype not in ALLOWED_DTYPES:
             raise ProtocolError(
@@ -143,7 +144,7 @@ def decode_frame(parts: Sequence[Any]) -> Frame:
     header = FrameHeader.from_wire(unpack_map(_buffer(parts[1]), "frame header"))
     buf = _buffer(parts[2])
     dtype = np.dtype(header.dtype)
-    expected = int(np.prod(header.shape)) * dtype.itemsize
+    expected = math.prod(header.shape) * dtype.itemsize  # Python ints: no int64 wrap-around
     if len(buf) != expected:
         raise ProtocolError(
             "malformed",
@@ -151,6 +152,7 @@ def decode_frame(parts: Sequence[Any]) -> Frame:
             f"needs {expected}",
         )
     data = np.frombuffer(buf, dtype=dtype).reshape(header.shape)
+    data.flags.writeable = False  # a received frame is evidence: nobody edits it in place
     return Frame(header=header, data=data)
 
 
@@ -200,11 +202,18 @@ class Request:
             raise ProtocolError("malformed", f"command: field 'cmd' must be a name, got {cmd!r}")
         if not isinstance(args, dict):
             raise ProtocolError("malformed", f"command: field 'args' must be a map, got {args!r}")
+        try:
+            t_sent_ns = int(obj.get("t_sent_ns", 0))
+        except (TypeError, ValueError, OverflowError):
+            raise ProtocolError(
+                "malformed",
+                f"command: field 't_sent_ns' must be an integer, got {obj['t_sent_ns']!r}",
+            ) from None
         return Request(
             id=req_id,
             cmd=cmd,
             args=args,
-            t_sent_ns=int(obj.get("t_sent_ns", 0)),
+            t_sent_ns=t_sent_ns,
             expect_reply=bool(obj.get("reply", True)),
         )
 
@@ -236,14 +245,16 @@ class Reply:
     @staticmethod
     def from_wire(data: bytes | memoryview) -> Reply:
         obj = unpack_map(data, "reply")
-        ok = bool(obj.get("ok"))
         error = obj.get("error") or {}
-        return Reply(
-            id=obj.get("id"),
-            ok=ok,
-            result=dict(obj.get("result") or {}),
-            error_code=str(error.get("code", "")),
-            error_message=str(error.get("message", "")),
-            t_received_ns=int(obj.get("t_recv_ns", 0)),
-            t_done_ns=int(obj.get("t_done_ns", 0)),
-        )
+        try:
+            return Reply(
+                id=obj.get("id"),
+                ok=bool(obj.get("ok")),
+                result=dict(obj.get("result") or {}),
+                error_code=str(error.get("code", "")),
+                error_message=str(error.get("message", "")),
+                t_received_ns=int(obj.get("t_recv_ns", 0)),
+                t_done_ns=int(obj.get("t_done_ns", 0)),
+            )
+        except (TypeError, ValueError, OverflowError, AttributeError) as exc:
+            raise ProtocolError("malformed", f"reply: bad field value ({exc})") from None

@@ -256,7 +256,11 @@ class CommandClient:
             remaining_ms = max((deadline - now_ns()) // 1_000_000, 0)
             if not self.socket.poll(int(remaining_ms)):
                 raise CommandTimeout(f"{cmd}: no reply within {timeout_ms or self.timeout_ms} ms")
-            reply = Reply.from_wire(self.socket.recv())
+            try:
+                reply = Reply.from_wire(self.socket.recv())
+            except ProtocolError as exc:
+                log.warning("%s: unreadable reply ignored: %s", cmd, exc)
+                continue
             if reply.id != req_id:
                 self.late_replies += 1
                 continue

@@ -44,7 +44,7 @@ class HeatingModel(BaseModel):
 class TweezersModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
     diffusion_um2_s: float = Field(0.33, gt=0.0)
-    trap_stiffness_fn_per_um_per_mw: float = Field(0.5, gt=0.0)
+    trap_stiffness_fn_per_um_per_mw: float = Field(20.0, gt=0.0)
     trap_range_um: float = Field(1.0, gt=0.0)
     temperature_k: float = Field(296.0, gt=0.0)
 

@@ -36,7 +36,8 @@ class ParticleTwinConfig(BaseModel):
     heating_k_per_mw: float = Field(20.0, ge=0.0, le=1000.0)
     heating_width_um: float = Field(7.25, gt=0.0, le=1000.0)
     actuator: Literal["heating", "tweezers"] = "heating"
-    trap_stiffness_fn_per_um_per_mw: float = Field(0.5, ge=0.0, le=1e6)
+    # 20 fN/um per mW = 20 pN/um per W, typical for a 1 um bead in a high-NA trap.
+    trap_stiffness_fn_per_um_per_mw: float = Field(20.0, ge=0.0, le=1e6)
     trap_range_um: float = Field(1.0, gt=0.0, le=1e6)
     temperature_k: float = Field(296.0, gt=0.0, le=1000.0)
     max_internal_step_s: float = Field(0.002, gt=0.0, le=1.0)
@@ -77,12 +78,13 @@ class ParticleTwin:
         init_rng = np.random.default_rng(init_ss)
         xmin, xmax, ymin, ymax = self.box_um
         n = self.config.n_particles
-        if self.config.initial == "random":
-            self._xy = np.column_stack(
-                (init_rng.uniform(xmin, xmax, n), init_rng.uniform(ymin, ymax, n))
-            )
-        else:
-            self._xy = np.tile([(xmin + xmax) / 2.0, (ymin + ymax) / 2.0], (n, 1))
+        self._xy = np.column_stack(
+            (init_rng.uniform(xmin, xmax, n), init_rng.uniform(ymin, ymax, n))
+        )
+        if self.config.initial == "center":
+            # One particle starts at the centre (the one a trap holds); any others are
+            # scattered, since particles stacked on one spot would image as one.
+            self._xy[0] = ((xmin + xmax) / 2.0, (ymin + ymax) / 2.0)
         self._t = 0.0
         self.set_laser(())
 

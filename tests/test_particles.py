@@ -33,8 +33,10 @@ def test_tweezers_equipartition() -> None:
         trap_stiffness_fn_per_um_per_mw=0.5,
         trap_range_um=100.0,  # effectively uncut: pure harmonic well
     )
-    twin = ParticleTwin(cfg, BIG_BOX, seed=2)
-    centre = twin.positions_um[0]
+    # Start scattered over +-3 um (far wider than the trap's ~0.3 um spread; the walls
+    # sit ten standard deviations out and never touch the equilibrium distribution).
+    twin = ParticleTwin(cfg, (497.0, 503.0, 497.0, 503.0), seed=2)
+    centre = np.array([500.0, 500.0])
     power = 100.0
     twin.set_laser([LaserSpot(float(centre[0]), float(centre[1]), power)])
     k = 0.5 * power
@@ -97,14 +99,18 @@ def test_heating_matches_anchor_peak_and_curvature() -> None:
 
 def test_heating_pushes_particles_away_on_average() -> None:
     """Many particles next to a hot spot end farther from it than laser-off twins."""
-    cfg = ParticleTwinConfig(n_particles=500)
-    on = ParticleTwin(cfg, BIG_BOX, seed=3)
-    off = ParticleTwin(cfg, BIG_BOX, seed=3)
-    c = on.positions_um[0]
-    on.set_laser([LaserSpot(float(c[0]) - 2.0, float(c[1]), 5.0)])
+    cfg = ParticleTwinConfig(n_particles=500, initial="random")
+    box = (480.0, 520.0, 480.0, 520.0)
+    on = ParticleTwin(cfg, box, seed=3)
+    off = ParticleTwin(cfg, box, seed=3)
+    spot = np.array([500.0, 500.0])
+    near = np.hypot(*(on.positions_um - spot).T) < 10.0
+    on.set_laser([LaserSpot(500.0, 500.0, 5.0)])
     on.step(1.0)
     off.step(1.0)
-    assert np.mean(on.positions_um[:, 0]) > np.mean(off.positions_um[:, 0]) + 1.0
+    dist_on = np.hypot(*(on.positions_um[near] - spot).T)
+    dist_off = np.hypot(*(off.positions_um[near] - spot).T)
+    assert np.mean(dist_on) > np.mean(dist_off) + 1.0
 
 
 def test_reflecting_walls_keep_particles_inside() -> None:
@@ -202,3 +208,11 @@ def test_bad_box_and_dt_rejected() -> None:
     twin = ParticleTwin(ParticleTwinConfig(), (0.0, 1.0, 0.0, 1.0), seed=0)
     with pytest.raises(ValueError, match="dt_s"):
         twin.step(-0.1)
+
+
+def test_center_start_puts_one_particle_at_the_centre_and_scatters_the_rest() -> None:
+    """A trap holds the centre particle; distractors must not be stacked on it."""
+    twin = ParticleTwin(ParticleTwinConfig(n_particles=10), (0.0, 20.0, 0.0, 20.0), seed=5)
+    xy = twin.positions_um
+    np.testing.assert_allclose(xy[0], [10.0, 10.0])
+    assert len({tuple(p) for p in np.round(xy, 6)}) == 10

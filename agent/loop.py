@@ -8,6 +8,7 @@ driver's watchdog switches the laser off.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,8 +40,8 @@ class LoopResult:
     frames_skipped: int = 0
     commands_failed: int = 0
     actions_clipped: int = 0
-    latencies_ms: list[float] = field(default_factory=list)
-    driver_events: list[dict[str, Any]] = field(default_factory=list)
+    latency_count: int = 0  # per-step latencies live in the event log, not in memory
+    driver_events: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=100))
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,7 @@ class AgentLoop:
             reply = self._send(client, action, header.seq)
             if "latency_ns" in reply:
                 latency_ms = reply["latency_ns"] / 1e6
-                result.latencies_ms.append(latency_ms)
+                result.latency_count += 1
         except (CommandTimeout, CommandError) as exc:
             result.commands_failed += 1
             error = str(exc)

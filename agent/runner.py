@@ -125,6 +125,11 @@ def run_phase(
     )
 
 
+def step_latencies_ms(steps: list[dict[str, Any]]) -> list[float]:
+    """Frame published -> command applied, for every step whose command was applied."""
+    return [s["latency_ms"] for s in steps if s.get("latency_ms") is not None]
+
+
 def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
@@ -132,6 +137,7 @@ def _percentile(values: list[float], q: float) -> float:
 def summarize(config: ExperimentConfig, phases: dict[str, PhaseResult]) -> dict[str, Any]:
     feedback = phases["feedback"]
     target = feedback.target_um
+    latencies = step_latencies_ms(feedback.steps)
     track = controlled_track(feedback.truth, target)
     summary: dict[str, Any] = {
         "name": config.name,
@@ -144,11 +150,11 @@ def summarize(config: ExperimentConfig, phases: dict[str, PhaseResult]) -> dict[
         "frames_skipped": feedback.loop.frames_skipped,
         "commands_failed": feedback.loop.commands_failed,
         "actions_clipped": feedback.loop.actions_clipped,
-        "latency_p50_ms": _percentile(feedback.loop.latencies_ms, 50),
-        "latency_p99_ms": _percentile(feedback.loop.latencies_ms, 99),
-        "latency_max_ms": max(feedback.loop.latencies_ms, default=float("nan")),
+        "latency_p50_ms": _percentile(latencies, 50),
+        "latency_p99_ms": _percentile(latencies, 99),
+        "latency_max_ms": max(latencies, default=float("nan")),
         "detection_rmse_um": detection_rmse_um(feedback.steps, feedback.truth),
-        "driver_events": feedback.loop.driver_events,
+        "driver_events": list(feedback.loop.driver_events),
     }
     if "free" in phases:
         free = phases["free"]
@@ -172,7 +178,7 @@ def run_experiment(
         run_dir,
         {n: (p.truth, p.steps) for n, p in phases.items()},
         phases["feedback"].target_um,
-        phases["feedback"].loop.latencies_ms,
+        step_latencies_ms(phases["feedback"].steps),
     )
     write_json(run_dir / "summary.json", summary)
     return run_dir, summary

@@ -32,14 +32,14 @@ def resolve_endpoints(config: DriverConfig) -> DriverConfig:
 def build_node(config: DriverConfig, ctx: zmq.Context | None = None) -> DriverNode:
     """The driver node for `config.kind` (today: the particle twin in UniMMCore)."""
     core, rig = build_twin_core(config.twin, config.seed, config.exposure_ms, config.devices)
-    camera = config.twin.camera
-    field = (camera.width_px * camera.pixel_size_um, camera.height_px * camera.pixel_size_um)
 
     def truth(meta: object) -> dict | None:
         index = getattr(meta, "get", lambda *_: None)("twin_frame")
         return rig.truth(int(index)) if index is not None else None
 
-    return DriverNode(core, config, ctx=ctx, truth_source=truth, field_um=field)
+    return DriverNode(
+        core, config, ctx=ctx, truth_source=truth, field_um=config.twin.camera.field_um
+    )
 
 
 def serve(config: DriverConfig) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -124,7 +125,8 @@ class StreamSubscriber:
         self.stats = StreamStats()
         self.last_seq: dict[str, int] = {}
         self.last_message_ns = 0
-        self.messages: list[tuple[bytes, dict[str, Any]]] = []  # header-only, since last take
+        # Header-only messages since the last take; bounded if nobody takes them.
+        self.messages: deque[tuple[bytes, dict[str, Any]]] = deque(maxlen=1000)
 
     def recv_newest(self, timeout_ms: int) -> Frame | None:
         """Wait up to timeout_ms for traffic, then return the newest frame (or None)."""
@@ -153,7 +155,8 @@ class StreamSubscriber:
         return newest
 
     def take_messages(self) -> list[tuple[bytes, dict[str, Any]]]:
-        out, self.messages = self.messages, []
+        out = list(self.messages)
+        self.messages.clear()
         return out
 
     def _count(self, frame: Frame) -> None:

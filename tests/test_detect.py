@@ -11,6 +11,7 @@ from scipy.special import erf
 from agent.detect import (
     DetectorConfig,
     ParticleDetector,
+    _label_sparse,
     _noise_gain_1d,
     centroid_center,
     estimate_background,
@@ -194,3 +195,88 @@ def test_tiny_frames_do_not_crash(shape: tuple[int, int]) -> None:
             found = ParticleDetector(cfg)(frame)
             assert found.ndim == 2
             assert found.shape[1] == 2
+
+
+def _separated_grid(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
+    g = np.linspace(20.0, n - 20.0, k)
+    gx, gy = np.meshgrid(g, g)
+    return np.column_stack([gx.ravel(), gy.ravel()]) + rng.uniform(-0.5, 0.5, (k * k, 2))
+
+
+@pytest.mark.parametrize("n", [512, 1024])
+@pytest.mark.parametrize("method", ["centroid", "radial_symmetry"])
+def test_binned_path_matches_full_resolution(n: int, method: str) -> None:
+    rng = np.random.default_rng(n)
+    binned = ParticleDetector(DetectorConfig(method=method))
+    full = ParticleDetector(DetectorConfig(method=method, segment_bin_px=1))
+    truth = _separated_grid(rng, n, 8)
+    frame = _frame(rng, (n, n), truth, rng.uniform(3000.0, 8000.0, len(truth)))
+    found = binned(frame)
+    assert binned._get_plan(frame.shape).b > 1  # the auto path really binned
+    assert full._get_plan(frame.shape).b == 1
+    reference = full(frame)
+    assert found.shape == reference.shape == truth.shape
+    np.testing.assert_allclose(found, reference, atol=0.05)
+    assert np.all(_match(found, truth) < 0.3)
+
+
+def test_binned_pure_noise_gives_no_detections() -> None:
+    det = ParticleDetector()
+    for seed in range(4):
+        rng = np.random.default_rng(100 + seed)
+        frame = _frame(rng, (512, 512), np.zeros((0, 2)), np.zeros(0))
+        assert det._get_plan(frame.shape).b > 1
+        assert det(frame).shape == (0, 2)
+
+
+@pytest.mark.parametrize(
+    "truth_xy", [(1.3, 260.2), (510.2, 2.0), (264.4, 510.6), (2.7, 3.1), (0.2, 0.3)]
+)
+def test_binned_particle_near_edge(truth_xy: tuple[float, float]) -> None:
+    rng = np.random.default_rng(13)
+    truth = np.array([truth_xy])
+    frame = _frame(rng, (512, 512), truth, [5000.0])
+    found = ParticleDetector()(frame)
+    assert found.shape == (1, 2)
+    assert _match(found, truth)[0] < 0.5
+    reference = ParticleDetector(DetectorConfig(segment_bin_px=1))(frame)
+    np.testing.assert_allclose(found, reference, atol=0.05)
+
+
+def test_binned_odd_shape_and_close_pair() -> None:
+    # A shape not divisible by the bin factor, a particle in its last partial bin row,
+    # and a close pair that the coarser binned mask merges but full resolution resolves.
+    rng = np.random.default_rng(17)
+    truth = np.array([[300.0, 200.0], [310.5, 203.2], [696.6, 511.4], [50.2, 100.7]])
+    frame = _frame(rng, (513, 700), truth, [4000.0, 3000.0, 5000.0, 5000.0])
+    found = ParticleDetector()(frame)
+    assert found.shape == (4, 2)
+    assert np.all(_match(found, truth) < 0.5)
+    reference = ParticleDetector(DetectorConfig(segment_bin_px=1))(frame)
+    assert np.all(_match(found, reference) < 0.05)
+
+
+def test_sparse_labels_match_ndimage() -> None:
+    rng = np.random.default_rng(6)
+    for density in (0.005, 0.05, 0.5):  # scattered (graph) and compact (box) branches
+        mask = rng.random((80, 120)) < density
+        idx = np.flatnonzero(mask)
+        ours = _label_sparse(idx, mask.shape)
+        ref = ndimage.label(mask)[0].ravel()[idx]
+        pairs = set(zip(ours.tolist(), ref.tolist(), strict=True))
+        assert len(pairs) == len(set(ours.tolist())) == len(set(ref.tolist()))
+
+
+def test_segment_bin_validation() -> None:
+    with pytest.raises(ValidationError, match="segment_bin_px"):
+        DetectorConfig(segment_bin_px=-1)
+    # Forcing a bin on a tiny frame or with smoothing off must not crash.
+    rng = np.random.default_rng(2)
+    frame = _frame(rng, (64, 48), [(20.3, 30.6)], [5000.0])
+    for cfg in (
+        DetectorConfig(segment_bin_px=4),
+        DetectorConfig(segment_bin_px=2, smooth_sigma_px=0),
+    ):
+        found = ParticleDetector(cfg)(frame)
+        assert found.shape == (1, 2)
+        assert _match(found, np.array([[20.3, 30.6]]))[0] < 0.3

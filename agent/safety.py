@@ -30,7 +30,7 @@ class LaserLimits:
             x_um=tuple(limits.get("laser_x_um") or (0.0, width)),
             y_um=tuple(limits.get("laser_y_um") or (0.0, height)),
             max_power_mw=float(limits["max_laser_power_mw"]),
-            max_spots=min(int(limits["max_laser_spots"]), 1),
+            max_spots=int(limits["max_laser_spots"]) if state.get("laser_kind") == "slm" else 1,
         )
 
     def clip(self, action: Action) -> tuple[Action, bool]:

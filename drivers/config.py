@@ -47,12 +47,23 @@ class Limits(StrictModel):
 
 
 class DeviceNames(StrictModel):
-    """Micro-Manager device labels and property names the driver talks to."""
+    """Micro-Manager devices the driver talks to, and how the laser is steered.
 
+    `galvo`: one spot set through position/power properties (scanning mirrors, AOD).
+    `slm`: a pattern of spots drawn into an SLM image (Micro-Manager SLM API); the SLM
+    is calibrated by its pixel pitch on the sample, the sample position of its pixel
+    (0, 0) and the power a pixel value of 255 delivers.
+    """
+
+    laser_kind: Literal["galvo", "slm"] = "galvo"
     laser: str = "Laser"
     laser_x_property: str = "X_um"
     laser_y_property: str = "Y_um"
     laser_power_property: str = "Power_mW"
+    slm: str = "SLM"
+    slm_pixel_um: float = Field(0.2, gt=0.0, le=1000.0)
+    slm_origin_um: tuple[float, float] = (0.0, 0.0)
+    slm_max_power_mw: float = Field(5.0, gt=0.0, le=10_000.0)
 
 
 class TwinSettings(StrictModel):
@@ -62,6 +73,9 @@ class TwinSettings(StrictModel):
     camera: CameraConfig = CameraConfig()
     substeps: int = Field(5, ge=1, le=100)
     readout_ms: float = Field(1.0, ge=0.0, le=1000.0)
+    frame_jitter_ms: float = Field(0.0, ge=0.0, le=1000.0)  # random extra delay per frame
+    actuation_delay_ms: float = Field(0.0, ge=0.0, le=10_000.0)  # command -> light on sample
+    slm_px: int = Field(128, ge=8, le=4096)  # the twin SLM is slm_px x slm_px
     realtime: bool = True  # pace exposures on the wall clock, as real hardware does
 
 

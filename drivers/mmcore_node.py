@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import zmq
 from pymmcore_plus import CMMCorePlus
 
@@ -39,22 +40,19 @@ ACTUATING = frozenset({"set_laser", "move_stage"})
 PUBLISHED_RING = 512
 
 
-@dataclass
+@dataclass(frozen=True)
 class LaserState:
-    x_um: float = 0.0
-    y_um: float = 0.0
-    power_mw: float = 0.0
-
-    @property
-    def on(self) -> bool:
-        return self.power_mw > 0
+    x_um: float
+    y_um: float
+    power_mw: float
 
 
-def _number(cmd: str, args: dict[str, Any], name: str) -> float:
+def _number(cmd: str, args: dict[str, Any], name: str, where: str = "") -> float:
     value = args.get(name)
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        field = f"{where}.{name}" if where else name
         raise ProtocolError(
-            "bad_args", f"{cmd}: field '{name}' must be a finite number, got {value!r}"
+            "bad_args", f"{cmd}: field '{field}' must be a finite number, got {value!r}"
         )
     return float(value)
 
@@ -90,7 +88,13 @@ class DriverNode:
         self.laser_y_range = limits.laser_y_um or (0.0, self.field_um[1])
         self.publisher = StreamPublisher(self.ctx, config.stream_endpoint, config.stream_hwm)
         self.server = CommandServer(self.ctx, config.command_endpoint)
-        self.laser = LaserState()
+        self.laser: list[LaserState] = []  # lit spots as applied
+        self._slm_shape: tuple[int, int] = (0, 0)
+        if config.devices.laser_kind == "slm":
+            self._slm_shape = (
+                core.getSLMHeight(config.devices.slm),
+                core.getSLMWidth(config.devices.slm),
+            )
         self.watchdog_tripped = False
         self.last_agent_ns = 0
         self.controller: bytes | None = None
@@ -165,7 +169,7 @@ class DriverNode:
     def _tick(self) -> None:
         t = now_ns()
         silent_ns = t - self.last_agent_ns
-        if self.laser.on and silent_ns > self.config.watchdog_ms * 1_000_000:
+        if self.laser and silent_ns > self.config.watchdog_ms * 1_000_000:
             self.watchdog_tripped = True
             self.safe_state("watchdog")
             self.publisher.publish(
@@ -236,34 +240,81 @@ class DriverNode:
             raise ProtocolError(
                 "bad_args", f"set_laser: field 'spots' must be a list, got {spots!r}"
             )
-        limit = self.config.limits.max_laser_spots
         names = self.config.devices
-        if len(spots) > min(limit, 1):
+        allowed = self.config.limits.max_laser_spots if names.laser_kind == "slm" else 1
+        if len(spots) > allowed:
             raise ProtocolError(
                 "out_of_limits",
-                f"set_laser: field 'spots' has {len(spots)} spots, this laser allows at most "
-                f"{min(limit, 1)}",
+                f"set_laser: field 'spots' has {len(spots)} spots, the allowed range is "
+                f"[0, {allowed}] ({names.laser_kind} laser)",
             )
-        if not spots:
+        wanted = [self._checked_spot(i, spot) for i, spot in enumerate(spots)]
+        if not wanted:
             return self._cmd_laser_off(args)
-        spot = spots[0]
-        if not isinstance(spot, dict):
-            raise ProtocolError("bad_args", "set_laser: field 'spots[0]' must be a map")
-        x = _number("set_laser", spot, "x_um")
-        y = _number("set_laser", spot, "y_um")
-        p = _number("set_laser", spot, "power_mw")
-        _within("set_laser", "spots[0].x_um", x, self.laser_x_range, "um")
-        _within("set_laser", "spots[0].y_um", y, self.laser_y_range, "um")
-        _within(
-            "set_laser", "spots[0].power_mw", p, (0.0, self.config.limits.max_laser_power_mw), "mW"
-        )
-        # Move first, then power: the spot never lights up at the previous position.
-        self.core.setProperty(names.laser, names.laser_x_property, x)
-        self.core.setProperty(names.laser, names.laser_y_property, y)
-        self.core.setProperty(names.laser, names.laser_power_property, p)
-        self.laser = LaserState(x, y, p)
+        if names.laser_kind == "galvo":
+            x, y, p = wanted[0]
+            # Move first, then power: the spot never lights up at the previous position.
+            self.core.setProperty(names.laser, names.laser_x_property, x)
+            self.core.setProperty(names.laser, names.laser_y_property, y)
+            self.core.setProperty(names.laser, names.laser_power_property, p)
+            self.laser = [LaserState(x, y, p)]
+        else:
+            image, applied = self._slm_pattern(wanted)
+            self.core.setSLMImage(names.slm, image)
+            self.core.displaySLMImage(names.slm)
+            self.laser = applied
         self.watchdog_tripped = False
         return self._applied(args)
+
+    def _checked_spot(self, index: int, spot: Any) -> tuple[float, float, float]:
+        where = f"spots[{index}]"
+        if not isinstance(spot, dict):
+            raise ProtocolError("bad_args", f"set_laser: field '{where}' must be a map")
+        x = _number("set_laser", spot, "x_um", where)
+        y = _number("set_laser", spot, "y_um", where)
+        p = _number("set_laser", spot, "power_mw", where)
+        _within("set_laser", f"{where}.x_um", x, self.laser_x_range, "um")
+        _within("set_laser", f"{where}.y_um", y, self.laser_y_range, "um")
+        ceiling = self.config.limits.max_laser_power_mw
+        if self.config.devices.laser_kind == "slm":
+            ceiling = min(ceiling, self.config.devices.slm_max_power_mw)
+        _within("set_laser", f"{where}.power_mw", p, (0.0, ceiling), "mW")
+        return x, y, p
+
+    def _slm_pattern(
+        self, spots: list[tuple[float, float, float]]
+    ) -> tuple[np.ndarray, list[LaserState]]:
+        """Draw spots into an SLM image; report them as quantised to its pixels and levels."""
+        names = self.config.devices
+        height, width = self._slm_shape
+        image = np.zeros((height, width), dtype=np.uint8)
+        applied: list[LaserState] = []
+        x0, y0 = names.slm_origin_um
+        for i, (x, y, p) in enumerate(spots):
+            col = round((x - x0) / names.slm_pixel_um)
+            row = round((y - y0) / names.slm_pixel_um)
+            if not (0 <= row < height and 0 <= col < width):
+                raise ProtocolError(
+                    "out_of_limits",
+                    f"set_laser: field 'spots[{i}]' at ({x:g}, {y:g}) um is outside the SLM "
+                    f"pattern area",
+                )
+            if image[row, col]:
+                raise ProtocolError(
+                    "bad_args", f"set_laser: field 'spots[{i}]' falls on an SLM pixel already used"
+                )
+            level = round(p / names.slm_max_power_mw * 255)
+            if level == 0:
+                continue
+            image[row, col] = level
+            applied.append(
+                LaserState(
+                    x0 + col * names.slm_pixel_um,
+                    y0 + row * names.slm_pixel_um,
+                    level / 255 * names.slm_max_power_mw,
+                )
+            )
+        return image, applied
 
     def _cmd_laser_off(self, args: dict[str, Any]) -> dict[str, Any]:
         self.safe_state("command")
@@ -303,6 +354,7 @@ class DriverNode:
             "commands_handled": self.commands_handled,
             "commands_rejected": self.commands_rejected,
             "watchdog_tripped": self.watchdog_tripped,
+            "laser_kind": self.config.devices.laser_kind,
             "limits": self.config.limits.model_dump(),
         }
 
@@ -313,19 +365,20 @@ class DriverNode:
     # --- state ----------------------------------------------------------------
 
     def safe_state(self, reason: str) -> None:
-        """Laser power to zero through the device itself; idempotent."""
+        """All light off through the devices themselves (galvo power 0, SLM blank)."""
         names = self.config.devices
         try:
             self.core.setProperty(names.laser, names.laser_power_property, 0.0)
+            if names.laser_kind == "slm":
+                self.core.setSLMImage(names.slm, np.zeros(self._slm_shape, dtype=np.uint8))
+                self.core.displaySLMImage(names.slm)
         except Exception:  # keep trying to be safe even if the device misbehaves
             log.exception("could not switch the laser off (%s)", reason)
             raise
-        self.laser = LaserState(self.laser.x_um, self.laser.y_um, 0.0)
+        self.laser = []
 
     def _laser_list(self) -> list[dict[str, float]]:
-        if not self.laser.on:
-            return []
-        return [{"x_um": self.laser.x_um, "y_um": self.laser.y_um, "power_mw": self.laser.power_mw}]
+        return [{"x_um": s.x_um, "y_um": s.y_um, "power_mw": s.power_mw} for s in self.laser]
 
     def _state(self) -> dict[str, Any]:
         return {

@@ -3,15 +3,16 @@
 The driver node then talks to the twin exactly as it talks to hardware: through
 core calls (`setProperty`, `setXYPosition`, sequence acquisition). Pacing lives
 here, not in the simulator: each exposure is integrated sub-step by sub-step on
-the wall clock, and a laser command takes effect at the next sub-step after it
-arrives, so loop delay is real.
+the wall clock, and a laser command takes effect at the first sub-step after it
+arrives (plus an optional actuation delay), so loop delay is real. Light comes from
+a galvo-like spot (`Laser` properties) and/or an `SLM` pattern of spots.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,6 +20,7 @@ import numpy as np
 from pymmcore_plus.experimental.unicore import (
     GenericDevice,
     SimpleCameraDevice,
+    SLMDevice,
     UniMMCore,
     XYStageDevice,
     pymm_property,
@@ -43,64 +45,108 @@ def _sleep_until(deadline_s: float) -> None:
 
 
 class TwinRig:
-    """Shared state between the twin devices: the scene, the stage and the laser."""
+    """Shared state between the twin devices: the scene, the stage and the light."""
 
-    def __init__(self, settings: TwinSettings, seed: int, exposure_ms: float) -> None:
+    def __init__(
+        self, settings: TwinSettings, seed: int, exposure_ms: float, names: DeviceNames
+    ) -> None:
         self.settings = settings
+        self.names = names
         self.scene = ParticleScene(
             settings.particles, settings.camera, seed=seed, substeps=settings.substeps
         )
         self.exposure_ms = exposure_ms
         self.stage_um = (0.0, 0.0)
-        # The laser is set property by property; the twin reads one consistent snapshot.
+        # The galvo spot is set property by property (camera-field coordinates).
         self.laser_x_um = 0.0
         self.laser_y_um = 0.0
         self.laser_power_mw = 0.0
+        self.slm_image = np.zeros((settings.slm_px, settings.slm_px), dtype=np.uint8)
+        self.slm_spots: tuple[LaserSpot, ...] = ()
+        # What was commanded when: light reaches the sample actuation_delay_ms later.
+        self._commands: deque[tuple[float, tuple[LaserSpot, ...]]] = deque(maxlen=4096)
+        self._commands.append((0.0, ()))
         self.frame_index = 0
         self._truth: OrderedDict[int, dict[str, Any]] = OrderedDict()
         self._lock = threading.Lock()
         self._next_start_s = 0.0
+        self._jitter_rng = np.random.default_rng(np.random.SeedSequence([seed, 0x7177]))
 
-    def laser_spots(self) -> tuple[LaserSpot, ...]:
-        if self.laser_power_mw <= 0:
-            return ()
-        # Laser coordinates are in the camera field; the twin works in sample coordinates.
-        sx, sy = self.stage_um
-        return (LaserSpot(self.laser_x_um + sx, self.laser_y_um + sy, self.laser_power_mw),)
+    def commanded_spots(self) -> tuple[LaserSpot, ...]:
+        """Every lit spot as commanded now, in camera-field coordinates."""
+        galvo = (
+            (LaserSpot(self.laser_x_um, self.laser_y_um, self.laser_power_mw),)
+            if self.laser_power_mw > 0
+            else ()
+        )
+        return galvo + self.slm_spots
+
+    def record_command(self) -> None:
+        self._commands.append((time.monotonic(), self.commanded_spots()))
+
+    def display_slm(self, image: np.ndarray) -> None:
+        """Lit SLM pixels become spots at their calibrated sample positions."""
+        self.slm_image = image.copy()
+        rows, cols = np.nonzero(image)
+        names = self.names
+        x0, y0 = names.slm_origin_um
+        self.slm_spots = tuple(
+            LaserSpot(
+                x0 + float(c) * names.slm_pixel_um,
+                y0 + float(r) * names.slm_pixel_um,
+                float(image[r, c]) / 255.0 * names.slm_max_power_mw,
+            )
+            for r, c in zip(rows, cols, strict=True)
+        )
+        self.record_command()
+
+    def spots_on_sample(self, now_s: float) -> tuple[LaserSpot, ...]:
+        """The light on the sample at `now_s`: the command in force actuation_delay ago."""
+        if self.settings.realtime:
+            cutoff = now_s - self.settings.actuation_delay_ms / 1000.0
+            spots: tuple[LaserSpot, ...] = ()
+            for t, commanded in reversed(self._commands):
+                if t <= cutoff:
+                    spots = commanded
+                    break
+        else:
+            spots = self.commanded_spots()
+        sx, sy = self.stage_um  # field -> sample coordinates
+        return tuple(LaserSpot(s.x_um + sx, s.y_um + sy, s.power_mw) for s in spots)
 
     def acquire(self, buffer: np.ndarray) -> dict[str, Any]:
         """Integrate one exposure (paced in real time) into `buffer`; return metadata."""
+        settings = self.settings
         exposure_s = self.exposure_ms / 1000.0
-        substeps = self.settings.substeps
-        realtime = self.settings.realtime
-        t0 = max(time.monotonic(), self._next_start_s) if realtime else time.monotonic()
+        substeps = settings.substeps
+        realtime = settings.realtime
+        jitter_s = self._jitter_rng.uniform(0.0, settings.frame_jitter_ms / 1000.0)
+        t0 = max(time.monotonic(), self._next_start_s) + jitter_s
         if realtime:
             _sleep_until(t0)
-        laser_log: list[tuple[float, float, float]] = []
+        laser_log: list[list[list[float]]] = []
 
         def before_substep(k: int, _t_s: float) -> None:
             if realtime:
                 _sleep_until(t0 + k * exposure_s / substeps)
-            spots = self.laser_spots()
+            spots = self.spots_on_sample(time.monotonic())
             self.scene.twin.set_laser(spots)
-            laser_log.append(
-                (spots[0].x_um, spots[0].y_um, spots[0].power_mw) if spots else (0.0, 0.0, 0.0)
-            )
+            laser_log.append([[s.x_um, s.y_um, s.power_mw] for s in spots])
 
-        stage = self.stage_um
+        stage = np.asarray(self.stage_um)
         _, positions = self.scene.expose(
-            exposure_s, before_substep=before_substep, out=buffer, view_offset_um=stage
+            exposure_s, before_substep=before_substep, out=buffer, view_offset_um=self.stage_um
         )
         t_end = t0 + exposure_s
         if realtime:
             _sleep_until(t_end)
-        self._next_start_s = t_end + self.settings.readout_ms / 1000.0
+        self._next_start_s = t_end + settings.readout_ms / 1000.0
         with self._lock:
             index = self.frame_index
             self.frame_index += 1
             self._truth[index] = {
-                "positions_um": (positions.mean(axis=0) - np.asarray(stage)).tolist(),
-                "end_positions_um": (positions[-1] - np.asarray(stage)).tolist(),
+                "positions_um": (positions.mean(axis=0) - stage).tolist(),
+                "end_positions_um": (positions[-1] - stage).tolist(),
                 "laser_substeps": laser_log,
                 "t_s": self.scene.twin.t_s,
             }
@@ -155,6 +201,7 @@ class TwinLaser(GenericDevice):
     @x_um.setter
     def x_um(self, value: float) -> None:
         self._rig.laser_x_um = float(value)
+        self._rig.record_command()
 
     @pymm_property(limits=(-1e6, 1e6), name="Y_um")
     def y_um(self) -> float:
@@ -163,6 +210,7 @@ class TwinLaser(GenericDevice):
     @y_um.setter
     def y_um(self, value: float) -> None:
         self._rig.laser_y_um = float(value)
+        self._rig.record_command()
 
     @pymm_property(limits=(0.0, TWIN_LASER_MAX_MW), name="Power_mW")
     def power_mw(self) -> float:
@@ -171,6 +219,38 @@ class TwinLaser(GenericDevice):
     @power_mw.setter
     def power_mw(self, value: float) -> None:
         self._rig.laser_power_mw = float(value)
+        self._rig.record_command()
+
+
+class TwinSLM(SLMDevice):
+    """A spatial light modulator projecting a pattern of heating/trapping spots."""
+
+    def __init__(self, rig: TwinRig) -> None:
+        super().__init__()
+        self._rig = rig
+        self._loaded = rig.slm_image.copy()
+        self._exposure_ms = 0.0
+
+    def shape(self) -> tuple[int, int]:
+        return self._rig.slm_image.shape  # square, so (width, height) == (rows, cols)
+
+    def dtype(self) -> Any:
+        return np.uint8
+
+    def set_image(self, pixels: np.ndarray) -> None:
+        self._loaded = np.array(pixels, dtype=np.uint8)
+
+    def get_image(self) -> np.ndarray:
+        return self._rig.slm_image.copy()
+
+    def display_image(self) -> None:
+        self._rig.display_slm(self._loaded)
+
+    def set_exposure(self, interval_ms: float) -> None:
+        self._exposure_ms = float(interval_ms)
+
+    def get_exposure(self) -> float:
+        return self._exposure_ms
 
 
 class TwinXYStage(XYStageDevice):
@@ -209,13 +289,15 @@ def build_twin_core(
         "Power_mW",
     ):
         raise ValueError("devices: the twin laser exposes properties X_um, Y_um and Power_mW")
-    rig = TwinRig(settings, seed, exposure_ms)
+    rig = TwinRig(settings, seed, exposure_ms, names)
     core = UniMMCore()
     core.loadPyDevice("Camera", TwinCamera(rig))
     core.loadPyDevice("XY", TwinXYStage(rig))
     core.loadPyDevice(names.laser, TwinLaser(rig))
+    core.loadPyDevice(names.slm, TwinSLM(rig))
     core.initializeAllDevices()
     core.setCameraDevice("Camera")
     core.setXYStageDevice("XY")
+    core.setSLMDevice(names.slm)
     core.setExposure(exposure_ms)
     return core, rig

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -31,27 +31,34 @@ def zmq_ctx() -> Iterator[zmq.Context]:
     ctx.term()
 
 
-def start_node(
-    config: DriverConfig, ipc_dir: Path, ctx: zmq.Context
-) -> tuple[DriverNode, threading.Thread]:
-    config = config.model_copy(
-        update={
-            "stream_endpoint": f"ipc://{ipc_dir}/stream",
-            "command_endpoint": f"ipc://{ipc_dir}/command",
-        }
-    )
-    node = build_node(config, ctx=ctx)
-    thread = threading.Thread(target=node.serve, daemon=True)
-    thread.start()
-    return node, thread
+@pytest.fixture
+def make_node(
+    ipc_dir: Path, zmq_ctx: zmq.Context
+) -> Iterator[Callable[[DriverConfig], DriverNode]]:
+    """Start twin driver nodes in background threads on private endpoints; stop them after."""
+    started: list[tuple[DriverNode, threading.Thread]] = []
+
+    def start(config: DriverConfig) -> DriverNode:
+        config = config.model_copy(
+            update={
+                "stream_endpoint": f"ipc://{ipc_dir}/stream{len(started)}",
+                "command_endpoint": f"ipc://{ipc_dir}/command{len(started)}",
+            }
+        )
+        node = build_node(config, ctx=zmq_ctx)
+        thread = threading.Thread(target=node.serve, daemon=True)
+        thread.start()
+        started.append((node, thread))
+        return node
+
+    yield start
+    for node, thread in started:
+        node.stop.set()
+        thread.join(timeout=10)
+        assert not thread.is_alive(), "driver node did not stop"
 
 
 @pytest.fixture
-def twin_node(ipc_dir: Path, zmq_ctx: zmq.Context) -> Iterator[DriverNode]:
+def twin_node(make_node: Callable[[DriverConfig], DriverNode]) -> DriverNode:
     """A twin driver node with a short watchdog, serving in a background thread."""
-    config = DriverConfig(watchdog_ms=200, heartbeat_ms=20, exposure_ms=10.0)
-    node, thread = start_node(config, ipc_dir, zmq_ctx)
-    yield node
-    node.stop.set()
-    thread.join(timeout=10)
-    assert not thread.is_alive(), "driver node did not stop"
+    return make_node(DriverConfig(watchdog_ms=200, heartbeat_ms=20, exposure_ms=10.0))

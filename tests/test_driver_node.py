@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 import zmq
 
+from drivers.config import DeviceNames, DriverConfig, Limits, TwinSettings
 from drivers.mmcore_node import DriverNode
 from drivers.protocol import EVENT_TOPIC, TRUTH_PREFIX, Frame, unpack_map
 from drivers.transport import CommandClient, CommandError, StreamSubscriber
@@ -223,4 +225,91 @@ def test_exposure_change_is_applied_and_limited(
         assert info.value.code == "out_of_limits" and "exposure_ms" in str(info.value)
     finally:
         sub.close()
+        client.close()
+
+
+@pytest.fixture
+def slm_node(make_node: Callable[[DriverConfig], DriverNode]) -> DriverNode:
+    config = DriverConfig(
+        watchdog_ms=200,
+        heartbeat_ms=20,
+        exposure_ms=10.0,
+        limits=Limits(max_laser_spots=4, max_laser_power_mw=3.0),
+        devices=DeviceNames(laser_kind="slm", slm_pixel_um=0.2),
+        twin=TwinSettings(slm_px=128, actuation_delay_ms=40.0),
+    )
+    return make_node(config)
+
+
+def _slm_lit(node: DriverNode) -> int:
+    return int(np.count_nonzero(node.core.getSLMImage("SLM")))
+
+
+def test_slm_draws_several_spots_quantised_to_its_pixels(
+    slm_node: DriverNode, zmq_ctx: zmq.Context
+) -> None:
+    client = _client(slm_node, zmq_ctx)
+    try:
+        spots = [
+            {"x_um": 5.03, "y_um": 5.0, "power_mw": 1.0},
+            {"x_um": 12.0, "y_um": 7.91, "power_mw": 2.0},
+            {"x_um": 20.0, "y_um": 20.0, "power_mw": 0.5},
+        ]
+        applied = client.call("set_laser", {"spots": spots}).result["laser"]
+        assert len(applied) == 3 and _slm_lit(slm_node) == 3
+        for want, got in zip(spots, applied, strict=True):
+            assert abs(got["x_um"] - want["x_um"]) <= 0.1 + 1e-9  # half an SLM pixel
+            assert abs(got["y_um"] - want["y_um"]) <= 0.1 + 1e-9
+            assert got["power_mw"] == pytest.approx(want["power_mw"], abs=5.0 / 255)
+        with pytest.raises(CommandError) as too_many:
+            client.call("set_laser", {"spots": spots + spots[:2]})
+        assert too_many.value.code == "out_of_limits" and "[0, 4]" in str(too_many.value)
+        with pytest.raises(CommandError) as same_pixel:
+            client.call("set_laser", {"spots": [spots[0], dict(spots[0], power_mw=0.3)]})
+        assert same_pixel.value.code == "bad_args" and "spots[1]" in str(same_pixel.value)
+        assert _slm_lit(slm_node) == 3  # refused commands leave the pattern alone
+        client.call("laser_off")
+        assert _slm_lit(slm_node) == 0
+    finally:
+        client.close()
+
+
+def test_watchdog_blanks_the_slm(slm_node: DriverNode, zmq_ctx: zmq.Context) -> None:
+    client = _client(slm_node, zmq_ctx)
+    try:
+        spot = {"x_um": 8.0, "y_um": 8.0, "power_mw": 1.0}
+        client.call("set_laser", {"spots": [spot, dict(spot, x_um=16.0)]})
+        assert _slm_lit(slm_node) == 2
+        deadline = time.monotonic() + 2.0
+        while _slm_lit(slm_node) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _slm_lit(slm_node) == 0
+    finally:
+        client.close()
+
+
+def test_light_reaches_the_sample_after_the_actuation_delay(
+    slm_node: DriverNode, zmq_ctx: zmq.Context
+) -> None:
+    client = _client(slm_node, zmq_ctx)
+    sock = zmq_ctx.socket(zmq.SUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SUBSCRIBE, TRUTH_PREFIX)
+    sock.connect(slm_node.endpoints[0])
+    try:
+        time.sleep(0.1)
+        t_command = time.monotonic_ns()
+        client.call("set_laser", {"spots": [{"x_um": 8.0, "y_um": 8.0, "power_mw": 1.0}]})
+        first_lit_ns = None
+        while first_lit_ns is None and time.monotonic_ns() - t_command < 2e9:
+            assert sock.poll(2000)
+            record = unpack_map(sock.recv_multipart()[1], "truth")
+            if any(record["laser_substeps"]):
+                # Truth arrives when the exposure that first saw light ends: without the
+                # delay that is within one 10 ms exposure of the command.
+                first_lit_ns = time.monotonic_ns()
+        assert first_lit_ns is not None
+        assert (first_lit_ns - t_command) / 1e6 >= 40.0
+    finally:
+        sock.close()
         client.close()

@@ -74,6 +74,7 @@ class TwinSettings(StrictModel):
     substeps: int = Field(5, ge=1, le=100)
     readout_ms: float = Field(1.0, ge=0.0, le=1000.0)
     frame_jitter_ms: float = Field(0.0, ge=0.0, le=1000.0)  # random extra delay per frame
+    stage_drift_um_s: tuple[float, float] = (0.0, 0.0)  # slow thermal drift of the view
     actuation_delay_ms: float = Field(0.0, ge=0.0, le=10_000.0)  # command -> light on sample
     slm_px: int = Field(128, ge=8, le=4096)  # the twin SLM is slm_px x slm_px
     realtime: bool = True  # pace exposures on the wall clock, as real hardware does

@@ -53,7 +53,11 @@ class TwinRig:
         self.settings = settings
         self.names = names
         self.scene = ParticleScene(
-            settings.particles, settings.camera, seed=seed, substeps=settings.substeps
+            settings.particles,
+            settings.camera,
+            seed=seed,
+            substeps=settings.substeps,
+            stage_drift_um_s=settings.stage_drift_um_s,
         )
         self.exposure_ms = exposure_ms
         self.stage_um = (0.0, 0.0)
@@ -141,14 +145,19 @@ class TwinRig:
         if realtime:
             _sleep_until(t_end)
         self._next_start_s = t_end + settings.readout_ms / 1000.0
+        # Truth in the camera-field frame: what the frame shows, minus nothing.
+        view = stage + np.asarray(self.scene.drift_offset_um())
+        state = self.scene.ground_truth()
         with self._lock:
             index = self.frame_index
             self.frame_index += 1
             self._truth[index] = {
-                "positions_um": (positions.mean(axis=0) - stage).tolist(),
-                "end_positions_um": (positions[-1] - stage).tolist(),
+                "positions_um": (positions.mean(axis=0) - view).tolist(),
+                "end_positions_um": (positions[-1] - view).tolist(),
+                "orientations_rad": state["orientations_rad"],
+                "temperatures_k": state["temperatures_k"],
                 "laser_substeps": laser_log,
-                "t_s": self.scene.twin.t_s,
+                "t_s": state["t_s"],
             }
             while len(self._truth) > TRUTH_RING:
                 self._truth.popitem(last=False)

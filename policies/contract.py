@@ -34,6 +34,7 @@ class Observation:
     exposure_s: float
     laser: tuple[LaserSpot, ...] = ()
     field_um: tuple[float, float] = (0.0, 0.0)  # width, height of the camera field
+    track_ids: np.ndarray | None = None  # (N,) identity of each detection across frames
 
 
 @dataclass(frozen=True, slots=True)

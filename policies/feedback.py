@@ -68,13 +68,18 @@ class ProportionalTrap:
     def __init__(self, config: ProportionalTrapConfig) -> None:
         self.config = config
         self._tracked: np.ndarray | None = None
+        self._track_id: int | None = None
 
     def reset(self) -> None:
         self._tracked = None
+        self._track_id = None
 
     def act(self, obs: Observation) -> Action:
         target = np.asarray(obs.target_um, dtype=float)
-        particle = self._track(obs.detections_um, target)
+        if obs.track_ids is not None:
+            particle = self._follow_id(obs.detections_um, obs.track_ids, target)
+        else:
+            particle = self._track(obs.detections_um, target)
         if particle is None:
             return Action(laser=(), info={"tracked": 0.0})
         error = particle - target
@@ -114,6 +119,21 @@ class ProportionalTrap:
         # Linear range of the trap: v = mobility * k * d for d below the trap range.
         lead = min(speed / (mobility * k), model.trap_range_um) if k > 0 else 0.0
         return particle - lead * away, power
+
+    def _follow_id(
+        self, detections: np.ndarray, ids: np.ndarray, target: np.ndarray
+    ) -> np.ndarray | None:
+        """Hold the same particle by identity; pick the one nearest the target if it is lost."""
+        if len(detections) == 0:
+            return None
+        same = np.flatnonzero(ids == self._track_id) if self._track_id is not None else []
+        if len(same):
+            best = int(same[0])
+        else:
+            best = int(np.argmin(np.hypot(*(detections - target).T)))
+            self._track_id = int(ids[best])
+        self._tracked = np.asarray(detections[best], dtype=float)
+        return self._tracked
 
     def _track(self, detections: np.ndarray, target: np.ndarray) -> np.ndarray | None:
         """Follow one particle: nearest to the last fix, else nearest to the target."""

@@ -8,6 +8,12 @@ trap of Franzl et al. (D ~ 0.33 um^2/s, D_T ~ 0.67 um^2/(K s), ~20 K per mW with
 The thermal noise comes from a dedicated generator whose draws depend only on the
 number of particles and on the step length, so a laser-off run and a feedback run
 with the same seed feel exactly the same kicks: the comparison isolates the control.
+
+Every particle also carries an in-plane orientation that diffuses with D_r (Stokes–
+Einstein for a sphere unless given). Janus particles ("janus") self-propel along it at
+v0 = swim_speed * (laser power falling on them), as light-absorbing-cap swimmers do
+(Muinos-Landin et al.); passive ones only rotate. Orientation kicks come from a third
+stream, so switching propulsion on never changes the translational noise.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from policies.contract import LaserSpot
 
 #: Boltzmann constant in fN*um/K (1 fN*um = 1e-21 J), so kB*T(296 K) ~ 4.09 fN*um.
 KB_FN_UM_PER_K = 1.380649e-2
+#: Viscosity of water in fN*s/um^2 (1 fN*s/um^2 = 1 mPa*s).
+WATER_VISCOSITY_FN_S_PER_UM2 = 1.0
 
 
 class ParticleTwinConfig(BaseModel):
@@ -43,6 +51,22 @@ class ParticleTwinConfig(BaseModel):
     max_internal_step_s: float = Field(0.002, gt=0.0, le=1.0)
     initial: Literal["center", "random"] = "center"
     drift_um_s: tuple[float, float] = (0.0, 0.0)
+    particle_kind: Literal["passive", "janus"] = "passive"
+    # Self-propulsion per mW of laser light on the particle; light at a particle is
+    # sum_spots P exp(-r^2 / (2 illumination_radius^2)).
+    swim_speed_um_s_per_mw: float = Field(2.0, ge=0.0, le=1e4)
+    illumination_radius_um: float = Field(1.0, gt=0.0, le=1e4)
+    # None: Stokes–Einstein kB T / (8 pi eta a^3) in water (~1.3 rad^2/s at a = 0.5 um).
+    rotational_diffusion_rad2_s: float | None = Field(None, ge=0.0, le=1e6)
+    particle_radius_um: float = Field(0.5, gt=0.0, le=100.0)
+
+    @property
+    def rotational_diffusion(self) -> float:
+        """D_r in rad^2/s: the explicit value, else Stokes–Einstein for a sphere in water."""
+        if self.rotational_diffusion_rad2_s is not None:
+            return self.rotational_diffusion_rad2_s
+        kt = KB_FN_UM_PER_K * self.temperature_k
+        return kt / (8.0 * math.pi * WATER_VISCOSITY_FN_S_PER_UM2 * self.particle_radius_um**3)
 
 
 def _reflect(v: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -72,9 +96,12 @@ class ParticleTwin:
         """Back to t = 0, initial positions and laser off; same seed gives the same run."""
         if seed is not None:
             self._seed = int(seed)
-        noise_ss, init_ss = np.random.SeedSequence(self._seed).spawn(2)
+        # spawn(3) keeps children 0 and 1 identical to the former spawn(2), so existing
+        # seeds replay the same translational runs; child 2 drives rotation only.
+        noise_ss, init_ss, rot_ss = np.random.SeedSequence(self._seed).spawn(3)
         # Separate streams: the initial layout never shifts the thermal-noise sequence.
         self._noise_rng = np.random.default_rng(noise_ss)
+        self._rot_rng = np.random.default_rng(rot_ss)
         init_rng = np.random.default_rng(init_ss)
         xmin, xmax, ymin, ymax = self.box_um
         n = self.config.n_particles
@@ -85,6 +112,8 @@ class ParticleTwin:
             # One particle starts at the centre (the one a trap holds); any others are
             # scattered, since particles stacked on one spot would image as one.
             self._xy[0] = ((xmin + xmax) / 2.0, (ymin + ymax) / 2.0)
+        # Drawn after the positions so the initial layout is unchanged by this feature.
+        self._theta = init_rng.uniform(0.0, 2.0 * math.pi, n)
         self._t = 0.0
         self.set_laser(())
 
@@ -92,6 +121,12 @@ class ParticleTwin:
     def positions_um(self) -> np.ndarray:
         """Copy of the (N, 2) positions, so callers cannot corrupt the twin."""
         return self._xy.copy()
+
+    @property
+    def orientations_rad(self) -> np.ndarray:
+        """Copy of the (N,) orientations; unwrapped (not folded into 0..2 pi) so rotational
+        diffusion can be read off directly."""
+        return self._theta.copy()
 
     @property
     def t_s(self) -> float:
@@ -121,6 +156,30 @@ class ParticleTwin:
         r2 = np.einsum("nmk,nmk->nm", d, d)
         amp = self._spots[:, 2] * self.config.heating_k_per_mw * w
         return (amp / np.sqrt(r2 + w * w)).sum(axis=1)
+
+    def temperature_at_particles_k(self) -> np.ndarray:
+        """(N,) absolute temperature at each particle now: ambient plus laser heating."""
+        return self.config.temperature_k + self.temperature_rise_k(self._xy)
+
+    def illumination_mw(self, xy: np.ndarray) -> np.ndarray:
+        """(N,) laser power falling on particles at xy, summed over Gaussian spots."""
+        xy = np.asarray(xy, dtype=float).reshape(-1, 2)
+        if len(self._spots) == 0:
+            return np.zeros(len(xy))
+        d = xy[:, None, :] - self._spots[None, :, :2]
+        r2 = np.einsum("nmk,nmk->nm", d, d)
+        w = np.exp(r2 * (-0.5 / self.config.illumination_radius_um**2))
+        return w @ self._spots[:, 2]
+
+    def swim_velocity_um_s(self, xy: np.ndarray, theta_rad: np.ndarray) -> np.ndarray:
+        """(N, 2) self-propulsion v0 (cos th, sin th); zero for passive particles or laser off."""
+        xy = np.asarray(xy, dtype=float).reshape(-1, 2)
+        cfg = self.config
+        if cfg.particle_kind != "janus" or len(self._spots) == 0:
+            return np.zeros_like(xy)
+        v0 = cfg.swim_speed_um_s_per_mw * self.illumination_mw(xy)
+        th = np.asarray(theta_rad, dtype=float)
+        return np.column_stack((v0 * np.cos(th), v0 * np.sin(th)))
 
     def drift_velocity_um_s(self, xy: np.ndarray) -> np.ndarray:
         """(N, 2) deterministic velocity: laser-induced drift plus the constant nuisance drift."""
@@ -154,7 +213,11 @@ class ParticleTwin:
         return max(1, math.ceil(dt_s / self.config.max_internal_step_s * (1.0 - 1e-12)))
 
     def step(self, dt_s: float) -> np.ndarray:
-        """Advance by dt_s with Euler–Maruyama and reflecting walls; returns new positions."""
+        """Advance by dt_s with Euler–Maruyama and reflecting walls; returns new positions.
+
+        Orientations diffuse with D_r from their own stream; Janus propulsion uses the
+        orientation at the start of each internal step (Euler, like the drift).
+        """
         if dt_s < 0.0 or not math.isfinite(dt_s):
             raise ValueError(f"dt_s must be finite and >= 0, got {dt_s}")
         n = self.n_internal_steps(dt_s)
@@ -164,15 +227,24 @@ class ParticleTwin:
         # One block of draws, identical whatever the laser does (same as n sequential draws).
         kicks = self._noise_rng.standard_normal((n, *self._xy.shape))
         kicks *= math.sqrt(2.0 * self.config.diffusion_um2_s * h)
+        turns = self._rot_rng.standard_normal((n, len(self._theta)))
+        turns *= math.sqrt(2.0 * self.config.rotational_diffusion * h)
+        swims = self.config.particle_kind == "janus" and len(self._spots) > 0
         xmin, xmax, ymin, ymax = self.box_um
         xy = self._xy
+        theta = self._theta
         for i in range(n):
-            xy = xy + self.drift_velocity_um_s(xy) * h + kicks[i]
+            v = self.drift_velocity_um_s(xy)
+            if swims:
+                v += self.swim_velocity_um_s(xy, theta)
+            xy = xy + v * h + kicks[i]
+            theta = theta + turns[i]
             x, y = xy[:, 0], xy[:, 1]
             if x.min() < xmin or x.max() > xmax:
                 xy[:, 0] = _reflect(x, xmin, xmax)
             if y.min() < ymin or y.max() > ymax:
                 xy[:, 1] = _reflect(y, ymin, ymax)
         self._xy = xy
+        self._theta = theta
         self._t += dt_s
         return self.positions_um

@@ -217,3 +217,168 @@ def test_render_timing_report() -> None:
         dt = (time.perf_counter() - t0) / 20
         print(f"\nrender {w}x{w}, {n} particles x {s} sub-steps: {dt * 1e3:.2f} ms")
         assert frame.shape == (w, w)
+
+
+def _radial_profile(img: np.ndarray, cx_px: float, cy_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """Azimuthal mean in 0.5 px rings around (cx, cy): (radius px, mean value)."""
+    rows, cols = np.indices(img.shape)
+    r = np.hypot(cols - cx_px, rows - cy_px)
+    b = np.floor(r / 0.5).astype(int)
+    prof = np.bincount(b.ravel(), img.ravel()) / np.maximum(np.bincount(b.ravel()), 1)
+    return (np.arange(len(prof)) + 0.5) * 0.5, prof
+
+
+@pytest.mark.parametrize("xy", [(3.2, 4.7), (6.337, 2.011)])
+def test_airy_conserves_flux_and_is_centred(xy: tuple[float, float]) -> None:
+    """Airy PSF: all photons land in the frame, centroid on the true position."""
+    cfg = _ideal(width_px=128, height_px=96, background_photons_per_px_per_ms=0.0, psf="airy")
+    cam = CameraModel(cfg, seed=0)
+    img = cam.expected_electrons(np.array([[xy]]), 0.03).astype(float)
+    assert img.sum() == pytest.approx(cfg.photons_per_particle_per_ms * 30.0, rel=1e-5)
+    p = cfg.pixel_size_um
+    cx, cy = _centroid(img, p)
+    assert abs(cx - xy[0]) / p < 0.02
+    assert abs(cy - xy[1]) / p < 0.02
+    i, j = np.unravel_index(np.argmax(img), img.shape)
+    assert (j, i) == (round(xy[0] / p), round(xy[1] / p))
+
+
+def test_airy_first_dark_ring_at_0_61_lambda_over_na() -> None:
+    """Finely sampled noise-free Airy image: first minimum of the radial profile at
+    0.61 λ / NA, and the first bright ring is much dimmer than the core (~1.7 %)."""
+    p = 0.02
+    cfg = _ideal(
+        width_px=200,
+        height_px=200,
+        pixel_size_um=p,
+        background_photons_per_px_per_ms=0.0,
+        psf="airy",
+        wavelength_um=0.6,
+        numerical_aperture=1.0,
+    )
+    cam = CameraModel(cfg, seed=0)
+    x0 = 100 * p + 0.003
+    img = cam.expected_electrons(np.array([[[x0, x0]]]), 0.03).astype(float)
+    r, prof = _radial_profile(img, x0 / p, x0 / p)
+    first_min = int(np.argmax(np.diff(prof) > 0))  # profile stops falling here
+    assert r[first_min] * p == pytest.approx(0.61 * 0.6 / 1.0, rel=0.05)
+    ring = prof[first_min : first_min + 20].max()
+    assert 0.005 < ring / prof[0] < 0.03
+
+
+def test_airy_width_scales_with_lambda_over_na() -> None:
+    """Higher NA narrows the spot: second moment scales like (λ / NA)^2 in the core."""
+    widths = []
+    for na in (0.7, 1.4):
+        cfg = _ideal(
+            width_px=160,
+            height_px=160,
+            background_photons_per_px_per_ms=0.0,
+            psf="airy",
+            numerical_aperture=na,
+            medium_refractive_index=1.52,
+        )
+        img = CameraModel(cfg, seed=0).expected_electrons(np.array([[[8.0, 8.0]]]), 0.03)
+        widths.append(np.sum(img > 0.5 * img.max()))  # pixels above half maximum
+    assert widths[0] == pytest.approx(4 * widths[1], rel=0.25)
+
+
+def _defocus_image(defocus_um: float) -> tuple[np.ndarray, CameraConfig]:
+    cfg = _ideal(
+        width_px=160,
+        height_px=160,
+        background_photons_per_px_per_ms=0.0,
+        psf="defocus",
+        defocus_um=defocus_um,
+        psf_sigma_um=0.15,
+    )
+    img = CameraModel(cfg, seed=0).expected_electrons(np.array([[[8.0, 8.0]]]), 0.03)
+    return img.astype(float), cfg
+
+
+def test_defocus_ring_dark_centre_and_radius_grows() -> None:
+    """Large defocus: a ring brighter than its centre, at the marginal-ray radius
+    |dz| NA / sqrt(n^2 - NA^2), growing linearly with defocus; flux is conserved."""
+    radii = []
+    for dz in (0.5, 1.0, 2.0):
+        img, cfg = _defocus_image(dz)
+        assert img.sum() == pytest.approx(cfg.photons_per_particle_per_ms * 30.0, rel=1e-5)
+        r, prof = _radial_profile(img, 80.0, 80.0)
+        peak = r[np.argmax(prof)] * cfg.pixel_size_um
+        assert peak == pytest.approx(cfg.defocus_ring_radius_um, abs=0.1)
+        assert img[80, 80] < 0.2 * prof.max()  # dark centre
+        radii.append(peak)
+    assert radii[0] < radii[1] < radii[2]
+    assert radii[2] == pytest.approx(2.0 * radii[1], rel=0.1)  # linear in defocus
+    # In focus the defocus model is the plain Gaussian PSF.
+    focus, _ = _defocus_image(0.0)
+    gauss = CameraModel(
+        _ideal(
+            width_px=160, height_px=160, background_photons_per_px_per_ms=0.0, psf_sigma_um=0.15
+        ),
+        seed=0,
+    ).expected_electrons(np.array([[[8.0, 8.0]]]), 0.03)
+    np.testing.assert_allclose(focus, gauss, rtol=0.02, atol=1e-3 * gauss.max())
+
+
+def test_defocus_needs_na_below_medium_index() -> None:
+    """Geometric ring radius diverges at NA = n: reject such configs with a clear error."""
+    with pytest.raises(ValidationError, match="numerical_aperture"):
+        CameraConfig(psf="defocus", numerical_aperture=1.4, medium_refractive_index=1.33)
+
+
+def test_hot_pixels_fixed_and_bright() -> None:
+    """Hot pixels: a seed-fixed set, the brightest pixels of every frame, with shot noise."""
+    cfg = CameraConfig(width_px=64, height_px=64, hot_pixel_fraction=0.01)
+    cam = CameraModel(cfg, seed=5)
+    hot = cam.hot_pixels
+    assert len(hot) == round(0.01 * 64 * 64)
+    np.testing.assert_array_equal(CameraModel(cfg, seed=5).hot_pixels, hot)
+    assert not np.array_equal(CameraModel(cfg, seed=6).hot_pixels, hot)
+    none = np.zeros((1, 0, 2))
+    frames = np.stack([cam.render(none, 0.03).ravel() for _ in range(20)]).astype(float)
+    for f in frames:
+        np.testing.assert_array_equal(np.sort(np.argsort(f)[-len(hot) :]), hot)
+    # Dark current 50 e/ms x 30 ms = 1500 e above background, in ADU (gain 0.5).
+    excess = frames[:, hot].mean() - np.delete(frames, hot, axis=1).mean()
+    assert excess == pytest.approx(0.5 * 1500.0, rel=0.02)
+    assert frames[:, hot].std(axis=0).mean() > 0.5 * 0.5 * np.sqrt(1500.0)  # shot noise
+    expected = cam.expected_electrons(none, 0.03).ravel()
+    np.testing.assert_allclose(expected[hot] - expected[0 if 0 not in hot else 1], 1500.0)
+
+
+@pytest.mark.parametrize("mean_e", [2.0, 20.0, 200.0])
+def test_lit_pixels_are_poisson(mean_e: float) -> None:
+    """Pixels that carry signal (here hot pixels with half of λ) take the per-pixel path:
+    it must match Poisson mean and variance as well as the background table does."""
+    cfg = _ideal(
+        width_px=512,
+        height_px=512,
+        background_photons_per_px_per_ms=mean_e / 20.0,
+        hot_pixel_fraction=0.1,
+        hot_pixel_e_per_ms=mean_e / 20.0,
+    )
+    cam = CameraModel(cfg, seed=0)
+    none = np.zeros((1, 0, 2))
+    f = np.stack([cam.render(none, 0.01).ravel()[cam.hot_pixels] for _ in range(4)]).astype(float)
+    assert f.mean() == pytest.approx(mean_e, rel=0.02)
+    assert f.var() == pytest.approx(mean_e, rel=0.02)
+
+
+def test_particle_pixels_have_poisson_statistics() -> None:
+    """Per-pixel mean and variance under a particle (faint wings to bright core) match
+    the noise-free λ over many frames: the faint-pixel shortcut is exact."""
+    cfg = _ideal(width_px=16, height_px=16, background_photons_per_px_per_ms=0.1)
+    cam = CameraModel(cfg, seed=2)
+    pos = np.array([[[0.75, 0.8]]])
+    lam = cam.expected_electrons(pos, 0.03).astype(float)
+    n = 4000
+    f = np.stack([cam.render(pos, 0.03) for _ in range(n)]).astype(float)
+    z = (f.mean(axis=0) - lam) / np.sqrt(lam / n)
+    assert np.abs(z).max() < 5.0
+    faint = (lam > 3.0) & (lam < 3.5)  # background 3 e plus a faint wing
+    assert faint.sum() > 10
+    ratio = f.var(axis=0) / (lam + np.where(lam >= 20.0, 1 / 12, 0.0))
+    assert np.mean(ratio[faint]) == pytest.approx(1.0, rel=0.03)
+    assert np.mean(ratio[lam >= 20.0]) == pytest.approx(1.0, rel=0.03)
+    assert np.mean(ratio[(lam > 4.0) & (lam < 20.0)]) == pytest.approx(1.0, rel=0.03)

@@ -313,3 +313,33 @@ def test_light_reaches_the_sample_after_the_actuation_delay(
     finally:
         sock.close()
         client.close()
+
+
+def test_truth_carries_orientations_and_temperatures(
+    twin_node: DriverNode, zmq_ctx: zmq.Context
+) -> None:
+    client = _client(twin_node, zmq_ctx)
+    sock = zmq_ctx.socket(zmq.SUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SUBSCRIBE, TRUTH_PREFIX)
+    sock.connect(twin_node.endpoints[0])
+    try:
+        assert sock.poll(5000)
+        cold = unpack_map(sock.recv_multipart()[1], "truth")
+        x, y = cold["positions_um"][0]
+        client.call("set_laser", {"spots": [{"x_um": x + 1.0, "y_um": y, "power_mw": 1.0}]})
+        hot = None
+        for _ in range(20):
+            assert sock.poll(5000)
+            record = unpack_map(sock.recv_multipart()[1], "truth")
+            if all(record["laser_substeps"]):
+                hot = record
+                break
+        assert hot is not None
+        assert len(cold["orientations_rad"]) == len(cold["temperatures_k"]) == 1
+        ambient = cold["temperatures_k"][0]
+        # A 1 mW spot ~1 um away heats the particle by most of the 20 K/mW peak.
+        assert 10.0 < hot["temperatures_k"][0] - ambient < 20.5
+    finally:
+        sock.close()
+        client.close()

@@ -216,3 +216,119 @@ def test_center_start_puts_one_particle_at_the_centre_and_scatters_the_rest() ->
     xy = twin.positions_um
     np.testing.assert_allclose(xy[0], [10.0, 10.0])
     assert len({tuple(p) for p in np.round(xy, 6)}) == 10
+
+
+def _janus_cfg(**kw: object) -> ParticleTwinConfig:
+    """Janus swimmers in uniform light (wide illumination), no thermophoretic drift."""
+    base: dict[str, object] = {
+        "n_particles": 2000,
+        "initial": "random",
+        "particle_kind": "janus",
+        "illumination_radius_um": 1e4,
+        "thermodiffusion_um2_per_k_s": 0.0,
+    }
+    base.update(kw)
+    return ParticleTwinConfig(**base)  # type: ignore[arg-type]
+
+
+def test_stokes_einstein_rotational_diffusion() -> None:
+    """D_r = kB T / (8 pi eta a^3): ~1.30 rad^2/s for a 0.5 um sphere in water at 296 K."""
+    assert ParticleTwinConfig().rotational_diffusion == pytest.approx(1.301, rel=2e-3)
+    assert ParticleTwinConfig(particle_radius_um=1.0).rotational_diffusion == pytest.approx(
+        1.301 / 8, rel=2e-3
+    )
+    assert ParticleTwinConfig(rotational_diffusion_rad2_s=0.2).rotational_diffusion == 0.2
+
+
+def test_janus_swims_along_orientation_when_lit() -> None:
+    """Laser on: displacement along the initial heading = v0 (1 - exp(-D_r t)) / D_r;
+    passive particles under the same light show no net motion along their heading."""
+    power, t = 5.0, 0.1
+    box = (-100.0, 100.0, -100.0, 100.0)  # light ~uniform: R = 1e4 um
+    janus = ParticleTwin(_janus_cfg(), box, seed=21)
+    passive = ParticleTwin(_janus_cfg(particle_kind="passive"), box, seed=21)
+    for twin in (janus, passive):
+        twin.set_laser([LaserSpot(0.0, 0.0, power)])
+    th0 = janus.orientations_rad
+    np.testing.assert_array_equal(th0, passive.orientations_rad)
+    heading = np.column_stack((np.cos(th0), np.sin(th0)))
+    start = janus.positions_um
+    janus.step(t)
+    passive.step(t)
+    along_j = np.mean(np.sum((janus.positions_um - start) * heading, axis=1))
+    along_p = np.mean(np.sum((passive.positions_um - start) * heading, axis=1))
+    v0 = janus.config.swim_speed_um_s_per_mw * power
+    dr = janus.config.rotational_diffusion
+    # Brownian std of the mean ~ sqrt(2 D t / n) ~ 0.006 um against ~0.94 um of swimming.
+    assert along_j == pytest.approx(v0 * (1 - np.exp(-dr * t)) / dr, rel=0.05)
+    assert along_j > 0.9 * v0 * t
+    assert abs(along_p) < 0.03
+
+
+def test_janus_swim_speed_follows_local_light() -> None:
+    """Propulsion is v0 = speed * sum P exp(-r^2 / 2 R^2): fades away from the spot."""
+    cfg = ParticleTwinConfig(particle_kind="janus", illumination_radius_um=1.0)
+    twin = ParticleTwin(cfg, BIG_BOX, seed=0)
+    twin.set_laser([LaserSpot(500.0, 500.0, 2.0), LaserSpot(510.0, 500.0, 1.0)])
+    xy = np.array([[500.0, 500.0], [501.0, 500.0], [510.0, 500.0], [520.0, 520.0]])
+    light = twin.illumination_mw(xy)
+    np.testing.assert_allclose(light[:3], [2.0, 2.0 * np.exp(-0.5), 1.0], rtol=1e-6, atol=1e-12)
+    assert light[3] < 1e-20
+    v = twin.swim_velocity_um_s(xy, np.array([0.0, np.pi / 2, np.pi, 0.0]))
+    np.testing.assert_allclose(v[0], [4.0, 0.0], atol=1e-12)
+    np.testing.assert_allclose(v[1], [0.0, 4.0 * np.exp(-0.5)], atol=1e-12)
+    np.testing.assert_allclose(v[2], [-2.0, 0.0], atol=1e-12)
+    passive = ParticleTwin(ParticleTwinConfig(), BIG_BOX, seed=0)
+    passive.set_laser([LaserSpot(500.0, 500.0, 2.0)])
+    assert not passive.swim_velocity_um_s(xy, np.zeros(4)).any()
+
+
+@pytest.mark.parametrize(("dr", "t"), [(None, 0.5), (0.2, 2.0)])
+def test_rotational_diffusion_decorrelates_heading(dr: float | None, t: float) -> None:
+    """<cos(th(t) - th(0))> = exp(-D_r t) for planar rotational diffusion."""
+    cfg = _janus_cfg(n_particles=4000, rotational_diffusion_rad2_s=dr)
+    twin = ParticleTwin(cfg, BIG_BOX, seed=22)
+    th0 = twin.orientations_rad
+    for _ in range(10):
+        twin.step(t / 10)
+    corr = np.mean(np.cos(twin.orientations_rad - th0))
+    # std of the mean <= 0.71 / sqrt(4000) ~ 0.011
+    assert corr == pytest.approx(np.exp(-cfg.rotational_diffusion * t), abs=0.04)
+    # Initial headings are uniform on the circle.
+    assert abs(np.mean(np.exp(1j * th0))) < 0.05
+
+
+def test_translational_noise_independent_of_janus_and_rotation() -> None:
+    """Same seed: passive, Janus in the dark and Janus in light feel identical kicks;
+    per-step displacements differ exactly by (drift + swim) * dt."""
+    base = {"n_particles": 50, "initial": "random"}
+    cfg_p = ParticleTwinConfig(**base)  # type: ignore[arg-type]
+    cfg_j = ParticleTwinConfig(**base, particle_kind="janus", illumination_radius_um=5.0)  # type: ignore[arg-type]
+    box = (0.0, 50.0, 0.0, 50.0)
+    passive = ParticleTwin(cfg_p, box, seed=23)
+    dark = ParticleTwin(cfg_j, box, seed=23)
+    lit = ParticleTwin(cfg_j, box, seed=23)
+    dt = cfg_p.max_internal_step_s
+    lit.set_laser([LaserSpot(25.0, 25.0, 3.0)])
+    x_p, x_l = passive.positions_um, lit.positions_um
+    for _ in range(50):
+        v = lit.drift_velocity_um_s(x_l) + lit.swim_velocity_um_s(x_l, lit.orientations_rad)
+        new_p, new_l = passive.step(dt), lit.step(dt)
+        np.testing.assert_array_equal(dark.step(dt), new_p)
+        np.testing.assert_allclose((new_l - x_l) - v * dt, new_p - x_p, rtol=0, atol=1e-12)
+        x_p, x_l = new_p, new_l
+    np.testing.assert_array_equal(passive.orientations_rad, lit.orientations_rad)
+    assert np.abs(x_l - x_p).max() > 0.05  # the light did push the swimmers
+
+
+def test_temperature_at_particles() -> None:
+    """Ambient plus the superposed rise of all heating spots, evaluated at each particle."""
+    twin = ParticleTwin(ParticleTwinConfig(n_particles=3), BIG_BOX, seed=0)
+    xy = twin.positions_um
+    np.testing.assert_allclose(twin.temperature_at_particles_k(), 296.0)
+    spots = [LaserSpot(float(xy[0, 0]), float(xy[0, 1]), 1.0), LaserSpot(0.0, 0.0, 0.5)]
+    twin.set_laser(spots)
+    t = twin.temperature_at_particles_k()
+    assert t.shape == (3,)
+    np.testing.assert_allclose(t, 296.0 + twin.temperature_rise_k(xy))
+    assert t[0] > 296.0 + 20.0  # on the first spot, plus a little from the second

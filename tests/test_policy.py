@@ -68,3 +68,24 @@ def test_agent_side_clipping_to_driver_limits() -> None:
     assert clipped.laser == (LaserSpot(25.6, 0.0, 3.0),)
     inside = Action(laser=(LaserSpot(1.0, 2.0, 0.5),))
     assert limits.clip(inside) == (inside, False)
+
+
+def test_track_ids_keep_the_trap_on_the_same_particle() -> None:
+    policy = ProportionalTrap(ProportionalTrapConfig())
+
+    def obs(points: list[tuple[float, float]], ids: list[int]) -> Observation:
+        return Observation(
+            seq=0,
+            t_s=0.0,
+            detections_um=np.array(points),
+            target_um=(10.0, 10.0),
+            exposure_s=0.03,
+            track_ids=np.array(ids),
+        )
+
+    policy.act(obs([(11.0, 10.0), (14.0, 10.0)], [7, 8]))  # locks onto id 7 (nearest target)
+    # Another particle (id 8) now sits nearer the target: the trap still follows id 7.
+    action = policy.act(obs([(12.5, 10.0), (10.2, 10.0)], [7, 8]))
+    assert action.info["x_um"] == pytest.approx(12.5)
+    action = policy.act(obs([(10.2, 10.0)], [8]))  # id 7 lost: re-acquire nearest the target
+    assert action.info["x_um"] == pytest.approx(10.2)

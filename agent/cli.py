@@ -21,7 +21,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 driver_app = typer.Typer(no_args_is_help=True, help="Driver nodes (instrument side).")
 app.add_typer(driver_app, name="driver")
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # one error, one line
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_CONFIG = CONFIGS_DIR / "twin-feedback-trap.yaml"
@@ -125,6 +125,75 @@ def driver_serve(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     serve(_load(config, overrides).driver)
+
+
+DETECTORS = ("radial_symmetry", "centroid", "lodestar")
+
+
+@app.command()
+def detect(
+    images: Annotated[list[Path], typer.Argument(help="TIFF/PNG files or stacks.")],
+    out: Annotated[Path, typer.Option("--out", help="CSV: frame,file,x,y,score.")],
+    detector: Annotated[str, typer.Option("--detector", help=f"One of {DETECTORS}.")] = (
+        "radial_symmetry"
+    ),
+    diameter: Annotated[
+        float | None, typer.Option("--diameter", help="Feature diameter in pixels.")
+    ] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option("--checkpoint", help="lodestar: trained weights to load.")
+    ] = None,
+) -> None:
+    """Detect particles in recorded images; x, y in pixels (x = column)."""
+    from agent.offline import ImageReadError, detect_files
+
+    if detector not in DETECTORS:
+        err_console.print(f"detect: --detector must be one of {list(DETECTORS)}, got {detector!r}")
+        raise typer.Exit(2)
+    if diameter is not None and not 1.0 <= diameter <= 200.0:
+        err_console.print(f"detect: --diameter must be within [1, 200] px, got {diameter:g}")
+        raise typer.Exit(2)
+    try:
+        find = _offline_detector(detector, diameter, checkpoint, images)
+        count = detect_files(images, find, out)
+    except (ImageReadError, FileNotFoundError, ValueError) as exc:
+        err_console.print(f"detect: {exc}", markup=False, highlight=False)
+        raise typer.Exit(2) from None
+    console.print(f"{count} detections written to {out}")
+
+
+def _offline_detector(
+    name: str, diameter: float | None, checkpoint: Path | None, images: list[Path]
+) -> Any:
+    """The detection callable `(frame) -> (xy_px, score)` for `scopeloop detect`."""
+    if name == "lodestar":
+        from itertools import islice
+
+        import numpy as np
+
+        from agent.lodestar import LodeStarConfig, LodeStarDetector, crops_from_frames
+        from agent.offline import iter_frames
+
+        if checkpoint is not None:
+            model = LodeStarDetector.load(checkpoint)
+        else:  # self-supervised: learn from unlabeled crops of these very images
+            frames = [frame for _, _, frame in islice(iter_frames(images), 64)]
+            config = LodeStarConfig()
+            rng = np.random.default_rng(config.seed)
+            model = LodeStarDetector(config)
+            stats = model.fit(crops_from_frames(frames, config.crop_px, 256, rng))
+            console.print(
+                f"lodestar trained in {stats.get('seconds', float('nan')):.1f} s "
+                f"(converged: {stats.get('converged')})"
+            )
+        return model.predict_with_scores
+    from agent.detect import DetectorConfig, ParticleDetector
+
+    settings: dict[str, Any] = {"method": name}
+    if diameter is not None:
+        settings["smooth_sigma_px"] = min(max(diameter / 4.0, 0.5), 10.0)
+        settings["window_px"] = max(2, min(50, round(diameter / 2) + 1))
+    return ParticleDetector(DetectorConfig(**settings)).detect_with_scores
 
 
 @app.command()

@@ -420,6 +420,11 @@ class _SegPlan:
         return out
 
 
+def _empty() -> tuple[FloatArray, FloatArray]:
+    """No detections: (0, 2) positions and (0,) scores."""
+    return np.zeros((0, 2), dtype=np.float64), np.zeros(0, dtype=np.float64)
+
+
 class ParticleDetector:
     """Threshold-and-refine detector; call it on a frame to get (N, 2) (x, y) positions.
 
@@ -436,6 +441,19 @@ class ParticleDetector:
 
     def __call__(self, frame: np.ndarray) -> FloatArray:
         """Detect particles, brightest (window-integrated, background-subtracted) first."""
+        return self._detect(frame)[0]
+
+    def detect_with_scores(self, frame: np.ndarray) -> tuple[FloatArray, FloatArray]:
+        """Positions as from calling the detector, plus an SNR-like score per detection.
+
+        The score is the background-subtracted sum over the refinement window divided by
+        the noise of that sum (robust pixel sigma x sqrt(window pixels)), so offline
+        analysis can rank or cut detections without recomputing anything.
+        """
+        return self._detect(frame)
+
+    def _detect(self, frame: np.ndarray) -> tuple[FloatArray, FloatArray]:
+        """Shared detection path: (N, 2) positions and (N,) scores, brightest first."""
         frame = _check_2d(frame, "frame")
         cfg = self.config
         plan = self._get_plan(frame.shape)
@@ -463,7 +481,7 @@ class ParticleDetector:
             keep = vals > seg_level + k_sigma * plan.scale[idx]
             idx, vals = idx[keep], vals[keep]
         if idx.size == 0:
-            return np.zeros((0, 2), dtype=np.float64)
+            return _empty()
         lab = _label_sparse(idx, plan.shape)
 
         # Seeds without a Python loop: sort above-threshold pixels by (label, value);
@@ -485,11 +503,18 @@ class ParticleDetector:
             primary = np.arange(rows.size) < seeds.size
             rows, cols = self._confirm(frame, rows, cols, primary, plan, level, sigma)
         if rows.size == 0:
-            return np.zeros((0, 2), dtype=np.float64)
+            return _empty()
         xy, brightness = self._refine(frame, rows, cols, level)
 
         keep = np.argsort(-brightness, kind="stable")[: cfg.max_objects]
-        return xy[keep]
+        # Noise of a window sum is sigma * sqrt(pixels); edge windows are clipped, as in _refine.
+        half, (n_rows, n_cols) = cfg.window_px, frame.shape
+        r, c = rows[keep], cols[keep]
+        n_pix = (np.minimum(r + half + 1, n_rows) - np.maximum(r - half, 0)) * (
+            np.minimum(c + half + 1, n_cols) - np.maximum(c - half, 0)
+        )
+        noise = max(sigma, np.finfo(np.float64).tiny) * np.sqrt(n_pix.astype(np.float64))
+        return xy[keep], brightness[keep] / noise
 
     def _get_plan(self, shape: tuple[int, ...]) -> _SegPlan:
         """Segmentation plan for this frame shape; cached as the shape rarely changes."""

@@ -19,6 +19,7 @@ import zmq
 from agent.detect import ParticleDetector
 from agent.recorder import EventLog
 from agent.safety import LaserLimits
+from agent.tracking import Tracker
 from drivers.protocol import EVENT_TOPIC, Frame, now_ns
 from drivers.transport import (
     CommandClient,
@@ -68,8 +69,10 @@ class AgentLoop:
         heartbeat_ms: int = 100,
         driver_silence_ms: int = 3000,
         ctx: zmq.Context | None = None,
+        tracker: Tracker | None = None,
     ) -> None:
         self.ctx = ctx or zmq.Context.instance()
+        self.tracker = tracker or Tracker()
         self.endpoints = endpoints
         self.detector = detector
         self.policy = policy
@@ -109,6 +112,7 @@ class AgentLoop:
             target = self.target_um or (field_um[0] / 2, field_um[1] / 2)
             self.events.write("start", driver_state=state, target_um=list(target))
             self.policy.reset()
+            self.tracker.reset()
             self._loop(
                 client, subscriber, limits, field_um, target, duration_s, stop, result, on_step
             )
@@ -181,6 +185,7 @@ class AgentLoop:
         t_received = now_ns()
         pixel_size = float(header.state.get("pixel_size_um", 1.0))
         detections_um = self.detector(frame.data) * pixel_size
+        track_ids = self.tracker.update(header.seq, detections_um)
         t_detected = now_ns()
         obs = Observation(
             seq=header.seq,
@@ -190,6 +195,7 @@ class AgentLoop:
             exposure_s=(header.t_exposure_end_ns - header.t_exposure_start_ns) / 1e9,
             laser=tuple(LaserSpot(**s) for s in header.state.get("laser", [])),
             field_um=field_um,
+            track_ids=track_ids,
         )
         action, clipped = limits.clip(self.policy.act(obs))
         result.actions_clipped += int(clipped)
@@ -213,6 +219,7 @@ class AgentLoop:
             detect_ms=(t_detected - t_received) / 1e6,
             n_detections=len(detections_um),
             detections_um=np.round(detections_um[:16], 4).tolist(),
+            track_ids=track_ids[:16].tolist(),
             target_um=list(target),
             laser=_spots_wire(action.laser),
             clipped=clipped,

@@ -24,6 +24,7 @@ from agent.evaluate import TruthRecorder, controlled_track, detection_rmse_um, r
 from agent.loop import AgentLoop, DriverSilent, LoopEndpoints, LoopResult
 from agent.plots import plot_run
 from agent.recorder import EventLog, new_run_dir, read_events, write_json
+from agent.tracking import Tracker
 from drivers.serve import resolve_endpoints
 from policies.contract import Policy
 from policies.feedback import LaserOff, ProportionalTrap, ProportionalTrapConfig
@@ -101,6 +102,7 @@ def run_phase(
                 heartbeat_ms=settings.heartbeat_ms,
                 driver_silence_ms=settings.driver_silence_ms,
                 ctx=ctx,
+                tracker=Tracker(settings.tracking),
             )
             on_step = (lambda _n, t: progress(name, t)) if progress else None
             result = loop.run(

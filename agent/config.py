@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from agent.detect import DetectorConfig
+from agent.detectors import DetectorSettings
 from agent.tracking import TrackerConfig
 from drivers.config import DriverConfig
 from policies.feedback import LaserOffConfig, ProportionalTrapConfig
@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 class AgentSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     target_um: tuple[float, float] | None = None  # None: centre of the camera field
-    detector: DetectorConfig = DetectorConfig()
+    detector: DetectorSettings = DetectorSettings()
     tracking: TrackerConfig = TrackerConfig()
     command_timeout_ms: int = Field(250, ge=1, le=60_000)
     heartbeat_ms: int = Field(100, ge=5, le=60_000)

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import zmq
 
-from agent.detect import ParticleDetector
 from agent.recorder import EventLog
 from agent.safety import LaserLimits
 from agent.tracking import Tracker
@@ -61,7 +60,7 @@ class AgentLoop:
     def __init__(
         self,
         endpoints: LoopEndpoints,
-        detector: ParticleDetector,
+        detector: Callable[[np.ndarray], np.ndarray],
         policy: Policy,
         events: EventLog,
         target_um: tuple[float, float] | None = None,

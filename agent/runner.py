@@ -19,7 +19,7 @@ import numpy as np
 import zmq
 
 from agent.config import ExperimentConfig, dump_config
-from agent.detect import ParticleDetector
+from agent.detectors import build_detector
 from agent.evaluate import TruthRecorder, controlled_track, detection_rmse_um, rms_distance
 from agent.loop import AgentLoop, DriverSilent, LoopEndpoints, LoopResult
 from agent.plots import plot_run
@@ -94,7 +94,13 @@ def run_phase(
         with EventLog(events_path) as events:
             loop = AgentLoop(
                 LoopEndpoints(driver_config.stream_endpoint, driver_config.command_endpoint),
-                ParticleDetector(settings.detector),
+                build_detector(
+                    settings.detector,
+                    run_dir,
+                    ctx,
+                    driver_config.stream_endpoint,
+                    log=lambda m: events.write("detector", message=m),
+                ),
                 policy,
                 events,
                 target_um=settings.target_um,

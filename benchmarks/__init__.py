@@ -6,4 +6,6 @@ baseline measured in the same run, because shared machines are noisy.
 
 BENCHMARKS: dict[str, str] = {
     "transport": "benchmarks.transport",
+    "twin": "benchmarks.twin",
+    "localization": "benchmarks.localization",
 }

@@ -37,11 +37,12 @@ class Limits(StrictModel):
     laser_y_um: Range | None = None
     stage_x_um: Range = (-10_000.0, 10_000.0)
     stage_y_um: Range = (-10_000.0, 10_000.0)
+    z_um: Range = (-1_000.0, 1_000.0)
     exposure_ms: Range = (0.1, 10_000.0)
 
     @model_validator(mode="after")
     def _check_order(self) -> Limits:
-        for name in ("laser_x_um", "laser_y_um", "stage_x_um", "stage_y_um", "exposure_ms"):
+        for name in ("laser_x_um", "laser_y_um", "stage_x_um", "stage_y_um", "z_um", "exposure_ms"):
             _ordered(f"limits.{name}", getattr(self, name))
         return self
 
@@ -81,7 +82,10 @@ class TwinSettings(StrictModel):
 
 
 class DriverConfig(StrictModel):
-    kind: Literal["twin"] = "twin"
+    # twin: the particle twin as pure-Python devices; mmcore: a Micro-Manager hardware
+    # configuration file, or "demo" for the C++ demo adapters (mm-test-adapters wheel).
+    kind: Literal["twin", "mmcore"] = "twin"
+    mm_config: str = "demo"
     stream_endpoint: str = "auto"  # "auto": a private ipc:// path chosen at start
     command_endpoint: str = "auto"
     watchdog_ms: int = Field(500, ge=20, le=600_000)

@@ -89,8 +89,12 @@ class DriverNode:
         self.publisher = StreamPublisher(self.ctx, config.stream_endpoint, config.stream_hwm)
         self.server = CommandServer(self.ctx, config.command_endpoint)
         self.laser: list[LaserState] = []  # lit spots as applied
+        loaded = set(core.getLoadedDevices())
+        names = config.devices
+        laser_device = names.slm if names.laser_kind == "slm" else names.laser
+        self.laser_device = laser_device if laser_device in loaded else None
         self._slm_shape: tuple[int, int] = (0, 0)
-        if config.devices.laser_kind == "slm":
+        if names.laser_kind == "slm" and self.laser_device:
             self._slm_shape = (
                 core.getSLMHeight(config.devices.slm),
                 core.getSLMWidth(config.devices.slm),
@@ -109,6 +113,10 @@ class DriverNode:
             "move_stage": self._cmd_move_stage,
             "set_exposure": self._cmd_set_exposure,
             "get_state": self._cmd_get_state,
+            "move_z": self._cmd_move_z,
+            "set_property": self._cmd_set_property,
+            "set_config": self._cmd_set_config,
+            "set_shutter": self._cmd_set_shutter,
             "heartbeat": lambda _args: {},
             "shutdown": self._cmd_shutdown,
         }
@@ -251,6 +259,13 @@ class DriverNode:
         wanted = [self._checked_spot(i, spot) for i, spot in enumerate(spots)]
         if not wanted:
             return self._cmd_laser_off(args)
+        if self.laser_device is None:
+            device = names.slm if names.laser_kind == "slm" else names.laser
+            raise ProtocolError(
+                "device_error",
+                f"set_laser: this configuration has no {names.laser_kind} device {device!r} "
+                f"(driver.devices)",
+            )
         if names.laser_kind == "galvo":
             x, y, p = wanted[0]
             # Move first, then power: the spot never lights up at the previous position.
@@ -334,18 +349,103 @@ class DriverNode:
         _within("move_stage", "x_um", x, self.config.limits.stage_x_um, "um")
         _within("move_stage", "y_um", y, self.config.limits.stage_y_um, "um")
         self.core.setXYPosition(x, y)
+        if args.get("wait") is True:  # blocks the stream while moving: opt-in only
+            self.core.waitForDevice(self.core.getXYStageDevice())
         return {"stage_um": [x, y]}
 
     def _cmd_set_exposure(self, args: dict[str, Any]) -> dict[str, Any]:
         exposure = _number("set_exposure", args, "exposure_ms")
         _within("set_exposure", "exposure_ms", exposure, self.config.limits.exposure_ms, "ms")
-        running = self.core.isSequenceRunning()
+        self._camera_paused(True, lambda: self.core.setExposure(exposure))
+        return {"exposure_ms": exposure}
+
+    def _camera_paused(self, touches_camera: bool, change: Callable[[], None]) -> None:
+        """Cameras refuse most changes while acquiring: pause the stream around them."""
+        running = touches_camera and self.core.isSequenceRunning()
         if running:
             self.core.stopSequenceAcquisition()
-        self.core.setExposure(exposure)
-        if running:
-            self.core.startContinuousSequenceAcquisition(0)
-        return {"exposure_ms": exposure}
+        try:
+            change()
+        finally:
+            if running:
+                self.core.startContinuousSequenceAcquisition(0)
+
+    def _cmd_move_z(self, args: dict[str, Any]) -> dict[str, Any]:
+        z = _number("move_z", args, "z_um")
+        _within("move_z", "z_um", z, self.config.limits.z_um, "um")
+        if not self.core.getFocusDevice():
+            raise ProtocolError("device_error", "move_z: this configuration has no focus device")
+        self.core.setPosition(z)
+        if args.get("wait") is True:
+            self.core.waitForDevice(self.core.getFocusDevice())
+        return {"z_um": z}
+
+    def _cmd_set_property(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Any device property, within its own limits; light sources only via set_laser."""
+        device, prop, value = args.get("device"), args.get("property"), args.get("value")
+        if not isinstance(device, str) or device not in self.core.getLoadedDevices():
+            raise ProtocolError(
+                "bad_args", f"set_property: field 'device' = {device!r} is not a loaded device"
+            )
+        if device in {self.config.devices.laser, self.config.devices.slm}:
+            raise ProtocolError(
+                "out_of_limits",
+                f"set_property: device {device!r} is the laser; use set_laser, which enforces "
+                f"the power and position limits",
+            )
+        if not isinstance(prop, str) or not self.core.hasProperty(device, prop):
+            raise ProtocolError(
+                "bad_args",
+                f"set_property: field 'property' = {prop!r} is not a property of {device}",
+            )
+        if self.core.isPropertyReadOnly(device, prop):
+            raise ProtocolError("bad_args", f"set_property: {device}.{prop} is read-only")
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise ProtocolError(
+                "bad_args", f"set_property: field 'value' = {value!r} is not a value"
+            )
+        allowed = self.core.getAllowedPropertyValues(device, prop)
+        if allowed and str(value) not in allowed:
+            raise ProtocolError(
+                "out_of_limits",
+                f"set_property: {device}.{prop} = {value!r} is not one of {list(allowed)}",
+            )
+        if self.core.hasPropertyLimits(device, prop):
+            lo = self.core.getPropertyLowerLimit(device, prop)
+            hi = self.core.getPropertyUpperLimit(device, prop)
+            number = _number("set_property", args, "value")
+            _within("set_property", f"{device}.{prop}", number, (lo, hi), "")
+        camera = device == self.core.getCameraDevice()
+        self._camera_paused(camera, lambda: self.core.setProperty(device, prop, value))
+        return {"value": self.core.getProperty(device, prop)}
+
+    def _cmd_set_config(self, args: dict[str, Any]) -> dict[str, Any]:
+        group, preset = args.get("group"), args.get("preset")
+        groups = list(self.core.getAvailableConfigGroups())
+        if group not in groups:
+            raise ProtocolError(
+                "bad_args", f"set_config: field 'group' = {group!r} is not one of {groups}"
+            )
+        presets = list(self.core.getAvailableConfigs(group))
+        if preset not in presets:
+            raise ProtocolError(
+                "bad_args", f"set_config: field 'preset' = {preset!r} is not one of {presets}"
+            )
+        devices = {setting[0] for setting in self.core.getConfigData(group, preset)}
+        camera = self.core.getCameraDevice() in devices
+        self._camera_paused(camera, lambda: self.core.setConfig(group, preset))
+        return {"group": group, "preset": preset}
+
+    def _cmd_set_shutter(self, args: dict[str, Any]) -> dict[str, Any]:
+        state = args.get("open")
+        if not isinstance(state, bool):
+            raise ProtocolError(
+                "bad_args", f"set_shutter: field 'open' must be true or false, got {state!r}"
+            )
+        if not self.core.getShutterDevice():
+            raise ProtocolError("device_error", "set_shutter: this configuration has no shutter")
+        self.core.setShutterOpen(state)
+        return {"open": state}
 
     def _cmd_get_state(self, _args: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -367,9 +467,13 @@ class DriverNode:
     def safe_state(self, reason: str) -> None:
         """All light off through the devices themselves (galvo power 0, SLM blank)."""
         names = self.config.devices
+        if self.laser_device is None:
+            self.laser = []
+            return
         try:
-            self.core.setProperty(names.laser, names.laser_power_property, 0.0)
-            if names.laser_kind == "slm":
+            if names.laser_kind == "galvo":
+                self.core.setProperty(names.laser, names.laser_power_property, 0.0)
+            else:
                 self.core.setSLMImage(names.slm, np.zeros(self._slm_shape, dtype=np.uint8))
                 self.core.displaySLMImage(names.slm)
         except Exception:  # keep trying to be safe even if the device misbehaves
@@ -387,6 +491,7 @@ class DriverNode:
             "field_um": list(self.field_um),
             "laser": self._laser_list(),
             "stage_um": list(self.core.getXYPosition()) if self.core.getXYStageDevice() else [],
+            "z_um": self.core.getPosition() if self.core.getFocusDevice() else None,
             "watchdog_tripped": self.watchdog_tripped,
         }
 

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 import zmq
+from pymmcore_plus import CMMCorePlus
 
 from drivers.config import DriverConfig
 from drivers.mmcore_node import DriverNode
@@ -29,8 +30,28 @@ def resolve_endpoints(config: DriverConfig) -> DriverConfig:
     return config.model_copy(update=update)
 
 
+def load_mmcore(config: DriverConfig) -> CMMCorePlus:
+    """A Micro-Manager core from the user's config file, or the offline demo adapters."""
+    core = CMMCorePlus()
+    if config.mm_config == "demo":
+        core.loadSystemConfiguration()  # MMConfig_demo.cfg from the mm-test-adapters wheel
+    else:
+        path = Path(config.mm_config)
+        if not path.is_file():
+            raise ValueError(f"driver.mm_config: file {path} does not exist")
+        try:
+            core.loadSystemConfiguration(str(path))
+        except Exception as exc:  # MMCore reports broken configs as generic errors
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"driver.mm_config: {path} could not be loaded ({first})") from None
+    core.setExposure(config.exposure_ms)
+    return core
+
+
 def build_node(config: DriverConfig, ctx: zmq.Context | None = None) -> DriverNode:
-    """The driver node for `config.kind` (today: the particle twin in UniMMCore)."""
+    """The driver node for `config.kind`: the particle twin, or any Micro-Manager config."""
+    if config.kind == "mmcore":
+        return DriverNode(load_mmcore(config), config, ctx=ctx)
     core, rig = build_twin_core(config.twin, config.seed, config.exposure_ms, config.devices)
 
     def truth(meta: object) -> dict | None:

@@ -40,7 +40,8 @@ class CommandError(RuntimeError):
     """The driver answered a command with an explicit error reply."""
 
     def __init__(self, cmd: str, code: str, message: str) -> None:
-        super().__init__(f"{cmd}: {message}")
+        # Driver messages already start with the command name; do not say it twice.
+        super().__init__(message if message.startswith(f"{cmd}:") else f"{cmd}: {message}")
         self.code = code
 
 

@@ -213,7 +213,12 @@ def bench(
     module = importlib.import_module(BENCHMARKS[name])
     metrics = module.run(quick=quick, log=(lambda _m: None) if as_json else console.print)
     if as_json:
-        sys.stdout.write(json.dumps({"bench": name, "metrics": metrics}) + "\n")
+        # Strict JSON: a metric that could not be measured is null, never NaN.
+        clean = {
+            k: (v if not isinstance(v, float) or math.isfinite(v) else None)
+            for k, v in metrics.items()
+        }
+        sys.stdout.write(json.dumps({"bench": name, "metrics": clean}, allow_nan=False) + "\n")
         return
     table = Table(title=f"bench {name}")
     table.add_column("metric")

@@ -7,6 +7,8 @@ import math
 import subprocess
 import sys
 
+import pytest
+
 
 def test_transport_bench_json_contract() -> None:
     proc = subprocess.run(
@@ -45,3 +47,42 @@ def test_unknown_bench_is_refused_with_the_allowed_names() -> None:
     )
     assert proc.returncode == 2
     assert "transport" in proc.stderr and "warp-drive" in proc.stderr
+
+
+def _bench_json(name: str) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "bench", name, "--quick", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1, "--json prints exactly one object"
+    report = json.loads(lines[0])  # strict JSON: NaN would not parse as a number here
+    assert report["bench"] == name
+    return report["metrics"]
+
+
+def test_twin_bench_contract_and_noise_statistics() -> None:
+    metrics = _bench_json("twin")
+    assert metrics["frames_per_s_512_100p"] > 0
+    assert metrics["ms_per_frame_512_100p"] == pytest.approx(
+        1000 / metrics["frames_per_s_512_100p"]
+    )
+    # Correctness, not speed: the shot-noise model must be Poisson at 2, 20 and 200 e.
+    assert metrics["noise_var_error_max"] < 0.02
+    for level in (2, 20, 200):
+        assert abs(metrics[f"noise_mean_error_{level}e"]) < 0.02
+
+
+def test_localization_bench_contract() -> None:
+    metrics = _bench_json("localization")
+    for det in ("centroid", "radial_symmetry", "deep"):
+        assert f"ms_{det}_512_100p" in metrics
+        assert 0.0 <= metrics[f"recall_{det}_100p_snr10"] <= 1.0
+    assert metrics["speedup_vs_trackpy_100p"] > 0
+    assert metrics["crb_px_snr10"] < metrics["crb_px_snr5"]  # the bound tightens with SNR
+    ratio = metrics["radial_rmse_over_crb_snr10"]
+    assert ratio is not None and ratio >= 0.8  # no estimator beats the bound by much
+    assert "deep_rmse_over_crb_snr5" in metrics

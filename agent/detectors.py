@@ -61,33 +61,45 @@ def collect_frames(
     return frames
 
 
-def build_detector(
+def needs_training(settings: DetectorSettings) -> bool:
+    return settings.kind == "lodestar" and settings.lodestar.checkpoint is None
+
+
+def train_on_stream(
     settings: DetectorSettings,
-    run_dir: Path,
+    checkpoint: Path,
     ctx: zmq.Context,
     stream_endpoint: str,
     log: Log = lambda _m: None,
-) -> Detector:
-    """The detector for this run; trains (once per run) if the deep one has no weights."""
-    if settings.kind == "classical":
-        return ParticleDetector(settings.classical)
+) -> dict[str, float]:
+    """Self-supervised training on unlabeled crops of the next frames of a live stream."""
     from agent.lodestar import LodeStarConfig, LodeStarDetector, crops_from_frames
 
     deep = settings.lodestar
-    saved = run_dir / "lodestar.pt"
-    path = Path(deep.checkpoint) if deep.checkpoint else saved
-    if path.exists():
-        return LodeStarDetector.load(path)
-    if deep.checkpoint:
-        raise FileNotFoundError(f"agent.detector.lodestar.checkpoint: {path} does not exist")
     frames = collect_frames(ctx, stream_endpoint, deep.train_frames, deep.frame_timeout_s)
     config = LodeStarConfig(seed=deep.seed)
     crops = crops_from_frames(frames, config.crop_px, deep.crops, np.random.default_rng(deep.seed))
     model = LodeStarDetector(config)
     stats = model.fit(crops)
-    model.save(saved)
+    model.save(checkpoint)
     log(
         f"lodestar trained on {len(crops)} unlabeled crops from {len(frames)} live frames "
         f"in {stats.get('seconds', float('nan')):.1f} s (converged: {stats.get('converged')})"
     )
-    return model
+    return stats
+
+
+def build_detector(settings: DetectorSettings, trained_checkpoint: Path | None = None) -> Detector:
+    """The detector for a run: classical, or the deep one from its checkpoint."""
+    if settings.kind == "classical":
+        return ParticleDetector(settings.classical)
+    from agent.lodestar import LodeStarDetector
+
+    path = (
+        Path(settings.lodestar.checkpoint) if settings.lodestar.checkpoint else trained_checkpoint
+    )
+    if path is None or not path.exists():
+        raise FileNotFoundError(
+            f"agent.detector.lodestar.checkpoint: {path} does not exist"
+        )
+    return LodeStarDetector.load(path)

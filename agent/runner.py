@@ -19,7 +19,7 @@ import numpy as np
 import zmq
 
 from agent.config import ExperimentConfig, dump_config
-from agent.detectors import build_detector
+from agent.detectors import build_detector, needs_training, train_on_stream
 from agent.evaluate import TruthRecorder, controlled_track, detection_rmse_um, rms_distance
 from agent.loop import AgentLoop, DriverSilent, LoopEndpoints, LoopResult
 from agent.plots import plot_run
@@ -30,6 +30,7 @@ from policies.contract import Policy
 from policies.feedback import LaserOff, ProportionalTrap, ProportionalTrapConfig
 
 ProgressFn = Callable[[str, float], None]
+DEEP_CHECKPOINT = "lodestar.pt"
 
 
 def make_policy(config: ExperimentConfig) -> Policy:
@@ -94,13 +95,7 @@ def run_phase(
         with EventLog(events_path) as events:
             loop = AgentLoop(
                 LoopEndpoints(driver_config.stream_endpoint, driver_config.command_endpoint),
-                build_detector(
-                    settings.detector,
-                    run_dir,
-                    ctx,
-                    driver_config.stream_endpoint,
-                    log=lambda m: events.write("detector", message=m),
-                ),
+                build_detector(settings.detector, run_dir / DEEP_CHECKPOINT),
                 policy,
                 events,
                 target_um=settings.target_um,
@@ -136,6 +131,27 @@ def run_phase(
 def step_latencies_ms(steps: list[dict[str, Any]]) -> list[float]:
     """Frame published -> command applied, for every step whose command was applied."""
     return [s["latency_ms"] for s in steps if s.get("latency_ms") is not None]
+
+
+def train_detector_phase(config: ExperimentConfig, run_dir: Path) -> None:
+    """Train the deep detector on the instrument's own stream before the experiment,
+    so the experiment phases start from the same state as their controls."""
+    driver_config = resolve_endpoints(config.driver)
+    config_path = run_dir / "driver-training.yaml"
+    dump_config(config.model_copy(update={"driver": driver_config}), config_path)
+    driver = DriverProcess(config_path, run_dir / "driver-training.log")
+    try:
+        with EventLog(run_dir / "events-training.jsonl") as events:
+            stats = train_on_stream(
+                config.agent.detector,
+                run_dir / DEEP_CHECKPOINT,
+                zmq.Context.instance(),
+                driver_config.stream_endpoint,
+                log=lambda m: events.write("detector", message=m),
+            )
+            events.write("detector_stats", **{k: float(v) for k, v in stats.items()})
+    finally:
+        driver.stop()
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -178,6 +194,8 @@ def run_experiment(
     """Run every phase, write summary.json and plots; return (run_dir, summary)."""
     run_dir = new_run_dir(config.runs_dir, config.name)
     dump_config(config, run_dir / "config.yaml")
+    if needs_training(config.agent.detector):
+        train_detector_phase(config, run_dir)
     phases = {"feedback": run_phase(config, run_dir, "feedback", make_policy(config), progress)}
     if config.compare_free_diffusion:
         phases["free"] = run_phase(config, run_dir, "free", LaserOff(), progress)

@@ -146,3 +146,23 @@ def test_killing_the_agent_switches_the_laser_off_within_the_watchdog(
                 proc.terminate()
                 proc.wait(10)
     assert driver.returncode == 0  # SIGTERM: clean shutdown, laser off
+
+
+def test_deep_detector_trains_on_the_live_stream_then_holds_the_particle(tmp_path: Path) -> None:
+    config = load_config(
+        DEFAULT,
+        [
+            f"runs_dir={tmp_path}",
+            "duration_s=4",
+            "seed=5",
+            "name=deep",
+            "agent.detector.kind=lodestar",
+            "compare_free_diffusion=false",
+        ],
+    )
+    run_dir, summary = run_experiment(config)
+    assert (run_dir / "lodestar.pt").stat().st_size > 0
+    trained = [e for e in read_events(run_dir / "events-training.jsonl") if e["kind"] == "detector"]
+    assert trained and "converged: True" in trained[0]["message"]
+    assert summary["rms_feedback_um"] < 1.0
+    assert summary["detection_rmse_um"] < 0.1

@@ -1,17 +1,14 @@
 """Micro-Manager driver node: streams camera frames, executes commands, keeps the rig safe.
 
-One thread owns both sockets and the core calls, so commands and frames are
-ordered and no socket is shared between threads. Limits are enforced here, on
-every command, whoever sent it; if no agent message arrives for `watchdog_ms`
-while an actuator is live, the laser goes off.
+Works on any `CMMCorePlus`: a user's hardware config, the C++ demo adapters, or the
+twin's pure-Python devices in `UniMMCore`. Limits are enforced here, on every
+command, whoever sent it; if the controlling agent goes silent for `watchdog_ms`
+while the laser is on, the laser goes off (see `drivers/node.py`).
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import sys
-import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,21 +19,13 @@ import zmq
 from pymmcore_plus import CMMCorePlus
 
 from drivers.config import DriverConfig
-from drivers.protocol import (
-    EVENT_TOPIC,
-    HEARTBEAT_TOPIC,
-    TRUTH_PREFIX,
-    ProtocolError,
-    Reply,
-    now_ns,
-)
-from drivers.transport import CommandServer, IncomingRequest, StreamPublisher
+from drivers.node import InstrumentNode, check_within, number_arg
+from drivers.protocol import TRUTH_PREFIX, ProtocolError, now_ns
 
 log = logging.getLogger(__name__)
 
 TruthSource = Callable[[Any], dict[str, Any] | None]
 STREAM = "camera"
-ACTUATING = frozenset({"set_laser", "move_stage"})
 PUBLISHED_RING = 512
 
 
@@ -47,28 +36,10 @@ class LaserState:
     power_mw: float
 
 
-def _number(cmd: str, args: dict[str, Any], name: str, where: str = "") -> float:
-    value = args.get(name)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        field = f"{where}.{name}" if where else name
-        raise ProtocolError(
-            "bad_args", f"{cmd}: field '{field}' must be a finite number, got {value!r}"
-        )
-    return float(value)
-
-
-def _within(cmd: str, name: str, value: float, rng: tuple[float, float], unit: str) -> None:
-    lo, hi = rng
-    if not lo <= value <= hi:
-        raise ProtocolError(
-            "out_of_limits",
-            f"{cmd}: field '{name}' = {value:g} {unit} is outside the allowed range "
-            f"[{lo:g}, {hi:g}] {unit}",
-        )
-
-
-class DriverNode:
+class DriverNode(InstrumentNode):
     """Serves one Micro-Manager core over protocol v1 until `stop` is set."""
+
+    ACTUATING = frozenset({"set_laser", "move_stage", "move_z"})
 
     def __init__(
         self,
@@ -78,16 +49,14 @@ class DriverNode:
         truth_source: TruthSource | None = None,
         field_um: tuple[float, float] | None = None,
     ) -> None:
+        super().__init__(config, ctx)
         self.core = core
         self.config = config
-        self.ctx = ctx or zmq.Context.instance()
         self.truth_source = truth_source
         self.field_um = field_um or self._field_from_core()
         limits = config.limits
         self.laser_x_range = limits.laser_x_um or (0.0, self.field_um[0])
         self.laser_y_range = limits.laser_y_um or (0.0, self.field_um[1])
-        self.publisher = StreamPublisher(self.ctx, config.stream_endpoint, config.stream_hwm)
-        self.server = CommandServer(self.ctx, config.command_endpoint)
         self.laser: list[LaserState] = []  # lit spots as applied
         loaded = set(core.getLoadedDevices())
         names = config.devices
@@ -99,56 +68,35 @@ class DriverNode:
                 core.getSLMHeight(config.devices.slm),
                 core.getSLMWidth(config.devices.slm),
             )
-        self.watchdog_tripped = False
-        self.last_agent_ns = 0
-        self.controller: bytes | None = None
         self.frames_published = 0
-        self.commands_handled = 0
-        self.commands_rejected = 0
         self._published_ns: OrderedDict[int, int] = OrderedDict()
-        self._last_heartbeat_ns = 0
-        self._handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
-            "set_laser": self._cmd_set_laser,
-            "laser_off": self._cmd_laser_off,
-            "move_stage": self._cmd_move_stage,
-            "set_exposure": self._cmd_set_exposure,
-            "get_state": self._cmd_get_state,
-            "move_z": self._cmd_move_z,
-            "set_property": self._cmd_set_property,
-            "set_config": self._cmd_set_config,
-            "set_shutter": self._cmd_set_shutter,
-            "heartbeat": lambda _args: {},
-            "shutdown": self._cmd_shutdown,
-        }
-        self.stop = threading.Event()
+        self.handlers.update(
+            {
+                "set_laser": self._cmd_set_laser,
+                "laser_off": self._cmd_laser_off,
+                "move_stage": self._cmd_move_stage,
+                "set_exposure": self._cmd_set_exposure,
+                "move_z": self._cmd_move_z,
+                "set_property": self._cmd_set_property,
+                "set_config": self._cmd_set_config,
+                "set_shutter": self._cmd_set_shutter,
+            }
+        )
 
-    @property
-    def endpoints(self) -> tuple[str, str]:
-        return self.publisher.endpoint, self.server.endpoint
+    # --- InstrumentNode hooks ----------------------------------------------------
 
-    # --- main loop ----------------------------------------------------------
-
-    def serve(self) -> None:
-        """Run until stopped; always leaves actuators in their safe state."""
-        # Short GIL slices: a command must not wait behind the camera thread's numpy work.
-        previous_interval = sys.getswitchinterval()
-        sys.setswitchinterval(0.0005)
-        self.safe_state("start")
+    def setup(self) -> None:
         self.core.startContinuousSequenceAcquisition(0)
-        log.info("driver serving stream=%s commands=%s", *self.endpoints)
-        try:
-            while not self.stop.is_set():
-                for incoming in self.server.poll(timeout_ms=1):
-                    self._handle(incoming)
-                self._pump_frames()
-                self._tick()
-        finally:
-            self.safe_state("shutdown")
-            if self.core.isSequenceRunning():
-                self.core.stopSequenceAcquisition()
-            self.publisher.close()
-            self.server.close()
-            sys.setswitchinterval(previous_interval)
+
+    def teardown(self) -> None:
+        if self.core.isSequenceRunning():
+            self.core.stopSequenceAcquisition()
+
+    def actuators_live(self) -> bool:
+        return bool(self.laser)
+
+    def pump(self) -> None:
+        self._pump_frames()
 
     def _pump_frames(self) -> None:
         while self.core.getRemainingImageCount() > 0:
@@ -161,7 +109,7 @@ class DriverNode:
                 image,
                 t_start,
                 t_end,
-                self._state(),
+                self.state(),
             )
             self.frames_published += 1
             self._published_ns[header.seq] = header.t_published_ns
@@ -173,74 +121,6 @@ class DriverNode:
                     self.publisher.publish(
                         TRUTH_PREFIX + STREAM.encode(), {"seq": header.seq, **truth}
                     )
-
-    def _tick(self) -> None:
-        t = now_ns()
-        silent_ns = t - self.last_agent_ns
-        if self.laser and silent_ns > self.config.watchdog_ms * 1_000_000:
-            self.watchdog_tripped = True
-            self.safe_state("watchdog")
-            self.publisher.publish(
-                EVENT_TOPIC,
-                {"event": "watchdog", "silent_ms": silent_ns / 1e6, "t_ns": t},
-            )
-            log.warning("no agent message for %.0f ms: laser switched off", silent_ns / 1e6)
-        if t - self._last_heartbeat_ns >= self.config.heartbeat_ms * 1_000_000:
-            self._last_heartbeat_ns = t
-            self.publisher.publish(
-                HEARTBEAT_TOPIC,
-                {"t_ns": t, "frames": self.frames_published, "state": self._state()},
-            )
-
-    # --- commands -------------------------------------------------------------
-
-    def _handle(self, incoming: IncomingRequest) -> None:
-        request = incoming.request
-        if request is None:
-            self.commands_rejected += 1
-            error = incoming.error or ProtocolError("malformed", "unreadable command")
-            log.warning("rejected command: %s", error)
-            self.server.reply(
-                incoming,
-                Reply(
-                    None,
-                    False,
-                    error_code=error.code,
-                    error_message=str(error),
-                    t_received_ns=incoming.t_received_ns,
-                    t_done_ns=now_ns(),
-                ),
-            )
-            return
-        if request.cmd in ACTUATING:
-            self.controller = incoming.identity
-        if self.controller in (None, incoming.identity):
-            # Only the agent in control keeps the watchdog fed: a dashboard polling
-            # get_state must not keep the laser alive after the controller died.
-            self.last_agent_ns = incoming.t_received_ns
-        handler = self._handlers.get(request.cmd)
-        try:
-            if handler is None:
-                raise ProtocolError(
-                    "unknown_command",
-                    f"command: field 'cmd' = {request.cmd!r} is not one of "
-                    f"{sorted(self._handlers)}",
-                )
-            result = handler(request.args)
-            ok, code, message = True, "", ""
-            self.commands_handled += 1
-        except ProtocolError as exc:
-            result, ok, code, message = {}, False, exc.code, str(exc)
-        except Exception as exc:  # a device error must not kill the node
-            result, ok, code, message = {}, False, "device_error", f"{request.cmd}: {exc}"
-        if not ok:
-            self.commands_rejected += 1
-            log.warning("command %s refused: %s", request.cmd, message)
-        if request.expect_reply:
-            self.server.reply(
-                incoming,
-                Reply(request.id, ok, result, code, message, incoming.t_received_ns, now_ns()),
-            )
 
     def _cmd_set_laser(self, args: dict[str, Any]) -> dict[str, Any]:
         spots = args.get("spots")
@@ -285,15 +165,15 @@ class DriverNode:
         where = f"spots[{index}]"
         if not isinstance(spot, dict):
             raise ProtocolError("bad_args", f"set_laser: field '{where}' must be a map")
-        x = _number("set_laser", spot, "x_um", where)
-        y = _number("set_laser", spot, "y_um", where)
-        p = _number("set_laser", spot, "power_mw", where)
-        _within("set_laser", f"{where}.x_um", x, self.laser_x_range, "um")
-        _within("set_laser", f"{where}.y_um", y, self.laser_y_range, "um")
+        x = number_arg("set_laser", spot, "x_um", where)
+        y = number_arg("set_laser", spot, "y_um", where)
+        p = number_arg("set_laser", spot, "power_mw", where)
+        check_within("set_laser", f"{where}.x_um", x, self.laser_x_range, "um")
+        check_within("set_laser", f"{where}.y_um", y, self.laser_y_range, "um")
         ceiling = self.config.limits.max_laser_power_mw
         if self.config.devices.laser_kind == "slm":
             ceiling = min(ceiling, self.config.devices.slm_max_power_mw)
-        _within("set_laser", f"{where}.power_mw", p, (0.0, ceiling), "mW")
+        check_within("set_laser", f"{where}.power_mw", p, (0.0, ceiling), "mW")
         return x, y, p
 
     def _slm_pattern(
@@ -344,18 +224,18 @@ class DriverNode:
         return result
 
     def _cmd_move_stage(self, args: dict[str, Any]) -> dict[str, Any]:
-        x = _number("move_stage", args, "x_um")
-        y = _number("move_stage", args, "y_um")
-        _within("move_stage", "x_um", x, self.config.limits.stage_x_um, "um")
-        _within("move_stage", "y_um", y, self.config.limits.stage_y_um, "um")
+        x = number_arg("move_stage", args, "x_um")
+        y = number_arg("move_stage", args, "y_um")
+        check_within("move_stage", "x_um", x, self.config.limits.stage_x_um, "um")
+        check_within("move_stage", "y_um", y, self.config.limits.stage_y_um, "um")
         self.core.setXYPosition(x, y)
         if args.get("wait") is True:  # blocks the stream while moving: opt-in only
             self.core.waitForDevice(self.core.getXYStageDevice())
         return {"stage_um": [x, y]}
 
     def _cmd_set_exposure(self, args: dict[str, Any]) -> dict[str, Any]:
-        exposure = _number("set_exposure", args, "exposure_ms")
-        _within("set_exposure", "exposure_ms", exposure, self.config.limits.exposure_ms, "ms")
+        exposure = number_arg("set_exposure", args, "exposure_ms")
+        check_within("set_exposure", "exposure_ms", exposure, self.config.limits.exposure_ms, "ms")
         self._camera_paused(True, lambda: self.core.setExposure(exposure))
         return {"exposure_ms": exposure}
 
@@ -371,8 +251,8 @@ class DriverNode:
                 self.core.startContinuousSequenceAcquisition(0)
 
     def _cmd_move_z(self, args: dict[str, Any]) -> dict[str, Any]:
-        z = _number("move_z", args, "z_um")
-        _within("move_z", "z_um", z, self.config.limits.z_um, "um")
+        z = number_arg("move_z", args, "z_um")
+        check_within("move_z", "z_um", z, self.config.limits.z_um, "um")
         if not self.core.getFocusDevice():
             raise ProtocolError("device_error", "move_z: this configuration has no focus device")
         self.core.setPosition(z)
@@ -413,8 +293,8 @@ class DriverNode:
         if self.core.hasPropertyLimits(device, prop):
             lo = self.core.getPropertyLowerLimit(device, prop)
             hi = self.core.getPropertyUpperLimit(device, prop)
-            number = _number("set_property", args, "value")
-            _within("set_property", f"{device}.{prop}", number, (lo, hi), "")
+            number = number_arg("set_property", args, "value")
+            check_within("set_property", f"{device}.{prop}", number, (lo, hi), "")
         camera = device == self.core.getCameraDevice()
         self._camera_paused(camera, lambda: self.core.setProperty(device, prop, value))
         return {"value": self.core.getProperty(device, prop)}
@@ -447,20 +327,12 @@ class DriverNode:
         self.core.setShutterOpen(state)
         return {"open": state}
 
-    def _cmd_get_state(self, _args: dict[str, Any]) -> dict[str, Any]:
+    def status(self) -> dict[str, Any]:
         return {
-            **self._state(),
             "frames_published": self.frames_published,
-            "commands_handled": self.commands_handled,
-            "commands_rejected": self.commands_rejected,
-            "watchdog_tripped": self.watchdog_tripped,
             "laser_kind": self.config.devices.laser_kind,
             "limits": self.config.limits.model_dump(),
         }
-
-    def _cmd_shutdown(self, _args: dict[str, Any]) -> dict[str, Any]:
-        self.stop.set()
-        return {}
 
     # --- state ----------------------------------------------------------------
 
@@ -484,7 +356,7 @@ class DriverNode:
     def _laser_list(self) -> list[dict[str, float]]:
         return [{"x_um": s.x_um, "y_um": s.y_um, "power_mw": s.power_mw} for s in self.laser]
 
-    def _state(self) -> dict[str, Any]:
+    def state(self) -> dict[str, Any]:
         return {
             "exposure_ms": self.core.getExposure(),
             "pixel_size_um": self._pixel_size_um(),

@@ -20,6 +20,8 @@ from agent.config import ConfigError, ExperimentConfig, load_config
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 driver_app = typer.Typer(no_args_is_help=True, help="Driver nodes (instrument side).")
 app.add_typer(driver_app, name="driver")
+twin_app = typer.Typer(no_args_is_help=True, help="Digital twins served as instruments.")
+app.add_typer(twin_app, name="twin")
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)  # one error, one line
 
@@ -125,6 +127,46 @@ def driver_serve(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     serve(_load(config, overrides).driver)
+
+
+@twin_app.command("serve")
+def twin_serve(
+    kind: Annotated[str, typer.Argument(help="Which twin: spm.")],
+    port: Annotated[int, typer.Option("--port", help="TCP port (Nanonis default 6501).")] = 6501,
+    host: Annotated[str, typer.Option("--host", help="Bind address.")] = "127.0.0.1",
+    seed: Annotated[int, typer.Option("--seed", help="Sample seed.")] = 0,
+    replay: Annotated[
+        Path | None, typer.Option("--replay", help="NPZ grid (image, spectra, waveform).")
+    ] = None,
+) -> None:
+    """Serve the PFM twin (or a recorded grid) over the Nanonis TCP protocol."""
+    import signal
+    import threading
+
+    from drivers.spm_twin_backend import serve_spm
+
+    if kind != "spm":
+        err_console.print(f"twin serve: KIND must be one of ['spm'], got {kind!r}")
+        raise typer.Exit(2)
+    if not 0 <= port <= 65535:
+        err_console.print(f"twin serve: --port must be within [0, 65535], got {port}")
+        raise typer.Exit(2)
+    try:
+        server = serve_spm(port=port, host=host, seed=seed, replay=replay)
+    except (ValueError, OSError) as exc:
+        err_console.print(f"twin serve: {exc}", markup=False, highlight=False)
+        raise typer.Exit(2) from None
+    what = f"replay of {replay}" if replay else f"PFM twin (seed {seed})"
+    console.print(
+        f"{what} serving Nanonis TCP on {server.address[0]}:{server.address[1]}",
+        markup=False,
+        highlight=False,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop()
 
 
 DETECTORS = ("radial_symmetry", "centroid", "lodestar")

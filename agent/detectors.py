@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import zmq
@@ -65,6 +65,18 @@ def needs_training(settings: DetectorSettings) -> bool:
     return settings.kind == "lodestar" and settings.lodestar.checkpoint is None
 
 
+def _lodestar() -> Any:
+    """The deep detector module; it needs torch, which the base install leaves out."""
+    try:
+        import agent.lodestar as lodestar
+    except ImportError as exc:
+        raise RuntimeError(
+            "agent.detector.kind=lodestar needs torch: pip install torch==2.13.0 "
+            f"(CPU build) ({exc})"
+        ) from None
+    return lodestar
+
+
 def train_on_stream(
     settings: DetectorSettings,
     checkpoint: Path,
@@ -73,13 +85,13 @@ def train_on_stream(
     log: Log = lambda _m: None,
 ) -> dict[str, float]:
     """Self-supervised training on unlabeled crops of the next frames of a live stream."""
-    from agent.lodestar import LodeStarConfig, LodeStarDetector, crops_from_frames
-
+    lodestar = _lodestar()
     deep = settings.lodestar
     frames = collect_frames(ctx, stream_endpoint, deep.train_frames, deep.frame_timeout_s)
-    config = LodeStarConfig(seed=deep.seed)
-    crops = crops_from_frames(frames, config.crop_px, deep.crops, np.random.default_rng(deep.seed))
-    model = LodeStarDetector(config)
+    config = lodestar.LodeStarConfig(seed=deep.seed)
+    rng = np.random.default_rng(deep.seed)
+    crops = lodestar.crops_from_frames(frames, config.crop_px, deep.crops, rng)
+    model = lodestar.LodeStarDetector(config)
     stats = model.fit(crops)
     model.save(checkpoint)
     log(
@@ -93,13 +105,10 @@ def build_detector(settings: DetectorSettings, trained_checkpoint: Path | None =
     """The detector for a run: classical, or the deep one from its checkpoint."""
     if settings.kind == "classical":
         return ParticleDetector(settings.classical)
-    from agent.lodestar import LodeStarDetector
 
     path = (
         Path(settings.lodestar.checkpoint) if settings.lodestar.checkpoint else trained_checkpoint
     )
     if path is None or not path.exists():
-        raise FileNotFoundError(
-            f"agent.detector.lodestar.checkpoint: {path} does not exist"
-        )
-    return LodeStarDetector.load(path)
+        raise FileNotFoundError(f"agent.detector.lodestar.checkpoint: {path} does not exist")
+    return _lodestar().LodeStarDetector.load(path)

@@ -238,6 +238,43 @@ def _offline_detector(
     return ParticleDetector(DetectorConfig(**settings)).detect_with_scores
 
 
+@driver_app.command("serve-spm")
+def driver_serve_spm(
+    config: Annotated[Path, typer.Argument(help="SPM driver YAML (nanonis host/port, limits).")],
+    overrides: SetOption = None,
+) -> None:
+    """Serve an SPM driver node in front of a Nanonis controller (or the PFM twin)."""
+    import signal
+
+    import yaml
+    from pydantic import ValidationError
+
+    from agent.config import ConfigError, apply_overrides, format_validation_error
+    from drivers.serve import resolve_endpoints
+    from drivers.spm_config import SpmDriverConfig
+    from drivers.spm_node import SpmNode
+
+    try:
+        raw = apply_overrides(yaml.safe_load(config.read_text()) or {}, overrides or [])
+        settings = resolve_endpoints(SpmDriverConfig.model_validate(raw))
+    except ValidationError as exc:
+        err_console.print(format_validation_error(exc), markup=False, highlight=False)
+        raise typer.Exit(2) from None
+    except (OSError, yaml.YAMLError, ConfigError) as exc:
+        err_console.print(f"config error: {exc}", markup=False, highlight=False)
+        raise typer.Exit(2) from None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        node = SpmNode(settings)
+    except ConnectionError as exc:
+        err_console.print(f"error: {exc}", markup=False, highlight=False)
+        raise typer.Exit(1) from None
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: node.stop.set())
+    print(f"spm driver ready: stream={node.endpoints[0]} command={node.endpoints[1]}", flush=True)
+    node.serve()
+
+
 @app.command()
 def bench(
     name: Annotated[str, typer.Argument(help="Benchmark name, e.g. transport.")],

@@ -19,6 +19,11 @@ Detection on a frame: the votes are splatted, confidence-weighted, into a full-r
 density map (weight times vote agreement: only cells whose votes pile up on one point
 make a peak), peaks above ``detection_threshold`` are found, mean shift over nearby
 votes finds each cluster and its position is the precision-weighted mean of its votes.
+Candidates are density peaks above a floor calibrated on pure noise; each is then refined
+by a weighted Gaussian MLE on the raw pixels (PSF sigma, shot-noise slope and brightness
+unit are estimated label-free from the training crops), which reaches the Cramer-Rao bound
+from the network's start, removes its bias on out-of-range brightness, and gives a score
+(fitted brightness) that stays calibrated at any SNR.
 
 Reliability (the published method converges in a minority of runs for some users):
 zero-initialised output head (training starts from "every cell votes for itself with
@@ -47,7 +52,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from scipy import ndimage
+from scipy import ndimage, special
 from torch import nn
 
 from agent.detect import DetectorConfig, ParticleDetector, estimate_background
@@ -56,7 +61,8 @@ __all__ = ["LodeStarConfig", "LodeStarDetector", "crops_from_frames"]
 
 FloatArray = NDArray[np.float64]
 
-_FORMAT = "scopeloop-lodestar-v1"
+_FORMAT = "scopeloop-lodestar-v2"
+_FORMATS = ("scopeloop-lodestar-v1", _FORMAT)  # v1: no spot fit (legacy scores)
 _DTYPE = torch.float32
 _VOTE_SCALE = 2.0  # displacement head output -> px; keeps early gradients O(1).
 _SPLAT_SIGMA = 1.0  # px: vote-density smoothing, about the spread of trained votes.
@@ -69,14 +75,23 @@ _EQ_TOL_PX = 0.12  # held-out equivariance RMS (px) below which a run counts as 
 _CONF_PX = 1.0  # px: vote error scale at which a cell's confidence target drops to 0.61.
 _PHASE1 = 0.4  # curriculum: share of steps before precision weights may sharpen.
 _CONC_MIN = 0.5  # held-out weight fraction whose votes fall within _REFINE_RADIUS.
+_SQRT2 = math.sqrt(2.0)
+_SQRT2PI = math.sqrt(2.0 * math.pi)
+_FIT_ITERS = 8  # Gauss-Newton steps of the final spot fit (3-4 from a good CNN start).
+_FIT_RADIUS_SIGMAS = 3.0  # fit window half-width in PSF sigmas (>99 % of the information).
+_FIT_MAX_STEP_PX = 0.5  # per-iteration position step clamp of the spot fit.
+_FIT_MAX_MOVE_PX = 3.0  # a fit that moves farther from the CNN position is rejected.
+_NOISE_FRAMES = 4  # synthetic 128^2 noise-only frames that calibrate the candidate floor.
+_NOISE_FLOOR_X = 2.0  # candidate floor = this times the largest noise-only density peak.
 
 
 class LodeStarConfig(BaseModel):
     """Network and training settings; bounds make a bad value fail when loaded, not mid-fit.
 
-    ``detection_threshold`` is on the *score* scale: vote density at a peak divided by
-    the median peak density of the held-out training crops, so ~1 means "as strong as a
+    ``detection_threshold`` is on the *score* scale: a spot's fitted brightness divided by
+    the median fitted brightness of the training crops, so ~1 means "as bright as a
     typical training particle" and the default 0.3 accepts particles about 3x dimmer.
+    (v1 checkpoints score by vote density relative to the training crops instead.)
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -316,6 +331,148 @@ def _check_frame(frame: np.ndarray) -> np.ndarray:
     return arr
 
 
+def _pixel_profiles(
+    centre: np.ndarray, sigma: np.ndarray, coords: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pixel-integrated 1-D Gaussians (N, W), d/d centre and d/d sigma, unit area.
+
+    Pixel j spans [j - 0.5, j + 0.5] (coords (W,) relative to each spot's window origin).
+    """
+    s = sigma[:, None]
+    lo = (coords[None, :] - 0.5 - centre[:, None]) / s
+    hi = lo + 1.0 / s
+    prof = 0.5 * (special.erf(hi / _SQRT2) - special.erf(lo / _SQRT2))
+    g_lo = np.exp(-0.5 * lo**2) / _SQRT2PI
+    g_hi = np.exp(-0.5 * hi**2) / _SQRT2PI
+    d_centre = (g_lo - g_hi) / s
+    d_sigma = (lo * g_lo - hi * g_hi) / s
+    return prof, d_centre, d_sigma
+
+
+def _windows(
+    img: np.ndarray, x0: np.ndarray, y0: np.ndarray, radius: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(N, W, W) pixel windows around rounded (x0, y0), in-frame mask, origins (col, row).
+
+    img is one (H, W) frame, or an (N, H, W) stack holding spot i in image i.
+    """
+    h, w = img.shape[-2:]
+    offs = np.arange(-radius, radius + 1)
+    c0 = np.rint(x0).astype(np.intp)
+    r0 = np.rint(y0).astype(np.intp)
+    rr = r0[:, None] + offs
+    cc = c0[:, None] + offs
+    mask = ((rr >= 0) & (rr < h))[:, :, None] & ((cc >= 0) & (cc < w))[:, None, :]
+    rr = np.clip(rr, 0, h - 1)
+    cc = np.clip(cc, 0, w - 1)
+    if img.ndim == 3:
+        idx = np.arange(len(x0))[:, None, None]
+        win = img[idx, rr[:, :, None], cc[:, None, :]].astype(np.float64)
+    else:
+        win = img[rr[:, :, None], cc[:, None, :]].astype(np.float64)
+    return win, mask.astype(np.float64), c0.astype(np.float64), r0.astype(np.float64)
+
+
+def _fit_spots(
+    img: np.ndarray,
+    x0: np.ndarray,
+    y0: np.ndarray,
+    sigma: float,
+    kappa: float,
+    *,
+    fit_sigma: bool = False,
+    radius: int | None = None,
+    iters: int = _FIT_ITERS,
+) -> dict[str, np.ndarray]:
+    """Gaussian MLE (IRLS) of pixel-integrated spots on a background-standardised image.
+
+    Noise model: variance 1 + kappa * (model - background), i.e. unit background noise
+    plus shot noise of the spot; weights are refreshed each Gauss-Newton step, which is
+    the quasi-likelihood solution and reaches the Cramer-Rao bound for Poisson-like data.
+    Fitted per spot: x, y, amplitude (total signal) and background (plus sigma if asked).
+    A spot whose fit fails or wanders more than _FIT_MAX_MOVE_PX keeps its start.
+    """
+    n = len(x0)
+    rad = radius if radius is not None else max(3, math.ceil(_FIT_RADIUS_SIGMAS * sigma))
+    win, mask, c0, r0 = _windows(img, x0, y0, rad)
+    coords = np.arange(-rad, rad + 1, dtype=np.float64)
+    x = x0 - c0
+    y = y0 - r0
+    s = np.full(n, float(sigma))
+    npar = 5 if fit_sigma else 4
+
+    def design(x: np.ndarray, y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, ...]:
+        px, dpx, spx = _pixel_profiles(x, s, coords)
+        py, dpy, spy = _pixel_profiles(y, s, coords)
+        psf = py[:, :, None] * px[:, None, :]
+        return psf, px, dpx, spx, py, dpy, spy
+
+    def linear_amp_bg(psf: np.ndarray, wt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        a11 = (wt * psf * psf).sum(axis=(1, 2))
+        a12 = (wt * psf).sum(axis=(1, 2))
+        a22 = wt.sum(axis=(1, 2))
+        b1 = (wt * psf * win).sum(axis=(1, 2))
+        b2 = (wt * win).sum(axis=(1, 2))
+        det = a11 * a22 - a12**2
+        det = np.where(np.abs(det) > 1e-12, det, 1e-12)
+        return (a22 * b1 - a12 * b2) / det, (a11 * b2 - a12 * b1) / det
+
+    psf = design(x, y, s)[0]
+    amp, bg = linear_amp_bg(psf, mask)
+    for _ in range(iters):
+        psf, px, dpx, spx, py, dpy, spy = design(x, y, s)
+        sig = np.maximum(amp[:, None, None] * psf, 0.0)
+        wt = mask / (1.0 + kappa * sig)
+        resid = win - bg[:, None, None] - amp[:, None, None] * psf
+        cols = [
+            amp[:, None, None] * py[:, :, None] * dpx[:, None, :],
+            amp[:, None, None] * dpy[:, :, None] * px[:, None, :],
+            psf,
+            np.ones_like(psf),
+        ]
+        if fit_sigma:
+            cols.append(
+                amp[:, None, None]
+                * (py[:, :, None] * spx[:, None, :] + spy[:, :, None] * px[:, None, :])
+            )
+        jac = np.stack(cols, axis=-1).reshape(n, -1, npar)
+        wj = jac * wt.reshape(n, -1, 1)
+        hess = np.einsum("nkp,nkq->npq", wj, jac)
+        grad = np.einsum("nkp,nk->np", wj, resid.reshape(n, -1))
+        hess += np.eye(npar)[None] * (1e-9 + 1e-6 * np.trace(hess, axis1=1, axis2=2))[:, None, None]
+        try:
+            step = np.linalg.solve(hess, grad[:, :, None])[:, :, 0]
+        except np.linalg.LinAlgError:
+            break
+        step = np.where(np.isfinite(step), step, 0.0)
+        x = x + np.clip(step[:, 0], -_FIT_MAX_STEP_PX, _FIT_MAX_STEP_PX)
+        y = y + np.clip(step[:, 1], -_FIT_MAX_STEP_PX, _FIT_MAX_STEP_PX)
+        amp = amp + step[:, 2]
+        bg = bg + step[:, 3]
+        if fit_sigma:
+            s = np.clip(s + np.clip(step[:, 4], -0.3, 0.3), 0.3, float(rad))
+    x = x + c0
+    y = y + r0
+    moved = np.hypot(x - x0, y - y0)
+    ok = (
+        np.isfinite(x)
+        & np.isfinite(y)
+        & np.isfinite(amp)
+        & (amp > 0.0)
+        & (moved <= _FIT_MAX_MOVE_PX)
+    )
+    if not ok.all():
+        # Failed fits keep the network's position and a linear amplitude there.
+        psf_fail = design(x0 - c0, y0 - r0, np.full(n, float(sigma)))[0]
+        amp_f, bg_f = linear_amp_bg(psf_fail, mask)
+        x = np.where(ok, x, x0)
+        y = np.where(ok, y, y0)
+        amp = np.where(ok, amp, amp_f)
+        bg = np.where(ok, bg, bg_f)
+        s = np.where(ok, s, sigma)
+    return {"x": x, "y": y, "amp": amp, "bg": bg, "sigma": s, "ok": ok}
+
+
 def crops_from_frames(
     frames: Sequence[np.ndarray],
     crop_px: int,
@@ -370,6 +527,11 @@ class LodeStarDetector:
         self._net = _inference_net(_Net(self.config.channels))
         self._input_scale = 1.0  # robust-sigma units -> net input units
         self._score_scale = 1.0  # peak vote density of a typical training particle
+        # Spot fit (checkpoint v2; None = a v1 checkpoint, legacy density scores):
+        self._psf_sigma: float | None = None  # px, median over the training crops
+        self._shot_kappa = 0.0  # excess variance per unit of signal (sigma units)
+        self._amp_scale = 1.0  # fitted amplitude of a typical training particle
+        self._noise_floor = 0.0  # candidate floor on the raw vote density
         self._trained = False
 
     # ----------------------------------------------------------------- training
@@ -445,6 +607,7 @@ class LodeStarDetector:
                 stats = best[2] | {"attempts": stats["attempts"]}
             self._net = _inference_net(self._net)
             self._score_scale = self._typical_score(val)
+            self._calibrate(norm, seed=cfg.seed)
         finally:
             torch.set_num_threads(threads)
         self._trained = True
@@ -535,6 +698,50 @@ class LodeStarDetector:
         typical = float(np.median(peaks)) if peaks else 1.0
         return typical if typical > 0.0 else 1.0
 
+    def _calibrate(self, norm: np.ndarray, seed: int) -> None:
+        """Label-free constants of the final spot fit, from the (standardised) crops.
+
+        PSF sigma: median of free-sigma fits; shot-noise slope: regression of squared
+        residuals on the fitted signal; amplitude unit: median fitted amplitude (so a
+        score of 1 is a typical training particle and scores scale with brightness);
+        candidate floor: a multiple of the highest vote-density peak on pure noise.
+        """
+        half = norm.shape[1] // 2
+        start = np.full(len(norm), float(half))
+        rad = max(3, min(half - 2, 8))
+        free = _fit_spots(norm, start, start, 1.5, 0.0, fit_sigma=True, radius=rad, iters=15)
+        good = free["ok"] & (free["sigma"] > 0.4) & (free["sigma"] < rad / 2.0)
+        sigma = float(np.median(free["sigma"][good])) if good.any() else 1.5
+        # Shot noise: fit with uniform weights, then var(resid) = a + kappa * signal.
+        fit0 = _fit_spots(norm, free["x"], free["y"], sigma, 0.0)
+        r = max(3, math.ceil(_FIT_RADIUS_SIGMAS * sigma))
+        win, mask, c0, r0 = _windows(norm, fit0["x"], fit0["y"], r)
+        coords = np.arange(-r, r + 1, dtype=np.float64)
+        px = _pixel_profiles(fit0["x"] - c0, fit0["sigma"], coords)[0]
+        py = _pixel_profiles(fit0["y"] - r0, fit0["sigma"], coords)[0]
+        sig = fit0["amp"][:, None, None] * py[:, :, None] * px[:, None, :]
+        res2 = (win - fit0["bg"][:, None, None] - sig) ** 2
+        use = (mask > 0) & fit0["ok"][:, None, None]
+        design = np.column_stack([np.ones(int(use.sum())), sig[use]])
+        coef = np.linalg.lstsq(design, res2[use], rcond=None)[0]
+        kappa = float(np.clip(coef[1] / max(coef[0], 1e-3), 0.0, 100.0))
+        fit = _fit_spots(norm, fit0["x"], fit0["y"], sigma, kappa)
+        amps = fit["amp"][fit["ok"]]
+        amp_scale = float(np.median(amps)) if amps.size else 0.0
+        self._psf_sigma = sigma
+        self._shot_kappa = kappa if math.isfinite(kappa) else 0.0
+        self._amp_scale = amp_scale if amp_scale > 0.0 else 1.0
+        # Noise-only density: standard normal frames, as _prepare would standardise them.
+        gen = np.random.default_rng(seed + 104729)
+        peak = 0.0
+        with torch.no_grad():
+            for _ in range(_NOISE_FRAMES):
+                noise = gen.standard_normal((128, 128)) / self._input_scale
+                x = torch.as_tensor(noise, dtype=_DTYPE)[None, None]
+                x = x.contiguous(memory_format=torch.channels_last)
+                peak = max(peak, float(self._density(x)[0].max()))
+        self._noise_floor = _NOISE_FLOOR_X * peak
+
     # ---------------------------------------------------------------- inference
     def _density(
         self, x: torch.Tensor
@@ -555,11 +762,15 @@ class LodeStarDetector:
         dens *= np.float32(2.0 * math.pi * _SPLAT_SIGMA**2)
         return dens, vx, vy, wgt, l_t[0].numpy()
 
+    @staticmethod
+    def _frame_stats(frame: np.ndarray) -> tuple[float, float]:
+        """Background level and noise sigma that standardise a frame."""
+        level, sigma = estimate_background(frame)
+        return level, (sigma if sigma > 0.0 else 1.0)
+
     def _prepare(self, frame: np.ndarray) -> torch.Tensor:
         """(1, 1, H+pad, W+pad) float32 net input: robustly standardised, even-sized."""
-        level, sigma = estimate_background(frame)
-        if not sigma > 0.0:
-            sigma = 1.0
+        level, sigma = self._frame_stats(frame)
         scale = np.float32(1.0 / (sigma * self._input_scale))
         x = (frame.astype(np.float32) - np.float32(level)) * scale
         h, w = x.shape
@@ -577,8 +788,13 @@ class LodeStarDetector:
         cfg = self.config
         h, w = arr.shape
         dens, vx, vy, wgt, loc = self._density(self._prepare(arr))
-        dens = dens[:h, :w] / np.float32(self._score_scale)
-        pr, pc = _local_maxima(dens, cfg.detection_threshold, cfg.min_distance_px)
+        if self._psf_sigma is None:  # v1 checkpoint: score = relative vote density
+            dens = dens[:h, :w] / np.float32(self._score_scale)
+            floor = cfg.detection_threshold
+        else:  # candidates: any peak clearly above pure noise; the fit scores them
+            dens = dens[:h, :w]
+            floor = self._noise_floor
+        pr, pc = _local_maxima(dens, floor, cfg.min_distance_px)
         if pr.size == 0:
             return np.zeros((0, 2)), np.zeros(0)
         # Gather the cells whose votes could land near each peak (votes reach <= ~RF).
@@ -607,7 +823,33 @@ class LodeStarDetector:
             safe = np.where(tot > 0, tot, 1.0)
             cx = np.where(tot > 0, (m * gx).sum(axis=(1, 2)) / safe, cx)
             cy = np.where(tot > 0, (m * gy).sum(axis=(1, 2)) / safe, cy)
-        scores = dens[pr, pc].astype(np.float64)
+        if self._psf_sigma is None:
+            scores = dens[pr, pc].astype(np.float64)
+        else:
+            # Final position: Gaussian MLE on the raw pixels from the CNN's start (the
+            # net is robust, the fit reaches the bound); score = fitted brightness
+            # relative to a typical training particle, which stays calibrated at any SNR.
+            level, sigma = self._frame_stats(arr)
+            img = (arr.astype(np.float64) - level) / sigma
+            fit = _fit_spots(img, cx, cy, self._psf_sigma, self._shot_kappa)
+            bad = ~fit["ok"]
+            if bad.any():
+                # The net can misplace spots far brighter than its training crops: retry
+                # those fits from the smoothed intensity peak next to the net's position.
+                rad = max(3, math.ceil(_FIT_RADIUS_SIGMAS * self._psf_sigma))
+                win, mask, c0, r0 = _windows(img, cx[bad], cy[bad], rad)
+                sm = ndimage.gaussian_filter(win * mask, (0, self._psf_sigma, self._psf_sigma))
+                peak = np.argmax(sm.reshape(len(sm), -1), axis=1)
+                pr_, pc_ = np.divmod(peak, sm.shape[2])
+                retry = _fit_spots(
+                    img, c0 + pc_ - rad, r0 + pr_ - rad, self._psf_sigma, self._shot_kappa
+                )
+                for key in ("x", "y", "amp"):
+                    fit[key][bad] = np.where(retry["ok"], retry[key], fit[key][bad])
+            cx, cy = fit["x"], fit["y"]
+            scores = fit["amp"] / self._amp_scale
+            sel = scores >= cfg.detection_threshold
+            cx, cy, scores = cx[sel], cy[sel], scores[sel]
         order = np.argsort(-scores, kind="stable")
         xy = np.column_stack([cx, cy])[order]
         scores = scores[order]
@@ -633,6 +875,10 @@ class LodeStarDetector:
             "config": self.config.model_dump(),
             "input_scale": self._input_scale,
             "score_scale": self._score_scale,
+            "psf_sigma": self._psf_sigma,
+            "shot_kappa": self._shot_kappa,
+            "amp_scale": self._amp_scale,
+            "noise_floor": self._noise_floor,
             "state_dict": {k: v.detach().clone() for k, v in self._net.state_dict().items()},
         }
         torch.save(payload, Path(path))
@@ -647,13 +893,19 @@ class LodeStarDetector:
             payload = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise ValueError(f"cannot read LodeSTAR checkpoint {p}: {exc}") from exc
-        if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
+        if not isinstance(payload, dict) or payload.get("format") not in _FORMATS:
             raise ValueError(f"{p} is not a {_FORMAT} checkpoint")
         try:
             det = cls(LodeStarConfig(**payload["config"]))
             det._net.load_state_dict(payload["state_dict"])
             det._input_scale = float(payload["input_scale"])
             det._score_scale = float(payload["score_scale"])
+            if payload["format"] != _FORMATS[0]:
+                sig = payload["psf_sigma"]
+                det._psf_sigma = None if sig is None else float(sig)
+                det._shot_kappa = float(payload["shot_kappa"])
+                det._amp_scale = float(payload["amp_scale"])
+                det._noise_floor = float(payload["noise_floor"])
         except Exception as exc:
             raise ValueError(f"invalid LodeSTAR checkpoint {p}: {exc}") from exc
         det._net = _inference_net(det._net)

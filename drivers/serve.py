@@ -6,6 +6,7 @@ import logging
 import signal
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import zmq
 from pymmcore_plus import CMMCorePlus
@@ -14,10 +15,16 @@ from drivers.config import DriverConfig
 from drivers.mmcore_node import DriverNode
 from drivers.twin_devices import build_twin_core
 
+if TYPE_CHECKING:
+    from drivers.spm_config import SpmDriverConfig
+
 log = logging.getLogger(__name__)
 
 
-def resolve_endpoints(config: DriverConfig) -> DriverConfig:
+ConfigT = TypeVar("ConfigT", DriverConfig, "SpmDriverConfig")
+
+
+def resolve_endpoints(config: ConfigT) -> ConfigT:
     """Replace "auto" endpoints with private ipc:// sockets (fastest on one host)."""
     if "auto" not in (config.stream_endpoint, config.command_endpoint):
         return config

@@ -36,13 +36,26 @@ def _photons_per_ms(snr: float) -> float:
     return peak / frac / cam.quantum_efficiency / ms
 
 
-def _camera(size: int, seed: int, snr: float = SNR) -> CameraModel:
+def _background_snr(snr: float) -> float:
+    """The benchmark's SNR (peak / background noise only) of a spot at this peak SNR."""
+    cam = CameraConfig()
+    ms = EXPOSURE_S * 1e3
+    var0 = cam.background_photons_per_px_per_ms * ms * cam.quantum_efficiency + cam.read_noise_e**2
+    peak = (snr**2 + math.sqrt(snr**4 + 4.0 * snr**2 * var0)) / 2.0
+    return peak / math.sqrt(var0)
+
+
+def _camera(size: int, seed: int, snr: float = SNR, bg_snr: float | None = None) -> CameraModel:
+    """Twin camera; bg_snr sets the brightness by the benchmark's SNR instead of snr."""
+    rate = _photons_per_ms(snr)
+    if bg_snr is not None:
+        rate *= bg_snr / _background_snr(snr)
     cfg = CameraConfig(
         width_px=size,
         height_px=size,
         pixel_size_um=PIXEL_UM,
         psf_sigma_um=PSF_SIGMA_PX * PIXEL_UM,
-        photons_per_particle_per_ms=_photons_per_ms(snr),
+        photons_per_particle_per_ms=rate,
     )
     return CameraModel(cfg, seed)
 
@@ -60,11 +73,11 @@ def _separated(
 
 
 def _frames(
-    n: int, size: int, per_frame: int, seed: int
+    n: int, size: int, per_frame: int, seed: int, bg_snr: float | None = None
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Twin frames with well separated particles and their true (x, y) px positions."""
     rng = np.random.default_rng(seed)
-    cam = _camera(size, seed)
+    cam = _camera(size, seed, bg_snr=bg_snr)
     frames, truths = [], []
     for _ in range(n):
         xy = _separated(rng, per_frame, size, 8.0, 24.0)
@@ -103,6 +116,16 @@ def trained(crops: np.ndarray) -> dict[int, tuple[LodeStarDetector, dict[str, fl
     """Detectors trained on the same crops with three seeds (filled lazily)."""
     cache: dict[int, tuple[LodeStarDetector, dict[str, float]]] = {}
     return cache
+
+
+@pytest.fixture(scope="module")
+def det_snr10() -> LodeStarDetector:
+    """Trained on crops at the benchmark's SNR 10 (peak / background noise)."""
+    frames, _ = _frames(30, 128, 8, seed=321, bg_snr=10.0)
+    crops = crops_from_frames(frames, 32, 200, np.random.default_rng(1))
+    det = LodeStarDetector(LodeStarConfig(seed=0))
+    assert det.fit(crops)["converged"] is True
+    return det
 
 
 def _get(cache: dict, crops: np.ndarray, seed: int) -> tuple[LodeStarDetector, dict[str, float]]:
@@ -162,6 +185,55 @@ def test_converges_and_localises(
     assert frame_rmse <= RMSE_BOUND_PX
 
 
+def _single_spots(
+    det: LodeStarDetector, bg_snr: float, n: int, seed: int
+) -> tuple[np.ndarray, int, int]:
+    """(errors, misses, false positives) on 64x64 single-particle frames at a bench SNR."""
+    rng = np.random.default_rng(seed)
+    cam = _camera(64, seed=seed, bg_snr=bg_snr)
+    errs, misses, fps = [], 0, 0
+    for _ in range(n):
+        truth = rng.uniform(24.0, 40.0, (1, 2))
+        e, miss, fp = _match(det(cam.render(truth[None] * PIXEL_UM, EXPOSURE_S)), truth)
+        errs.append(e)
+        misses += miss
+        fps += fp
+    return np.concatenate(errs), misses, fps
+
+
+def test_faint_particles_are_found_without_false_alarms(det_snr10: LodeStarDetector) -> None:
+    """Trained at SNR 10, it must find SNR 5 spots (default threshold) and no noise."""
+    det = det_snr10
+    errs, misses, fps = _single_spots(det, 5.0, 60, seed=21)
+    assert misses <= 3, f"missed {misses} of 60 SNR-5 particles"  # >= 95 % found
+    assert fps == 0
+    rmse = float(np.sqrt(np.mean(np.sum(errs**2, axis=1))))
+    assert rmse <= 0.45, f"SNR-5 RMSE {rmse:.3f} px"  # CRB ~0.22 px per axis
+    cam = _camera(128, seed=4, bg_snr=10.0)
+    for _ in range(5):
+        found, scores = det.predict_with_scores(cam.render(np.zeros((1, 0, 2)), EXPOSURE_S))
+        assert found.shape == (0, 2) and scores.shape == (0,)
+
+
+def test_bright_spots_are_not_biased(det_snr10: LodeStarDetector) -> None:
+    """Spots 5x brighter than the training crops: no systematic offset, small error."""
+    errs, misses, fps = _single_spots(det_snr10, 50.0, 60, seed=22)
+    assert misses == 0 and fps == 0
+    bias = float(np.hypot(*errs.mean(axis=0)))
+    rmse = float(np.sqrt(np.mean(np.sum(errs**2, axis=1))))
+    assert bias <= 0.05, f"bias {bias:.3f} px"
+    assert rmse <= 0.1, f"RMSE {rmse:.3f} px"
+
+
+def test_scores_scale_with_brightness(det_snr10: LodeStarDetector) -> None:
+    """Score ~1 for a training-like spot and proportional to brightness around it."""
+    for snr in (5.0, 10.0, 30.0):
+        cam = _camera(64, seed=8, bg_snr=snr)
+        _, scores = det_snr10.predict_with_scores(cam.render(np.full((1, 1, 2), 3.2), EXPOSURE_S))
+        assert len(scores) == 1
+        assert scores[0] == pytest.approx(snr / 10.0, rel=0.3)
+
+
 def test_offset_and_gain_do_not_move_predictions(crops: np.ndarray, trained: dict) -> None:
     det, _ = _get(trained, crops, 0)
     frames, _ = _frames(1, 128, 10, seed=5)
@@ -193,6 +265,24 @@ def test_save_load_round_trip_is_exact(crops: np.ndarray, trained: dict, tmp_pat
     assert len(a) > 0
     assert np.array_equal(a, b) and np.array_equal(sa, sb)
     assert loaded.config == det.config
+
+
+def test_v1_checkpoint_still_loads(crops: np.ndarray, trained: dict, tmp_path: Path) -> None:
+    """A checkpoint without the spot-fit constants loads and detects (legacy scores)."""
+    det, _ = _get(trained, crops, 0)
+    path = tmp_path / "v2.pt"
+    det.save(path)
+    payload = torch.load(path, weights_only=True)
+    assert payload["format"] == "scopeloop-lodestar-v2"
+    for key in ("psf_sigma", "shot_kappa", "amp_scale", "noise_floor"):
+        del payload[key]
+    payload["format"] = "scopeloop-lodestar-v1"
+    old = tmp_path / "v1.pt"
+    torch.save(payload, old)
+    frames, truths = _frames(1, 128, 10, seed=12)
+    found = LodeStarDetector.load(old)(frames[0])
+    _, miss, fp = _match(found, truths[0])
+    assert miss == 0 and fp == 0
 
 
 def test_bad_frame_raises_naming_frame(crops: np.ndarray, trained: dict) -> None:

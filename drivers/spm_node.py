@@ -1,0 +1,542 @@
+"""Scanning-probe driver node: a Nanonis controller (real or twin) behind protocol v1.
+
+Talks to the controller through the unmodified vendor client ``nanonis_spm.Nanonis``,
+only ever from the node thread, so Nanonis calls, commands and published frames are
+strictly ordered. Our side speaks um, V and s; Nanonis speaks SI (m, V, s).
+
+Commands (limits from ``SpmDriverConfig.limits``, enforced before Nanonis sees a value):
+
+- ``move_tip {x_um, y_um}``: Follow-Me move, waits for the end of the move.
+- ``set_bias {bias_v}``.
+- ``scan {x_um, y_um, width_um, height_um, pixels, lines, angle_deg=0, channels}``:
+  frame and buffer set, scan started and awaited, then every channel published as a
+  float32 (lines, pixels) frame on stream ``scan/<channel>``; reply ``seqs``.
+- ``spectrum {x_um, y_um, bias_from_v, bias_to_v, points, sweeps=1, backward=true}``:
+  tip moved, bias sweep run, the curves published as one float32 (channels, points)
+  frame on stream ``spectrum``; reply ``seq``, ``channels`` and ``waveform_v``.
+- ``withdraw {}``: the safe state on demand.
+- ``get_state``: bias, tip, Z controller, scan status (read live), limits, counters.
+
+Safety: the safe state (at start, on shutdown, on ``withdraw`` and when the watchdog
+trips) stops any scan, withdraws the tip (Z controller off) and only then sets the bias
+to 0 V: zeroing the bias first would make an STM feedback loop drive the tip into the
+sample. The actuators count as live while the bias is non-zero, a scan runs, or the Z
+controller is on (tip approached), as last seen by the node; the state is re-read every
+``state_poll_ms``, so a tip approached at the controller is withdrawn after
+``watchdog_ms`` unless an agent is in control. If the safe state cannot be reached the
+node stops serving (loudly) rather than pretend the instrument is safe.
+
+While a scan runs the node keeps publishing heartbeats and answers ``get_state``,
+``heartbeat``, ``withdraw`` (which aborts the scan) and ``shutdown``; other actuating
+commands are refused. The agent waiting for the scan's reply counts as alive.
+``spectrum`` blocks the node inside ``BiasSpectr.Start`` for the sweep.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import socket
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import zmq
+from nanonis_spm import Nanonis
+
+from drivers.node import InstrumentNode, check_within, number_arg
+from drivers.protocol import ProtocolError, now_ns
+from drivers.spm_config import SpmDriverConfig
+
+log = logging.getLogger(__name__)
+
+SPECTRUM_STREAM = "spectrum"
+SCAN_STREAM_PREFIX = "scan/"
+M_TO_UM = 1e6
+_SIGNAL = re.compile(r"^(?P<name>.*?)\s*\((?P<unit>[^()]*)\)\s*$")
+
+
+def nanonis_values(command: str, response: Sequence[Any]) -> list[Any]:
+    """Values of a vendor-client call; its error text becomes a RuntimeError.
+
+    The client never raises for Nanonis errors: it prints them and returns
+    ``(error, raw, values)``, or an empty tuple when the reply named another command.
+    """
+    if len(response) != 3:
+        raise RuntimeError(f"Nanonis {command}: no reply for this command (stream out of step)")
+    error, _raw, values = response
+    if error:
+        text = " ".join(str(error).split())
+        raise RuntimeError(f"Nanonis {command} failed: {text}")
+    return list(values)
+
+
+def split_signal(name: str) -> tuple[str, str]:
+    """'Z (m)' -> ('Z', 'm'): Nanonis puts the unit in the signal name."""
+    match = _SIGNAL.match(name)
+    return (match["name"], match["unit"]) if match else (name, "")
+
+
+def to_our_units(data: np.ndarray, unit: str) -> tuple[np.ndarray, str]:
+    """Lengths in um like every other length on our side; other units unchanged."""
+    if unit == "m":
+        return (np.asarray(data, np.float64) * M_TO_UM).astype(np.float32), "um"
+    return np.ascontiguousarray(data, np.float32), unit
+
+
+def _int_arg(cmd: str, args: dict[str, Any], name: str, default: int | None = None) -> int:
+    value = args.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError("bad_args", f"{cmd}: field '{name}' must be an integer, got {value!r}")
+    return value
+
+
+def _bool_arg(cmd: str, args: dict[str, Any], name: str, default: bool) -> bool:
+    value = args.get(name, default)
+    if not isinstance(value, bool):
+        raise ProtocolError(
+            "bad_args", f"{cmd}: field '{name}' must be true or false, got {value!r}"
+        )
+    return value
+
+
+class SpmNode(InstrumentNode):
+    """Serves one Nanonis-controlled SPM over protocol v1 until `stop` is set."""
+
+    ACTUATING = frozenset({"move_tip", "set_bias", "scan", "spectrum"})
+
+    def __init__(self, config: SpmDriverConfig, ctx: zmq.Context | None = None) -> None:
+        self.config = config
+        self.address = f"{config.nanonis_host}:{config.nanonis_port}"
+        self._sock: socket.socket | None = None
+        self._client: Nanonis | None = None
+        self._signals: list[str] | None = None
+        # Connect before binding our sockets: an unreachable controller fails construction.
+        self._connect()
+        try:
+            super().__init__(config, ctx)
+        except Exception:
+            self._drop_link()
+            raise
+        self.bias_v = 0.0
+        self.tip_um = (0.0, 0.0)
+        self.z_on = False
+        self.z_um = 0.0
+        self.scan_running = False
+        self.link_error = ""
+        self.scans_done = 0
+        self.spectra_done = 0
+        self._busy = ""  # name of the long command in progress
+        self._abort = ""  # why that command must stop
+        self._last_poll_ns = 0
+        self.handlers.update(
+            {
+                "get_state": self._cmd_get_state_live,
+                "move_tip": self._cmd_move_tip,
+                "set_bias": self._cmd_set_bias,
+                "scan": self._cmd_scan,
+                "spectrum": self._cmd_spectrum,
+                "withdraw": self._cmd_withdraw,
+            }
+        )
+
+    # --- the Nanonis link ---------------------------------------------------------
+
+    def _connect(self) -> None:
+        host, port = self.config.nanonis_host, self.config.nanonis_port
+        try:
+            sock = socket.create_connection((host, port), timeout=self.config.connect_timeout_s)
+        except OSError as exc:
+            raise ConnectionError(
+                f"cannot reach the Nanonis controller at {self.address} within "
+                f"{self.config.connect_timeout_s:g} s: {exc}"
+            ) from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock, self._client, self._signals = sock, Nanonis(sock), None
+        log.info("connected to Nanonis at %s", self.address)
+
+    def _drop_link(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+        self._sock, self._client, self._signals = None, None, None
+
+    def nanonis(self, command: str, *args: Any, timeout_s: float | None = None) -> list[Any]:
+        """One Nanonis call by its dotted name; errors raise RuntimeError naming it."""
+        if self._client is None or self._sock is None:
+            self._connect()  # the previous link broke: one fresh attempt per call
+        assert self._client is not None and self._sock is not None
+        # The client resets the timeout to 1000 s after each call: set ours every time.
+        self._sock.settimeout(timeout_s or self.config.io_timeout_s)
+        try:
+            response = getattr(self._client, command.replace(".", "_"))(*args)
+        except Exception as exc:  # socket or parse failure: the byte stream is lost
+            self._drop_link()
+            raise RuntimeError(
+                f"Nanonis {command}: link to {self.address} failed "
+                f"({type(exc).__name__}: {exc}); reconnecting on the next call"
+            ) from exc
+        if len(response) != 3:
+            self._drop_link()  # the reply belonged to another command: out of step
+        return nanonis_values(command, response)
+
+    def signal_names(self) -> list[str]:
+        if self._signals is None:
+            self._signals = [str(s) for s in self.nanonis("Signals.NamesGet")[2]]
+        return self._signals
+
+    # --- InstrumentNode hooks -------------------------------------------------------
+
+    def pump(self) -> None:
+        period = self.config.state_poll_ms
+        if period and now_ns() - self._last_poll_ns >= period * 1_000_000:
+            self._refresh()
+
+    def teardown(self) -> None:
+        self._drop_link()
+
+    def actuators_live(self) -> bool:
+        return self.bias_v != 0.0 or self.scan_running or self.z_on
+
+    def safe_state(self, reason: str) -> None:
+        """Stop the scan, withdraw the tip, then bias 0; every step tried even if one fails."""
+        if self._busy:
+            self._abort = reason
+        errors: list[str] = []
+        withdraw_ms = self.config.withdraw_timeout_ms
+        steps: list[tuple[str, tuple[Any, ...], float | None]] = [
+            ("Scan.Action", (1, 1), None),  # 1 = stop
+            ("ZCtrl.Withdraw", (1, withdraw_ms), withdraw_ms / 1000 + self.config.io_timeout_s),
+            ("Bias.Set", (0.0,), None),
+        ]
+        for command, args, timeout in steps:
+            try:
+                self.nanonis(command, *args, timeout_s=timeout)
+            except Exception as exc:
+                errors.append(str(exc))
+                continue
+            if command == "Scan.Action":
+                self.scan_running = False
+            elif command == "ZCtrl.Withdraw":
+                self.z_on = False
+            else:
+                self.bias_v = 0.0
+        if errors:
+            message = f"SPM safe state ({reason}) incomplete: " + "; ".join(errors)
+            log.error(message)
+            self.link_error = message
+            if reason != "shutdown":  # at shutdown there is nobody left to tell
+                raise RuntimeError(message)
+        else:
+            log.info("SPM safe (%s): scan stopped, tip withdrawn, bias 0 V", reason)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "bias_v": self.bias_v,
+            "tip_um": list(self.tip_um),
+            "z_controller_on": self.z_on,
+            "z_um": self.z_um,
+            "scan_running": self.scan_running,
+            "busy": self._busy,
+            "link_ok": self._client is not None and not self.link_error,
+            "watchdog_tripped": self.watchdog_tripped,
+        }
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "nanonis": self.address,
+            "link_error": self.link_error,
+            "scans_done": self.scans_done,
+            "spectra_done": self.spectra_done,
+            "limits": self.config.limits.model_dump(),
+        }
+
+    def _refresh(self) -> None:
+        """Re-read the controller's state; a failure is reported in state, not raised."""
+        self._last_poll_ns = now_ns()
+        try:
+            self.bias_v = float(self.nanonis("Bias.Get")[0])
+            x_m, y_m = self.nanonis("FolMe.XYPosGet", 0)[:2]
+            self.tip_um = (float(x_m) * M_TO_UM, float(y_m) * M_TO_UM)
+            self.z_on = bool(self.nanonis("ZCtrl.OnOffGet")[0])
+            self.z_um = float(self.nanonis("ZCtrl.ZPosGet")[0]) * M_TO_UM
+            self.scan_running = bool(self.nanonis("Scan.StatusGet")[0])
+        except Exception as exc:
+            if str(exc) != self.link_error:
+                log.warning("SPM state not readable: %s", exc)
+            self.link_error = str(exc)
+        else:
+            self.link_error = ""
+
+    # --- commands -----------------------------------------------------------------------
+
+    def _not_busy(self, cmd: str) -> None:
+        if self._busy:
+            raise ProtocolError(
+                "device_error",
+                f"{cmd}: refused while a {self._busy} is in progress (send withdraw to abort it)",
+            )
+
+    def _cmd_get_state_live(self, args: dict[str, Any]) -> dict[str, Any]:
+        self._refresh()
+        return self._cmd_get_state(args)
+
+    def _tip_arg(self, cmd: str, args: dict[str, Any]) -> tuple[float, float]:
+        x = number_arg(cmd, args, "x_um")
+        y = number_arg(cmd, args, "y_um")
+        check_within(cmd, "x_um", x, self.config.limits.x_um, "um")
+        check_within(cmd, "y_um", y, self.config.limits.y_um, "um")
+        return x, y
+
+    def _move_tip(self, x_um: float, y_um: float) -> None:
+        self.nanonis("FolMe.XYPosSet", x_um / M_TO_UM, y_um / M_TO_UM, 1)
+        self.tip_um = (x_um, y_um)
+
+    def _cmd_move_tip(self, args: dict[str, Any]) -> dict[str, Any]:
+        x, y = self._tip_arg("move_tip", args)
+        self._not_busy("move_tip")
+        self._move_tip(x, y)
+        self.watchdog_tripped = False
+        return {"tip_um": [x, y]}
+
+    def _cmd_set_bias(self, args: dict[str, Any]) -> dict[str, Any]:
+        bias = number_arg("set_bias", args, "bias_v")
+        check_within("set_bias", "bias_v", bias, self.config.limits.bias_v, "V")
+        self._not_busy("set_bias")
+        if bias != 0.0:
+            self.bias_v = bias  # live from the moment we ask: a failed reply may have applied it
+        self.nanonis("Bias.Set", bias)
+        self.bias_v = bias
+        self.watchdog_tripped = False
+        return {"bias_v": bias}
+
+    def _cmd_withdraw(self, _args: dict[str, Any]) -> dict[str, Any]:
+        self.safe_state("withdraw")
+        return self.state()
+
+    # --- scan --------------------------------------------------------------------------
+
+    def _scan_window(self, args: dict[str, Any]) -> dict[str, float]:
+        cmd = "scan"
+        x, y = self._tip_arg(cmd, args)
+        width = number_arg(cmd, args, "width_um")
+        height = number_arg(cmd, args, "height_um")
+        angle = number_arg(cmd, {"angle_deg": 0.0, **args}, "angle_deg")
+        for name, size in (("width_um", width), ("height_um", height)):
+            if size <= 0:
+                raise ProtocolError("bad_args", f"{cmd}: field '{name}' = {size:g} um must be > 0")
+        check_within(cmd, "angle_deg", angle, (-360.0, 360.0), "deg")
+        a = math.radians(angle)
+        half_x = 0.5 * (width * abs(math.cos(a)) + height * abs(math.sin(a)))
+        half_y = 0.5 * (width * abs(math.sin(a)) + height * abs(math.cos(a)))
+        limits = self.config.limits
+        for axis, centre, half, (lo, hi) in (
+            ("x", x, half_x, limits.x_um),
+            ("y", y, half_y, limits.y_um),
+        ):
+            if centre - half < lo or centre + half > hi:
+                raise ProtocolError(
+                    "out_of_limits",
+                    f"{cmd}: frame {axis} span [{centre - half:g}, {centre + half:g}] um "
+                    f"(fields '{axis}_um', 'width_um', 'height_um', 'angle_deg') is outside "
+                    f"the allowed range [{lo:g}, {hi:g}] um",
+                )
+        return {"x_um": x, "y_um": y, "width_um": width, "height_um": height, "angle_deg": angle}
+
+    def _scan_channels(self, args: dict[str, Any]) -> list[tuple[int, str]]:
+        """Requested channels as (signal index, Nanonis name); bare names ('Z') accepted."""
+        wanted = args.get("channels")
+        if (
+            not isinstance(wanted, list)
+            or not wanted
+            or not all(isinstance(c, str) and c for c in wanted)
+        ):
+            raise ProtocolError(
+                "bad_args",
+                f"scan: field 'channels' must be a non-empty list of names, got {wanted!r}",
+            )
+        names = self.signal_names()
+        out: list[tuple[int, str]] = []
+        for i, channel in enumerate(wanted):
+            index = next(
+                (k for k, n in enumerate(names) if channel in (n, split_signal(n)[0])), None
+            )
+            if index is None:
+                known = [split_signal(n)[0] for n in names]
+                raise ProtocolError(
+                    "bad_args", f"scan: field 'channels[{i}]' = {channel!r} is not one of {known}"
+                )
+            if any(index == k for k, _ in out):
+                raise ProtocolError(
+                    "bad_args", f"scan: field 'channels[{i}]' = {channel!r} is listed twice"
+                )
+            out.append((index, names[index]))
+        return out
+
+    def _cmd_scan(self, args: dict[str, Any]) -> dict[str, Any]:
+        cmd = "scan"
+        window = self._scan_window(args)
+        pixels = _int_arg(cmd, args, "pixels")
+        lines = _int_arg(cmd, args, "lines")
+        top = self.config.limits.max_scan_pixels
+        check_within(cmd, "pixels", pixels, (1, top), "pixels")
+        check_within(cmd, "lines", lines, (1, top), "lines")
+        self._not_busy(cmd)
+        channels = self._scan_channels(args)  # reads the signal list: after the limits
+
+        self.nanonis(
+            "Scan.FrameSet",
+            window["x_um"] / M_TO_UM,
+            window["y_um"] / M_TO_UM,
+            window["width_um"] / M_TO_UM,
+            window["height_um"] / M_TO_UM,
+            window["angle_deg"],
+        )
+        self.nanonis("Scan.BufferSet", [index for index, _ in channels], pixels, lines)
+        timeout_s = lines * self.config.scan_line_timeout_s + self.config.scan_timeout_margin_s
+        t_start = now_ns()
+        self.scan_running = True  # live before the request leaves: it may start regardless
+        self._busy, self._abort = cmd, ""
+        try:
+            self.nanonis("Scan.Action", 0, 1)  # 0 = start, direction up
+            self._await_scan(timeout_s)
+        finally:
+            self._busy = ""
+        t_end = now_ns()
+        self.watchdog_tripped = False
+
+        seqs: dict[str, int] = {}
+        streams: list[str] = []
+        shape: list[int] = []
+        for index, signal in channels:
+            _size, _name, _rows, _cols, data, direction_up = self.nanonis(
+                "Scan.FrameDataGrab", index, 1
+            )
+            image, unit = to_our_units(np.asarray(data, np.float32), split_signal(signal)[1])
+            name = split_signal(signal)[0]
+            stream = SCAN_STREAM_PREFIX + name
+            header = self.publisher.publish_frame(
+                stream,
+                image,
+                t_start,
+                t_end,
+                {
+                    **self.state(),
+                    "window": window,
+                    "channel": name,
+                    "signal": signal,
+                    "units": unit,
+                    "direction": "forward",
+                    "direction_up": bool(direction_up),
+                },
+            )
+            seqs[name] = header.seq
+            streams.append(stream)
+            shape = list(image.shape)
+        self.scans_done += 1
+        self.last_agent_ns = now_ns()  # grabbing large frames takes a while, too
+        return {
+            "seqs": seqs,
+            "streams": streams,
+            "shape": shape,
+            "window": window,
+            "t_start_ns": t_start,
+            "t_end_ns": t_end,
+        }
+
+    def _await_scan(self, timeout_s: float) -> None:
+        """Poll Scan.StatusGet, serving heartbeats and the few commands allowed meanwhile."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            # The controlling agent is blocked on our reply: that is not silence.
+            self.last_agent_ns = now_ns()
+            for incoming in self.server.poll(timeout_ms=self.config.scan_poll_ms):
+                self._handle(incoming)
+            self._tick()
+            if self.stop.is_set() and not self._abort:
+                self.safe_state("shutdown during scan")
+            if self._abort:
+                raise RuntimeError(f"aborted by {self._abort}; no frames published")
+            if not self.nanonis("Scan.StatusGet")[0]:
+                self.scan_running = False
+                return
+            if time.monotonic() > deadline:
+                self.nanonis("Scan.Action", 1, 1)
+                self.scan_running = False
+                raise RuntimeError(
+                    f"scan not finished within {timeout_s:g} s "
+                    f"(lines x scan_line_timeout_s + scan_timeout_margin_s); scan stopped"
+                )
+
+    # --- spectrum ----------------------------------------------------------------------
+
+    def _cmd_spectrum(self, args: dict[str, Any]) -> dict[str, Any]:
+        cmd = "spectrum"
+        x, y = self._tip_arg(cmd, args)
+        start = number_arg(cmd, args, "bias_from_v")
+        end = number_arg(cmd, args, "bias_to_v")
+        limits = self.config.limits
+        check_within(cmd, "bias_from_v", start, limits.bias_v, "V")
+        check_within(cmd, "bias_to_v", end, limits.bias_v, "V")
+        points = _int_arg(cmd, args, "points")
+        sweeps = _int_arg(cmd, args, "sweeps", 1)
+        backward = _bool_arg(cmd, args, "backward", True)
+        check_within(cmd, "points", points, (2, limits.max_spectrum_points), "points")
+        check_within(cmd, "sweeps", sweeps, (1, limits.max_spectrum_sweeps), "sweeps")
+        self._not_busy(cmd)
+
+        self._move_tip(x, y)
+        self.nanonis("BiasSpectr.Open")
+        # save_all, autosave and the save dialog: 0 = unchanged, 2 = off; backward 1 = on.
+        self.nanonis("BiasSpectr.PropsSet", 0, sweeps, 1 if backward else 2, points, 0.0, 2, 2)
+        self.nanonis("BiasSpectr.LimitsSet", start, end)
+        t_start = now_ns()
+        _size, _n, names, _rows, _cols, data, _n_par, params = self.nanonis(
+            "BiasSpectr.Start", 1, "", timeout_s=self.config.spectrum_timeout_s
+        )
+        t_end = now_ns()
+        self.last_agent_ns = t_end  # the agent was blocked on this reply, not silent
+        self.watchdog_tripped = False
+        rows: list[np.ndarray] = []
+        channels: list[str] = []
+        units: list[str] = []
+        for signal, row in zip(names, np.asarray(data, np.float64), strict=True):
+            name, unit = split_signal(str(signal))
+            converted, unit = to_our_units(row, unit)
+            rows.append(converted)
+            channels.append(name)
+            units.append(unit)
+        curves = np.stack(rows).astype(np.float32) if rows else np.zeros((0, 0), np.float32)
+        waveform = [float(v) for v in curves[0]] if len(curves) else []
+        header = self.publisher.publish_frame(
+            SPECTRUM_STREAM,
+            curves,
+            t_start,
+            t_end,
+            {
+                **self.state(),
+                "channels": channels,
+                "units": units,
+                "signals": [str(s) for s in names],
+                "position_um": [x, y],
+                "bias_from_v": start,
+                "bias_to_v": end,
+                "points": points,
+                "sweeps": sweeps,
+                "backward": backward,
+                "parameters": [float(p[0]) for p in params],
+            },
+        )
+        self.spectra_done += 1
+        return {
+            "seq": header.seq,
+            "stream": SPECTRUM_STREAM,
+            "channels": channels,
+            "units": units,
+            "shape": list(curves.shape),
+            "waveform_v": waveform,
+            "position_um": [x, y],
+            "t_start_ns": t_start,
+            "t_end_ns": t_end,
+        }

@@ -148,6 +148,7 @@ class SpmBackend(Protocol):
     # ZCtrl.Withdraw (Z controller off, tip fully retracted), ZCtrl.OnOffGet, ZCtrl.ZPosGet
     def withdraw(self, wait: bool, timeout_s: float | None) -> None: ...
     def z_controller_on(self) -> bool: ...
+    def set_z_controller(self, on: bool) -> None: ...
     def get_z(self) -> float: ...
 
 
@@ -238,6 +239,7 @@ class NanonisServer:
             "Signals.NamesGet": lambda: (list(backend.signal_names()),),
             "Signals.ValGet": self._signal_val,
             "ZCtrl.Withdraw": self._withdraw,
+            "ZCtrl.OnOffSet": self._z_on_off,
             "ZCtrl.OnOffGet": lambda: (int(backend.z_controller_on()),),
             "ZCtrl.ZPosGet": lambda: (backend.get_z(),),
         }
@@ -522,6 +524,10 @@ class NanonisServer:
             )
         return (self.backend.signal_value(index),)
 
+    def _z_on_off(self, on: int) -> tuple[()]:
+        self.backend.set_z_controller(bool(on))
+        return ()
+
     def _withdraw(self, wait: int, timeout_ms: int) -> tuple[()]:
         self.backend.withdraw(bool(wait), None if timeout_ms < 0 else timeout_ms / 1000.0)
         return ()
@@ -733,6 +739,12 @@ class FakeSpmBackend:
 
     def z_controller_on(self) -> bool:
         return self.z_on
+
+    def set_z_controller(self, on: bool) -> None:
+        if on:
+            self.z_on = True
+        else:
+            self.withdraw(False, None)
 
     def get_z(self) -> float:
         return self.z_m

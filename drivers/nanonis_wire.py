@@ -203,6 +203,7 @@ COMMANDS: dict[str, CommandSpec] = {
         _spec("Signals.NamesGet", "", "names:str[]"),
         _spec("Signals.ValGet", "signal_index:i wait_for_newest:I", "value:f"),
         _spec("ZCtrl.Withdraw", "wait_until_finished:I timeout_ms:i"),
+        _spec("ZCtrl.OnOffSet", "on:I"),
         _spec("ZCtrl.OnOffGet", "", "on:I"),
         _spec("ZCtrl.ZPosGet", "", "z_m:f"),
     )

@@ -105,7 +105,7 @@ def _bool_arg(cmd: str, args: dict[str, Any], name: str, default: bool) -> bool:
 class SpmNode(InstrumentNode):
     """Serves one Nanonis-controlled SPM over protocol v1 until `stop` is set."""
 
-    ACTUATING = frozenset({"move_tip", "set_bias", "scan", "spectrum"})
+    ACTUATING = frozenset({"move_tip", "set_bias", "scan", "spectrum", "engage"})
 
     def __init__(self, config: SpmDriverConfig, ctx: zmq.Context | None = None) -> None:
         self.config = config
@@ -139,6 +139,7 @@ class SpmNode(InstrumentNode):
                 "scan": self._cmd_scan,
                 "spectrum": self._cmd_spectrum,
                 "withdraw": self._cmd_withdraw,
+                "engage": self._cmd_engage,
             }
         )
 
@@ -314,6 +315,14 @@ class SpmNode(InstrumentNode):
     def _cmd_withdraw(self, _args: dict[str, Any]) -> dict[str, Any]:
         self.safe_state("withdraw")
         return self.state()
+
+    def _cmd_engage(self, _args: dict[str, Any]) -> dict[str, Any]:
+        """Z controller on (tip in feedback): an explicit agent decision, watchdog-guarded."""
+        self._not_busy("engage")
+        self.z_on = True  # live from the moment we ask
+        self.nanonis("ZCtrl.OnOffSet", 1)
+        self.watchdog_tripped = False
+        return {"z_controller_on": True}
 
     # --- scan --------------------------------------------------------------------------
 

@@ -218,7 +218,7 @@ class _GridBackend:
         if not self.z_on:
             raise RuntimeError(
                 "tip is withdrawn (Z controller off): re-engage before measuring "
-                "(backend.engage(); ZCtrl.OnOffSet is not served)"
+                "(ZCtrl.OnOffSet 1, or the driver's engage command)"
             )
 
     def _acquire(
@@ -321,8 +321,14 @@ class _GridBackend:
         self.bias_v = 0.0
 
     def engage(self) -> None:
-        """Z controller back on (approach); not reachable over the served command set."""
+        """Z controller back on (approach): ZCtrl.OnOffSet 1 over the wire."""
         self.z_on = True
+
+    def set_z_controller(self, on: bool) -> None:
+        if on:
+            self.engage()
+        else:
+            self.withdraw(False, None)
 
     def z_controller_on(self) -> bool:
         return self.z_on

@@ -84,6 +84,7 @@ def test_spm_driver_node_drives_the_twin_through_nanonis(tmp_path: Path, ipc_dir
         client = CommandClient(ctx, f"ipc://{ipc_dir}/c", timeout_ms=20_000)
         sub = StreamSubscriber(ctx, f"ipc://{ipc_dir}/s")
         client.call("get_state", timeout_ms=30_000)
+        assert client.call("engage").result["z_controller_on"] is True  # starts withdrawn
         reply = client.call(
             "spectrum",
             {"x_um": 0.1, "y_um": -0.2, "bias_from_v": -8.0, "bias_to_v": 8.0, "points": 64},
@@ -101,10 +102,8 @@ def test_spm_driver_node_drives_the_twin_through_nanonis(tmp_path: Path, ipc_dir
             raise AssertionError("a 25 V bias must be refused")
         except Exception as exc:  # CommandError
             assert "bias_v" in str(exc) and "[-10, 10]" in str(exc)
-        sub.close()
-        client.close()
     finally:
-        ctx.term()
+        ctx.destroy(linger=0)
         for proc in (driver, twin):
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)

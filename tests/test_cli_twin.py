@@ -84,6 +84,10 @@ def test_spm_driver_node_drives_the_twin_through_nanonis(tmp_path: Path, ipc_dir
         client = CommandClient(ctx, f"ipc://{ipc_dir}/c", timeout_ms=20_000)
         sub = StreamSubscriber(ctx, f"ipc://{ipc_dir}/s")
         client.call("get_state", timeout_ms=30_000)
+        for _ in range(100):  # subscribed once a heartbeat arrives (no slow-joiner loss)
+            sub.recv_newest(timeout_ms=50)
+            if sub.last_message_ns:
+                break
         assert client.call("engage").result["z_controller_on"] is True  # starts withdrawn
         reply = client.call(
             "spectrum",

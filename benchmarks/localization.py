@@ -131,16 +131,16 @@ def _match(truth: np.ndarray, found: np.ndarray, radius: float) -> tuple[np.ndar
 # --- detectors ---------------------------------------------------------------
 
 
-def _train_deep(quick: bool, log: Log) -> tuple[Detector, dict[str, float]]:
+def _train_deep(quick: bool, log: Log, seed: int = 0) -> tuple[Detector, dict[str, float]]:
     """Train the LodeSTAR detector on unlabeled crops of twin frames, via its own API."""
     from agent.lodestar import LodeStarConfig, LodeStarDetector, crops_from_frames
 
-    rng = np.random.default_rng(7)
+    rng = np.random.default_rng(7 + 1000 * seed)
     cam = _camera(128, TRAIN_SNR, seed=7)
     # A jittered 3 x 3 grid per frame: isolated spots, the crops the method is meant for.
     grid = np.array([(x, y) for x in (24.0, 64.0, 104.0) for y in (24.0, 64.0, 104.0)])
     frames = [_render(cam, grid + rng.uniform(-2.0, 2.0, grid.shape)) for _ in range(40)]
-    config = LodeStarConfig(crop_px=32, **({"train_steps": 600} if quick else {}))
+    config = LodeStarConfig(crop_px=32, seed=seed, **({"train_steps": 600} if quick else {}))
     crops = crops_from_frames(frames, config.crop_px, 300, rng)
     det = LodeStarDetector(config)
     stats = det.fit(crops)
@@ -150,6 +150,37 @@ def _train_deep(quick: bool, log: Log) -> tuple[Detector, dict[str, float]]:
         f"held-out equivariance {stats.get('eq_rms_px', float('nan')):.3f} px)"
     )
     return det, stats
+
+
+def _seed_success(n_seeds: int, quick: bool, log: Log) -> dict[str, float]:
+    """Does training converge reliably? Success: the self-check passes AND the trained
+    detector finds every particle at SNR 10 within 1.5x the CRB (labels used only here)."""
+    snr, n_frames = 10.0, 40
+    cam = _camera(SWEEP_FRAME_PX, snr, seed=4242)
+    rng = np.random.default_rng(4242)
+    truths = (SWEEP_FRAME_PX - 1) / 2.0 + rng.uniform(-1.5, 1.5, size=(n_frames, 2))
+    frames = [_render(cam, t[None]) for t in truths]
+    successes, seconds = 0, []
+    for seed in range(n_seeds):
+        det, stats = _train_deep(quick, lambda _m: None, seed=seed)
+        seconds.append(float(stats["seconds"]))
+        errors = []
+        for frame, truth in zip(frames, truths, strict=True):
+            found = det(frame)
+            d = np.hypot(*(found - truth).T) if len(found) else np.zeros(0)
+            errors.append(float(d.min()) if len(d) else math.inf)
+        rmse = math.sqrt(float(np.mean(np.square(errors))))
+        ok = bool(stats.get("converged")) and rmse <= 1.5 * crb_for_snr(snr)
+        successes += ok
+        log(
+            f"deep seed {seed}: {stats['seconds']:.1f} s, converged={bool(stats.get('converged'))},"
+            f" RMSE {rmse:.3f} px at SNR 10 -> {'ok' if ok else 'FAILED'}"
+        )
+    return {
+        "deep_seeds": float(n_seeds),
+        "deep_success_rate_seeds": successes / n_seeds,
+        "deep_train_s_max": max(seconds),
+    }
 
 
 def _trackpy_locate(minmass: float) -> Detector:
@@ -320,6 +351,8 @@ def run(quick: bool = False, log: Log = print) -> dict[str, float]:
             f"{metrics['deep_speedup_vs_trackpy_100p']:.2f}x"
         )
         metrics |= _recall(with_tp, 2 if quick else 6, log)
+        torch.set_num_threads(threads)  # training uses both cores, as in live use
+        metrics |= _seed_success(3 if quick else 10, quick, log)
     finally:
         torch.set_num_threads(threads)
     metrics["bench_s"] = time.perf_counter() - t_start

@@ -86,3 +86,4 @@ def test_localization_bench_contract() -> None:
     ratio = metrics["radial_rmse_over_crb_snr10"]
     assert ratio is not None and ratio >= 0.8  # no estimator beats the bound by much
     assert "deep_rmse_over_crb_snr5" in metrics
+    assert metrics["deep_seeds"] == 3 and 0.0 <= metrics["deep_success_rate_seeds"] <= 1.0

@@ -8,4 +8,5 @@ BENCHMARKS: dict[str, str] = {
     "transport": "benchmarks.transport",
     "twin": "benchmarks.twin",
     "localization": "benchmarks.localization",
+    "spm": "benchmarks.spm",
 }

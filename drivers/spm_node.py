@@ -46,6 +46,7 @@ import numpy as np
 import zmq
 from nanonis_spm import Nanonis
 
+from drivers import nanonis_wire as wire
 from drivers.node import InstrumentNode, check_within, number_arg
 from drivers.protocol import ProtocolError, now_ns
 from drivers.spm_config import SpmDriverConfig
@@ -71,6 +72,29 @@ def nanonis_values(command: str, response: Sequence[Any]) -> list[Any]:
         text = " ".join(str(error).split())
         raise RuntimeError(f"Nanonis {command} failed: {text}")
     return list(values)
+
+
+def vendor_shape(spec: wire.CommandSpec, values: Sequence[Any]) -> list[Any]:
+    """Decoded return values laid out as the vendor client returns them.
+
+    The client also returns the counts that prefix strings and arrays on the wire:
+    a string is (byte count, text), a string array (byte size, count, strings), a 2-D
+    array (rows, columns, data) and a 1-D array (count, data).
+    """
+    out: list[Any] = []
+    for field, value in zip(spec.returns, values, strict=True):
+        if field.kind == wire.STR:
+            out += [len(value.encode("utf-8")), value]
+        elif field.kind == wire.STR_ARRAY:
+            size = sum(4 + len(str(v).encode("utf-8")) for v in value)
+            out += [size, len(value), list(value)]
+        elif field.kind == wire.ARRAY2D_F:
+            out += [value.shape[0], value.shape[1], value]
+        elif field.kind in wire.ARRAYS:
+            out += [len(value), value]
+        else:
+            out.append(value)
+    return out
 
 
 def split_signal(name: str) -> tuple[str, str]:
@@ -100,6 +124,18 @@ def _bool_arg(cmd: str, args: dict[str, Any], name: str, default: bool) -> bool:
             "bad_args", f"{cmd}: field '{name}' must be true or false, got {value!r}"
         )
     return value
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if not k:
+            raise ConnectionError(f"connection closed after {got} of {n} bytes")
+        got += k
+    return bytes(buf)
 
 
 class SpmNode(InstrumentNode):
@@ -181,6 +217,43 @@ class SpmNode(InstrumentNode):
         if len(response) != 3:
             self._drop_link()  # the reply belonged to another command: out of step
         return nanonis_values(command, response)
+
+    def nanonis_bulk(self, command: str, *args: Any, timeout_s: float | None = None) -> list[Any]:
+        """A bulk-data call on the same socket, arrays decoded with numpy.
+
+        The request bytes are those the vendor client sends (``nanonis_wire`` mirrors
+        it), so this works against a real controller; values come back in the vendor
+        client's layout (``vendor_shape``), 2-D data as a float32 array. Errors raise
+        RuntimeError exactly as ``nanonis`` does.
+        """
+        spec = wire.COMMANDS[command]
+        if self._client is None or self._sock is None:
+            self._connect()
+        sock = self._sock
+        assert sock is not None
+        sock.settimeout(timeout_s or self.config.io_timeout_s)
+        try:
+            sock.sendall(wire.encode_request(spec, args))
+            name, size, _flag = wire.unpack_header(_recv_exact(sock, wire.HEADER_SIZE))
+            if size < 0 or size > wire.MAX_BODY_BYTES:
+                raise wire.WireError(f"reply body size {size} out of range")
+            body = _recv_exact(sock, size)
+            if name != command.encode("ascii"):
+                self._drop_link()
+                raise RuntimeError(
+                    f"Nanonis {command}: no reply for this command (stream out of step: "
+                    f"got {wire.decode_name(name)!r})"
+                )
+            values, _status, message = wire.decode_response(spec, body)
+        except (OSError, wire.WireError) as exc:
+            self._drop_link()
+            raise RuntimeError(
+                f"Nanonis {command}: link to {self.address} failed "
+                f"({type(exc).__name__}: {exc}); reconnecting on the next call"
+            ) from exc
+        if message:  # like the client: an error whenever there is a description
+            raise RuntimeError(f"Nanonis {command} failed: {' '.join(message.split())}")
+        return vendor_shape(spec, values)
 
     def signal_names(self) -> list[str]:
         if self._signals is None:
@@ -419,7 +492,7 @@ class SpmNode(InstrumentNode):
         streams: list[str] = []
         shape: list[int] = []
         for index, signal in channels:
-            _size, _name, _rows, _cols, data, direction_up = self.nanonis(
+            _size, _name, _rows, _cols, data, direction_up = self.nanonis_bulk(
                 "Scan.FrameDataGrab", index, 1
             )
             image, unit = to_our_units(np.asarray(data, np.float32), split_signal(signal)[1])
@@ -457,10 +530,11 @@ class SpmNode(InstrumentNode):
     def _await_scan(self, timeout_s: float) -> None:
         """Poll Scan.StatusGet, serving heartbeats and the few commands allowed meanwhile."""
         deadline = time.monotonic() + timeout_s
+        wait_ms = 0  # first status read at once: a short (or simulated) scan is done already
         while True:
             # The controlling agent is blocked on our reply: that is not silence.
             self.last_agent_ns = now_ns()
-            for incoming in self.server.poll(timeout_ms=self.config.scan_poll_ms):
+            for incoming in self.server.poll(timeout_ms=wait_ms):
                 self._handle(incoming)
             self._tick()
             if self.stop.is_set() and not self._abort:
@@ -470,6 +544,7 @@ class SpmNode(InstrumentNode):
             if not self.nanonis("Scan.StatusGet")[0]:
                 self.scan_running = False
                 return
+            wait_ms = self.config.scan_poll_ms
             if time.monotonic() > deadline:
                 self.nanonis("Scan.Action", 1, 1)
                 self.scan_running = False
@@ -501,7 +576,7 @@ class SpmNode(InstrumentNode):
         self.nanonis("BiasSpectr.PropsSet", 0, sweeps, 1 if backward else 2, points, 0.0, 2, 2)
         self.nanonis("BiasSpectr.LimitsSet", start, end)
         t_start = now_ns()
-        _size, _n, names, _rows, _cols, data, _n_par, params = self.nanonis(
+        _size, _n, names, _rows, _cols, data, _n_par, params = self.nanonis_bulk(
             "BiasSpectr.Start", 1, "", timeout_s=self.config.spectrum_timeout_s
         )
         t_end = now_ns()
@@ -534,7 +609,7 @@ class SpmNode(InstrumentNode):
                 "points": points,
                 "sweeps": sweeps,
                 "backward": backward,
-                "parameters": [float(p[0]) for p in params],
+                "parameters": [float(p) for p in np.asarray(params, np.float64).ravel()],
             },
         )
         self.spectra_done += 1

@@ -432,3 +432,97 @@ def test_long_spectrum_does_not_trip_the_watchdog(
         assert state["watchdog_tripped"] is False and backend.bias_v == pytest.approx(0.5)
     finally:
         agent.close()
+
+
+# ------------------------------------------------------------------ bulk-data fast path
+
+
+@pytest.fixture
+def bare_node(server: NanonisServer, ipc_dir: Path, zmq_ctx: zmq.Context) -> Iterator[SpmNode]:
+    """A node that is not serving: the test thread may call Nanonis through it."""
+    host, port = server.address
+    config = SpmDriverConfig(
+        stream_endpoint=f"ipc://{ipc_dir}/bare-stream",
+        command_endpoint=f"ipc://{ipc_dir}/bare-command",
+        nanonis_host=host,
+        nanonis_port=port,
+    )
+    node = SpmNode(config, ctx=zmq_ctx)
+    yield node
+    node.teardown()
+    node.publisher.close()
+    node.server.close()
+
+
+def test_bulk_scan_frames_equal_the_vendor_decode(
+    bare_node: SpmNode, backend: FakeSpmBackend
+) -> None:
+    node = bare_node
+    backend.scan_time_s = 0.0
+    node.nanonis("Scan.FrameSet", 0.5e-6, -0.5e-6, 2e-6, 1e-6, 0.0)
+    node.nanonis("Scan.BufferSet", [1, 5, 6], 24, 16)
+    node.nanonis("Scan.Action", 0, 1)
+    assert not node.nanonis("Scan.StatusGet")[0]
+    grab = backend.grab_scan_frame
+    grabbed: dict[tuple[int, bool], Any] = {}  # the fake adds fresh noise to every grab
+
+    def same_frame(channel_index: int, forward: bool) -> Any:
+        key = (channel_index, forward)
+        if key not in grabbed:
+            grabbed[key] = grab(*key)
+        return grabbed[key]
+
+    backend.grab_scan_frame = same_frame  # type: ignore[method-assign]
+    for index in (1, 5, 6):
+        for forward in (1, 0):
+            slow = node.nanonis("Scan.FrameDataGrab", index, forward)
+            fast = node.nanonis_bulk("Scan.FrameDataGrab", index, forward)
+            assert fast[:4] == slow[:4] and fast[5] == slow[5]
+            assert fast[2:4] == [16, 24] and fast[4].dtype == np.float32
+            np.testing.assert_array_equal(fast[4], np.asarray(slow[4], np.float32))
+    assert node.nanonis("Bias.Get")[0] == pytest.approx(backend.bias_v)  # still in step
+
+
+def test_bulk_spectrum_equals_the_vendor_decode(
+    bare_node: SpmNode, backend: FakeSpmBackend
+) -> None:
+    node = bare_node
+    node.nanonis("BiasSpectr.Open")
+    node.nanonis("BiasSpectr.PropsSet", 0, 1, 1, 32, 0.0, 2, 2)
+    node.nanonis("BiasSpectr.LimitsSet", -2.0, 2.0)
+    result = backend.run_bias_spectroscopy("")
+    backend.run_bias_spectroscopy = lambda _name: result  # type: ignore[method-assign]
+    slow = node.nanonis("BiasSpectr.Start", 1, "")
+    fast = node.nanonis_bulk("BiasSpectr.Start", 1, "")
+    assert fast[:5] == slow[:5]  # names: byte size, count, names; rows, columns
+    assert fast[3:5] == [5, 32] and fast[5].dtype == np.float32
+    np.testing.assert_array_equal(fast[5], np.asarray(slow[5], np.float32))
+    assert fast[6] == len(result.parameters)
+    np.testing.assert_allclose(fast[7], result.parameters, rtol=1e-6)
+    assert node.nanonis("Bias.Get")[0] == pytest.approx(backend.bias_v)  # still in step
+
+
+def test_bulk_errors_are_device_errors_and_the_link_stays_in_step(
+    client: CommandClient, backend: FakeSpmBackend
+) -> None:
+    def no_frame(channel_index: int, forward: bool) -> Any:
+        raise RuntimeError("frame buffer empty")
+
+    def no_sweep(save_base_name: str) -> Any:
+        raise RuntimeError("spectroscopy module closed")
+
+    backend.scan_time_s = 0.0
+    backend.grab_scan_frame = no_frame  # type: ignore[method-assign]
+    backend.run_bias_spectroscopy = no_sweep  # type: ignore[method-assign]
+    scan = {"x_um": 0, "y_um": 0, "width_um": 1, "height_um": 1, "pixels": 8, "lines": 4,
+            "channels": ["Z"]}  # fmt: skip
+    with pytest.raises(CommandError, match=r"Nanonis Scan\.FrameDataGrab failed") as err:
+        client.call("scan", scan)
+    assert err.value.code == "device_error" and "frame buffer empty" in str(err.value)
+    spectrum = {"x_um": 0, "y_um": 0, "bias_from_v": -1, "bias_to_v": 1, "points": 8}
+    with pytest.raises(CommandError, match=r"Nanonis BiasSpectr\.Start failed") as err:
+        client.call("spectrum", spectrum)
+    assert err.value.code == "device_error" and "spectroscopy module closed" in str(err.value)
+    state = client.call("get_state").result
+    assert state["link_ok"] is True and state["scan_running"] is False
+    assert client.call("set_bias", {"bias_v": 1.0}).result == {"bias_v": 1.0}

@@ -87,3 +87,19 @@ def test_localization_bench_contract() -> None:
     assert ratio is not None and ratio >= 0.8  # no estimator beats the bound by much
     assert "deep_rmse_over_crb_snr5" in metrics
     assert metrics["deep_seeds"] == 3 and 0.0 <= metrics["deep_success_rate_seeds"] <= 1.0
+
+
+def test_spm_bench_contract() -> None:
+    metrics = _bench_json("spm")
+    for key in (
+        "twin_spectra_per_s",
+        "driver_spectra_per_s",
+        "twin_scan_lines_per_s",
+        "driver_scan_lines_per_s",
+    ):
+        assert metrics[key] > 0, key
+    ratio = metrics["twin_spectra_per_s"] / metrics["driver_spectra_per_s"]
+    assert metrics["spectrum_overhead_ratio"] == pytest.approx(ratio)
+    assert metrics["overhead_ratio"] == max(
+        metrics["spectrum_overhead_ratio"], metrics["scan_overhead_ratio"]
+    )

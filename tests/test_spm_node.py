@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -52,14 +52,20 @@ def sent(server: NanonisServer) -> list[str]:
 
 
 @pytest.fixture
-def make_node(server: NanonisServer, ipc_dir: Path, zmq_ctx: zmq.Context) -> Iterator[MakeNode]:
-    started: list[tuple[SpmNode, threading.Thread]] = []
+def make_node(
+    server: NanonisServer,
+    ipc_dir: Path,
+    zmq_ctx: zmq.Context,
+    run_node: Callable[[SpmNode], SpmNode],
+) -> MakeNode:
+    numbers = itertools.count()
 
     def start(**overrides: Any) -> SpmNode:
         host, port = server.address
+        n = next(numbers)
         settings: dict[str, Any] = {
-            "stream_endpoint": f"ipc://{ipc_dir}/stream{len(started)}",
-            "command_endpoint": f"ipc://{ipc_dir}/command{len(started)}",
+            "stream_endpoint": f"ipc://{ipc_dir}/stream{n}",
+            "command_endpoint": f"ipc://{ipc_dir}/command{n}",
             "nanonis_host": host,
             "nanonis_port": port,
             "watchdog_ms": 5000,
@@ -67,17 +73,9 @@ def make_node(server: NanonisServer, ipc_dir: Path, zmq_ctx: zmq.Context) -> Ite
             "state_poll_ms": 0,
             **overrides,
         }
-        node = SpmNode(SpmDriverConfig(**settings), ctx=zmq_ctx)
-        thread = threading.Thread(target=node.serve, daemon=True)
-        thread.start()
-        started.append((node, thread))
-        return node
+        return run_node(SpmNode(SpmDriverConfig(**settings), ctx=zmq_ctx))
 
-    yield start
-    for node, thread in started:
-        node.stop.set()
-        thread.join(timeout=10)
-        assert not thread.is_alive(), "SPM node did not stop"
+    return start
 
 
 @pytest.fixture

@@ -55,3 +55,16 @@ def test_detect_refuses_bad_files_and_options(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "--detector" in proc.stderr and "ouija" in proc.stderr
     proc = _scopeloop("detect", str(broken), "--out", "x.csv", "--diameter", "0")
     assert proc.returncode == 2 and "--diameter" in proc.stderr
+
+
+def test_deep_detector_learns_from_the_files_themselves(tmp_path: Path) -> None:
+    stack, out = tmp_path / "stack.tif", tmp_path / "deep.csv"
+    _stack(stack, frames=8)
+    proc = _scopeloop("detect", str(stack), "--out", str(out), "--detector", "lodestar")
+    assert proc.returncode == 0, proc.stderr
+    assert "converged: True" in proc.stdout
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 8 * len(TRUTH)
+    for row in rows:
+        x, y = float(row["x"]), float(row["y"])
+        assert min(np.hypot(x - tx, y - ty) for tx, ty in TRUTH) < 0.2

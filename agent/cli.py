@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from agent.config import ConfigError, ExperimentConfig, load_config
+from agent.config import ConfigError, ExperimentConfig, apply_overrides, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 driver_app = typer.Typer(no_args_is_help=True, help="Driver nodes (instrument side).")
@@ -71,7 +71,7 @@ def _run(config: ExperimentConfig) -> dict[str, Any]:
             raise typer.Exit(1) from None
     _print_summary(summary)
     console.print(
-        f"run written to [bold]{run_dir}[/bold] (summary.json, events-*.jsonl, "
+        f"run written to [bold]{run_dir}[/bold] (report.html, summary.json, events-*.jsonl, "
         f"{', '.join(summary.get('plots', []))})"
     )
     return summary
@@ -127,6 +127,58 @@ def driver_serve(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     serve(_load(config, overrides).driver)
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="A run directory under runs/.")]) -> None:
+    """Write report.html with PNG plots for any finished run."""
+    from agent.report import write_report
+
+    try:
+        path = write_report(run_dir)
+    except ValueError as exc:
+        err_console.print(f"report: {exc}", markup=False, highlight=False)
+        raise typer.Exit(2) from None
+    console.print(f"report written to {path}", markup=False, highlight=False)
+
+
+@app.command()
+def replay(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory under runs/.")],
+    overrides: SetOption = None,
+    phase: Annotated[str, typer.Option("--phase", help="feedback or free.")] = "feedback",
+) -> None:
+    """Re-run the policy offline over a recorded run; report what would have changed.
+
+    `--set policy.gain_per_s=12` (any `policy.*` override) replays another policy."""
+    import yaml
+
+    from agent.replay import replay_run
+
+    policy = None
+    if overrides:
+        try:
+            recorded = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+            raw = apply_overrides({"policy": recorded.get("policy", {})}, overrides)
+        except (OSError, yaml.YAMLError, ConfigError) as exc:
+            err_console.print(f"replay: {exc}", markup=False, highlight=False)
+            raise typer.Exit(2) from None
+        if set(raw) != {"policy"}:
+            err_console.print("replay: --set takes policy.* keys only")
+            raise typer.Exit(2)
+        policy = raw["policy"]
+    try:
+        result = replay_run(run_dir, policy=policy, phase=phase)
+    except ValueError as exc:
+        err_console.print(f"replay: {exc}", markup=False, highlight=False)
+        raise typer.Exit(2) from None
+    console.print(
+        f"{result['steps_differing']} of {result['steps']} decisions differ "
+        f"(mean spot move {result['mean_spot_displacement_um']:.3f} um, mean power change "
+        f"{result['mean_power_change_mw']:+.3f} mW); written to {result['output']}",
+        markup=False,
+        highlight=False,
+    )
 
 
 @twin_app.command("serve")

@@ -24,6 +24,7 @@ from agent.evaluate import TruthRecorder, controlled_track, detection_rmse_um, r
 from agent.loop import AgentLoop, DriverSilent, LoopEndpoints, LoopResult
 from agent.plots import plot_run
 from agent.recorder import EventLog, new_run_dir, read_events, write_json
+from agent.report import write_report
 from agent.tracking import Tracker
 from drivers.serve import resolve_endpoints
 from policies.contract import Policy
@@ -207,4 +208,5 @@ def run_experiment(
         step_latencies_ms(phases["feedback"].steps),
     )
     write_json(run_dir / "summary.json", summary)
+    write_report(run_dir)
     return run_dir, summary

@@ -1,0 +1,257 @@
+"""Offline replay: feed a run's recorded observations back through a policy.
+
+Frames are not recorded (only detections), so the detector cannot be re-run yet:
+replay rebuilds each step's `Observation` from the event log (detections, track ids,
+target, sequence number, exposure) and asks a policy what it would have commanded,
+clipped to the driver's limits exactly as the live loop does. It reports how often
+and how far the laser command would have changed and, when the run has ground
+truth, the recorded detections' error. With the recorded policy config the replayed
+decisions match the recorded ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from agent.config import ExperimentConfig, PolicyConfig
+from agent.detectors import DetectorSettings
+from agent.recorder import write_json
+from agent.report import MATCH_RADIUS_UM, RunData, detection_errors_um, load_run
+from agent.safety import LaserLimits
+from policies.contract import Action, LaserSpot, Observation, Policy
+from policies.feedback import LaserOff, LaserOffConfig, ProportionalTrap, ProportionalTrapConfig
+
+SPOT_TOLERANCE_UM = 0.1
+POWER_TOLERANCE = 0.05  # relative
+ROUNDING_UM = 1e-3  # recorded detections are rounded to 1e-4 um
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def build_policy(config: BaseModel) -> Policy:
+    if isinstance(config, ProportionalTrapConfig):
+        return ProportionalTrap(config)
+    if isinstance(config, LaserOffConfig):
+        return LaserOff(config)
+    raise ValueError(f"replay: unsupported policy config {type(config).__name__}")
+
+
+def _recorded_config(run: RunData) -> ExperimentConfig | None:
+    if run.config_text is None:
+        return None
+    try:
+        return ExperimentConfig.model_validate(yaml.safe_load(run.config_text) or {})
+    except (ValidationError, yaml.YAMLError) as exc:
+        raise ValueError(f"{run.run_dir / 'config.yaml'}: not a valid config ({exc})") from None
+
+
+def _policy_config(policy: Any) -> BaseModel:
+    """A policy config model from a model or a plain mapping (validated)."""
+    if isinstance(policy, (ProportionalTrapConfig, LaserOffConfig)):
+        return policy
+    if isinstance(policy, BaseModel):
+        policy = policy.model_dump()
+    try:
+        return TypeAdapter(PolicyConfig).validate_python(policy)
+    except ValidationError as exc:
+        raise ValueError(f"replay: invalid policy config ({exc.errors()[0]['msg']})") from None
+
+
+def _spots(wire: list[dict[str, Any]] | None) -> tuple[LaserSpot, ...]:
+    return tuple(
+        LaserSpot(float(s["x_um"]), float(s["y_um"]), float(s["power_mw"])) for s in wire or []
+    )
+
+
+def _wire(spots: tuple[LaserSpot, ...]) -> list[dict[str, float]]:
+    return [{"x_um": s.x_um, "y_um": s.y_um, "power_mw": s.power_mw} for s in spots]
+
+
+def _detections(step: dict[str, Any]) -> np.ndarray:
+    """Recorded detections; the tracked one restored to full precision from `info`."""
+    found = np.asarray(step.get("detections_um") or [], dtype=float).reshape(-1, 2)
+    info = step.get("info") or {}
+    if len(found) and "x_um" in info and "y_um" in info:
+        exact = np.array([info["x_um"], info["y_um"]], dtype=float)
+        distances = np.hypot(*(found - exact).T)
+        best = int(np.argmin(distances))
+        if distances[best] < ROUNDING_UM:
+            found[best] = exact
+    return found
+
+
+def observations(run: RunData, phase: str) -> list[tuple[dict[str, Any], Observation]]:
+    """(step event, rebuilt observation) for every recorded step of a phase."""
+    start = run.start(phase) or {}
+    state = start.get("driver_state") or {}
+    field_um = tuple(float(v) for v in state.get("field_um", (0.0, 0.0)))
+    exposure_s = float(state.get("exposure_ms", 0.0)) / 1000.0
+    laser: tuple[LaserSpot, ...] = _spots(state.get("laser"))
+    pairs = []
+    for step in run.steps(phase):
+        ids = step.get("track_ids")
+        obs = Observation(
+            seq=int(step["seq"]),
+            t_s=float(step.get("t_exp_end_ns", 0)) / 1e9,
+            detections_um=_detections(step),
+            target_um=(float(step["target_um"][0]), float(step["target_um"][1])),
+            exposure_s=exposure_s,
+            laser=laser,
+            field_um=(field_um[0], field_um[1]),
+            track_ids=None if ids is None else np.asarray(ids, dtype=np.int64),
+        )
+        pairs.append((step, obs))
+        laser = _spots(step.get("laser"))  # what the next frame was lit with (approximately)
+    return pairs
+
+
+def compare(
+    recorded: tuple[LaserSpot, ...], replayed: tuple[LaserSpot, ...]
+) -> tuple[bool, float | None]:
+    """(differs, largest spot displacement in um or None when the spot counts differ)."""
+    if len(recorded) != len(replayed):
+        return True, None
+    if not recorded:
+        return False, 0.0
+    moved = max(
+        float(np.hypot(a.x_um - b.x_um, a.y_um - b.y_um))
+        for a, b in zip(recorded, replayed, strict=True)
+    )
+    power = any(
+        abs(a.power_mw - b.power_mw) > POWER_TOLERANCE * max(abs(a.power_mw), abs(b.power_mw))
+        for a, b in zip(recorded, replayed, strict=True)
+    )
+    return moved > SPOT_TOLERANCE_UM or power, moved
+
+
+def _default_name(policy_config: BaseModel, recorded: bool) -> str:
+    if recorded:
+        return "recorded"
+    digest = hashlib.sha1(
+        json.dumps(policy_config.model_dump(mode="json"), sort_keys=True).encode()
+    ).hexdigest()[:8]
+    return f"{getattr(policy_config, 'kind', 'policy')}-{digest}"
+
+
+def replay_run(
+    run_dir: Path,
+    detector: DetectorSettings | None = None,
+    policy: BaseModel | dict[str, Any] | None = None,
+    *,
+    phase: str = "feedback",
+    name: str | None = None,
+    max_examples: int = 10,
+) -> dict[str, Any]:
+    """Re-run a policy on a run's recorded observations; write `replay-<name>.json`.
+
+    `policy`: a ProportionalTrapConfig / LaserOffConfig (or a mapping validated as one);
+    None replays the recorded policy (the run's config.yaml; laser off for "free").
+    `detector`: recorded in the result only: frames are not logged, so the recorded
+    detections are reused. Raises ValueError naming the path for a bad run directory.
+    """
+    run_dir = Path(run_dir)
+    run = load_run(run_dir)
+    if phase not in run.phases:
+        raise ValueError(
+            f"{run_dir}: no events-{phase}.jsonl (phases: {', '.join(run.phases) or 'none'})"
+        )
+    steps_events = run.steps(phase)
+    if not steps_events:
+        raise ValueError(f"{run_dir}: events-{phase}.jsonl holds no step events")
+    recorded_config = _recorded_config(run)
+    if policy is None:
+        if phase == "free":
+            policy_config: BaseModel = LaserOffConfig()
+        elif recorded_config is None:
+            raise ValueError(f"{run_dir}: no config.yaml to take the recorded policy from")
+        else:
+            policy_config = recorded_config.policy
+    else:
+        policy_config = _policy_config(policy)
+    name = name or _default_name(policy_config, policy is None)
+    if not _NAME.match(name):
+        raise ValueError(f"replay name {name!r}: use letters, digits, '_', '.', '-'")
+
+    start = run.start(phase)
+    limits = LaserLimits.from_driver_state(start["driver_state"]) if start else None
+    agent = build_policy(policy_config)
+    agent.reset()
+    differing = 0
+    displacements: list[float] = []
+    power_changes: list[float] = []
+    examples: list[dict[str, Any]] = []
+    for step, obs in observations(run, phase):
+        action = agent.act(obs)
+        clipped = False
+        if limits is not None:
+            action, clipped = limits.clip(action)
+        recorded = _spots(step.get("laser"))
+        differs, moved = compare(recorded, action.laser)
+        if moved is not None and recorded:
+            displacements.append(moved)
+        power_changes.append(
+            sum(s.power_mw for s in action.laser) - sum(s.power_mw for s in recorded)
+        )
+        if differs:
+            differing += 1
+            if len(examples) < max_examples:
+                examples.append(_example(step, action, clipped, moved))
+
+    detection = None
+    if phase in run.truth:
+        errors, unmatched = detection_errors_um(steps_events, run.truth[phase])
+        detection = {
+            "matched": len(errors),
+            "unmatched": unmatched,
+            "match_radius_um": MATCH_RADIUS_UM,
+            "rmse_um": float(np.sqrt(np.mean(np.square(errors)))) if len(errors) else None,
+            "median_um": float(np.median(errors)) if len(errors) else None,
+        }
+    n = len(steps_events)
+    result: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "phase": phase,
+        "name": name,
+        "policy": policy_config.model_dump(mode="json"),
+        "policy_source": "recorded" if policy is None else "given",
+        "detector": (detector or (recorded_config.agent.detector if recorded_config else None)),
+        "detector_replayed": False,
+        "note": "frames are not recorded: the recorded detections are reused, only the policy "
+        "is re-run",
+        "tolerances": {"spot_um": SPOT_TOLERANCE_UM, "power_relative": POWER_TOLERANCE},
+        "steps": n,
+        "steps_differing": differing,
+        "fraction_differing": differing / n,
+        "mean_spot_displacement_um": float(np.mean(displacements)) if displacements else None,
+        "max_spot_displacement_um": float(np.max(displacements)) if displacements else None,
+        "mean_power_change_mw": float(np.mean(power_changes)),
+        "detection_error": detection,
+        "examples": examples,
+    }
+    if isinstance(result["detector"], BaseModel):
+        result["detector"] = result["detector"].model_dump(mode="json")
+    path = run_dir / f"replay-{name}.json"
+    result["output"] = str(path)
+    write_json(path, result)
+    return result
+
+
+def _example(
+    step: dict[str, Any], action: Action, clipped: bool, moved: float | None
+) -> dict[str, Any]:
+    return {
+        "seq": step["seq"],
+        "recorded": step.get("laser") or [],
+        "replayed": _wire(action.laser),
+        "replayed_clipped": clipped,
+        "spot_displacement_um": moved,
+        "recorded_info": step.get("info") or {},
+        "replayed_info": dict(action.info),
+    }

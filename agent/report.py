@@ -1,0 +1,361 @@
+"""Run report: `report.html` plus PNG plots for any finished run directory.
+
+Reads only what the runner wrote (`summary.json`, `config.yaml`, `events-<phase>.jsonl`,
+`truth-<phase>.jsonl`); every optional file that is missing turns its section into a
+note saying what is missing, so a crashed run or a run without ground truth still gets
+a report. The HTML is self-contained apart from the PNGs next to it (relative paths).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.ticker import MaxNLocator
+
+from agent.evaluate import controlled_track
+from agent.recorder import read_events
+
+PHASE_ORDER = ("feedback", "free")
+PHASE_LABELS = {"feedback": "feedback on", "free": "laser off (free diffusion)"}
+PHASE_COLORS = {"feedback": "tab:blue", "free": "tab:orange"}
+MATCH_RADIUS_UM = 1.0
+REPORT_NAME = "report.html"
+
+
+class RunData:
+    """Everything a report or replay reads from one run directory."""
+
+    def __init__(self, run_dir: Path) -> None:
+        run_dir = Path(run_dir)
+        self.run_dir = run_dir
+        event_files = sorted(run_dir.glob("events-*.jsonl")) if run_dir.is_dir() else []
+        phase_files = [p for p in event_files if p.stem != "events-training"]
+        summary_path = run_dir / "summary.json"
+        if not summary_path.is_file() and not phase_files:
+            raise ValueError(
+                f"{run_dir} is not a run directory (no summary.json, no events-*.jsonl)"
+            )
+        self.summary: dict[str, Any] | None = None
+        if summary_path.is_file():
+            try:
+                self.summary = json.loads(summary_path.read_text())
+            except json.JSONDecodeError:
+                self.summary = None
+        config_path = run_dir / "config.yaml"
+        self.config_text = config_path.read_text() if config_path.is_file() else None
+        names = [p.stem.removeprefix("events-") for p in phase_files]
+        names.sort(key=lambda n: (PHASE_ORDER.index(n) if n in PHASE_ORDER else 99, n))
+        self.events: dict[str, list[dict[str, Any]]] = {
+            n: read_events(run_dir / f"events-{n}.jsonl") for n in names
+        }
+        self.truth: dict[str, list[dict[str, Any]]] = {}
+        for n in names:
+            path = run_dir / f"truth-{n}.jsonl"
+            records = read_events(path) if path.is_file() else []
+            if records:
+                self.truth[n] = records
+
+    @property
+    def phases(self) -> list[str]:
+        return list(self.events)
+
+    def steps(self, phase: str) -> list[dict[str, Any]]:
+        return [e for e in self.events.get(phase, []) if e.get("kind") == "step"]
+
+    def start(self, phase: str) -> dict[str, Any] | None:
+        return next((e for e in self.events.get(phase, []) if e.get("kind") == "start"), None)
+
+    def target_um(self) -> tuple[float, float] | None:
+        for phase in self.phases:
+            start = self.start(phase)
+            if start and start.get("target_um"):
+                return (float(start["target_um"][0]), float(start["target_um"][1]))
+        if self.summary and self.summary.get("target_um"):
+            return (float(self.summary["target_um"][0]), float(self.summary["target_um"][1]))
+        return None
+
+
+def load_run(run_dir: Path) -> RunData:
+    """Read a run directory; ValueError naming the path if it is not one."""
+    return RunData(run_dir)
+
+
+def detection_errors_um(
+    steps: list[dict[str, Any]],
+    truth: list[dict[str, Any]],
+    match_radius_um: float = MATCH_RADIUS_UM,
+) -> tuple[np.ndarray, int]:
+    """Distance of every recorded detection to its nearest true particle (same frame).
+
+    Returns (errors of detections within `match_radius_um`, count of unmatched ones).
+    """
+    by_seq = {r["seq"]: np.asarray(r["positions_um"], dtype=float).reshape(-1, 2) for r in truth}
+    errors: list[float] = []
+    unmatched = 0
+    for step in steps:
+        true = by_seq.get(step.get("seq"))
+        found = np.asarray(step.get("detections_um") or [], dtype=float).reshape(-1, 2)
+        if true is None or len(true) == 0 or len(found) == 0:
+            continue
+        distances = np.min(np.hypot(*(found[:, None, :] - true[None, :, :]).transpose(2, 0, 1)), 1)
+        errors.extend(float(d) for d in distances if d <= match_radius_um)
+        unmatched += int(np.sum(distances > match_radius_um))
+    return np.asarray(errors, dtype=float), unmatched
+
+
+def _step_times_s(steps: list[dict[str, Any]]) -> np.ndarray:
+    """Exposure end of each step, seconds from the phase's first step."""
+    t = np.array([s.get("t_exp_end_ns", 0) for s in steps], dtype=float) / 1e9
+    return t - t[0] if len(t) else t
+
+
+def _truth_times_s(truth: list[dict[str, Any]]) -> np.ndarray:
+    t = np.array([r.get("t_s", i) for i, r in enumerate(truth)], dtype=float)
+    return t - t[0] if len(t) else t
+
+
+def _label(phase: str) -> str:
+    return PHASE_LABELS.get(phase, phase)
+
+
+def _color(phase: str) -> str:
+    return PHASE_COLORS.get(phase, "tab:gray")
+
+
+def _save(fig: Any, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_trajectories(run: RunData, path: Path) -> str | None:
+    """True trajectory per phase (one panel each) with the target; None without truth."""
+    target = run.target_um()
+    phases = [p for p in run.phases if p in run.truth]
+    if not phases or target is None:
+        return None
+    fig, axes = plt.subplots(1, len(phases), figsize=(5.2 * len(phases), 4.8), squeeze=False)
+    for ax, phase in zip(axes[0], phases, strict=True):
+        track = controlled_track(run.truth[phase], target)
+        ax.plot(track[:, 0], track[:, 1], lw=0.8, color=_color(phase), label="true position")
+        ax.plot(*track[0], "o", color="k", ms=4, label="start")
+        ax.plot(*target, "r+", ms=14, mew=2, label="target")
+        ax.set(xlabel="x (um)", ylabel="y (um)", title=f"true trajectory: {_label(phase)}")
+        ax.set_aspect("equal", adjustable="datalim")
+        ax.invert_yaxis()  # image convention: y grows downwards
+        ax.legend(fontsize=8, loc="best")
+    _save(fig, path)
+    return path.name
+
+
+def plot_distance(run: RunData, path: Path) -> str | None:
+    target = run.target_um()
+    phases = [p for p in run.phases if p in run.truth]
+    if not phases or target is None:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for phase in phases:
+        track = controlled_track(run.truth[phase], target)
+        distance = np.hypot(*(track - np.asarray(target)).T)
+        ax.plot(
+            _truth_times_s(run.truth[phase]),
+            distance,
+            lw=0.8,
+            color=_color(phase),
+            label=_label(phase),
+        )
+    ax.set(xlabel="time (s)", ylabel="true distance to target (um)", title="distance to target")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    return path.name
+
+
+def plot_latency(latencies_ms: list[float], path: Path) -> str | None:
+    if not latencies_ms:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.hist(latencies_ms, bins=60, color="tab:green")
+    p50 = float(np.percentile(latencies_ms, 50))
+    p99 = float(np.percentile(latencies_ms, 99))
+    ax.axvline(p50, color="k", ls="-", lw=1, label=f"p50 {p50:.2f} ms")
+    ax.axvline(p99, color="k", ls="--", lw=1, label=f"p99 {p99:.2f} ms")
+    ax.set(
+        xlabel="frame published -> command applied (ms)",
+        ylabel="steps",
+        title=f"loop latency (feedback phase, {len(latencies_ms)} steps)",
+    )
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    return path.name
+
+
+def plot_detections(run: RunData, path: Path) -> str | None:
+    phases = [p for p in run.phases if run.steps(p)]
+    if not phases:
+        return None
+    fig, (ax_n, ax_skip) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True)
+    for phase in phases:
+        steps = run.steps(phase)
+        t = _step_times_s(steps)
+        count = [s.get("n_detections", len(s.get("detections_um") or [])) for s in steps]
+        skipped = [s.get("skipped_total", 0) for s in steps]
+        ax_n.step(t, count, where="post", lw=0.8, color=_color(phase), label=_label(phase))
+        ax_skip.step(t, skipped, where="post", lw=0.8, color=_color(phase), label=_label(phase))
+    ax_n.set(ylabel="detections per frame", title="detections and skipped frames")
+    ax_n.legend(fontsize=8)
+    ax_skip.set(xlabel="time (s)", ylabel="frames skipped (cumulative)")
+    ax_n.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_skip.yaxis.set_major_locator(MaxNLocator(integer=True))
+    _save(fig, path)
+    return path.name
+
+
+def plot_laser(run: RunData, path: Path) -> str | None:
+    phases = [p for p in run.phases if run.steps(p)]
+    if not phases:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for phase in phases:
+        steps = run.steps(phase)
+        power = [sum(float(s["power_mw"]) for s in step.get("laser") or []) for step in steps]
+        ax.step(
+            _step_times_s(steps),
+            power,
+            where="post",
+            lw=0.8,
+            color=_color(phase),
+            label=_label(phase),
+        )
+    ax.set(xlabel="time (s)", ylabel="commanded laser power (mW, all spots)", title="laser power")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    return path.name
+
+
+def plot_detection_error(errors_um: np.ndarray, unmatched: int, path: Path) -> str | None:
+    if len(errors_um) == 0:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4))
+    nm = errors_um * 1000.0
+    ax.hist(nm, bins=50, color="tab:purple")
+    rmse = float(np.sqrt(np.mean(np.square(nm))))
+    ax.axvline(rmse, color="k", ls="--", lw=1, label=f"RMS {rmse:.1f} nm")
+    ax.set(
+        xlabel="detection error vs truth (nm)",
+        ylabel="detections",
+        title=f"detection error ({len(nm)} matched, {unmatched} beyond {MATCH_RADIUS_UM:g} um)",
+    )
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    return path.name
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.6g}"
+    if isinstance(value, (list, dict)):
+        text = json.dumps(value)
+        return text if len(text) < 200 else text[:197] + "..."
+    return str(value)
+
+
+def _summary_table(summary: dict[str, Any]) -> str:
+    rows = "".join(
+        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>"
+        for k, v in summary.items()
+    )
+    return f"<table>{rows}</table>"
+
+
+def _section(title: str, image: str | None, missing: str, caption: str = "") -> str:
+    head = f"<h2>{html.escape(title)}</h2>"
+    if image is None:
+        return f'{head}<p class="missing">Not available: {html.escape(missing)}</p>'
+    cap = f"<p>{html.escape(caption)}</p>" if caption else ""
+    return f'{head}{cap}<img src="{html.escape(image)}" alt="{html.escape(title)}">'
+
+
+CSS = """
+body{font-family:sans-serif;margin:2em;max-width:1100px;color:#222}
+table{border-collapse:collapse}th,td{border:1px solid #ccc;padding:3px 8px;text-align:left}
+th{background:#f4f4f4;font-weight:normal}td{font-family:monospace}
+img{max-width:100%;border:1px solid #ddd}.missing{color:#a33;font-style:italic}
+pre{background:#f7f7f7;padding:1em;overflow:auto}
+"""
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write `run_dir/report.html` and its PNG plots; return the HTML path.
+
+    Raises ValueError (one line, naming the path) if `run_dir` is not a run directory.
+    """
+    run = load_run(Path(run_dir))
+    out = run.run_dir
+    feedback = "feedback" if "feedback" in run.phases else (run.phases[0] if run.phases else None)
+    missing_truth = [p for p in run.phases if p not in run.truth]
+    truth_note = (
+        f"no ground-truth records (truth-<phase>.jsonl) for {', '.join(missing_truth)}"
+        if missing_truth
+        else ""
+    )
+    sections: list[str] = []
+    no_truth = "no ground-truth records (truth-<phase>.jsonl) in this run"
+    if run.target_um() is None and run.truth:
+        no_truth = "no target recorded (no start event, no summary.json)"
+    image = plot_trajectories(run, out / "report-trajectories.png")
+    caption = f"Phases without truth: {truth_note}." if image and missing_truth else ""
+    sections.append(_section("True trajectories", image, no_truth, caption))
+    image = plot_distance(run, out / "report-distance.png")
+    sections.append(_section("Distance to target", image, no_truth, caption))
+    steps = run.steps(feedback) if feedback else []
+    latencies = [float(s["latency_ms"]) for s in steps if s.get("latency_ms") is not None]
+    image = plot_latency(latencies, out / "report-latency.png")
+    sections.append(
+        _section("Loop latency", image, "no step with a measured latency in the event log")
+    )
+    image = plot_detections(run, out / "report-detections.png")
+    sections.append(_section("Detections and skipped frames", image, "no step events"))
+    image = plot_laser(run, out / "report-laser.png")
+    sections.append(_section("Laser power", image, "no step events"))
+    if feedback and feedback in run.truth:
+        errors, unmatched = detection_errors_um(steps, run.truth[feedback])
+        image = plot_detection_error(errors, unmatched, out / "report-detection-error.png")
+        why = "no detection within the match radius of a true particle"
+    else:
+        image, why = None, f"no ground-truth records for the {feedback or 'feedback'} phase"
+    sections.append(_section(f"Detection error vs truth ({feedback} phase)", image, why))
+
+    if run.summary is not None:
+        summary_html = _summary_table(run.summary)
+    else:
+        summary_html = '<p class="missing">Not available: no summary.json (unfinished run?)</p>'
+    if run.config_text is not None:
+        config_html = (
+            "<details><summary>config.yaml</summary>"
+            f"<pre>{html.escape(run.config_text)}</pre></details>"
+        )
+    else:
+        config_html = '<p class="missing">Not available: no config.yaml</p>'
+    name = (run.summary or {}).get("name", out.name)
+    phases = ", ".join(f"{p} ({len(run.steps(p))} steps)" for p in run.phases) or "none"
+    page = (
+        "<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
+        f"<title>scopeloop run {html.escape(str(name))}</title><style>{CSS}</style></head>"
+        f"<body><h1>Run {html.escape(str(name))}</h1>"
+        f"<p>Directory: <code>{html.escape(str(out))}</code><br>Phases: {html.escape(phases)}</p>"
+        f"<h2>Summary</h2>{summary_html}<h2>Configuration</h2>{config_html}"
+        + "".join(sections)
+        + "</body></html>\n"
+    )
+    path = out / REPORT_NAME
+    path.write_text(page, encoding="utf-8")
+    return path

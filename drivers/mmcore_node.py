@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 TruthSource = Callable[[Any], dict[str, Any] | None]
 STREAM = "camera"
 PUBLISHED_RING = 512
+POSITION_REFRESH_NS = 200_000_000
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,8 @@ class DriverNode(InstrumentNode):
             )
         self.frames_published = 0
         self._published_ns: OrderedDict[int, int] = OrderedDict()
+        self._position_cache: dict[str, Any] | None = None
+        self._position_read_ns = 0
         self.handlers.update(
             {
                 "set_laser": self._cmd_set_laser,
@@ -229,6 +232,7 @@ class DriverNode(InstrumentNode):
         check_within("move_stage", "x_um", x, self.config.limits.stage_x_um, "um")
         check_within("move_stage", "y_um", y, self.config.limits.stage_y_um, "um")
         self.core.setXYPosition(x, y)
+        self._forget_positions()
         if args.get("wait") is True:  # blocks the stream while moving: opt-in only
             self.core.waitForDevice(self.core.getXYStageDevice())
         return {"stage_um": [x, y]}
@@ -256,6 +260,7 @@ class DriverNode(InstrumentNode):
         if not self.core.getFocusDevice():
             raise ProtocolError("device_error", "move_z: this configuration has no focus device")
         self.core.setPosition(z)
+        self._forget_positions()
         if args.get("wait") is True:
             self.core.waitForDevice(self.core.getFocusDevice())
         return {"z_um": z}
@@ -362,10 +367,25 @@ class DriverNode(InstrumentNode):
             "pixel_size_um": self._pixel_size_um(),
             "field_um": list(self.field_um),
             "laser": self._laser_list(),
-            "stage_um": list(self.core.getXYPosition()) if self.core.getXYStageDevice() else [],
-            "z_um": self.core.getPosition() if self.core.getFocusDevice() else None,
+            **self._positions(),
             "watchdog_tripped": self.watchdog_tripped,
         }
+
+    def _positions(self) -> dict[str, Any]:
+        """Stage and focus positions, re-read at most every POSITION_REFRESH_NS: on real
+        hardware each read can be a serial round trip, too slow for every frame header."""
+        t = now_ns()
+        if self._position_cache is None or t - self._position_read_ns > POSITION_REFRESH_NS:
+            core = self.core
+            self._position_cache = {
+                "stage_um": list(core.getXYPosition()) if core.getXYStageDevice() else [],
+                "z_um": core.getPosition() if core.getFocusDevice() else None,
+            }
+            self._position_read_ns = t
+        return self._position_cache
+
+    def _forget_positions(self) -> None:
+        self._position_cache = None
 
     def _pixel_size_um(self) -> float:
         size = self.core.getPixelSizeUm()

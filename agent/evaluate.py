@@ -69,18 +69,38 @@ def rms_distance(track: np.ndarray, target: tuple[float, float]) -> float:
     return float(np.sqrt(np.mean(np.sum((track - np.asarray(target)) ** 2, axis=1))))
 
 
+MATCH_RADIUS_UM = 1.0  # a detection farther than this from every true particle is a miss
+
+
+def detection_errors_um(
+    steps: list[dict[str, Any]],
+    truth: list[dict[str, Any]],
+    match_radius_um: float = MATCH_RADIUS_UM,
+    first_only: bool = False,
+) -> tuple[np.ndarray, int]:
+    """Distance of each recorded detection (or only each step's first) to its nearest true
+    particle in the same frame: (errors within `match_radius_um`, count beyond it)."""
+    by_seq = {r["seq"]: np.asarray(r["positions_um"], dtype=float).reshape(-1, 2) for r in truth}
+    errors: list[float] = []
+    unmatched = 0
+    for step in steps:
+        true = by_seq.get(step.get("seq"))
+        found = np.asarray(step.get("detections_um") or [], dtype=float).reshape(-1, 2)
+        if first_only:
+            found = found[:1]
+        if true is None or len(true) == 0 or len(found) == 0:
+            continue
+        distances = np.min(np.hypot(*(found[:, None, :] - true[None, :, :]).transpose(2, 0, 1)), 1)
+        errors.extend(float(d) for d in distances if d <= match_radius_um)
+        unmatched += int(np.sum(distances > match_radius_um))
+    return np.asarray(errors, dtype=float), unmatched
+
+
 def detection_rmse_um(
-    steps: list[dict[str, Any]], truth: list[dict[str, Any]], match_radius_um: float = 1.0
+    steps: list[dict[str, Any]],
+    truth: list[dict[str, Any]],
+    match_radius_um: float = MATCH_RADIUS_UM,
 ) -> float:
     """RMS distance between each step's first detection and the nearest true particle."""
-    by_seq = {r["seq"]: np.asarray(r["positions_um"], dtype=float).reshape(-1, 2) for r in truth}
-    errors = []
-    for step in steps:
-        true = by_seq.get(step["seq"])
-        if true is None or not step["detections_um"]:
-            continue
-        found = np.asarray(step["detections_um"][0], dtype=float)
-        distance = float(np.min(np.hypot(*(true - found).T)))
-        if distance <= match_radius_um:
-            errors.append(distance)
-    return float(np.sqrt(np.mean(np.square(errors)))) if errors else float("nan")
+    errors, _ = detection_errors_um(steps, truth, match_radius_um, first_only=True)
+    return float(np.sqrt(np.mean(np.square(errors)))) if len(errors) else float("nan")

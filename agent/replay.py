@@ -23,8 +23,9 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from agent.config import ExperimentConfig, PolicyConfig
 from agent.detectors import DetectorSettings
+from agent.evaluate import MATCH_RADIUS_UM, detection_errors_um
 from agent.recorder import write_json
-from agent.report import MATCH_RADIUS_UM, RunData, detection_errors_um, load_run
+from agent.report import RunData, load_run
 from agent.safety import LaserLimits
 from policies.contract import Action, LaserSpot, Observation, Policy
 from policies.feedback import LaserOff, LaserOffConfig, ProportionalTrap, ProportionalTrapConfig

@@ -21,13 +21,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from agent.evaluate import controlled_track
+from agent.evaluate import MATCH_RADIUS_UM, controlled_track, detection_errors_um
 from agent.recorder import read_events
 
 PHASE_ORDER = ("feedback", "free")
 PHASE_LABELS = {"feedback": "feedback on", "free": "laser off (free diffusion)"}
 PHASE_COLORS = {"feedback": "tab:blue", "free": "tab:orange"}
-MATCH_RADIUS_UM = 1.0
 REPORT_NAME = "report.html"
 
 
@@ -87,29 +86,6 @@ class RunData:
 def load_run(run_dir: Path) -> RunData:
     """Read a run directory; ValueError naming the path if it is not one."""
     return RunData(run_dir)
-
-
-def detection_errors_um(
-    steps: list[dict[str, Any]],
-    truth: list[dict[str, Any]],
-    match_radius_um: float = MATCH_RADIUS_UM,
-) -> tuple[np.ndarray, int]:
-    """Distance of every recorded detection to its nearest true particle (same frame).
-
-    Returns (errors of detections within `match_radius_um`, count of unmatched ones).
-    """
-    by_seq = {r["seq"]: np.asarray(r["positions_um"], dtype=float).reshape(-1, 2) for r in truth}
-    errors: list[float] = []
-    unmatched = 0
-    for step in steps:
-        true = by_seq.get(step.get("seq"))
-        found = np.asarray(step.get("detections_um") or [], dtype=float).reshape(-1, 2)
-        if true is None or len(true) == 0 or len(found) == 0:
-            continue
-        distances = np.min(np.hypot(*(found[:, None, :] - true[None, :, :]).transpose(2, 0, 1)), 1)
-        errors.extend(float(d) for d in distances if d <= match_radius_um)
-        unmatched += int(np.sum(distances > match_radius_um))
-    return np.asarray(errors, dtype=float), unmatched
 
 
 def _step_times_s(steps: list[dict[str, Any]]) -> np.ndarray:

@@ -13,6 +13,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+KB_FN_UM_PER_K = 1.380649e-2  # Boltzmann constant in the contract's units, fN*um/K
+
 
 @dataclass(frozen=True, slots=True)
 class LaserSpot:

@@ -17,9 +17,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from policies.contract import Action, LaserSpot, Observation
-
-KB_FN_UM_PER_K = 1.380649e-2  # Boltzmann constant in fN*um/K
+from policies.contract import KB_FN_UM_PER_K, Action, LaserSpot, Observation
 
 
 class HeatingModel(BaseModel):

@@ -25,10 +25,9 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from policies.contract import LaserSpot
+from policies.contract import KB_FN_UM_PER_K, LaserSpot
 
 #: Boltzmann constant in fN*um/K (1 fN*um = 1e-21 J), so kB*T(296 K) ~ 4.09 fN*um.
-KB_FN_UM_PER_K = 1.380649e-2
 #: Viscosity of water in fN*s/um^2 (1 fN*s/um^2 = 1 mPa*s).
 WATER_VISCOSITY_FN_S_PER_UM2 = 1.0
 

@@ -10,7 +10,8 @@ import math
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-KB_FN_UM_PER_K = 1.380649e-2  # Boltzmann constant in fN*um/K
+from policies.contract import KB_FN_UM_PER_K
+
 WATER_VISCOSITY_PA_S = 1.0e-3
 # 1 N*s/m = 1e15 fN / (1e6 um/s) = 1e9 fN*s/um
 _NS_PER_M_TO_FNS_PER_UM = 1.0e9

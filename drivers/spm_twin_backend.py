@@ -333,6 +333,23 @@ class _GridBackend:
     def z_controller_on(self) -> bool:
         return self.z_on
 
+    def signal_value(self, index: int) -> float:
+        """Bias, tip position and Z are the instrument's own; the rest come from the sample."""
+        name = self.signals[index]
+        if name == "Bias (V)":
+            return self.bias_v
+        if name in ("X (m)", "Y (m)"):
+            return self.tip_xy_m[0 if name == "X (m)" else 1]
+        if name == "Z (m)":
+            return self.get_z()
+        return self._channel_value(name, index)
+
+    def _channel_value(self, name: str, index: int) -> float:
+        raise NotImplementedError
+
+    def get_z(self) -> float:
+        raise NotImplementedError
+
 
 class PfmTwinBackend(_GridBackend):
     """The PFM digital twin as a Nanonis SPM: scans, switching spectroscopy, signals.
@@ -494,13 +511,8 @@ class PfmTwinBackend(_GridBackend):
         phase = (math.degrees(math.atan2(im, re)) + 90.0) % 360.0 - 90.0
         return math.hypot(re, im) * PM, phase
 
-    def signal_value(self, index: int) -> float:
-        name = self.signals[index]
-        if name == "Bias (V)":
-            return self.bias_v
-        if name in ("X (m)", "Y (m)"):
-            return self.tip_xy_m[0 if name == "X (m)" else 1]
-        if name in ("Z (m)", "Height (m)"):
+    def _channel_value(self, name: str, index: int) -> float:
+        if name == "Height (m)":
             return self.get_z()
         if name == "Deflection (m)":
             return 0.0  # a parked tip in feedback has no error signal
@@ -635,14 +647,7 @@ class ReplayBackend(_GridBackend):
             (start, end, x_m, y_m, self.spectr_props.z_offset_m),
         )
 
-    def signal_value(self, index: int) -> float:
-        name = self.signals[index]
-        if name == "Bias (V)":
-            return self.bias_v
-        if name in ("X (m)", "Y (m)"):
-            return self.tip_xy_m[0 if name == "X (m)" else 1]
-        if name == "Z (m)":
-            return self.get_z()
+    def _channel_value(self, name: str, index: int) -> float:
         i, j = self.grid_index()
         return float(self.grid.image[index - 4, i, j] * self._image_scale[name])
 

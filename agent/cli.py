@@ -113,8 +113,34 @@ def run(
     config: Annotated[Path, typer.Argument(help="Experiment YAML.")],
     overrides: SetOption = None,
 ) -> None:
-    """Run any experiment config; driver and agent run in separate processes."""
-    _run(_load(config, overrides))
+    """Run any experiment config (its top-level `kind`; default feedback-trap)."""
+    from agent.experiments import DEFAULT_RUN_KIND, RUN_KINDS, peek_kind, resolve
+
+    try:
+        resolve(peek_kind(config, DEFAULT_RUN_KIND), RUN_KINDS)(config, overrides or [], console)
+    except ConfigError as exc:
+        err_console.print(str(exc), markup=False, highlight=False)
+        raise typer.Exit(2) from None
+
+
+def run_feedback_trap(config: Path, overrides: list[str], _console: Console) -> dict[str, Any]:
+    """The `feedback-trap` run kind (with this module's progress bar and summary table)."""
+    return _run(_load(config, overrides))
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="Training YAML (top-level `kind`).")],
+    overrides: SetOption = None,
+) -> None:
+    """Train a model on the twin (its `kind` picks the trainer) and save a checkpoint."""
+    from agent.experiments import TRAIN_KINDS, peek_kind, resolve
+
+    try:
+        resolve(peek_kind(config, None), TRAIN_KINDS)(config, overrides or [], console)
+    except ConfigError as exc:
+        err_console.print(str(exc), markup=False, highlight=False)
+        raise typer.Exit(2) from None
 
 
 @driver_app.command("serve")
@@ -357,6 +383,19 @@ def bench(
     for key, value in metrics.items():
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     console.print(table)
+
+
+def _register_commands() -> None:
+    """Add the sub-commands of every module in `agent.commands`."""
+    import pkgutil
+
+    import agent.commands
+
+    for info in sorted(pkgutil.iter_modules(agent.commands.__path__), key=lambda m: m.name):
+        importlib.import_module(f"agent.commands.{info.name}").register(app)
+
+
+_register_commands()
 
 
 def main() -> None:

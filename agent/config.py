@@ -7,7 +7,7 @@ naming the dotted field and what it accepts.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -37,6 +37,7 @@ class AgentSettings(BaseModel):
 
 class ExperimentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    kind: Literal["feedback-trap"] = "feedback-trap"  # see agent.experiments.RUN_KINDS
     name: str = Field("experiment", min_length=1, max_length=80, pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = Field(0, ge=0, le=2**32 - 1)
     duration_s: float = Field(20.0, gt=0.0, le=7 * 24 * 3600.0)

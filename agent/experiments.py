@@ -1,0 +1,52 @@
+"""Which code runs a config: `scopeloop run` and `scopeloop train` look up the YAML's
+top-level `kind` here, so every experiment and trainer has one entry point.
+
+Entries are "module:function" strings, imported only when used (CLI start stays fast).
+A run entry is `fn(config_path: Path, overrides: list[str], console) -> dict` (the
+summary); a train entry has the same signature and returns the training summary.
+Both raise `agent.config.ConfigError` for a config they cannot run.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agent.config import ConfigError
+
+DEFAULT_RUN_KIND = "feedback-trap"
+
+RUN_KINDS: dict[str, str] = {
+    "feedback-trap": "agent.cli:run_feedback_trap",
+}
+
+TRAIN_KINDS: dict[str, str] = {}
+
+EntryFn = Callable[..., dict[str, Any]]
+
+
+def peek_kind(path: Path, default: str | None) -> str:
+    """The config's top-level `kind` (before full validation, which is the entry's job)."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config error: file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config error: {path} is not valid YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config error: {path} must hold a mapping at the top level")
+    kind = raw.get("kind", default)
+    if kind is None:
+        raise ConfigError(f"config error: kind: missing (one of {sorted(TRAIN_KINDS)})")
+    return str(kind)
+
+
+def resolve(kind: str, table: dict[str, str]) -> EntryFn:
+    if kind not in table:
+        raise ConfigError(f"config error: kind: must be one of {sorted(table)} (got {kind!r})")
+    module_name, _, attr = table[kind].partition(":")
+    return getattr(importlib.import_module(module_name), attr)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import logging
 import math
 import socket
@@ -196,6 +197,9 @@ def _tri_state(command: str, name: str, code: int) -> bool | None:
 Handler = Callable[..., tuple[Any, ...]]
 
 
+SIGNAL_SLOTS = 24  # Signals Manager slots on a Nanonis controller
+
+
 class NanonisServer:
     """Threaded TCP server answering the commands in ``nanonis_wire.COMMANDS``.
 
@@ -210,8 +214,18 @@ class NanonisServer:
         port: int = 0,
         limits: NanonisLimits | None = None,
         max_request_bytes: int = 1 << 20,
+        slots: Sequence[int] | None = None,
     ) -> None:
+        """``slots``: the signal index (into ``signal_names()``) assigned to each Signals
+        Manager slot; scan buffers and frame grabs name channels by slot, as Nanonis
+        does. Default: the first 24 signals in order."""
         self.backend = backend
+        n_signals = len(backend.signal_names())
+        self.slots = tuple(int(i) for i in (slots if slots is not None else range(n_signals)))[
+            :SIGNAL_SLOTS
+        ]
+        if not self.slots or any(not 0 <= i < n_signals for i in self.slots):
+            raise ValueError(f"slots must be 1 to {SIGNAL_SLOTS} indexes in [0, {n_signals - 1}]")
         self.limits = limits or NanonisLimits()
         self.max_request_bytes = max_request_bytes
         self._lock = threading.Lock()
@@ -237,6 +251,7 @@ class NanonisServer:
             "BiasSpectr.LimitsSet": self._limits_set,
             "BiasSpectr.LimitsGet": lambda: tuple(backend.get_spectroscopy_limits()),
             "Signals.NamesGet": lambda: (list(backend.signal_names()),),
+            "Signals.InSlotsGet": self._in_slots,
             "Signals.ValGet": self._signal_val,
             "ZCtrl.Withdraw": self._withdraw,
             "ZCtrl.OnOffSet": self._z_on_off,
@@ -302,10 +317,12 @@ class NanonisServer:
         with self._conns_lock:
             self._conns.add(conn)
         peer = conn.getpeername()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # replies leave at once
         log.debug("nanonis: client %s connected", peer)
+        reader = conn.makefile("rb", buffering=1 << 16)
         try:
             while True:
-                header = _recv_exact(conn, wire.HEADER_SIZE)
+                header = _recv_exact(reader, wire.HEADER_SIZE)
                 if header is None:
                     break
                 raw_name, size, flag = wire.unpack_header(header)
@@ -320,7 +337,7 @@ class NanonisServer:
                         )
                         conn.sendall(wire.encode_response(raw_name, None, (), msg))
                     break
-                body = _recv_exact(conn, size) if size else b""
+                body = _recv_exact(reader, size) if size else b""
                 if body is None:
                     break
                 reply = self.handle_message(raw_name, body)
@@ -329,6 +346,7 @@ class NanonisServer:
         except (ConnectionError, TimeoutError, OSError) as exc:
             log.debug("nanonis: client %s dropped: %s", peer, exc)
         finally:
+            reader.close()
             with self._conns_lock:
                 self._conns.discard(conn)
             log.debug("nanonis: client %s disconnected", peer)
@@ -408,14 +426,18 @@ class NanonisServer:
         f = self.backend.get_scan_frame()
         return (f.center_x_m, f.center_y_m, f.width_m, f.height_m, f.angle_deg)
 
+    def _in_slots(self) -> tuple[list[str], np.ndarray]:
+        names = self.backend.signal_names()
+        return [names[i] for i in self.slots], np.asarray(self.slots, np.int32)
+
     def _buffer_set(self, indexes: np.ndarray, pixels: int, lines: int) -> tuple[()]:
         cmd = "Scan.BufferSet"
-        n_signals = len(self.backend.signal_names())
-        bad = [int(i) for i in indexes if not 0 <= i < n_signals]
+        n_slots = len(self.slots)
+        bad = [int(i) for i in indexes if not 0 <= i < n_slots]
         if bad or len(indexes) == 0:
             raise CommandError(
-                f"{cmd}: channel_indexes {bad or '[]'} invalid: need 1+ indexes in "
-                f"[0, {n_signals - 1}]"
+                f"{cmd}: channel_indexes {bad or '[]'} invalid: need 1+ Signals Manager "
+                f"slot indexes in [0, {n_slots - 1}]"
             )
         top = self.limits.max_pixels
         if not 1 <= pixels <= top:
@@ -425,21 +447,27 @@ class NanonisServer:
             lines = max(1, round(pixels * cur.lines / cur.pixels))
         if not 1 <= lines <= top:
             raise CommandError(f"{cmd}: lines={lines} is outside the allowed range [1, {top}]")
-        self.backend.set_scan_buffer(ScanBuffer(tuple(int(i) for i in indexes), pixels, lines))
+        signals = tuple(self.slots[int(i)] for i in indexes)
+        self.backend.set_scan_buffer(ScanBuffer(signals, pixels, lines))
         return ()
+
+    def _slot_of(self, signal_index: int) -> int:
+        return self.slots.index(signal_index) if signal_index in self.slots else -1
 
     def _buffer_get(self) -> tuple[Any, ...]:
         b = self.backend.get_scan_buffer()
-        return (np.asarray(b.channel_indexes, np.int32), b.pixels, b.lines)
+        slots = [self._slot_of(i) for i in b.channel_indexes]
+        return (np.asarray(slots, np.int32), b.pixels, b.lines)
 
     def _frame_grab(self, channel_index: int, forward: int) -> tuple[Any, ...]:
         recorded = self.backend.get_scan_buffer().channel_indexes
-        if channel_index not in recorded:
+        slots = [self._slot_of(i) for i in recorded]
+        if channel_index not in slots:
             raise CommandError(
                 f"Scan.FrameDataGrab: channel_index={channel_index} is not a recorded "
-                f"channel {list(recorded)} (see Scan.BufferSet)"
+                f"channel slot {slots} (see Scan.BufferSet)"
             )
-        img = self.backend.grab_scan_frame(channel_index, bool(forward))
+        img = self.backend.grab_scan_frame(self.slots[channel_index], bool(forward))
         return (img.channel_name, np.asarray(img.data, np.float32), int(img.direction_up))
 
     def _spectr_open(self) -> tuple[()]:
@@ -533,17 +561,17 @@ class NanonisServer:
         return ()
 
 
-def _recv_exact(conn: socket.socket, n: int) -> bytes | None:
-    """n bytes, or None on a clean EOF before the first byte; EOF midway raises."""
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = conn.recv(min(n - len(buf), 1 << 20))
-        if not chunk:
-            if not buf:
-                return None
-            raise ConnectionError(f"connection closed after {len(buf)} of {n} bytes")
-        buf += chunk
-    return bytes(buf)
+def _recv_exact(reader: io.BufferedIOBase, n: int) -> bytes | None:
+    """n bytes, or None on a clean EOF before the first byte; EOF midway raises.
+
+    Buffered: requests that arrive together (a move and the sweep after it) cost one
+    receive call, not four."""
+    data = reader.read(n)
+    if len(data) < n:
+        if not data:
+            return None
+        raise ConnectionError(f"connection closed after {len(data)} of {n} bytes")
+    return data
 
 
 # ------------------------------------------------------------------ fake backend

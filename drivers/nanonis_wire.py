@@ -201,6 +201,8 @@ COMMANDS: dict[str, CommandSpec] = {
         _spec("BiasSpectr.LimitsSet", "start_v:f end_v:f"),
         _spec("BiasSpectr.LimitsGet", "", "start_v:f end_v:f"),
         _spec("Signals.NamesGet", "", "names:str[]"),
+        # The 24 Signals Manager slots: scan buffers and frame grabs number channels by slot.
+        _spec("Signals.InSlotsGet", "", "names:str[] signal_indexes:i[]"),
         _spec("Signals.ValGet", "signal_index:i wait_for_newest:I", "value:f"),
         _spec("ZCtrl.Withdraw", "wait_until_finished:I timeout_ms:i"),
         _spec("ZCtrl.OnOffSet", "on:I"),

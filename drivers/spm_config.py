@@ -27,6 +27,7 @@ class SpmLimits(StrictModel):
     max_scan_pixels: int = Field(1024, ge=1, le=8192)  # pixels per line and lines per frame
     max_spectrum_points: int = Field(4096, ge=2, le=100_000)
     max_spectrum_sweeps: int = Field(100, ge=1, le=10_000)
+    max_spectra_per_batch: int = Field(10_000, ge=1, le=1_000_000)  # `spectra` positions
 
     @model_validator(mode="after")
     def _check_ranges(self) -> SpmLimits:

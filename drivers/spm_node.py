@@ -14,6 +14,10 @@ Commands (limits from ``SpmDriverConfig.limits``, enforced before Nanonis sees a
 - ``spectrum {x_um, y_um, bias_from_v, bias_to_v, points, sweeps=1, backward=true}``:
   tip moved, bias sweep run, the curves published as one float32 (channels, points)
   frame on stream ``spectrum``; reply ``seq``, ``channels`` and ``waveform_v``.
+- ``spectra {positions_um: [[x, y], ...], bias_from_v, ...}``: the same at every
+  position (an active-learning batch), one frame each, the next sweep running while a
+  spectrum is published; reply ``seqs``, ``positions_um``, ``channels``, ``waveform_v``.
+  All positions are checked against the limits before the first move.
 - ``withdraw {}``: the safe state on demand.
 - ``get_state``: bias, tip, Z controller, scan status (read live), limits, counters.
 
@@ -29,7 +33,10 @@ node stops serving (loudly) rather than pretend the instrument is safe.
 While a scan runs the node keeps publishing heartbeats and answers ``get_state``,
 ``heartbeat``, ``withdraw`` (which aborts the scan) and ``shutdown``; other actuating
 commands are refused. The agent waiting for the scan's reply counts as alive.
-``spectrum`` blocks the node inside ``BiasSpectr.Start`` for the sweep.
+``spectrum``/``spectra`` block the node inside ``BiasSpectr.Start`` for a sweep; between
+the points of a batch it serves the same commands as during a scan (withdraw aborts).
+Sweep settings are sent only when they change (the node is the controller's remote user;
+the cache is dropped with the link), and hot-path calls use ``nanonis_fast``.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import re
 import socket
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -138,17 +146,27 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
+@dataclass(frozen=True)
+class SpectrumSettings:
+    """One bias sweep's settings, as sent to BiasSpectr.PropsSet/LimitsSet."""
+
+    start_v: float
+    end_v: float
+    points: int
+    sweeps: int
+    backward: bool
+
+
 class SpmNode(InstrumentNode):
     """Serves one Nanonis-controlled SPM over protocol v1 until `stop` is set."""
 
-    ACTUATING = frozenset({"move_tip", "set_bias", "scan", "spectrum", "engage"})
+    ACTUATING = frozenset({"move_tip", "set_bias", "scan", "spectrum", "spectra", "engage"})
 
     def __init__(self, config: SpmDriverConfig, ctx: zmq.Context | None = None) -> None:
         self.config = config
         self.address = f"{config.nanonis_host}:{config.nanonis_port}"
         self._sock: socket.socket | None = None
         self._client: Nanonis | None = None
-        self._signals: list[str] | None = None
         # Connect before binding our sockets: an unreachable controller fails construction.
         self._connect()
         try:
@@ -174,6 +192,7 @@ class SpmNode(InstrumentNode):
                 "set_bias": self._cmd_set_bias,
                 "scan": self._cmd_scan,
                 "spectrum": self._cmd_spectrum,
+                "spectra": self._cmd_spectra,
                 "withdraw": self._cmd_withdraw,
                 "engage": self._cmd_engage,
             }
@@ -191,13 +210,15 @@ class SpmNode(InstrumentNode):
                 f"{self.config.connect_timeout_s:g} s: {exc}"
             ) from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._sock, self._client, self._signals = sock, Nanonis(sock), None
+        self._sock, self._client = sock, Nanonis(sock)
+        self._spectrum_applied: SpectrumSettings | None = None
         log.info("connected to Nanonis at %s", self.address)
 
     def _drop_link(self) -> None:
         if self._sock is not None:
             self._sock.close()
-        self._sock, self._client, self._signals = None, None, None
+        self._sock, self._client = None, None
+        self._spectrum_applied = None
 
     def nanonis(self, command: str, *args: Any, timeout_s: float | None = None) -> list[Any]:
         """One Nanonis call by its dotted name; errors raise RuntimeError naming it."""
@@ -218,22 +239,40 @@ class SpmNode(InstrumentNode):
             self._drop_link()  # the reply belonged to another command: out of step
         return nanonis_values(command, response)
 
-    def nanonis_bulk(self, command: str, *args: Any, timeout_s: float | None = None) -> list[Any]:
-        """A bulk-data call on the same socket, arrays decoded with numpy.
+    def nanonis_fast(self, command: str, *args: Any, timeout_s: float | None = None) -> list[Any]:
+        """One call on the hot path, without the vendor client's per-call cost.
 
         The request bytes are those the vendor client sends (``nanonis_wire`` mirrors
-        it), so this works against a real controller; values come back in the vendor
-        client's layout (``vendor_shape``), 2-D data as a float32 array. Errors raise
-        RuntimeError exactly as ``nanonis`` does.
+        it, tested byte-equal), so this works against a real controller; values come back
+        in the vendor client's layout (``vendor_shape``), 2-D data as a float32 array.
+        Errors raise RuntimeError exactly as ``nanonis`` does.
         """
-        spec = wire.COMMANDS[command]
+        self._send_request(command, args)
+        return self._read_reply(command, timeout_s)
+
+    def _send_request(self, command: str, args: Sequence[Any]) -> None:
+        """Send without waiting; the caller reads the reply with ``_read_reply``. Keep at
+        most one request with a quick reply in flight: a controller with Nagle's algorithm
+        on would hold a second small reply for our delayed ACK (40 ms)."""
         if self._client is None or self._sock is None:
             self._connect()
+        assert self._sock is not None
+        try:
+            self._sock.sendall(wire.encode_request(wire.COMMANDS[command], args))
+        except OSError as exc:
+            self._drop_link()
+            raise RuntimeError(
+                f"Nanonis {command}: link to {self.address} failed "
+                f"({type(exc).__name__}: {exc}); reconnecting on the next call"
+            ) from exc
+
+    def _read_reply(self, command: str, timeout_s: float | None = None) -> list[Any]:
         sock = self._sock
-        assert sock is not None
+        if sock is None:
+            raise RuntimeError(f"Nanonis {command}: link to {self.address} is down")
+        spec = wire.COMMANDS[command]
         sock.settimeout(timeout_s or self.config.io_timeout_s)
         try:
-            sock.sendall(wire.encode_request(spec, args))
             name, size, _flag = wire.unpack_header(_recv_exact(sock, wire.HEADER_SIZE))
             if size < 0 or size > wire.MAX_BODY_BYTES:
                 raise wire.WireError(f"reply body size {size} out of range")
@@ -255,10 +294,11 @@ class SpmNode(InstrumentNode):
             raise RuntimeError(f"Nanonis {command} failed: {' '.join(message.split())}")
         return vendor_shape(spec, values)
 
-    def signal_names(self) -> list[str]:
-        if self._signals is None:
-            self._signals = [str(s) for s in self.nanonis("Signals.NamesGet")[2]]
-        return self._signals
+    def slot_names(self) -> list[str]:
+        """Signal names by Signals Manager slot: scan buffers and frame grabs number their
+        channels by slot (0-23), not by signal. Read at every scan: slots can be
+        reassigned at the controller. (Not in the vendor client: sent with our codec.)"""
+        return [str(s) for s in self.nanonis_fast("Signals.InSlotsGet")[2]]
 
     # --- InstrumentNode hooks -------------------------------------------------------
 
@@ -364,7 +404,7 @@ class SpmNode(InstrumentNode):
         return x, y
 
     def _move_tip(self, x_um: float, y_um: float) -> None:
-        self.nanonis("FolMe.XYPosSet", x_um / M_TO_UM, y_um / M_TO_UM, 1)
+        self.nanonis_fast("FolMe.XYPosSet", *self._tip_m(x_um, y_um))
         self.tip_um = (x_um, y_um)
 
     def _cmd_move_tip(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -427,7 +467,7 @@ class SpmNode(InstrumentNode):
         return {"x_um": x, "y_um": y, "width_um": width, "height_um": height, "angle_deg": angle}
 
     def _scan_channels(self, args: dict[str, Any]) -> list[tuple[int, str]]:
-        """Requested channels as (signal index, Nanonis name); bare names ('Z') accepted."""
+        """Requested channels as (slot index, Nanonis name); bare names ('Z') accepted."""
         wanted = args.get("channels")
         if (
             not isinstance(wanted, list)
@@ -438,7 +478,7 @@ class SpmNode(InstrumentNode):
                 "bad_args",
                 f"scan: field 'channels' must be a non-empty list of names, got {wanted!r}",
             )
-        names = self.signal_names()
+        names = self.slot_names()
         out: list[tuple[int, str]] = []
         for i, channel in enumerate(wanted):
             index = next(
@@ -467,7 +507,7 @@ class SpmNode(InstrumentNode):
         self._not_busy(cmd)
         channels = self._scan_channels(args)  # reads the signal list: after the limits
 
-        self.nanonis(
+        self.nanonis_fast(
             "Scan.FrameSet",
             window["x_um"] / M_TO_UM,
             window["y_um"] / M_TO_UM,
@@ -475,13 +515,13 @@ class SpmNode(InstrumentNode):
             window["height_um"] / M_TO_UM,
             window["angle_deg"],
         )
-        self.nanonis("Scan.BufferSet", [index for index, _ in channels], pixels, lines)
+        self.nanonis_fast("Scan.BufferSet", [index for index, _ in channels], pixels, lines)
         timeout_s = lines * self.config.scan_line_timeout_s + self.config.scan_timeout_margin_s
         t_start = now_ns()
         self.scan_running = True  # live before the request leaves: it may start regardless
         self._busy, self._abort = cmd, ""
         try:
-            self.nanonis("Scan.Action", 0, 1)  # 0 = start, direction up
+            self.nanonis_fast("Scan.Action", 0, 1)  # 0 = start, direction up
             self._await_scan(timeout_s)
         finally:
             self._busy = ""
@@ -492,9 +532,13 @@ class SpmNode(InstrumentNode):
         streams: list[str] = []
         shape: list[int] = []
         for index, signal in channels:
-            _size, _name, _rows, _cols, data, direction_up = self.nanonis_bulk(
+            _size, grabbed, _rows, _cols, data, direction_up = self.nanonis_fast(
                 "Scan.FrameDataGrab", index, 1
             )
+            if split_signal(str(grabbed))[0] != split_signal(signal)[0]:
+                log.warning(
+                    "slot %d grabbed %r, expected %r: slots reassigned?", index, grabbed, signal
+                )
             image, unit = to_our_units(np.asarray(data, np.float32), split_signal(signal)[1])
             name = split_signal(signal)[0]
             stream = SCAN_STREAM_PREFIX + name
@@ -508,6 +552,8 @@ class SpmNode(InstrumentNode):
                     "window": window,
                     "channel": name,
                     "signal": signal,
+                    "slot": index,
+                    "grabbed_channel": str(grabbed),  # the controller's name for the data
                     "units": unit,
                     "direction": "forward",
                     "direction_up": bool(direction_up),
@@ -534,14 +580,10 @@ class SpmNode(InstrumentNode):
         while True:
             # The controlling agent is blocked on our reply: that is not silence.
             self.last_agent_ns = now_ns()
-            for incoming in self.server.poll(timeout_ms=wait_ms):
-                self._handle(incoming)
-            self._tick()
-            if self.stop.is_set() and not self._abort:
-                self.safe_state("shutdown during scan")
+            self._serve_while_busy(wait_ms)
             if self._abort:
                 raise RuntimeError(f"aborted by {self._abort}; no frames published")
-            if not self.nanonis("Scan.StatusGet")[0]:
+            if not self.nanonis_fast("Scan.StatusGet")[0]:
                 self.scan_running = False
                 return
             wait_ms = self.config.scan_poll_ms
@@ -555,9 +597,7 @@ class SpmNode(InstrumentNode):
 
     # --- spectrum ----------------------------------------------------------------------
 
-    def _cmd_spectrum(self, args: dict[str, Any]) -> dict[str, Any]:
-        cmd = "spectrum"
-        x, y = self._tip_arg(cmd, args)
+    def _spectrum_settings(self, cmd: str, args: dict[str, Any]) -> SpectrumSettings:
         start = number_arg(cmd, args, "bias_from_v")
         end = number_arg(cmd, args, "bias_to_v")
         limits = self.config.limits
@@ -568,20 +608,125 @@ class SpmNode(InstrumentNode):
         backward = _bool_arg(cmd, args, "backward", True)
         check_within(cmd, "points", points, (2, limits.max_spectrum_points), "points")
         check_within(cmd, "sweeps", sweeps, (1, limits.max_spectrum_sweeps), "sweeps")
-        self._not_busy(cmd)
+        return SpectrumSettings(start, end, points, sweeps, backward)
 
-        self._move_tip(x, y)
-        self.nanonis("BiasSpectr.Open")
-        # save_all, autosave and the save dialog: 0 = unchanged, 2 = off; backward 1 = on.
-        self.nanonis("BiasSpectr.PropsSet", 0, sweeps, 1 if backward else 2, points, 0.0, 2, 2)
-        self.nanonis("BiasSpectr.LimitsSet", start, end)
-        t_start = now_ns()
-        _size, _n, names, _rows, _cols, data, _n_par, params = self.nanonis_bulk(
-            "BiasSpectr.Start", 1, "", timeout_s=self.config.spectrum_timeout_s
+    def _cmd_spectrum(self, args: dict[str, Any]) -> dict[str, Any]:
+        cmd = "spectrum"
+        xy = self._tip_arg(cmd, args)
+        settings = self._spectrum_settings(cmd, args)
+        self._not_busy(cmd)
+        return self._run_spectra(cmd, [xy], settings)[0]
+
+    def _cmd_spectra(self, args: dict[str, Any]) -> dict[str, Any]:
+        """A batch of spectra: one frame each, the controller never idle between them."""
+        cmd = "spectra"
+        raw = args.get("positions_um")
+        top = self.config.limits.max_spectra_per_batch
+        if not isinstance(raw, list) or not 1 <= len(raw) <= top:
+            raise ProtocolError(
+                "bad_args",
+                f"{cmd}: field 'positions_um' must be a list of 1 to {top} [x_um, y_um] pairs",
+            )
+        positions = []
+        for i, item in enumerate(raw):
+            if not isinstance(item, list | tuple) or len(item) != 2:
+                raise ProtocolError(
+                    "bad_args", f"{cmd}: positions_um[{i}] must be [x_um, y_um], got {item!r}"
+                )
+            pair = {"x_um": item[0], "y_um": item[1]}
+            positions.append(self._tip_arg(f"{cmd}: positions_um[{i}]", pair))
+        settings = self._spectrum_settings(cmd, args)
+        self._not_busy(cmd)
+        done = self._run_spectra(cmd, positions, settings)
+        return {
+            "seqs": [d["seq"] for d in done],
+            "positions_um": [d["position_um"] for d in done],
+            "stream": SPECTRUM_STREAM,
+            "channels": done[0]["channels"],
+            "units": done[0]["units"],
+            "shape": done[0]["shape"],
+            "waveform_v": done[0]["waveform_v"],
+        }
+
+    def _apply_spectrum_settings(self, settings: SpectrumSettings) -> None:
+        """Open the module and send the sweep settings, only when they changed: this node
+        is the controller's only remote user, and the cache dies with the link."""
+        if self._spectrum_applied == settings:
+            return
+        self._spectrum_applied = None
+        backward = 1 if settings.backward else 2  # 1 = on, 2 = off
+        self.nanonis_fast("BiasSpectr.Open")
+        # save_all, autosave and the save dialog: 0 = unchanged, 2 = off.
+        self.nanonis_fast(
+            "BiasSpectr.PropsSet", 0, settings.sweeps, backward, settings.points, 0.0, 2, 2
         )
-        t_end = now_ns()
-        self.last_agent_ns = t_end  # the agent was blocked on this reply, not silent
-        self.watchdog_tripped = False
+        self.nanonis_fast("BiasSpectr.LimitsSet", settings.start_v, settings.end_v)
+        self._spectrum_applied = settings
+
+    def _run_spectra(
+        self, cmd: str, positions: list[tuple[float, float]], settings: SpectrumSettings
+    ) -> list[dict[str, Any]]:
+        """Move + sweep at every position, the sweep only once its move succeeded (a
+        sweep at the wrong place would switch the sample there). A spectrum is published
+        while the controller runs the next sweep, so our work overlaps the instrument's.
+        Between points the node serves heartbeats, ``withdraw`` (abort) and ``shutdown``."""
+        self._apply_spectrum_settings(settings)
+        done: list[dict[str, Any]] = []
+        timeout = self.config.spectrum_timeout_s + self.config.io_timeout_s
+        self._busy, self._abort = cmd, ""
+        try:
+            self._move_tip(*positions[0])
+            t_start = now_ns()
+            self._send_request("BiasSpectr.Start", (1, ""))
+            for i, xy in enumerate(positions):
+                started = self._read_reply("BiasSpectr.Start", timeout)
+                t_end = now_ns()
+                self.last_agent_ns = t_end  # the agent is blocked on our reply, not silent
+                self.watchdog_tripped = False
+                t_next, failure = t_end, None
+                if i + 1 < len(positions):
+                    try:  # the next sweep starts before this spectrum is published
+                        self._serve_while_busy()
+                        if self._abort:
+                            raise RuntimeError(
+                                f"{cmd}: aborted by {self._abort} after {i + 1} of "
+                                f"{len(positions)} spectra (those were published)"
+                            )
+                        self._move_tip(*positions[i + 1])
+                        t_next = now_ns()
+                        self._send_request("BiasSpectr.Start", (1, ""))
+                    except Exception as exc:
+                        failure = exc
+                done.append(self._publish_spectrum(started, xy, settings, t_start, t_end))
+                if failure is not None:
+                    raise failure
+                t_start = t_next
+        finally:
+            self._busy = ""
+        return done
+
+    @staticmethod
+    def _tip_m(x_um: float, y_um: float) -> tuple[float, float, int]:
+        """FolMe.XYPosSet arguments: metres, and wait for the end of the move."""
+        return (x_um / M_TO_UM, y_um / M_TO_UM, 1)
+
+    def _serve_while_busy(self, wait_ms: int = 0) -> None:
+        """Answer what may come in during a long command (heartbeats, withdraw, shutdown)."""
+        for incoming in self.server.poll(timeout_ms=wait_ms):
+            self._handle(incoming)
+        self._tick()
+        if self.stop.is_set() and not self._abort:
+            self.safe_state("shutdown during " + (self._busy or "a command"))
+
+    def _publish_spectrum(
+        self,
+        started: list[Any],
+        xy: tuple[float, float],
+        settings: SpectrumSettings,
+        t_start: int,
+        t_end: int,
+    ) -> dict[str, Any]:
+        _size, _n, names, _rows, _cols, data, _n_par, params = started
         rows: list[np.ndarray] = []
         channels: list[str] = []
         units: list[str] = []
@@ -603,12 +748,12 @@ class SpmNode(InstrumentNode):
                 "channels": channels,
                 "units": units,
                 "signals": [str(s) for s in names],
-                "position_um": [x, y],
-                "bias_from_v": start,
-                "bias_to_v": end,
-                "points": points,
-                "sweeps": sweeps,
-                "backward": backward,
+                "position_um": list(xy),
+                "bias_from_v": settings.start_v,
+                "bias_to_v": settings.end_v,
+                "points": settings.points,
+                "sweeps": settings.sweeps,
+                "backward": settings.backward,
                 "parameters": [float(p) for p in np.asarray(params, np.float64).ravel()],
             },
         )
@@ -620,7 +765,7 @@ class SpmNode(InstrumentNode):
             "units": units,
             "shape": list(curves.shape),
             "waveform_v": waveform,
-            "position_um": [x, y],
+            "position_um": list(xy),
             "t_start_ns": t_start,
             "t_end_ns": t_end,
         }

@@ -103,3 +103,9 @@ def test_spm_bench_contract() -> None:
     assert metrics["overhead_ratio"] == max(
         metrics["spectrum_overhead_ratio"], metrics["scan_overhead_ratio"]
     )
+    # The driver chain's share: its rate against the same server driven by a bare client.
+    driver_share = max(
+        metrics["server_spectra_per_s"] / metrics["driver_spectra_per_s"],
+        metrics["server_scan_lines_per_s"] / metrics["driver_scan_lines_per_s"],
+    )
+    assert metrics["driver_overhead_ratio"] == pytest.approx(driver_share)

@@ -88,9 +88,21 @@ def _client_quicksend(command: str) -> tuple[str, list[str], list[str]]:
     raise AssertionError(f"no quickSend in {command}")
 
 
+# Commands nanonis-spm 1.0.9 lacks, with their layout from the Nanonis TCP Programmer's
+# Guide in the client's notation: Signals.InSlotsGet returns the slot names (size, count,
+# strings) and the signal index of each slot (count, ints).
+NOT_IN_VENDOR_CLIENT = {"Signals.InSlotsGet": ([], ["i", "i", "*+c", "i", "*i"])}
+
+
 @pytest.mark.parametrize("command", sorted(wire.COMMANDS))
 def test_spec_matches_vendor_client_source(command: str) -> None:
     spec = wire.COMMANDS[command]
+    if command in NOT_IN_VENDOR_CLIENT:
+        assert not hasattr(Nanonis, command.replace(".", "_")), "now in the client: check it"
+        assert (spec.client_arg_codes(), spec.client_return_codes()) == NOT_IN_VENDOR_CLIENT[
+            command
+        ]
+        return
     name, arg_types, ret_types = _client_quicksend(command)
     assert name == command
     assert spec.client_arg_codes() == arg_types

@@ -14,7 +14,7 @@ import pytest
 import zmq
 
 from drivers.nanonis_server import FakeSpmBackend, NanonisServer
-from drivers.protocol import EVENT_TOPIC, HEARTBEAT_TOPIC, Frame, Reply
+from drivers.protocol import EVENT_TOPIC, HEARTBEAT_TOPIC, Frame, Reply, decode_frame
 from drivers.spm_config import SpmDriverConfig
 from drivers.transport import CommandClient, CommandError, StreamSubscriber
 
@@ -474,7 +474,7 @@ def test_bulk_scan_frames_equal_the_vendor_decode(
     for index in (1, 5, 6):
         for forward in (1, 0):
             slow = node.nanonis("Scan.FrameDataGrab", index, forward)
-            fast = node.nanonis_bulk("Scan.FrameDataGrab", index, forward)
+            fast = node.nanonis_fast("Scan.FrameDataGrab", index, forward)
             assert fast[:4] == slow[:4] and fast[5] == slow[5]
             assert fast[2:4] == [16, 24] and fast[4].dtype == np.float32
             np.testing.assert_array_equal(fast[4], np.asarray(slow[4], np.float32))
@@ -491,7 +491,7 @@ def test_bulk_spectrum_equals_the_vendor_decode(
     result = backend.run_bias_spectroscopy("")
     backend.run_bias_spectroscopy = lambda _name: result  # type: ignore[method-assign]
     slow = node.nanonis("BiasSpectr.Start", 1, "")
-    fast = node.nanonis_bulk("BiasSpectr.Start", 1, "")
+    fast = node.nanonis_fast("BiasSpectr.Start", 1, "")
     assert fast[:5] == slow[:5]  # names: byte size, count, names; rows, columns
     assert fast[3:5] == [5, 32] and fast[5].dtype == np.float32
     np.testing.assert_array_equal(fast[5], np.asarray(slow[5], np.float32))
@@ -524,3 +524,160 @@ def test_bulk_errors_are_device_errors_and_the_link_stays_in_step(
     state = client.call("get_state").result
     assert state["link_ok"] is True and state["scan_running"] is False
     assert client.call("set_bias", {"bias_v": 1.0}).result == {"bias_v": 1.0}
+
+
+# ------------------------------------------------------------------ spectra batches
+
+
+@pytest.fixture
+def stream(node: SpmNode, zmq_ctx: zmq.Context) -> Iterator[StreamSubscriber]:
+    sub = _subscriber(zmq_ctx, node, b"frame/spectrum")
+    yield sub
+    sub.close()
+
+
+def _frames(sub: StreamSubscriber, topic: str, count: int) -> list[Frame]:
+    """Every frame on `topic`, in order (recv_newest would keep only the last)."""
+    frames: list[Frame] = []
+    deadline = time.monotonic() + 5
+    while len(frames) < count and time.monotonic() < deadline:
+        if sub.socket.poll(50):
+            parts = sub.socket.recv_multipart(copy=False)
+            if bytes(parts[0].buffer) == topic.encode():
+                frames.append(decode_frame(parts))
+    assert len(frames) == count, f"{len(frames)} of {count} frames on {topic}"
+    return frames
+
+
+def _sweep(**extra: Any) -> dict[str, Any]:
+    return {"bias_from_v": -1.0, "bias_to_v": 1.0, "points": 16, "backward": False, **extra}
+
+
+def test_spectra_batch_publishes_one_frame_per_position_in_order(
+    client: CommandClient, stream: StreamSubscriber, sent: list[str]
+) -> None:
+    positions = [[0.1, 0.2], [-0.3, 0.4], [0.5, -0.6]]
+    reply = client.call("spectra", _sweep(positions_um=positions)).result
+    assert reply["positions_um"] == positions and len(reply["seqs"]) == 3
+    frames = _frames(stream, "frame/spectrum", 3)
+    assert [f.header.seq for f in frames] == reply["seqs"]
+    assert [f.header.state["position_um"] for f in frames] == positions
+    # Every sweep only after its move; the sweep settings sent once for the batch.
+    moves_and_sweeps = [n for n in sent if n in ("FolMe.XYPosSet", "BiasSpectr.Start")]
+    assert moves_and_sweeps == ["FolMe.XYPosSet", "BiasSpectr.Start"] * 3
+    assert sent.count("BiasSpectr.PropsSet") == 1
+    client.call("spectra", _sweep(positions_um=[[0.0, 0.0]]))
+    assert sent.count("BiasSpectr.PropsSet") == 1  # unchanged settings: not re-sent
+    client.call("spectra", _sweep(positions_um=[[0.0, 0.0]], points=32))
+    assert sent.count("BiasSpectr.PropsSet") == 2
+
+
+def test_spectra_position_out_of_limits_refused_before_any_move(
+    client: CommandClient, sent: list[str]
+) -> None:
+    before = len(sent)
+    with pytest.raises(CommandError, match=r"positions_um\[1\].*x_um") as err:
+        client.call("spectra", _sweep(positions_um=[[0.0, 0.0], [99.0, 0.0]]))
+    assert err.value.code == "out_of_limits"
+    assert "FolMe.XYPosSet" not in sent[before:]
+    with pytest.raises(CommandError, match=r"positions_um") as err:
+        client.call("spectra", _sweep(positions_um=[[0.0]]))
+    assert err.value.code == "bad_args"
+    with pytest.raises(CommandError, match=r"positions_um.*1 to") as err:
+        client.call("spectra", _sweep(positions_um=[]))
+    assert err.value.code == "bad_args"
+
+
+def test_spectra_failing_sweep_keeps_earlier_spectra_and_the_link_in_step(
+    client: CommandClient, backend: FakeSpmBackend, stream: StreamSubscriber
+) -> None:
+    sweep = backend.run_bias_spectroscopy
+    calls = itertools.count()
+
+    def third_fails(save_base_name: str) -> Any:
+        if next(calls) == 2:
+            raise RuntimeError("lock-in overload")
+        return sweep(save_base_name)
+
+    backend.run_bias_spectroscopy = third_fails  # type: ignore[method-assign]
+    positions = [[0.1 * i, 0.0] for i in range(5)]
+    with pytest.raises(CommandError, match="lock-in overload") as err:
+        client.call("spectra", _sweep(positions_um=positions))
+    assert err.value.code == "device_error"
+    frames = _frames(stream, "frame/spectrum", 2)
+    assert [f.header.state["position_um"] for f in frames] == positions[:2]
+    assert client.call("spectrum", _sweep(x_um=0.0, y_um=0.0)).result["seq"] > 0
+
+
+def test_withdraw_aborts_a_spectra_batch_between_points(
+    make_node: MakeNode, backend: FakeSpmBackend, zmq_ctx: zmq.Context
+) -> None:
+    sweep = backend.run_bias_spectroscopy
+
+    def slow(save_base_name: str) -> Any:
+        time.sleep(0.15)
+        return sweep(save_base_name)
+
+    backend.run_bias_spectroscopy = slow  # type: ignore[method-assign]
+    node = make_node()
+    agent = CommandClient(zmq_ctx, node.endpoints[1], timeout_ms=10_000)
+    operator = CommandClient(zmq_ctx, node.endpoints[1], timeout_ms=10_000)
+    try:
+        agent.call("set_bias", {"bias_v": 0.5})
+        request = agent.send("spectra", _sweep(positions_um=[[0.0, 0.0]] * 20))
+        time.sleep(0.4)
+        busy = operator.call("get_state").result  # served between the points
+        assert busy["busy"] == "spectra"
+        operator.call("withdraw")
+        assert agent.socket.poll(5000)
+        reply = Reply.from_wire(agent.socket.recv())
+        assert reply.id == request and not reply.ok and reply.error_code == "device_error"
+        assert "aborted by withdraw" in reply.error_message
+        done = int(reply.error_message.split("after ")[1].split(" of")[0])
+        assert 1 <= done < 20
+        assert backend.bias_v == 0.0 and not backend.z_on
+    finally:
+        agent.close()
+        operator.close()
+
+
+# ------------------------------------------------------------------ signal slots
+
+
+def test_scan_channels_map_through_the_signals_manager_slots(
+    backend: FakeSpmBackend, ipc_dir: Path, zmq_ctx: zmq.Context, run_node: Callable[..., SpmNode]
+) -> None:
+    """A real controller numbers scan channels by slot, not by signal: with slots assigned
+    in another order than Signals.NamesGet, the node must still grab the asked signal."""
+    backend.scan_time_s = 0.0
+    slots = [6, 1, 5, 0]  # Phase, Z, Amplitude, Current in slots 0..3
+    with NanonisServer(backend, "127.0.0.1", 0, slots=slots) as server:
+        host, port = server.address
+        node = run_node(
+            SpmNode(
+                SpmDriverConfig(
+                    stream_endpoint=f"ipc://{ipc_dir}/slots-stream",
+                    command_endpoint=f"ipc://{ipc_dir}/slots-command",
+                    nanonis_host=host,
+                    nanonis_port=port,
+                    watchdog_ms=5000,
+                    state_poll_ms=0,
+                ),
+                ctx=zmq_ctx,
+            )
+        )
+        client = CommandClient(zmq_ctx, node.endpoints[1], timeout_ms=5000)
+        sub = _subscriber(zmq_ctx, node, b"frame/scan/")
+        try:
+            args = {"x_um": 0, "y_um": 0, "width_um": 1, "height_um": 1, "pixels": 16,
+                    "lines": 8, "channels": ["Z", "Phase"]}  # fmt: skip
+            client.call("scan", args)
+            assert backend.buffer.channel_indexes == (1, 6)  # signals, via slots 1 and 0
+            frames = _frames(sub, "frame/scan/Z", 1) + _frames(sub, "frame/scan/Phase", 1)
+            assert [f.header.state["slot"] for f in frames] == [1, 0]
+            assert [f.header.state["grabbed_channel"] for f in frames] == ["Z (m)", "Phase (deg)"]
+            with pytest.raises(CommandError, match=r"channels\[0\].*'Bias'.*not one of"):
+                client.call("scan", {**args, "channels": ["Bias"]})  # not in any slot
+        finally:
+            sub.close()
+            client.close()

@@ -112,15 +112,73 @@ def demo(overrides: SetOption = None) -> None:
 def run(
     config: Annotated[Path, typer.Argument(help="Experiment YAML.")],
     overrides: SetOption = None,
+    dashboard: Annotated[
+        int | None,
+        typer.Option("--dashboard", help="Serve the live dashboard on this port (0: any)."),
+    ] = None,
+    dashboard_host: Annotated[
+        str, typer.Option("--dashboard-host", help="Bind address (non-loopback needs --token).")
+    ] = "127.0.0.1",
+    token: Annotated[
+        str | None, typer.Option("--token", help="Dashboard token (page and buttons need it).")
+    ] = None,
 ) -> None:
-    """Run any experiment config (its top-level `kind`; default feedback-trap)."""
+    """Run any experiment config (its top-level `kind`; default feedback-trap).
+
+    With --dashboard the page runs in a thread of this process and attaches to the run
+    this command starts, through its runs/<run>/telemetry.json (see agent.dashboard)."""
     from agent.experiments import DEFAULT_RUN_KIND, RUN_KINDS, peek_kind, resolve
 
     try:
-        resolve(peek_kind(config, DEFAULT_RUN_KIND), RUN_KINDS)(config, overrides or [], console)
+        entry = resolve(peek_kind(config, DEFAULT_RUN_KIND), RUN_KINDS)
     except ConfigError as exc:
         err_console.print(str(exc), markup=False, highlight=False)
         raise typer.Exit(2) from None
+    server = _start_dashboard(config, overrides or [], dashboard, dashboard_host, token)
+    try:
+        entry(config, overrides or [], console)
+    except ConfigError as exc:
+        err_console.print(str(exc), markup=False, highlight=False)
+        raise typer.Exit(2) from None
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _start_dashboard(
+    config: Path, overrides: list[str], port: int | None, host: str, token: str | None
+) -> Any:
+    """The dashboard server for `run --dashboard` (None without the option)."""
+    if port is None:
+        if token is not None:
+            err_console.print("run: --token needs --dashboard PORT")
+            raise typer.Exit(2)
+        return None
+    import yaml
+
+    from agent.dashboard.attach import runs_started_from_now
+    from agent.dashboard.hub import TelemetryHub
+    from agent.dashboard.server import DashboardOptions, DashboardServer, check_bind
+
+    options = DashboardOptions(port=port, host=host, token=token)
+    try:
+        check_bind(options)
+    except ValueError as exc:
+        message = str(exc).replace("--port", "--dashboard").replace("--host", "--dashboard-host")
+        err_console.print(f"run: {message}", markup=False, highlight=False)
+        raise typer.Exit(2) from None
+    try:  # every run kind keeps its records under `runs_dir` (default runs/)
+        raw = apply_overrides(yaml.safe_load(config.read_text()) or {}, overrides)
+        runs_dir = Path(str(raw.get("runs_dir", "runs")))
+    except (OSError, yaml.YAMLError, ConfigError, AttributeError):
+        runs_dir = Path("runs")  # the run itself reports a broken config
+    try:
+        server = DashboardServer(TelemetryHub(runs_started_from_now(runs_dir)), options).start()
+    except OSError as exc:
+        err_console.print(f"run: --dashboard {exc}", markup=False, highlight=False)
+        raise typer.Exit(2) from None
+    console.print(f"dashboard on {server.url}", markup=False, highlight=False)
+    return server
 
 
 def run_feedback_trap(config: Path, overrides: list[str], _console: Console) -> dict[str, Any]:
@@ -198,6 +256,9 @@ def replay(
     except ValueError as exc:
         err_console.print(f"replay: {exc}", markup=False, highlight=False)
         raise typer.Exit(2) from None
+    if "message" in result:  # a frames replay (agent/replay.py replay_frames)
+        console.print(result["message"], markup=False, highlight=False)
+        return
     console.print(
         f"{result['steps_differing']} of {result['steps']} decisions differ "
         f"(mean spot move {result['mean_spot_displacement_um']:.3f} um, mean power change "

@@ -15,9 +15,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from agent.detectors import DetectorSettings
 from agent.tracking import TrackerConfig
 from drivers.config import DriverConfig
+from policies.control.config import ControlPolicyConfigs
 from policies.feedback import LaserOffConfig, ProportionalTrapConfig
+from policies.rl.policy import RlPolicyConfig
 
-PolicyConfig = Annotated[ProportionalTrapConfig | LaserOffConfig, Field(discriminator="kind")]
+PolicyConfig = Annotated[
+    ProportionalTrapConfig | LaserOffConfig | ControlPolicyConfigs | RlPolicyConfig,
+    Field(discriminator="kind"),
+]
 
 
 class ConfigError(ValueError):

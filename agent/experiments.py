@@ -22,9 +22,15 @@ DEFAULT_RUN_KIND = "feedback-trap"
 
 RUN_KINDS: dict[str, str] = {
     "feedback-trap": "agent.cli:run_feedback_trap",
+    "smart-acquisition": "agent.smart_acquisition:run_smart_acquisition",
+    "spm-active": "agent.spm_experiment:run_spm_active",
 }
 
-TRAIN_KINDS: dict[str, str] = {}
+TRAIN_KINDS: dict[str, str] = {
+    "spm-segmenter": "agent.spm_train:train_spm_segmenter",
+    "rl": "policies.rl.train:train_entry",
+    "calibration-estimator": "policies.calibration.learned:train_calibration",
+}
 
 EntryFn = Callable[..., dict[str, Any]]
 

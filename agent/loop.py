@@ -3,6 +3,12 @@
 The agent never blocks the driver: it acts on the newest frame and counts what
 it skipped. It heartbeats from the loop itself, so if this loop stalls the
 driver's watchdog switches the laser off.
+
+With a `RunTelemetry` the loop publishes each step (rate-limited frame + overlays,
+metrics, events) and obeys its control channel: `pause` switches the laser off and
+stops actuating while frames are still shown (paused time does not count towards
+the phase duration), `resume` hands control back to the policy, `stop` ends the
+phase and leaves the driver in its safe state (laser off).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import zmq
 
 from agent.recorder import EventLog
 from agent.safety import LaserLimits
+from agent.telemetry import RunTelemetry
 from agent.tracking import Tracker
 from drivers.protocol import EVENT_TOPIC, Frame, now_ns
 from drivers.transport import (
@@ -69,6 +76,7 @@ class AgentLoop:
         driver_silence_ms: int = 3000,
         ctx: zmq.Context | None = None,
         tracker: Tracker | None = None,
+        telemetry: RunTelemetry | None = None,
     ) -> None:
         self.ctx = ctx or zmq.Context.instance()
         self.tracker = tracker or Tracker()
@@ -80,11 +88,14 @@ class AgentLoop:
         self.command_timeout_ms = command_timeout_ms
         self.heartbeat_ms = heartbeat_ms
         self.driver_silence_ms = driver_silence_ms
+        self.telemetry = telemetry
 
     def wait_for_driver(self, client: CommandClient, timeout_s: float) -> dict[str, Any]:
         """Poll `get_state` until the driver answers (it may still be starting)."""
         deadline = now_ns() + int(timeout_s * 1e9)
         while True:
+            if self.telemetry is not None:
+                self.telemetry.poll_control()  # a dashboard gets answers while we wait
             try:
                 return client.call("get_state", timeout_ms=500).result
             except CommandTimeout:
@@ -110,14 +121,17 @@ class AgentLoop:
             field_um = tuple(state["field_um"])
             target = self.target_um or (field_um[0] / 2, field_um[1] / 2)
             self.events.write("start", driver_state=state, target_um=list(target))
+            if self.telemetry is not None and self.telemetry.state == "starting":
+                self.telemetry.set_state("running")
             self.policy.reset()
             self.tracker.reset()
             self._loop(
                 client, subscriber, limits, field_um, target, duration_s, stop, result, on_step
             )
         finally:
+            laser_after = None  # the driver's own word on the safe state, for the record
             try:
-                client.call("laser_off", timeout_ms=1000)
+                laser_after = client.call("laser_off", timeout_ms=1000).result.get("laser")
             except (CommandTimeout, CommandError) as exc:
                 self.events.write("error", where="final laser_off", message=str(exc))
             result.frames_received = subscriber.stats.received
@@ -129,6 +143,7 @@ class AgentLoop:
                 frames_skipped=result.frames_skipped,
                 commands_failed=result.commands_failed,
                 late_replies=client.late_replies,
+                laser_after=laser_after,
             )
             subscriber.close()
             client.close()
@@ -147,10 +162,28 @@ class AgentLoop:
         on_step: Callable[[int, float], None] | None,
     ) -> None:
         t_start = now_ns()
-        t_end = t_start + int(duration_s * 1e9)
+        duration_ns = int(duration_s * 1e9)
         last_heartbeat = 0
         last_traffic = t_start
-        while now_ns() < t_end and not stop.is_set():
+        paused_ns = 0  # paused time does not count towards the duration
+        paused_since: int | None = None
+        while not stop.is_set():
+            t = now_ns()
+            active_ns = t - t_start - paused_ns - (t - paused_since if paused_since else 0)
+            if active_ns >= duration_ns:
+                break
+            if self.telemetry is not None:
+                self.telemetry.poll_control()
+                if self.telemetry.stop_requested:
+                    self.events.write("stop", reason="stop command", steps=result.steps)
+                    break
+                if self.telemetry.paused and paused_since is None:
+                    paused_since = self._pause(client)
+                elif not self.telemetry.paused and paused_since is not None:
+                    paused_ns += now_ns() - paused_since
+                    paused_since = None
+                    self.events.write("resume", paused_ms=paused_ns / 1e6)
+                    self.telemetry.event("resumed: policy in control")
             frame = subscriber.recv_newest(timeout_ms=self.heartbeat_ms)
             t = now_ns()
             if t - last_heartbeat > self.heartbeat_ms * 1_000_000:
@@ -160,15 +193,48 @@ class AgentLoop:
                 if topic == EVENT_TOPIC:
                     result.driver_events.append(message)
                     self.events.write("driver_event", **message)
+                    if self.telemetry is not None:
+                        self.telemetry.event(f"driver: {message}", "warning")
             if subscriber.last_message_ns:
                 last_traffic = subscriber.last_message_ns
             if t - last_traffic > self.driver_silence_ms * 1_000_000:
                 raise DriverSilent(f"no frame or heartbeat for {self.driver_silence_ms} ms")
             if frame is None:
                 continue
+            if paused_since is not None:
+                self._show_paused(frame, target, subscriber.stats.skipped)
+                continue
             self._step(client, frame, limits, field_um, target, result, subscriber.stats.skipped)
             if on_step is not None:
-                on_step(result.steps, (t - t_start) / 1e9)
+                on_step(result.steps, (t - t_start - paused_ns) / 1e9)
+
+    def _pause(self, client: CommandClient) -> int:
+        """Enter the paused state: laser off now; the loop sends no actuation until resume."""
+        error = None
+        try:
+            client.call("laser_off", timeout_ms=max(self.command_timeout_ms, 1000))
+        except (CommandTimeout, CommandError) as exc:
+            error = str(exc)  # we keep heartbeating, so nobody else will: say it loudly
+        self.events.write("pause", error=error)
+        if self.telemetry is not None:
+            note = f" (laser_off failed: {error})" if error else ""
+            level = "warning" if error else "info"
+            self.telemetry.event(f"paused: laser off, no actuation{note}", level)
+        return now_ns()
+
+    def _observe(self, frame: Frame) -> tuple[np.ndarray, np.ndarray, float]:
+        """Detections (um) and their track ids; pixel size from the frame's own state."""
+        pixel_size = float(frame.header.state.get("pixel_size_um", 1.0))
+        detections_um = self.detector(frame.data) * pixel_size
+        return detections_um, self.tracker.update(frame.header.seq, detections_um), pixel_size
+
+    def _show_paused(self, frame: Frame, target: tuple[float, float], skipped: int) -> None:
+        """While paused: keep tracking and showing frames, decide and actuate nothing."""
+        detections_um, _ids, pixel_size = self._observe(frame)
+        telemetry = self.telemetry
+        if telemetry is not None and telemetry.frame_due():
+            telemetry.frame(frame.data, frame.header.seq, pixel_size, detections_um, target)
+            telemetry.metrics({"frames_skipped": skipped})
 
     def _step(
         self,
@@ -182,9 +248,7 @@ class AgentLoop:
     ) -> None:
         header = frame.header
         t_received = now_ns()
-        pixel_size = float(header.state.get("pixel_size_um", 1.0))
-        detections_um = self.detector(frame.data) * pixel_size
-        track_ids = self.tracker.update(header.seq, detections_um)
+        detections_um, track_ids, pixel_size = self._observe(frame)
         t_detected = now_ns()
         obs = Observation(
             seq=header.seq,
@@ -209,6 +273,21 @@ class AgentLoop:
             result.commands_failed += 1
             error = str(exc)
         result.steps += 1
+        spots = _spots_wire(action.laser)
+        if self.telemetry is not None:
+            self._publish_step(frame, pixel_size, detections_um, target, spots, action)
+            self.telemetry.metrics(
+                {
+                    "latency_ms": latency_ms,
+                    "detect_ms": (t_detected - t_received) / 1e6,
+                    "frames_skipped": skipped_total,
+                    "tracking_error_um": action.info.get("error_um"),
+                    "reward": action.info.get("reward"),
+                    "laser_power_mw": sum(s.power_mw for s in action.laser),
+                }
+            )
+            if error is not None:
+                self.telemetry.event(f"command failed: {error}", "warning")
         self.events.write(
             "step",
             seq=header.seq,
@@ -220,12 +299,29 @@ class AgentLoop:
             detections_um=np.round(detections_um[:16], 4).tolist(),
             track_ids=track_ids[:16].tolist(),
             target_um=list(target),
-            laser=_spots_wire(action.laser),
+            laser=spots,
             clipped=clipped,
             info=action.info,
             latency_ms=latency_ms,
             skipped_total=skipped_total,
             error=error,
+        )
+
+    def _publish_step(
+        self,
+        frame: Frame,
+        pixel_size: float,
+        detections_um: np.ndarray,
+        target: tuple[float, float],
+        spots: list[dict[str, float]],
+        action: Action,
+    ) -> None:
+        telemetry = self.telemetry
+        if telemetry is None or not telemetry.frame_due():
+            return
+        info = {k: v for k, v in action.info.items() if isinstance(v, int | float)}
+        telemetry.frame(
+            frame.data, frame.header.seq, pixel_size, detections_um, target, spots, info
         )
 
     def _send(self, client: CommandClient, action: Action, seq: int) -> dict[str, Any]:

@@ -1,9 +1,12 @@
 """Offline replay: feed a run's recorded observations back through a policy.
 
-Frames are not recorded (only detections), so the detector cannot be re-run yet:
-replay rebuilds each step's `Observation` from the event log (detections, track ids,
-target, sequence number, exposure) and asks a policy what it would have commanded,
-clipped to the driver's limits exactly as the live loop does. It reports how often
+When the run recorded its frames (`frames.ome.zarr`, see `agent/frame_recording.py`),
+`replay_frames` re-runs the detector over every recorded frame and reports how the
+detections change against the recorded ones; `replay_run` does that for a run that
+has frames but no policy phase. Without frames, replay rebuilds each step's
+`Observation` from the event log (detections, track ids, target, sequence number,
+exposure) and asks a policy what it would have commanded, clipped to the driver's
+limits exactly as the live loop does. It reports how often
 and how far the laser command would have changed and, when the run has ground
 truth, the recorded detections' error. With the recorded policy config the replayed
 decisions match the recorded ones.
@@ -22,8 +25,10 @@ import yaml
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from agent.config import ExperimentConfig, PolicyConfig
+from agent.detect import DetectorConfig, ParticleDetector
 from agent.detectors import DetectorSettings
 from agent.evaluate import MATCH_RADIUS_UM, detection_errors_um
+from agent.frame_recording import FRAMES_NAME, read_recording
 from agent.recorder import write_json
 from agent.report import RunData, load_run
 from agent.safety import LaserLimits
@@ -158,6 +163,8 @@ def replay_run(
     detections are reused. Raises ValueError naming the path for a bad run directory.
     """
     run_dir = Path(run_dir)
+    if (run_dir / FRAMES_NAME).is_dir() and not (run_dir / f"events-{phase}.jsonl").is_file():
+        return replay_frames(run_dir, name=name)
     run = load_run(run_dir)
     if phase not in run.phases:
         raise ValueError(
@@ -256,3 +263,119 @@ def _example(
         "recorded_info": step.get("info") or {},
         "replayed_info": dict(action.info),
     }
+
+
+DETECTION_TOLERANCE_UM = 0.05
+
+
+def _recorded_detector(run_dir: Path) -> DetectorConfig:
+    """The detector section of the run's config.yaml (defaults when absent)."""
+    path = run_dir / "config.yaml"
+    raw = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    try:
+        return DetectorConfig.model_validate(raw.get("detector") or {})
+    except ValidationError as exc:
+        raise ValueError(f"{path}: detector: {exc.errors()[0]['msg']}") from None
+
+
+def replay_frames(
+    run_dir: Path,
+    detector: DetectorConfig | dict[str, Any] | None = None,
+    *,
+    name: str | None = None,
+    max_examples: int = 10,
+) -> dict[str, Any]:
+    """Re-run detection over a run's recorded frames; write `replay-<name>.json`.
+
+    `detector`: None re-runs the recorded detector (results match the recording);
+    another config shows what it would have found on the very same photons.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / FRAMES_NAME).is_dir():
+        raise ValueError(f"{run_dir}: no {FRAMES_NAME} (the run did not record frames)")
+    source = "recorded" if detector is None else "given"
+    if detector is None:
+        config = _recorded_detector(run_dir)
+    elif isinstance(detector, DetectorConfig):
+        config = detector
+    else:
+        try:
+            config = DetectorConfig.model_validate(detector)
+        except ValidationError as exc:
+            raise ValueError(f"replay: detector: {exc.errors()[0]['msg']}") from None
+    name = name or (
+        "frames-recorded"
+        if detector is None
+        else "frames-"
+        + hashlib.sha1(json.dumps(config.model_dump(), sort_keys=True).encode()).hexdigest()[:8]
+    )
+    if not _NAME.match(name):
+        raise ValueError(f"replay name {name!r}: use letters, digits, '_', '.', '-'")
+    recording = read_recording(run_dir / FRAMES_NAME)
+    run_detector = ParticleDetector(config)
+    changed = 0
+    recorded_total = replayed_total = 0
+    displacements: list[float] = []
+    examples: list[dict[str, Any]] = []
+    for i in range(len(recording)):
+        meta = recording.frame_metadata(i)
+        frame = recording.frame(i)
+        px = np.asarray(run_detector(frame), dtype=float).reshape(-1, 2)
+        pixel = float(meta.get("pixel_size_um", 1.0))
+        stage = np.asarray(meta.get("stage_um") or (0.0, 0.0), dtype=float)
+        centre = np.array([frame.shape[1], frame.shape[0]]) / 2
+        replayed = (px + 0.5 - centre) * pixel + stage
+        recorded = np.asarray(meta.get("detections_um") or [], dtype=float).reshape(-1, 2)
+        recorded_total += len(recorded)
+        replayed_total += len(replayed)
+        moved = _largest_shift(recorded, replayed)
+        differs = len(recorded) != len(replayed) or (moved or 0.0) > DETECTION_TOLERANCE_UM
+        if moved is not None:
+            displacements.append(moved)
+        if differs:
+            changed += 1
+            if len(examples) < max_examples:
+                examples.append(
+                    {
+                        "frame": i,
+                        "reason": meta.get("reason"),
+                        "decision": meta.get("decision"),
+                        "recorded_um": recorded.round(3).tolist(),
+                        "replayed_um": replayed.round(3).tolist(),
+                    }
+                )
+    n = len(recording)
+    result: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "kind": "frames",
+        "name": name,
+        "detector": config.model_dump(mode="json"),
+        "detector_source": source,
+        "detector_replayed": True,
+        "frames": n,
+        "frames_changed": changed,
+        "fraction_changed": changed / n if n else 0.0,
+        "detections_recorded": recorded_total,
+        "detections_replayed": replayed_total,
+        "max_detection_shift_um": float(np.max(displacements)) if displacements else None,
+        "tolerance_um": DETECTION_TOLERANCE_UM,
+        "examples": examples,
+    }
+    path = run_dir / f"replay-{name}.json"
+    result["output"] = str(path)
+    result["message"] = (
+        f"re-ran detection on {n} recorded frames: {changed} changed, detections "
+        f"{recorded_total} -> {replayed_total}; written to {path}"
+    )
+    write_json(path, result)
+    return result
+
+
+def _largest_shift(recorded: np.ndarray, replayed: np.ndarray) -> float | None:
+    """Largest nearest-neighbour shift between equal-sized detection sets (else None)."""
+    if len(recorded) != len(replayed):
+        return None
+    if not len(recorded):
+        return 0.0
+    d = np.hypot(*(recorded[:, None, :] - replayed[None, :, :]).transpose(2, 0, 1))
+    return float(np.max(np.min(d, axis=1)))

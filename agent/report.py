@@ -269,6 +269,35 @@ pre{background:#f7f7f7;padding:1em;overflow:auto}
 """
 
 
+def plot_spm_maps(run_dir: Path, path: Path) -> str | None:
+    """SPM active-learning maps: scan, prediction, uncertainty (+ truth), measured points.
+
+    Reads the last `maps/step-NNNN.npz` the spm-active runner wrote (and
+    `truth-reward.npz` when the true map is known); None when the run has none.
+    """
+    steps = sorted((run_dir / "maps").glob("step-*.npz")) if (run_dir / "maps").is_dir() else []
+    if not steps:
+        return None
+    with np.load(steps[-1]) as data:
+        maps = {k: np.asarray(data[k]) for k in data.files}
+    h, w = (int(v) for v in maps["shape"])
+    panels = [("scan (structure channel 0)", maps["image"]), ("predicted reward", maps["mean"]),
+              ("uncertainty (std)", maps["std"])]
+    truth_path = run_dir / "truth-reward.npz"
+    if truth_path.is_file():
+        with np.load(truth_path) as data:
+            panels.append(("true reward", np.asarray(data["reward"])))
+    rows, cols = np.divmod(maps["measured"], w)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.0))
+    for ax, (title, img) in zip(np.atleast_1d(axes), panels, strict=True):
+        im = ax.imshow(img, origin="lower", cmap="viridis", extent=(0, w, 0, h))
+        ax.scatter(cols + 0.5, rows + 0.5, s=6, c="red", marker="x", linewidths=0.7)
+        ax.set_title(f"{title} (step {len(steps)})")
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    _save(fig, path)
+    return path.name
+
+
 def write_report(run_dir: Path) -> Path:
     """Write `run_dir/report.html` and its PNG plots; return the HTML path.
 
@@ -310,6 +339,17 @@ def write_report(run_dir: Path) -> Path:
         image, why = None, f"no ground-truth records for the {feedback or 'feedback'} phase"
     sections.append(_section(f"Detection error vs truth ({feedback} phase)", image, why))
 
+    image = plot_spm_maps(out, out / "report-spm-maps.png")
+    if image is not None:
+        sections.append(
+            _section(
+                "SPM prediction and uncertainty maps",
+                image,
+                "",
+                "Last step's model prediction and uncertainty over the scan; red crosses: "
+                "measured points. Every step's maps are in maps/step-NNNN.npz.",
+            )
+        )
     if run.summary is not None:
         summary_html = _summary_table(run.summary)
     else:

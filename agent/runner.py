@@ -3,6 +3,10 @@
 A feedback run is compared with a control run of the same twin, seed and
 duration with the laser off (free diffusion); each phase starts a fresh driver
 process so both start from the same state.
+
+Every run publishes live telemetry (`agent.telemetry`) and writes its endpoints to
+`runs/<run>/telemetry.json`, so `scopeloop dashboard` can attach to any run going;
+a `stop` from the control channel ends the current phase and skips the rest.
 """
 
 from __future__ import annotations
@@ -25,10 +29,13 @@ from agent.loop import AgentLoop, DriverSilent, LoopEndpoints, LoopResult
 from agent.plots import plot_run
 from agent.recorder import EventLog, new_run_dir, read_events, write_json
 from agent.report import write_report
+from agent.telemetry import RunTelemetry
 from agent.tracking import Tracker
 from drivers.serve import resolve_endpoints
 from policies.contract import Policy
+from policies.control import CONTROL_CONFIGS, make_control_policy
 from policies.feedback import LaserOff, ProportionalTrap, ProportionalTrapConfig
+from policies.rl.policy import RlPolicy, RlPolicyConfig
 
 ProgressFn = Callable[[str, float], None]
 DEEP_CHECKPOINT = "lodestar.pt"
@@ -37,6 +44,10 @@ DEEP_CHECKPOINT = "lodestar.pt"
 def make_policy(config: ExperimentConfig) -> Policy:
     if isinstance(config.policy, ProportionalTrapConfig):
         return ProportionalTrap(config.policy)
+    if isinstance(config.policy, CONTROL_CONFIGS):
+        return make_control_policy(config.policy)
+    if isinstance(config.policy, RlPolicyConfig):
+        return RlPolicy(config.policy)
     return LaserOff(config.policy)
 
 
@@ -81,6 +92,7 @@ def run_phase(
     name: str,
     policy: Policy,
     progress: ProgressFn | None = None,
+    telemetry: RunTelemetry | None = None,
 ) -> PhaseResult:
     driver_config = resolve_endpoints(config.driver)
     phase_config = config.model_copy(update={"driver": driver_config})
@@ -105,6 +117,7 @@ def run_phase(
                 driver_silence_ms=settings.driver_silence_ms,
                 ctx=ctx,
                 tracker=Tracker(settings.tracking),
+                telemetry=telemetry,
             )
             on_step = (lambda _n, t: progress(name, t)) if progress else None
             result = loop.run(
@@ -195,12 +208,27 @@ def run_experiment(
     """Run every phase, write summary.json and plots; return (run_dir, summary)."""
     run_dir = new_run_dir(config.runs_dir, config.name)
     dump_config(config, run_dir / "config.yaml")
-    if needs_training(config.agent.detector):
-        train_detector_phase(config, run_dir)
-    phases = {"feedback": run_phase(config, run_dir, "feedback", make_policy(config), progress)}
-    if config.compare_free_diffusion:
-        phases["free"] = run_phase(config, run_dir, "free", LaserOff(), progress)
+    with RunTelemetry(run_dir.name, zmq.Context.instance()) as telemetry:
+        telemetry.write_info(run_dir)
+        if needs_training(config.agent.detector):
+            telemetry.set_phase("training")
+            telemetry.event("training the detector on the live stream")
+            train_detector_phase(config, run_dir)
+        phases: dict[str, PhaseResult] = {}
+        plan: list[tuple[str, Policy]] = [("feedback", make_policy(config))]
+        if config.compare_free_diffusion:
+            plan.append(("free", LaserOff()))
+        for name, policy in plan:
+            if telemetry.stop_requested:
+                telemetry.event(f"phase {name} skipped: run stopped", "warning")
+                continue
+            telemetry.set_phase(name)
+            telemetry.event(f"phase {name} started")
+            phases[name] = run_phase(config, run_dir, name, policy, progress, telemetry)
+        stopped = telemetry.stop_requested
+        telemetry.reason = "stop command" if stopped else "finished"
     summary = summarize(config, phases)
+    summary["stopped"] = stopped
     summary["plots"] = plot_run(
         run_dir,
         {n: (p.truth, p.steps) for n, p in phases.items()},

@@ -5,8 +5,13 @@ baseline measured in the same run, because shared machines are noisy.
 """
 
 BENCHMARKS: dict[str, str] = {
+    "rl": "benchmarks.rl",
     "transport": "benchmarks.transport",
     "twin": "benchmarks.twin",
     "localization": "benchmarks.localization",
     "spm": "benchmarks.spm",
+    "active": "benchmarks.active",
+    "mmcore": "benchmarks.mmcore",
+    "calibration": "benchmarks.calibration",
+    "feedback": "benchmarks.feedback",
 }

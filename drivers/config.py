@@ -83,8 +83,9 @@ class TwinSettings(StrictModel):
 
 class DriverConfig(StrictModel):
     # twin: the particle twin as pure-Python devices; mmcore: a Micro-Manager hardware
-    # configuration file, or "demo" for the C++ demo adapters (mm-test-adapters wheel).
-    kind: Literal["twin", "mmcore"] = "twin"
+    # configuration file, or "demo" for the C++ demo adapters (mm-test-adapters wheel);
+    # pycromanager: the same through pycromanager (its Python backend, in-process).
+    kind: Literal["twin", "mmcore", "pycromanager"] = "twin"
     mm_config: str = "demo"
     stream_endpoint: str = "auto"  # "auto": a private ipc:// path chosen at start
     command_endpoint: str = "auto"

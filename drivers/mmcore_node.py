@@ -19,6 +19,7 @@ import zmq
 from pymmcore_plus import CMMCorePlus
 
 from drivers.config import DriverConfig
+from drivers.mda import EventFrame, EventSession, parse_events
 from drivers.node import InstrumentNode, check_within, number_arg
 from drivers.protocol import TRUTH_PREFIX, ProtocolError, now_ns
 
@@ -40,7 +41,7 @@ class LaserState:
 class DriverNode(InstrumentNode):
     """Serves one Micro-Manager core over protocol v1 until `stop` is set."""
 
-    ACTUATING = frozenset({"set_laser", "move_stage", "move_z"})
+    ACTUATING = frozenset({"set_laser", "move_stage", "move_z", "set_slm_image", "submit_events"})
 
     def __init__(
         self,
@@ -83,8 +84,15 @@ class DriverNode(InstrumentNode):
                 "set_property": self._cmd_set_property,
                 "set_config": self._cmd_set_config,
                 "set_shutter": self._cmd_set_shutter,
+                "snap": self._cmd_snap,
+                "set_slm_image": self._cmd_set_slm_image,
+                "submit_events": self._cmd_submit_events,
+                "stop_events": self._cmd_stop_events,
             }
         )
+        self.events: EventSession | None = None
+        self._events_light = False  # an event of the session drives the laser SLM
+        self.event_frames_published = 0
 
     # --- InstrumentNode hooks ----------------------------------------------------
 
@@ -92,14 +100,18 @@ class DriverNode(InstrumentNode):
         self.core.startContinuousSequenceAcquisition(0)
 
     def teardown(self) -> None:
+        self._end_events(cancel=True)
         if self.core.isSequenceRunning():
             self.core.stopSequenceAcquisition()
 
     def actuators_live(self) -> bool:
-        return bool(self.laser)
+        return bool(self.laser) or (self.events is not None and self._events_light)
 
     def pump(self) -> None:
-        self._pump_frames()
+        if self.events is not None:
+            self._run_events()
+        else:
+            self._pump_frames()
 
     def _pump_frames(self) -> None:
         while self.core.getRemainingImageCount() > 0:
@@ -107,22 +119,12 @@ class DriverNode(InstrumentNode):
             t_end = int(float(meta.get("t_exp_end_ns", now_ns())))
             exposure_ns = int(self.core.getExposure() * 1e6)
             t_start = int(float(meta.get("t_exp_start_ns", t_end - exposure_ns)))
-            header = self.publisher.publish_frame(
-                STREAM,
-                image,
-                t_start,
-                t_end,
-                self.state(),
-            )
-            self.frames_published += 1
-            self._published_ns[header.seq] = header.t_published_ns
-            while len(self._published_ns) > PUBLISHED_RING:
-                self._published_ns.popitem(last=False)
+            seq = self._publish_image(image, t_start, t_end, {})
             if self.truth_source is not None:
                 truth = self.truth_source(meta)
                 if truth is not None:
                     self.publisher.publish(
-                        TRUTH_PREFIX + STREAM.encode(), {"seq": header.seq, **truth}
+                        TRUTH_PREFIX + STREAM.encode(), {"seq": seq, **truth}
                     )
 
     def _cmd_set_laser(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -245,6 +247,12 @@ class DriverNode(InstrumentNode):
 
     def _camera_paused(self, touches_camera: bool, change: Callable[[], None]) -> None:
         """Cameras refuse most changes while acquiring: pause the stream around them."""
+        if touches_camera and self.events is not None:
+            raise ProtocolError(
+                "busy",
+                "camera settings cannot change during an event-driven acquisition; submit "
+                "them with the events (exposure, channel, properties) or send stop_events",
+            )
         running = touches_camera and self.core.isSequenceRunning()
         if running:
             self.core.stopSequenceAcquisition()
@@ -332,9 +340,225 @@ class DriverNode(InstrumentNode):
         self.core.setShutterOpen(state)
         return {"open": state}
 
+    # --- snap, SLM images, event-driven acquisition --------------------------------
+
+    def _publish_image(
+        self, image: np.ndarray, t_start: int, t_end: int, extra: dict[str, Any]
+    ) -> int:
+        state = {**self.state(), **extra} if extra else self.state()
+        header = self.publisher.publish_frame(STREAM, image, t_start, t_end, state)
+        self.frames_published += 1
+        self._published_ns[header.seq] = header.t_published_ns
+        while len(self._published_ns) > PUBLISHED_RING:
+            self._published_ns.popitem(last=False)
+        return header.seq
+
+    def _idle_or_refuse(self, cmd: str) -> None:
+        if self.events is not None:
+            raise ProtocolError(
+                "busy",
+                f"{cmd}: an event-driven acquisition is running; submit the change as an "
+                f"event or send stop_events first",
+            )
+
+    def _cmd_snap(self, _args: dict[str, Any]) -> dict[str, Any]:
+        """One frame with the current settings, published on the stream (snap: true)."""
+        self._idle_or_refuse("snap")
+        images: list[tuple[np.ndarray, int, int]] = []
+
+        def snap() -> None:
+            t_start = now_ns()
+            self.core.snapImage()
+            images.append((self.core.getImage(), t_start, now_ns()))
+
+        self._camera_paused(True, snap)
+        image, t_start, t_end = images[0]
+        seq = self._publish_image(image, t_start, t_end, {"snap": True})
+        return {"seq": seq, "shape": list(image.shape), "dtype": str(image.dtype)}
+
+    def _cmd_set_slm_image(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Show an 8-bit image on an SLM; on the laser SLM only within the laser limits."""
+        device = args.get("device") or self.core.getSLMDevice()
+        if not isinstance(device, str) or device not in self.core.getLoadedDevices():
+            raise ProtocolError(
+                "bad_args", f"set_slm_image: field 'device' = {device!r} is not a loaded device"
+            )
+        image = self._slm_image_arg("set_slm_image", "image", device, args.get("image"))
+        light = self._check_slm_light("set_slm_image", "image", device, image)
+        self.core.setSLMImage(device, image)
+        self.core.displaySLMImage(device)
+        if light is not None:
+            self.laser = light
+            self.watchdog_tripped = False
+        return {"device": device, "lit_pixels": int(np.count_nonzero(image))}
+
+    def _slm_image_arg(self, cmd: str, field: str, device: str, raw: Any) -> np.ndarray:
+        try:
+            shape = (self.core.getSLMHeight(device), self.core.getSLMWidth(device))
+        except Exception:
+            raise ProtocolError("bad_args", f"{cmd}: device {device!r} is not an SLM") from None
+        try:
+            image = np.asarray(raw)
+        except (TypeError, ValueError):
+            image = np.zeros(0)
+        if image.shape != shape or not np.issubdtype(image.dtype, np.integer):
+            raise ProtocolError(
+                "bad_args",
+                f"{cmd}: field '{field}' must be a {shape[0]}x{shape[1]} array of integers "
+                f"0-255 for {device}",
+            )
+        if image.size and (image.min() < 0 or image.max() > 255):
+            raise ProtocolError(
+                "out_of_limits",
+                f"{cmd}: field '{field}' values must be in the allowed range [0, 255]",
+            )
+        return image.astype(np.uint8)
+
+    def _check_slm_light(
+        self, cmd: str, field: str, device: str, image: np.ndarray
+    ) -> list[LaserState] | None:
+        """The spots an image on the laser SLM lights, refused beyond the limits."""
+        names = self.config.devices
+        if names.laser_kind != "slm" or device != names.slm:
+            return None
+        rows, cols = np.nonzero(image)
+        if len(rows) > self.config.limits.max_laser_spots:
+            raise ProtocolError(
+                "out_of_limits",
+                f"{cmd}: field '{field}' lights {len(rows)} pixels, the allowed range is "
+                f"[0, {self.config.limits.max_laser_spots}] (limits.max_laser_spots)",
+            )
+        x0, y0 = names.slm_origin_um
+        spots = []
+        for row, col in zip(rows, cols, strict=True):
+            spot = {
+                "x_um": x0 + col * names.slm_pixel_um,
+                "y_um": y0 + row * names.slm_pixel_um,
+                "power_mw": image[row, col] / 255 * names.slm_max_power_mw,
+            }
+            x, y, p = self._checked_spot(len(spots), spot)
+            spots.append(LaserState(x, y, p))
+        return spots
+
+    def _cmd_submit_events(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Queue MDAEvents on the running event-driven MDA (started on first use)."""
+        t0 = self.events.t0_ns if self.events is not None else now_ns()
+        events = parse_events(args.get("events"), t0)
+        lights = [self._check_event(i, event) for i, event in enumerate(events)]
+        if self.events is not None and self.events.stopping:
+            raise ProtocolError(
+                "busy", "submit_events: the event session is stopping; wait for it to end"
+            )
+        if self.events is None:
+            if self.core.isSequenceRunning():
+                self.core.stopSequenceAcquisition()
+            self._drop_pending_sequence_frames()
+            if not self.core.getShutterDevice():
+                self.core.setAutoShutter(False)  # MDA needs a shutter label otherwise
+            self.events = EventSession(self.core, on_frame=self._publish_event_frame)
+            self._events_light = False
+        self._events_light = self._events_light or any(lights)
+        if any(lights):
+            self.watchdog_tripped = False
+        ids = self.events.submit(events)
+        return {"ids": ids, "t0_ns": self.events.t0_ns}
+
+    def _check_event(self, i: int, event: Any) -> bool:
+        """Limits on every event, as on the matching command; True if it lights the laser."""
+        cmd, where = "submit_events", f"events[{i}]"
+        limits = self.config.limits
+        if event.x_pos is not None:
+            check_within(cmd, f"{where}.x_pos", event.x_pos, limits.stage_x_um, "um")
+        if event.y_pos is not None:
+            check_within(cmd, f"{where}.y_pos", event.y_pos, limits.stage_y_um, "um")
+        if event.z_pos is not None:
+            check_within(cmd, f"{where}.z_pos", event.z_pos, limits.z_um, "um")
+        if event.exposure is not None:
+            check_within(cmd, f"{where}.exposure", event.exposure, limits.exposure_ms, "ms")
+        if event.channel is not None:
+            group, preset = event.channel.group, event.channel.config
+            if group not in self.core.getAvailableConfigGroups() or preset not in (
+                self.core.getAvailableConfigs(group)
+            ):
+                raise ProtocolError(
+                    "bad_args", f"{cmd}: field '{where}.channel' = {group}/{preset} is not a preset"
+                )
+        lasers = {self.config.devices.laser, self.config.devices.slm}
+        loaded = set(self.core.getLoadedDevices()) if event.properties else set()
+        for device, prop, _value in event.properties or []:
+            if device in lasers:
+                raise ProtocolError(
+                    "out_of_limits",
+                    f"{cmd}: field '{where}.properties' sets the laser {device!r}; use set_laser",
+                )
+            if device not in loaded or not self.core.hasProperty(device, prop):
+                raise ProtocolError(
+                    "bad_args", f"{cmd}: field '{where}.properties' has no {device}.{prop}"
+                )
+        if event.slm_image is None:
+            return False
+        device = event.slm_image.device or self.core.getSLMDevice()
+        image = self._slm_image_arg(cmd, f"{where}.slm_image.data", device, event.slm_image.data)
+        return bool(self._check_slm_light(cmd, f"{where}.slm_image.data", device, image))
+
+    def _cmd_stop_events(self, args: dict[str, Any]) -> dict[str, Any]:
+        """End the event session: after the queued events, or at once with cancel: true."""
+        if self.events is None:
+            return {"running": False, "submitted": 0}
+        cancel = args.get("cancel") is True
+        self.events.stop(cancel=cancel)
+        return {"running": True, "submitted": self.events.submitted, "cancelled": cancel}
+
+    def _run_events(self) -> None:
+        """Run the event session's MDA on this thread until it is stopped or drained.
+
+        Commands, the watchdog and heartbeats are served inside the MDA's event
+        iterator whenever no event is executing; see drivers/mda.py EventSession.
+        """
+        session = self.events
+        assert session is not None
+        try:
+            session.run(self._serve_between_events)
+        except Exception:  # a device failure ends the session, never the node
+            log.exception("event-driven acquisition failed")
+        self._end_events(cancel=False)
+
+    def _serve_between_events(self, timeout_ms: int) -> bool:
+        for incoming in self.server.poll(timeout_ms=timeout_ms):
+            self._handle(incoming)
+        self._tick()
+        return not self.stop.is_set()
+
+    def _publish_event_frame(self, frame: EventFrame) -> None:
+        """Publish the frame the moment it is read (zero-copy), on the node thread."""
+        self._publish_image(
+            frame.image, frame.t_start_ns, frame.t_end_ns, {"event": frame.wire_state()}
+        )
+        self.event_frames_published += 1
+
+    def _end_events(self, cancel: bool) -> None:
+        """Close the session and go back to the continuous stream."""
+        session, self.events = self.events, None
+        if session is None:
+            return
+        if cancel:
+            session.stop(cancel=True)
+        session.close()
+        if self._events_light:
+            self._events_light = False
+            self.safe_state("events ended")
+        if not self.stop.is_set():
+            self.core.startContinuousSequenceAcquisition(0)
+
+    def _drop_pending_sequence_frames(self) -> None:
+        while self.core.getRemainingImageCount() > 0:
+            self.core.popNextImage()
+
     def status(self) -> dict[str, Any]:
         return {
             "frames_published": self.frames_published,
+            "event_frames_published": self.event_frames_published,
+            "events_running": self.events is not None,
             "laser_kind": self.config.devices.laser_kind,
             "limits": self.config.limits.model_dump(),
         }
@@ -344,6 +568,8 @@ class DriverNode(InstrumentNode):
     def safe_state(self, reason: str) -> None:
         """All light off through the devices themselves (galvo power 0, SLM blank)."""
         names = self.config.devices
+        if self.events is not None and self._events_light:
+            self.events.stop(cancel=True)  # queued events would light the laser again
         if self.laser_device is None:
             self.laser = []
             return

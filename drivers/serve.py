@@ -59,6 +59,12 @@ def build_node(config: DriverConfig, ctx: zmq.Context | None = None) -> DriverNo
     """The driver node for `config.kind`: the particle twin, or any Micro-Manager config."""
     if config.kind == "mmcore":
         return DriverNode(load_mmcore(config), config, ctx=ctx)
+    if config.kind == "pycromanager":
+        from drivers.pycromanager_node import PycromanagerNode, start_python_backend
+
+        core = start_python_backend(config.mm_config)
+        core.set_exposure(config.exposure_ms)
+        return PycromanagerNode(core, config, ctx=ctx)
     core, rig = build_twin_core(config.twin, config.seed, config.exposure_ms, config.devices)
 
     def truth(meta: object) -> dict | None:

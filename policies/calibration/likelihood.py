@@ -1,18 +1,25 @@
 """Exact Gaussian log-likelihood of a sampled OU trajectory, vectorised over parameters.
 
 Noise-free data are an AR(1): closed form from five sufficient statistics, so a whole
-grid of stiffnesses costs O(grid). With localisation noise the data are AR(1) + white
-noise = ARMA(1,1); a Kalman filter gives the exact likelihood. The unknown trap centre
-is either profiled out or integrated out under a flat prior (``marginal_center``), which
-is what keeps short, slow trajectories from looking stiffer than they are.
+grid of stiffnesses costs O(grid). With localisation noise and/or camera exposure blur
+the observations are an ARMA(1,1): the position at the end of each exposure is the
+state, the exposure average is jointly Gaussian with it, and a scalar Kalman filter
+gives the exact likelihood. The unknown trap centre is either profiled out or
+integrated out under a flat prior (``marginal_center``), which is what keeps short,
+slow trajectories from looking stiffer than they are.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 _LOG_2PI = float(np.log(2.0 * np.pi))
+_SERIES_N = np.arange(2, 22)
+_SERIES_C = (2.0**_SERIES_N - 2.0) / np.array([math.factorial(int(n) + 1) for n in _SERIES_N])
 
 
 def ar1_params(
@@ -25,6 +32,59 @@ def ar1_params(
     var = kt / k
     q = var * -np.expm1(-2.0 * a)
     return phi, var, q
+
+
+def _blur_g(a: NDArray[np.float64]) -> NDArray[np.float64]:
+    """g(a) = 1 - 2(1 - e^-a)/a + (1 - e^-2a)/(2a), by its series where it cancels."""
+    a = np.asarray(a, dtype=float)
+    small = a < 0.5
+    safe = np.where(small, 1.0, a)
+    closed = 1.0 + 2.0 * np.expm1(-safe) / safe - np.expm1(-2.0 * safe) / (2.0 * safe)
+    s = np.where(small, a, 0.0)[..., None]
+    series = np.sum(_SERIES_C * (-s) ** _SERIES_N, axis=-1)
+    return np.where(small, series, closed)
+
+
+@dataclass(frozen=True)
+class BlurredOU:
+    """One step of the exposure-blurred OU state-space model (arrays broadcast).
+
+    State x_i: position at the end of exposure i. Given x_{i-1}, the pair
+    (x_i, b_i), b_i the average over the exposure [t_i - tau_e, t_i], is Gaussian with
+    mean (a_x, a_b) x_{i-1} and covariance [[q_xx, q_xb], [q_xb, q_bb]].
+    Without blur b_i = x_i and this is the AR(1).
+    """
+
+    a_x: NDArray[np.float64]
+    a_b: NDArray[np.float64]
+    q_xx: NDArray[np.float64]
+    q_xb: NDArray[np.float64]
+    q_bb: NDArray[np.float64]
+    var: NDArray[np.float64]
+
+
+def blurred_ou(k: ArrayLike, dt: float, kt: float, gamma: float, exposure_s: float) -> BlurredOU:
+    """Exact transition of the blurred OU (``0 <= exposure_s <= dt``), any stiffness."""
+    if not 0.0 <= exposure_s <= dt * (1.0 + 1e-9):
+        raise ValueError(f"exposure_s must be in [0, dt={dt}], got {exposure_s!r}")
+    exposure_s = min(exposure_s, dt)
+    k = np.asarray(k, dtype=float)
+    lam = k / gamma
+    var = kt / k
+    a_x = np.exp(-lam * dt)
+    q_xx = var * -np.expm1(-2.0 * lam * dt)
+    if exposure_s <= 0.0:
+        return BlurredOU(a_x, a_x, q_xx, q_xx, q_xx, var)
+    a = lam * exposure_s
+    c1 = -np.expm1(-a) / a  # mean of the exposure average per unit start position
+    gap = dt - exposure_s
+    q0 = var * -np.expm1(-2.0 * lam * gap)  # variance built up before the exposure opens
+    var_b = 2.0 * var * _blur_g(a) / a
+    cov_xb = var * np.expm1(-a) ** 2 / a
+    a_b = c1 * np.exp(-lam * gap)
+    q_bb = c1 * c1 * q0 + var_b
+    q_xb = np.exp(-a) * c1 * q0 + cov_xb
+    return BlurredOU(a_x, a_b, q_xx, q_xb, q_bb, var)
 
 
 def ar1_loglik(
@@ -53,6 +113,62 @@ def ar1_loglik(
     return ll - 0.5 * np.log(a) if marginal_center else ll
 
 
+def state_space_loglik(
+    y: NDArray[np.float64],
+    model: BlurredOU,
+    noise_var: ArrayLike,
+    center_um: float | None = None,
+    marginal_center: bool = True,
+) -> NDArray[np.float64]:
+    """Exact log-likelihood of blurred OU + white noise by a vectorised scalar Kalman filter.
+
+    The gains do not depend on the data, so the centre is handled by also filtering a
+    column of ones: innovations of y - mu are e_y - mu * e_1.
+    """
+    a_x, a_b, q_xx, q_xb, q_bb, p, r = np.broadcast_arrays(
+        *(
+            np.asarray(v, dtype=float)
+            for v in (
+                model.a_x,
+                model.a_b,
+                model.q_xx,
+                model.q_xb,
+                model.q_bb,
+                model.var,
+                noise_var,
+            )
+        )
+    )
+    z = y - (0.0 if center_um is None else center_um)
+    p = p.copy()
+    m_y = np.zeros_like(p)
+    m_1 = np.zeros_like(p)
+    log_s = np.zeros_like(p)
+    syy = np.zeros_like(p)
+    sy1 = np.zeros_like(p)
+    s11 = np.zeros_like(p)
+    ab2, ax2, axab = a_b * a_b, a_x * a_x, a_x * a_b
+    q_obs = q_bb + r
+    for obs in z:
+        s = ab2 * p + q_obs
+        inv_s = 1.0 / s
+        e_y = obs - a_b * m_y
+        e_1 = 1.0 - a_b * m_1
+        log_s += np.log(s)
+        syy += e_y * e_y * inv_s
+        sy1 += e_y * e_1 * inv_s
+        s11 += e_1 * e_1 * inv_s
+        gain = (axab * p + q_xb) * inv_s
+        m_y = a_x * m_y + gain * e_y
+        m_1 = a_x * m_1 + gain * e_1
+        p = ax2 * p + q_xx - gain * gain * s
+    ll = -0.5 * (z.size * _LOG_2PI + log_s + syy)
+    if center_um is not None:
+        return ll
+    ll = ll + 0.5 * sy1**2 / s11
+    return ll - 0.5 * np.log(s11) if marginal_center else ll
+
+
 def kalman_loglik(
     y: NDArray[np.float64],
     phi: ArrayLike,
@@ -62,41 +178,10 @@ def kalman_loglik(
     center_um: float | None = None,
     marginal_center: bool = True,
 ) -> NDArray[np.float64]:
-    """Exact ARMA(1,1) (OU + white noise) log-likelihood by a vectorised Kalman filter.
-
-    The gains do not depend on the data, so the centre is handled by also filtering a
-    column of ones: innovations of y - mu are e_y - mu * e_1.
-    """
-    phi, var, q, r = np.broadcast_arrays(
-        *(np.asarray(v, dtype=float) for v in (phi, var, q, noise_var))
-    )
-    z = y - (0.0 if center_um is None else center_um)
-    p = var.copy()
-    m_y = np.zeros_like(p)
-    m_1 = np.zeros_like(p)
-    log_s = np.zeros_like(p)
-    syy = np.zeros_like(p)
-    sy1 = np.zeros_like(p)
-    s11 = np.zeros_like(p)
-    phi2 = phi * phi
-    for obs in z:
-        s = p + r
-        inv_s = 1.0 / s
-        e_y = obs - m_y
-        e_1 = 1.0 - m_1
-        log_s += np.log(s)
-        syy += e_y * e_y * inv_s
-        sy1 += e_y * e_1 * inv_s
-        s11 += e_1 * e_1 * inv_s
-        gain = p * inv_s
-        m_y = phi * (m_y + gain * e_y)
-        m_1 = phi * (m_1 + gain * e_1)
-        p = phi2 * p * (1.0 - gain) + q
-    ll = -0.5 * (z.size * _LOG_2PI + log_s + syy)
-    if center_um is not None:
-        return ll
-    ll = ll + 0.5 * sy1**2 / s11
-    return ll - 0.5 * np.log(s11) if marginal_center else ll
+    """Exact AR(1) + white noise (ARMA(1,1)) log-likelihood: the unblurred state space."""
+    phi, var, q = (np.asarray(v, dtype=float) for v in (phi, var, q))
+    model = BlurredOU(phi, phi, q, q, q, var)
+    return state_space_loglik(y, model, noise_var, center_um, marginal_center)
 
 
 def ou_loglik(
@@ -108,10 +193,12 @@ def ou_loglik(
     noise_um: ArrayLike = 0.0,
     center_um: float | None = None,
     marginal_center: bool = True,
+    exposure_s: float = 0.0,
 ) -> NDArray[np.float64]:
-    """Log-likelihood of stiffness(es) ``k`` (known D = kT/gamma), any noise level."""
-    phi, var, q = ar1_params(k, dt, kt, gamma)
+    """Log-likelihood of stiffness(es) ``k`` (known D = kT/gamma), any noise level and blur."""
     noise = np.asarray(noise_um, dtype=float)
-    if not np.any(noise > 0.0):
+    if exposure_s <= 0.0 and not np.any(noise > 0.0):
+        phi, var, q = ar1_params(k, dt, kt, gamma)
         return ar1_loglik(x, phi, var, q, center_um, marginal_center)
-    return kalman_loglik(x, phi, var, q, noise**2, center_um, marginal_center)
+    model = blurred_ou(k, dt, kt, gamma, exposure_s)
+    return state_space_loglik(x, model, noise**2, center_um, marginal_center)

@@ -1,0 +1,439 @@
+"""`scopeloop run` for kind `spm-active`: autonomous SPM experiments over protocol v1.
+
+Workflows (``workflow``):
+
+- ``inverse`` (DKL): scan the sample, then let an active learner pick where to take
+  switching spectra so as to find the highest-reward places (reward from the config).
+- ``sparse``: the same loop with a position GP reducing uncertainty, to reconstruct
+  the reward/property map from as few spectra as possible.
+- ``forward``: segment domain walls in the scan with the U-Net ensemble and take
+  spectra on the detected walls, unless the ensemble disagrees (out of distribution).
+
+Every step writes the model's prediction and uncertainty maps (``maps/step-NNNN.npz``)
+and an event; with a twin or replay grid the summary scores the run against truth.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from rich.console import Console
+
+from agent.config import ConfigError, apply_overrides, dump_config, format_validation_error
+from agent.recorder import EventLog, new_run_dir, write_json
+from agent.spm_session import SpmSession
+from policies.active.grid import CandidateGrid, detrend_plane, pfm_channels, robust_normalise
+from policies.active.learners import ActivePolicyConfig, make_learner
+from policies.active.register import locate
+from policies.active.reward import parse_reward
+from policies.active.segment import pick_wall_points, uncertainty_score
+
+EVENTS_NAME = "events-spm.jsonl"
+MAPS_DIR = "maps"
+FORWARD_NAME = "forward.npz"
+
+
+class SpmDriverSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source: Literal["twin", "replay"] = "twin"
+    replay: Path | None = None  # NPZ replay grid (source: replay)
+    watchdog_ms: int = Field(30_000, ge=100, le=600_000)
+
+
+class SpectrumSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    bias_v: float = Field(10.0, gt=0.0, le=10.0)  # triangle 0 -> +bias -> -bias -> 0
+    points: int = Field(64, ge=8, le=4096)
+
+
+class ForwardSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    checkpoint: Path = Path("runs/spm-segmenter.pt")  # trained on first use if missing
+    scan_pixels: int = Field(96, ge=16, le=1024)
+    ood_threshold: float = Field(0.12, gt=0.0, le=1.0)  # frame disagreement to refuse
+    wall_threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    min_separation_px: float = Field(3.0, ge=0.0, le=100.0)
+    # Drift correction: before every `register_every` spectra, re-scan a small window
+    # around them and match it to the segmentation scan (policies.active.register).
+    drift_correction: bool = True
+    register_every: int = Field(10, ge=1, le=10_000)
+    register_window_px: int = Field(24, ge=8, le=256)
+    register_pad_px: int = Field(6, ge=1, le=64)  # largest drift searched, scan pixels
+    min_match: float = Field(0.3, ge=0.0, le=1.0)  # NCC below this: keep the last offset
+
+
+class SpmActiveConfig(BaseModel):
+    """A `spm-active` experiment; `--set policy.kind=...` etc. override any field."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["spm-active"] = "spm-active"
+    name: str = Field("spm-active", min_length=1, max_length=80, pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    runs_dir: str = "runs"
+    workflow: Literal["inverse", "sparse", "forward"] = "inverse"
+    grid: int = Field(50, ge=4, le=256)  # candidate grid side (and DKL scan pixels)
+    scan_channels: list[str] = Field(default_factory=lambda: ["Amplitude", "Phase", "Height"])
+    reward: str = "area"
+    driver: SpmDriverSettings = SpmDriverSettings()
+    spectrum: SpectrumSettings = SpectrumSettings()
+    policy: ActivePolicyConfig = ActivePolicyConfig()
+    forward: ForwardSettings = ForwardSettings()
+
+    @field_validator("reward")
+    @classmethod
+    def _reward_parses(cls, v: str) -> str:
+        parse_reward(v)  # ValueError: one line naming the refused token
+        return v
+
+    @field_validator("scan_channels")
+    @classmethod
+    def _channels(cls, v: list[str]) -> list[str]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError("must be a non-empty list of distinct channel names")
+        return v
+
+
+def load_spm_config(path: Path, overrides: list[str]) -> SpmActiveConfig:
+    """Read, override and validate; ConfigError with one line per problem."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config error: file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config error: {path} is not valid YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config error: {path} must hold a mapping at the top level")
+    raw = apply_overrides(raw, overrides)
+    try:
+        config = SpmActiveConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+    replay = config.driver.replay
+    if config.driver.source == "replay" and replay is None:
+        raise ConfigError("config error: driver.replay: required with driver.source=replay")
+    if config.driver.source == "twin" and replay is not None:
+        config.driver.source = "replay"
+    if replay is not None and not Path(replay).is_file():
+        raise ConfigError(f"config error: driver.replay: file {replay} does not exist")
+    return config
+
+
+def structure_channels(images: dict[str, np.ndarray]) -> np.ndarray:
+    """(C, H, W) normalised structure channels from whatever the scan returned."""
+    if {"Amplitude", "Phase", "Height"} <= set(images):
+        return pfm_channels(images["Amplitude"], images["Phase"], images["Height"])
+    out = []
+    for name, img in images.items():
+        img = detrend_plane(img) if name in ("Height", "Z") else img
+        out.append(robust_normalise(img))
+    return np.stack(out)
+
+
+def _save_maps(
+    run_dir: Path,
+    step: int,
+    grid: CandidateGrid,
+    pred: tuple[np.ndarray, np.ndarray] | None,
+    measured: list[int],
+    values: list[float],
+    image: np.ndarray,
+) -> None:
+    folder = run_dir / MAPS_DIR
+    folder.mkdir(exist_ok=True)
+    nan = np.full(grid.shape, np.nan)
+    mean, std = (grid.to_map(pred[0]), grid.to_map(pred[1])) if pred else (nan, nan)
+    np.savez_compressed(
+        folder / f"step-{step:04d}.npz",
+        mean=mean,
+        std=std,
+        measured=np.asarray(measured, dtype=np.int64),
+        values=np.asarray(values, dtype=np.float64),
+        image=image,
+        shape=np.asarray(grid.shape),
+    )
+
+
+def score_against_truth(
+    truth: np.ndarray, measured: list[int], pred: tuple[np.ndarray, np.ndarray] | None
+) -> dict[str, float]:
+    """top1pct_found (fraction of the top-1% true cells measured) and reward_rmse."""
+    ok = np.isfinite(truth)
+    k = max(1, round(0.01 * int(ok.sum())))
+    top = set(np.argsort(np.where(ok, truth, -np.inf))[-k:].tolist())
+    out = {"top1pct_found": len(top & set(measured)) / k}
+    if pred is not None:
+        err = pred[0][ok] - truth[ok]
+        rmse = float(np.sqrt(np.mean(err**2)))
+        out["reward_rmse"] = rmse
+        out["reward_nrmse"] = rmse / max(float(truth[ok].std()), 1e-12)
+    else:
+        out["reward_rmse"] = out["reward_nrmse"] = float("nan")
+    return out
+
+
+def _truth_rewards(config: SpmActiveConfig, spm: SpmSession, grid: CandidateGrid) -> np.ndarray:
+    from drivers.spm_twin_backend import ReplayBackend
+
+    reward = parse_reward(config.reward)
+    if isinstance(spm.backend, ReplayBackend):
+        from agent.spm_truth import replay_reward_map
+
+        return replay_reward_map(spm.backend.grid, grid.xy_um, reward)
+    from agent.spm_truth import twin_reward_map
+    from simulators.spm import triangular_waveform
+
+    v = triangular_waveform(config.spectrum.bias_v, config.spectrum.points)
+    return twin_reward_map(config.seed, grid.xy_um, reward, v)
+
+
+def run_active(
+    config: SpmActiveConfig, spm: SpmSession, run_dir: Path, events: EventLog, console: Console
+) -> dict[str, Any]:
+    """Inverse (DKL) or sparse-sampling loop: propose -> spectra -> observe -> log maps."""
+    reward = parse_reward(config.reward)
+    images = spm.scan(config.grid, config.scan_channels)
+    struct = structure_channels(images)
+    grid = CandidateGrid.over(
+        (config.grid, config.grid), (0.0, 0.0), spm.extent_um, struct, config.policy.patch
+    )
+    learner = make_learner(config.policy, grid, config.seed)
+    events.write("start", workflow=config.workflow, policy=config.policy.kind, grid=grid.shape)
+    step, decisions, fits = 0, [], []
+    spm_time = 0.0
+    model_based = config.policy.kind in ("dkl", "gp")
+    while not learner.done:
+        t0 = time.perf_counter()
+        batch = learner.propose()
+        decision_s = time.perf_counter() - t0
+        if not batch:
+            break
+        spm.ensure_engaged()
+        t1 = time.perf_counter()
+        values = []
+        for i in batch:
+            curves = spm.spectrum(*grid.xy_um[i], config.spectrum.bias_v, config.spectrum.points)
+            values.append(reward.of_spectrum(curves[0], curves[1]))
+        spm_time += time.perf_counter() - t1
+        learner.observe(batch, values)
+        final = learner.done
+        pred = learner.predict() if (model_based or final) else None
+        _save_maps(run_dir, step, grid, pred, learner.measured, learner.values, struct[0])
+        decisions.append(decision_s)
+        fits.append(learner.last_fit_s)
+        events.write(
+            "step",
+            step=step,
+            measured=len(learner.measured),
+            batch=batch,
+            rewards=[None if not np.isfinite(v) else v for v in values],
+            decision_s=decision_s,
+            fit_s=learner.last_fit_s,
+        )
+        step += 1
+        console.print(
+            f"step {step}: {len(learner.measured)}/{config.policy.budget} measured, "
+            f"decision {decision_s:.2f} s"
+        )
+    pred = learner.predict()
+    finite = [v for v in learner.values if np.isfinite(v)]
+    summary: dict[str, Any] = {
+        "measured": len(learner.measured),
+        "grid_points": grid.size,
+        "steps": step,
+        "best_reward": max(finite) if finite else float("nan"),
+        "mean_decision_s": float(np.mean(decisions)) if decisions else 0.0,
+        "max_decision_s": float(np.max(decisions)) if decisions else 0.0,
+        "spectroscopy_wall_s": spm_time,
+    }
+    truth = _truth_rewards(config, spm, grid)
+    summary.update(score_against_truth(truth, learner.measured, pred))
+    np.savez_compressed(run_dir / "truth-reward.npz", reward=grid.to_map(truth))
+    return summary
+
+
+def run_forward(
+    config: SpmActiveConfig, spm: SpmSession, run_dir: Path, events: EventLog, console: Console
+) -> dict[str, Any]:
+    """Segment walls in a live scan; spectra on confident wall points unless OOD."""
+    from agent.spm_train import load_or_train_segmenter
+    from drivers.spm_twin_backend import PfmTwinBackend
+
+    fwd = config.forward
+    segmenter = load_or_train_segmenter(fwd.checkpoint, console)
+    n = fwd.scan_pixels
+    backend = spm.backend
+    t_scan = getattr(backend, "clock_s", 0.0)
+    images = spm.scan(n, config.scan_channels)
+    struct = structure_channels(images)
+    t0 = time.perf_counter()
+    prob, spread = segmenter.predict(struct)
+    score = uncertainty_score(prob, spread)
+    ood = score > fwd.ood_threshold
+    points = (
+        []
+        if ood
+        else pick_wall_points(
+            prob, spread, config.policy.budget, fwd.min_separation_px, fwd.wall_threshold
+        )
+    )
+    decision_s = time.perf_counter() - t0
+    events.write("segment", uncertainty=score, ood=ood, points=len(points), decision_s=decision_s)
+    ex, ey = spm.extent_um
+    points = sorted(points)  # row by row: short tip travel, neighbours share a registration
+    reward = parse_reward(config.reward)
+    values, on_wall, on_wall_raw, offsets = [], [], [], []
+    offset = (0.0, 0.0)
+    # Walls as scanned: spectra switch the live sample and move its walls, so the truth
+    # is an unperturbed copy of the twin's sample.
+    truth_sample = None
+    if isinstance(backend, PfmTwinBackend):
+        from simulators.spm import FerroelectricSample
+
+        truth_sample = FerroelectricSample(seed=config.seed)
+    for k, (r, c) in enumerate(points):
+        if fwd.drift_correction and k % fwd.register_every == 0:
+            group = np.asarray(points[k : k + fwd.register_every], dtype=float)
+            found = register_drift(spm, struct, group.mean(0), fwd, config.scan_channels)
+            if found is not None:
+                offset = found
+            offsets.append(offset)
+            events.write("register", index=k, offset_px=list(offset))
+        x = float(np.clip((c - offset[1] + 0.5) * ex / n, 0.0, ex * (1 - 1e-6)))
+        y = float(np.clip((r - offset[0] + 0.5) * ey / n, 0.0, ey * (1 - 1e-6)))
+        spm.ensure_engaged()
+        t_spec = getattr(backend, "clock_s", 0.0)
+        curves = spm.spectrum(x, y, config.spectrum.bias_v, config.spectrum.points)
+        values.append(reward.of_spectrum(curves[0], curves[1]))
+        if truth_sample is not None:  # truth: where the tip really was
+            dx, dy = (float(v) for v in backend.scanner.drift_um(t_spec))
+            for xt, yt, out in (
+                (x, y, on_wall),
+                ((c + 0.5) * ex / n, (r + 0.5) * ey / n, on_wall_raw),
+            ):
+                i, j = truth_sample.index_of(xt + dx, yt + dy)
+                out.append(float(truth_sample.wall_distance_um[i, j]) <= 1.0 * ex / n)
+        events.write("spectrum", index=k, x_um=x, y_um=y, reward=values[-1])
+    if ood:
+        console.print(f"frame flagged out of distribution (disagreement {score:.3f}): no spectra")
+    summary: dict[str, Any] = {
+        "measured": len(points),
+        "grid_points": n * n,
+        "ood_flagged": bool(ood),
+        "uncertainty": score,
+        "decision_s": decision_s,
+    }
+    truth_mask = None
+    if isinstance(backend, PfmTwinBackend):
+        from agent.spm_truth import fresh_wall_mask
+
+        truth_mask = fresh_wall_mask(config.seed, n, t_scan, backend.scanner)
+        summary.update(forward_scores(truth_mask, prob, points))
+        summary["tip_on_wall_fraction"] = float(np.mean(on_wall)) if on_wall else float("nan")
+        summary["tip_on_wall_fraction_uncorrected"] = (
+            float(np.mean(on_wall_raw)) if on_wall_raw else float("nan")
+        )
+    if offsets:
+        summary["drift_offset_px_max"] = float(np.max(np.hypot(*np.asarray(offsets).T)))
+        summary["registrations"] = len(offsets)
+    np.savez_compressed(
+        run_dir / FORWARD_NAME,
+        image=struct[0],
+        prob=prob,
+        spread=spread,
+        points=np.asarray(points, dtype=np.int64).reshape(-1, 2),
+        values=np.asarray(values),
+        truth=truth_mask if truth_mask is not None else np.zeros((0, 0), bool),
+    )
+    return summary
+
+
+def register_drift(
+    spm: SpmSession,
+    reference: np.ndarray,
+    centre_rc: np.ndarray,
+    fwd: ForwardSettings,
+    channels: list[str],
+) -> tuple[float, float] | None:
+    """(dy, dx) scan pixels the sample moved since `reference`, near centre_rc; None if unsure.
+
+    Re-scans a small window (same pixel size as the reference) and matches it inside the
+    reference padded by `register_pad_px`; content at reference pixel p is now at p - d.
+    """
+    _, n, _ = reference.shape
+    pad = fwd.register_pad_px
+    size = min(fwd.register_window_px, n - 2 * pad)
+    if size < 8:
+        return None
+    lo, hi = pad, n - pad - size
+    r0 = int(np.clip(round(float(centre_rc[0]) - size / 2), lo, hi))
+    c0 = int(np.clip(round(float(centre_rc[1]) - size / 2), lo, hi))
+    ex, ey = spm.extent_um
+    window = (c0 * ex / n, r0 * ey / n, size * ex / n, size * ey / n)
+    struct = structure_channels(spm.scan_window(window, size, size, channels))
+    ch = 1 if struct.shape[0] > 1 else 0
+    ref = reference[ch, r0 - pad : r0 + size + pad, c0 - pad : c0 + size + pad]
+    dy, dx, score = locate(struct[ch], ref, pad)
+    return (dy, dx) if score >= fwd.min_match else None
+
+
+def forward_scores(
+    truth: np.ndarray, prob: np.ndarray, points: list[tuple[int, int]], tol_px: int = 1
+) -> dict[str, float]:
+    """Walls measured (true wall segments with a spectrum within tol), false positives."""
+    from scipy import ndimage
+
+    labels, count = ndimage.label(truth, structure=np.ones((3, 3)))
+    sizes = ndimage.sum(np.ones_like(labels), labels, index=np.arange(1, count + 1))
+    big = {k + 1 for k, s in enumerate(np.atleast_1d(sizes)) if s >= 5}
+    near = ndimage.binary_dilation(truth, iterations=tol_px)
+    grown = ndimage.grey_dilation(labels, size=(2 * tol_px + 1, 2 * tol_px + 1))
+    hit = {int(grown[r, c]) for r, c in points} & big
+    on = [bool(near[r, c]) for r, c in points]
+    pred = prob >= 0.5
+    tp = float((pred & truth).sum())
+    return {
+        "walls_measured_fraction": len(hit) / max(len(big), 1),
+        "false_positive_rate": 1.0 - float(np.mean(on)) if on else float("nan"),
+        "segmentation_precision": tp / max(float(pred.sum()), 1.0),
+        "segmentation_recall": tp / max(float(truth.sum()), 1.0),
+    }
+
+
+def run_spm_active(config_path: Path, overrides: list[str], console: Console) -> dict[str, Any]:
+    """Entry point for RUN_KINDS['spm-active']."""
+    config = load_spm_config(config_path, overrides)
+    run_dir = new_run_dir(config.runs_dir, config.name)
+    dump_config(config, run_dir / "config.yaml")
+    t0 = time.perf_counter()
+    try:
+        spm = SpmSession(config.seed, config.driver.replay, config.driver.watchdog_ms)
+    except ValueError as exc:  # a bad replay file: one line naming it
+        raise ConfigError(f"config error: driver.replay: {exc}") from None
+    try:
+        with EventLog(run_dir / EVENTS_NAME) as events:
+            if config.workflow == "forward":
+                result = run_forward(config, spm, run_dir, events, console)
+            else:
+                result = run_active(config, spm, run_dir, events, console)
+    finally:
+        spm.close()
+    summary = {
+        "name": config.name,
+        "kind": config.kind,
+        "workflow": config.workflow,
+        "policy": config.policy.kind,
+        "seed": config.seed,
+        "run_dir": str(run_dir),
+        **result,
+        "wall_s": time.perf_counter() - t0,
+    }
+    write_json(run_dir / "summary.json", summary)
+    from agent.report import write_report
+
+    write_report(run_dir)
+    return summary

@@ -1,0 +1,326 @@
+"""Micro-Manager driver: streaming rate, event-driven loop latency, event timing.
+
+(a) frames/s of DemoCamera (512x512 u16) streamed through protocol v1 (DriverNode ->
+StreamPublisher -> subscriber) vs the same core's sequence acquisition alone;
+(b) event-driven closed loop at 1 ms exposure, one event in flight at a time:
+ours is `submit_events` sent by a protocol client -> the event's frame received and
+decoded by that client (the node serves in a thread of this process, so the agent
+side shares the GIL with it, as an in-process pycromanager user does); pycromanager's
+is `Acquisition.acquire` (Python backend, `image_process_fn`: the earliest point its
+user code holds the image) -> that function called; the bare pymmcore-plus queue
+MDA's is `queue.put` -> `frameReady`. Overhead = latency minus the exposure.
+(c) start-time error of events scheduled 50 ms apart.
+
+Fairness of (b): both sides use the same mm-test-adapters and MMConfig_demo.cfg, the
+same exposure, events carrying the exposure, and the same camera settings, applied to
+both cores. The headline (`loop_overhead_ms`, `pycromanager_overhead_ms`) uses the
+DemoCamera's FastImage=1: otherwise DemoCamera synthesises every 512x512 image on the
+host CPU (~1.4 ms here, longer than the exposure), a simulator artefact that a real
+camera does in hardware and that is identical for both sides; it would be reported
+as "overhead" of either loop. The same measurement with the synthetic image is
+reported too (`*_synthetic_*`). Measurements alternate between ours and pycromanager
+in rounds (each round: fresh node / fresh Acquisition, 3 warm-up events dropped) so
+load drift on a shared host hits both alike.
+"""
+
+from __future__ import annotations
+
+import queue
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from drivers.config import DriverConfig
+from drivers.mmcore_node import DriverNode
+from drivers.protocol import FRAME_PREFIX, decode_frame, now_ns
+from drivers.serve import load_mmcore
+from drivers.transport import CommandClient
+
+LOOP_EXPOSURE_MS = 1.0
+STREAM_EXPOSURE_MS = 1.0
+WARMUP = 3  # events dropped at the start of each measured block
+CAMERA = "Camera"  # the DemoCamera in MMConfig_demo.cfg
+
+
+def _sequence_fps(core: Any, seconds: float) -> float:
+    core.startContinuousSequenceAcquisition(0)
+    count, t0 = 0, time.perf_counter()
+    try:
+        while time.perf_counter() - t0 < seconds:
+            if core.getRemainingImageCount() > 0:
+                core.popNextImage()
+                count += 1
+            else:
+                time.sleep(0.0002)
+    finally:
+        core.stopSequenceAcquisition()
+    return count / (time.perf_counter() - t0)
+
+
+class _Node:
+    """A DriverNode on `core` served in a thread, with a client and a raw subscriber."""
+
+    def __init__(self, core: Any, config: DriverConfig, transport: str = "ipc") -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="sl-bench-"))
+        self.ctx = zmq.Context()
+        where = f"{transport}://{self.folder}"
+        config = config.model_copy(
+            update={"stream_endpoint": f"{where}/s", "command_endpoint": f"{where}/c"}
+        )
+        self.node = DriverNode(core, config, ctx=self.ctx)
+        self.thread = threading.Thread(target=self.node.serve, daemon=True)
+        self.thread.start()
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        self.sub.setsockopt(zmq.RCVHWM, 10_000)
+        self.sub.setsockopt(zmq.SUBSCRIBE, FRAME_PREFIX)
+        self.sub.connect(self.node.endpoints[0])
+        self.client = CommandClient(self.ctx, self.node.endpoints[1], timeout_ms=10_000)
+        self.client.call("get_state")
+        if not self.sub.poll(5000):
+            raise RuntimeError("bench mmcore: no frame from the driver node")
+
+    def drain(self) -> None:
+        while self.sub.poll(0):
+            self.sub.recv_multipart()
+
+    def close(self) -> None:
+        self.node.stop.set()
+        self.thread.join(10)
+        self.client.close()
+        self.sub.close()
+        self.ctx.term()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _stream_fps(node: _Node, seconds: float) -> float:
+    node.drain()
+    count, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        if node.sub.poll(50):
+            node.sub.recv_multipart(copy=False)
+            count += 1
+    return count / (time.perf_counter() - t0)
+
+
+def _event_latencies_ms(node: _Node, n: int) -> list[float]:
+    """submit_events -> the event's frame decoded by the client, one at a time."""
+    out = []
+    for i in range(n + WARMUP):
+        node.drain()
+        t0 = now_ns()
+        node.client.call("submit_events", {"events": [{"exposure": LOOP_EXPOSURE_MS}]})
+        while True:
+            if not node.sub.poll(5000):
+                raise RuntimeError("bench mmcore: event frame never arrived")
+            frame = decode_frame(node.sub.recv_multipart(copy=False))
+            if "event" in frame.header.state:
+                break
+        if i >= WARMUP:  # the first events warm the MDA up
+            out.append((now_ns() - t0) / 1e6)
+    return out
+
+
+def _timing_errors_ms(node: _Node, n: int, interval_ms: float) -> list[float]:
+    node.drain()
+    start = now_ns() + 500_000_000
+    events = [
+        {"t_start_ns": start + int(i * interval_ms * 1e6), "exposure": LOOP_EXPOSURE_MS}
+        for i in range(n)
+    ]
+    ids = set(node.client.call("submit_events", {"events": events}).result["ids"])
+    errors = []
+    deadline = time.monotonic() + n * interval_ms / 1000 + 10
+    while ids and time.monotonic() < deadline:
+        if not node.sub.poll(100):
+            continue
+        frame = decode_frame(node.sub.recv_multipart(copy=False))
+        event = frame.header.state.get("event")
+        if event is not None and event["id"] in ids:
+            ids.discard(event["id"])
+            errors.append(float(event["start_error_ms"]))
+    if ids:
+        raise RuntimeError(f"bench mmcore: {len(ids)} timed events never arrived")
+    return errors
+
+
+def _bare_mda_latencies_ms(core: Any, n: int) -> list[float]:
+    """A queue-driven pymmcore-plus MDA (stock engine) with nothing around it."""
+    from useq import MDAEvent
+
+    events: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    stop = object()
+    got: list[int] = []
+
+    def ready(*_args: Any) -> None:
+        got.append(now_ns())
+
+    core.mda.events.frameReady.connect(ready)
+    thread = core.run_mda(iter(events.get, stop))
+    out = []
+    try:
+        for i in range(n + WARMUP):
+            before, t0 = len(got), now_ns()
+            events.put(MDAEvent(exposure=LOOP_EXPOSURE_MS))
+            while len(got) == before:
+                time.sleep(0.00005)
+            if i >= WARMUP:
+                out.append((got[-1] - t0) / 1e6)
+    finally:
+        events.put(stop)
+        thread.join(10)
+        core.mda.events.frameReady.disconnect(ready)
+    return out
+
+
+class _Pycromanager:
+    """pycromanager's Python backend on the same demo adapters, started once."""
+
+    def __init__(self) -> None:
+        from pycromanager import Core, start_headless
+        from pymmcore_plus import find_micromanager
+
+        adapters = str(find_micromanager())
+        start_headless(adapters, str(Path(adapters) / "MMConfig_demo.cfg"), python_backend=True)
+        self.core = Core()
+        self.core.set_exposure(LOOP_EXPOSURE_MS)
+
+    def latencies_ms(self, n: int, fast_image: bool) -> list[float]:
+        """acquire -> image_process_fn called with the image, one event at a time."""
+        from pycromanager import Acquisition
+
+        self.core.set_property(CAMERA, "FastImage", "1" if fast_image else "0")
+        got: list[int] = []
+
+        def image(_img: Any, _meta: Any) -> None:
+            got.append(now_ns())  # stamped in the callback: the poll below adds nothing
+
+        out = []
+        with Acquisition(show_display=False, image_process_fn=image) as acq:
+            for i in range(n + WARMUP):
+                before, t0 = len(got), now_ns()
+                acq.acquire({"axes": {"time": i}, "exposure": LOOP_EXPOSURE_MS})
+                while len(got) == before:
+                    time.sleep(0.00005)
+                if i >= WARMUP:
+                    out.append((got[-1] - t0) / 1e6)
+        return out
+
+    def close(self) -> None:
+        from pycromanager import stop_headless
+
+        stop_headless()
+
+
+def _our_latencies_ms(
+    core: Any, config: DriverConfig, n: int, fast_image: bool, transport: str
+) -> list[float]:
+    core.setProperty(CAMERA, "FastImage", "1" if fast_image else "0")
+    node = _Node(core, config, transport)
+    try:
+        return _event_latencies_ms(node, n)
+    finally:
+        node.close()
+
+
+def _loop_overheads(
+    core: Any,
+    pycro: _Pycromanager,
+    config: DriverConfig,
+    n: int,
+    rounds: int,
+    fast_image: bool,
+) -> dict[str, np.ndarray]:
+    """Overheads (ms) of ours over ipc and inproc and of pycromanager, in `rounds` blocks."""
+    out: dict[str, list[float]] = {"ipc": [], "inproc": [], "pycromanager": []}
+    for _ in range(rounds):
+        for transport in ("ipc", "inproc"):
+            out[transport] += _our_latencies_ms(core, config, n // rounds, fast_image, transport)
+        out["pycromanager"] += pycro.latencies_ms(n // rounds, fast_image)
+    return {k: np.asarray(v) - LOOP_EXPOSURE_MS for k, v in out.items()}
+
+
+def _stats(name: str, overheads: np.ndarray) -> dict[str, float]:
+    return {
+        f"{name}_ms": round(float(np.median(overheads)), 3),
+        f"{name}_p99_ms": round(float(np.percentile(overheads, 99)), 3),
+    }
+
+
+def run(quick: bool, log: Callable[[str], None]) -> dict[str, float | int]:
+    seconds = 1.0 if quick else 4.0
+    n_loop = 40 if quick else 400
+    rounds = 2 if quick else 4
+    n_timed = 30 if quick else 200
+    config = DriverConfig(kind="mmcore", mm_config="demo", exposure_ms=STREAM_EXPOSURE_MS)
+    core = load_mmcore(config)
+    node_config = config.model_copy(update={"stream_hwm": 10_000, "watchdog_ms": 60_000})
+    metrics: dict[str, float | int] = {}
+
+    seq_fps = _sequence_fps(core, seconds)
+    node = _Node(core, node_config)
+    try:
+        node_fps = _stream_fps(node, seconds)
+        log(f"stream: sequence alone {seq_fps:.0f} fps, through the protocol {node_fps:.0f} fps")
+        errors = _timing_errors_ms(node, n_timed, 50.0)
+        node.client.call("stop_events")
+    finally:
+        node.close()
+
+    pycro = _Pycromanager()  # once per process: pycromanager cannot restart headless
+    try:
+        fast = _loop_overheads(core, pycro, node_config, n_loop, rounds, True)
+        n_synthetic = max(n_loop // 4, 2 * rounds)
+        synthetic = _loop_overheads(core, pycro, node_config, n_synthetic, rounds, False)
+    finally:
+        pycro.close()
+    core.setProperty(CAMERA, "FastImage", "1")
+    bare = np.asarray(_bare_mda_latencies_ms(core, n_loop // 2)) - LOOP_EXPOSURE_MS
+    core.setProperty(CAMERA, "FastImage", "0")
+
+    ours, theirs = fast["ipc"], fast["pycromanager"]
+    metrics.update(
+        {
+            "sequence_fps_democam": round(seq_fps, 1),
+            "stream_fps_democam": round(node_fps, 1),
+            "stream_ratio_democam": round(node_fps / seq_fps, 3),
+            "loop_exposure_ms": LOOP_EXPOSURE_MS,
+            "loop_events": len(ours),
+            **_stats("loop_overhead", ours),
+            **_stats("pycromanager_overhead", theirs),
+            **_stats("loop_overhead_inproc", fast["inproc"]),
+            "overhead_ratio_inproc_pycromanager_vs_ours": round(
+                float(np.median(theirs) / max(np.median(fast["inproc"]), 1e-6)), 3
+            ),
+            "overhead_ratio_pycromanager_vs_ours": round(
+                float(np.median(theirs) / max(np.median(ours), 1e-6)), 3
+            ),
+            "overhead_ratio_p99_pycromanager_vs_ours": round(
+                float(np.percentile(theirs, 99) / max(np.percentile(ours, 99), 1e-6)), 3
+            ),
+            **_stats("bare_mda_overhead", bare),
+            **_stats("loop_overhead_synthetic", synthetic["ipc"]),
+            **_stats("pycromanager_overhead_synthetic", synthetic["pycromanager"]),
+            "timed_events": n_timed,
+            "timing_error_median_ms": round(float(np.median(np.abs(errors))), 3),
+            "timing_error_p99_ms": round(float(np.percentile(np.abs(errors), 99)), 3),
+        }
+    )
+    log(
+        f"loop overhead (FastImage) ours {metrics['loop_overhead_ms']} ms (p99 "
+        f"{metrics['loop_overhead_p99_ms']}; in-process {metrics['loop_overhead_inproc_ms']}), "
+        f"pycromanager {metrics['pycromanager_overhead_ms']}"
+        f" ms (p99 {metrics['pycromanager_overhead_p99_ms']}), bare MDA "
+        f"{metrics['bare_mda_overhead_ms']} ms; synthetic image: ours "
+        f"{metrics['loop_overhead_synthetic_ms']}, pycromanager "
+        f"{metrics['pycromanager_overhead_synthetic_ms']} ms; timing p99 "
+        f"{metrics['timing_error_p99_ms']} ms"
+    )
+    return metrics

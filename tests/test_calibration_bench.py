@@ -1,0 +1,27 @@
+"""`bench calibration --quick`: the metric contract and its internal consistency."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from benchmarks import BENCHMARKS
+from benchmarks.calibration import run
+
+
+def test_quick_bench_metrics_are_consistent() -> None:
+    assert BENCHMARKS["calibration"] == "benchmarks.calibration"
+    m = run(quick=True, log=lambda _m: None)
+    json.dumps(m, allow_nan=False)  # strict JSON: no NaN/inf metrics
+    for tag in ("", "_noisy"):
+        best, limit = m[f"best_mae_lnk_n1000{tag}"], m[f"bayes_mae_lnk_n1000{tag}"]
+        per_method = [
+            v for k, v in m.items() if k.startswith("mae_lnk_") and k.endswith(f"_n1000{tag}")
+        ]
+        assert best == min(per_method) and len(per_method) >= 6
+        assert m[f"best_ratio_n1000{tag}"] == best / limit
+        assert 0.05 < limit < 0.5  # protocol limit is ~0.2 in ln k at N = 1000
+    assert 0.8 <= m["coverage_95"] <= 1.0
+    assert m["dw_exact_mae_barrier_kt"] < m["dw_forma_mae_barrier_kt"]
+    assert m["rot_exact_mae_lnk"] < m["rot_forma_mae_lnk"]
+    assert all(math.isfinite(v) for v in m.values() if isinstance(v, float))

@@ -83,8 +83,10 @@ def train_on_stream(
     ctx: zmq.Context,
     stream_endpoint: str,
     log: Log = lambda _m: None,
+    on_loss: Callable[[int, float], None] | None = None,
 ) -> dict[str, float]:
-    """Self-supervised training on unlabeled crops of the next frames of a live stream."""
+    """Self-supervised training on unlabeled crops of the next frames of a live stream;
+    `on_loss(step, loss)` sees every training step (for the report's learning curve)."""
     lodestar = _lodestar()
     deep = settings.lodestar
     frames = collect_frames(ctx, stream_endpoint, deep.train_frames, deep.frame_timeout_s)
@@ -92,7 +94,7 @@ def train_on_stream(
     rng = np.random.default_rng(deep.seed)
     crops = lodestar.crops_from_frames(frames, config.crop_px, deep.crops, rng)
     model = lodestar.LodeStarDetector(config)
-    stats = model.fit(crops)
+    stats = model.fit(crops, progress=on_loss)
     model.save(checkpoint)
     log(
         f"lodestar trained on {len(crops)} unlabeled crops from {len(frames)} live frames "

@@ -23,6 +23,7 @@ from matplotlib.ticker import MaxNLocator
 
 from agent.evaluate import MATCH_RADIUS_UM, controlled_track, detection_errors_um
 from agent.recorder import read_events
+from agent.report_sections import calibration_html, plot_learning_curve, trap_calibration
 
 PHASE_ORDER = ("feedback", "free")
 PHASE_LABELS = {"feedback": "feedback on", "free": "laser off (free diffusion)"}
@@ -338,6 +339,12 @@ def write_report(run_dir: Path) -> Path:
     else:
         image, why = None, f"no ground-truth records for the {feedback or 'feedback'} phase"
     sections.append(_section(f"Detection error vs truth ({feedback} phase)", image, why))
+
+    sections.append(f"<h2>Trap calibration ({feedback or 'feedback'} phase)</h2>")
+    sections.append(calibration_html(trap_calibration(run, feedback or "feedback")))
+    image = plot_learning_curve(out, out / "report-learning-curve.png")
+    if image is not None:
+        sections.append(_section("Detector learning curve", image, ""))
 
     image = plot_spm_maps(out, out / "report-spm-maps.png")
     if image is not None:

@@ -162,6 +162,9 @@ def train_detector_phase(config: ExperimentConfig, run_dir: Path) -> None:
                 zmq.Context.instance(),
                 driver_config.stream_endpoint,
                 log=lambda m: events.write("detector", message=m),
+                on_loss=lambda step, loss: (
+                    events.write("detector_loss", step=step, loss=loss) if step % 5 == 0 else None
+                ),
             )
             events.write("detector_stats", **{k: float(v) for k, v in stats.items()})
     finally:

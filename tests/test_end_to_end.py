@@ -164,5 +164,7 @@ def test_deep_detector_trains_on_the_live_stream_then_holds_the_particle(tmp_pat
     assert (run_dir / "lodestar.pt").stat().st_size > 0
     trained = [e for e in read_events(run_dir / "events-training.jsonl") if e["kind"] == "detector"]
     assert trained and "converged: True" in trained[0]["message"]
+    curve = run_dir / "report-learning-curve.png"  # the report shows how training went
+    assert curve.stat().st_size > 2048 and curve.name in (run_dir / "report.html").read_text()
     assert summary["rms_feedback_um"] < 1.0
     assert summary["detection_rmse_um"] < 0.1

@@ -53,6 +53,11 @@ def test_report_for_real_run(short_run: tuple[Path, dict[str, Any]], tmp_path: P
         assert f"{summary[key]:.6g}" in page
     assert f"<td>{summary['steps']}</td>" in page
     assert "<details>" in page and "gain_per_s" in page
+    # The trap the feedback made, calibrated from the true track: stiffer than nothing,
+    # and consistent with the measured RMS (equipartition: k = kT / Var).
+    assert "Trap calibration" in page and "ground truth" in page
+    ks = [float(v) for v in re.findall(r"<td>([0-9.e+-]+) &plusmn;", page)]
+    assert len(ks) == 2 and all(0.01 < k < 1e4 for k in ks)
 
 
 def test_report_without_truth_or_free_phase(
@@ -63,6 +68,7 @@ def test_report_without_truth_or_free_phase(
         path.unlink()
     page = write_report(run_dir).read_text()
     assert page.count("Not available: no ground-truth records") == 3
+    assert "from detections" in page  # the trap calibrated from what the loop saw
     images = _images(page)
     assert len(images) == 3  # latency, detections, laser
     for name in images:

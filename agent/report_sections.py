@@ -1,0 +1,123 @@
+"""Report sections beyond the trajectory plots: the trap's calibration and learning curves.
+
+Kept apart from `agent.report` (which lays out the page) so each piece has one job.
+The trap calibration reads the controlled particle's positions around the target in the
+feedback phase (ground truth when the run has it, else the detections the loop acted
+on) and states the effective stiffness per axis with the finite-length uncertainty of
+`policies.calibration` (equipartition needs only the temperature).
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from agent.evaluate import controlled_track
+
+if TYPE_CHECKING:
+    from agent.report import RunData
+
+TEMPERATURE_K = 300.0
+MIN_SAMPLES = 20
+
+
+def _detected_track(steps: list[dict[str, Any]], target: tuple[float, float]) -> np.ndarray:
+    """Per step, the detection nearest the target (steps without detections dropped)."""
+    out = []
+    for step in steps:
+        dets = np.asarray(step.get("detections_um") or [], float).reshape(-1, 2)
+        if len(dets):
+            out.append(dets[np.argmin(np.hypot(*(dets - np.asarray(target)).T))])
+    return np.array(out).reshape(-1, 2)
+
+
+def trap_calibration(run: RunData, phase: str = "feedback") -> dict[str, Any] | None:
+    """Stiffness per axis of the trap the feedback made, or None without enough data."""
+    from policies.calibration.harmonic import equipartition
+
+    target = run.target_um()
+    if target is None or phase not in run.phases:
+        return None
+    if phase in run.truth:
+        track, source = controlled_track(run.truth[phase], target), "ground truth"
+        t = np.array([r.get("t_s", i) for i, r in enumerate(run.truth[phase])], float)
+    else:
+        steps = run.steps(phase)
+        track, source = _detected_track(steps, target), "detections"
+        t = np.array([s.get("t_exp_end_ns", 0) for s in steps], float) / 1e9
+    if len(track) < MIN_SAMPLES or len(t) < 2:
+        return None
+    dt = float(np.median(np.diff(t))) if np.all(np.diff(t) > 0) else 0.0
+    if not dt > 0:
+        return None
+    axes = {}
+    for i, axis in enumerate("xy"):
+        est = equipartition(track[:, i], dt, temperature_k=TEMPERATURE_K)
+        axes[axis] = {
+            "k_fn_per_um": est.value,
+            "stderr": est.stderr,
+            "offset_um": float(track[:, i].mean() - target[i]),
+            "sd_um": float(track[:, i].std()),
+        }
+    return {"phase": phase, "source": source, "samples": len(track), "dt_s": dt, "axes": axes}
+
+
+def calibration_html(result: dict[str, Any] | None) -> str:
+    if result is None:
+        return (
+            '<p class="missing">Not available: fewer than '
+            f"{MIN_SAMPLES} positions of the controlled particle in the feedback phase</p>"
+        )
+    rows = "".join(
+        f"<tr><td>{axis}</td><td>{a['k_fn_per_um']:.3g} &plusmn; {a['stderr']:.2g}</td>"
+        f"<td>{a['offset_um']:+.3f}</td><td>{a['sd_um']:.3f}</td></tr>"
+        for axis, a in result["axes"].items()
+    )
+    note = (
+        f"Equipartition (k = kT / Var, T = {TEMPERATURE_K:g} K, finite-length stderr) on "
+        f"{result['samples']} positions from {html.escape(result['source'])}, "
+        f"dt = {1000 * result['dt_s']:.1f} ms. The effective stiffness of the feedback "
+        "trap includes the loop's delay and the localisation noise."
+    )
+    return (
+        "<table><tr><th>axis</th><th>k (fN/um)</th><th>mean offset (um)</th>"
+        f"<th>SD (um)</th></tr>{rows}</table><p>{note}</p>"
+    )
+
+
+def plot_learning_curve(run_dir: Path, path: Path) -> str | None:
+    """Loss vs training step of the detector trained on the live stream, if one was."""
+    from agent.recorder import read_events
+    from agent.report import _save, plt
+
+    events_path = run_dir / "events-training.jsonl"
+    if not events_path.is_file():
+        return None
+    losses = [e for e in read_events(events_path) if e.get("kind") == "detector_loss"]
+    if not losses:
+        return None
+    loss = np.array([float(e["loss"]) for e in losses])
+    raw = np.array([int(e.get("step", i)) for i, e in enumerate(losses)])
+    # A restart begins again at step 0: continue its count after the previous attempt.
+    restarts = np.concatenate([[0], np.cumsum(np.diff(raw) < 0)])
+    ends = {r: raw[restarts == r].max() + 1 for r in np.unique(restarts)}
+    offsets = np.cumsum([0, *[ends[r] for r in sorted(ends)][:-1]])
+    step = raw + offsets[restarts]
+    fig, ax = plt.subplots(figsize=(6.4, 3.2))
+    ax.plot(step, loss, lw=0.8, color="tab:purple", alpha=0.5, label="loss")
+    window = max(1, len(loss) // 40)
+    if window > 1 and len(loss) > window:
+        smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+        ax.plot(step[window - 1 :], smooth, lw=1.5, color="tab:purple", label="moving mean")
+    finite = loss[np.isfinite(loss)]
+    if finite.size and finite.min() > 0 and finite.max() / finite.min() > 30:
+        ax.set_yscale("log")
+    ax.set_xlabel("training step (restarts continue the count)")
+    ax.set_ylabel("self-supervised loss")
+    ax.set_title("Deep detector trained on the live stream")
+    ax.legend(loc="upper right", fontsize=8)
+    _save(fig, path)
+    return path.name

@@ -7,7 +7,7 @@ naming the dotted field and what it accepts.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -23,6 +23,9 @@ PolicyConfig = Annotated[
     ProportionalTrapConfig | LaserOffConfig | ControlPolicyConfigs | RlPolicyConfig,
     Field(discriminator="kind"),
 ]
+
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class ConfigError(ValueError):
@@ -101,22 +104,35 @@ def format_validation_error(exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read, override and validate; raise ConfigError with a printable message."""
+def read_config_mapping(path: str | Path) -> dict[str, Any]:
+    """The YAML mapping in `path`; ConfigError (one line) if missing, unreadable or not a
+    mapping. Every config kind (experiments, training) is read through here."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"config error: file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"config error: cannot read {path} ({exc})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config error: {path} is not valid YAML ({exc})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config error: {path} must hold a mapping at the top level")
-    raw = apply_overrides(raw, overrides or [])
+    return raw
+
+
+def load_model_config(path: str | Path, overrides: list[str] | None, model: type[M]) -> M:
+    """Read, override and validate into `model`; ConfigError, one line per problem."""
+    raw = apply_overrides(read_config_mapping(path), overrides or [])
     try:
-        return ExperimentConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """The feedback-trap experiment config; raise ConfigError with a printable message."""
+    return load_model_config(path, overrides, ExperimentConfig)
 
 
 def dump_config(config: BaseModel, path: Path) -> None:

@@ -14,9 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from agent.config import ConfigError
+from agent.config import ConfigError, read_config_mapping
 
 DEFAULT_RUN_KIND = "feedback-trap"
 
@@ -37,14 +35,7 @@ EntryFn = Callable[..., dict[str, Any]]
 
 def peek_kind(path: Path, default: str | None) -> str:
     """The config's top-level `kind` (before full validation, which is the entry's job)."""
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config error: file {path} does not exist") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config error: {path} is not valid YAML ({exc})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config error: {path} must hold a mapping at the top level")
+    raw = read_config_mapping(path)
     kind = raw.get("kind", default)
     if kind is None:
         raise ConfigError(f"config error: kind: missing (one of {sorted(TRAIN_KINDS)})")

@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import yaml
 import zmq
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rich.console import Console
 from scipy.optimize import linear_sum_assignment
 
-from agent.config import ConfigError, apply_overrides, dump_config, format_validation_error
+from agent.config import dump_config, load_model_config
 from agent.detect import DetectorConfig, ParticleDetector
 from agent.frame_recording import FRAMES_NAME, FrameRecorder
 from agent.recorder import EventLog, new_run_dir, write_json
@@ -94,19 +93,7 @@ class SmartAcquisitionConfig(Strict):
 
 
 def load_smart_config(path: Path, overrides: list[str]) -> SmartAcquisitionConfig:
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config error: file {path} does not exist") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config error: {path} is not valid YAML ({exc})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config error: {path} must hold a mapping at the top level")
-    raw = apply_overrides(raw, overrides)
-    try:
-        return SmartAcquisitionConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc).splitlines()[0]) from None
+    return load_model_config(path, overrides, SmartAcquisitionConfig)
 
 
 def run_smart_acquisition(

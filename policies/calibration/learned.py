@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from numpy.typing import ArrayLike
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .physics import WATER_VISCOSITY_PA_S, check_positive, check_series, physics
 from .simulate import simulate_ou
@@ -244,18 +243,9 @@ def learned_estimate(
 
 def train_calibration(config_path: Path, overrides: list[str], console: Any) -> dict[str, Any]:
     """TRAIN_KINDS entry "calibration-estimator" (`scopeloop train CONFIG`)."""
-    from agent.config import ConfigError, apply_overrides, format_validation_error
+    from agent.config import load_model_config
 
-    try:
-        raw = yaml.safe_load(Path(config_path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"config error: cannot read {config_path} ({exc})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config error: {config_path} must hold a mapping at the top level")
-    try:
-        cfg = TrainCalibrationConfig.model_validate(apply_overrides(raw, overrides))
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc).splitlines()[0]) from None
+    cfg = load_model_config(config_path, overrides, TrainCalibrationConfig)
     console.print(
         f"training {cfg.name}: {cfg.steps} steps x {cfg.batch_size} trajectories of "
         f"{cfg.n_points} points, k {cfg.k_min}-{cfg.k_max} fN/um",

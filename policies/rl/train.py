@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from policies.rl.codec import SwimmerTask, TaskConfig
@@ -74,22 +73,10 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def load_train_config(path: Path, overrides: list[str]) -> tuple[RlTrainConfig, Any, Any]:
     """(config, training env config, held-out env config); ConfigError on bad input."""
-    from agent.config import ConfigError, apply_overrides, format_validation_error
+    from agent.config import ConfigError, format_validation_error, load_model_config
     from simulators.rl_envs import TwinEnvConfig
 
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config error: file {path} does not exist") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config error: {path} is not valid YAML ({exc})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config error: {path} must hold a mapping at the top level")
-    raw = apply_overrides(raw, overrides)
-    try:
-        config = RlTrainConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc)) from None
+    config = load_model_config(path, overrides, RlTrainConfig)
     envs = []
     for section, data in (
         ("env", config.env),

@@ -20,18 +20,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from rich.console import Console
 
-from agent.config import ConfigError, apply_overrides, dump_config, format_validation_error
+from agent.config import ConfigError, dump_config, load_model_config
 from agent.recorder import EventLog, new_run_dir, write_json
 from agent.spm_session import SpmSession
+from agent.telemetry import RunTelemetry
 from policies.active.grid import CandidateGrid, detrend_plane, pfm_channels, robust_normalise
 from policies.active.learners import ActivePolicyConfig, make_learner
 from policies.active.register import locate
 from policies.active.reward import parse_reward
-from policies.active.segment import pick_wall_points, uncertainty_score
+from policies.active.segment import pick_wall_points
 
 EVENTS_NAME = "events-spm.jsonl"
 MAPS_DIR = "maps"
@@ -53,9 +53,11 @@ class SpectrumSettings(BaseModel):
 
 class ForwardSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    checkpoint: Path = Path("runs/spm-segmenter.pt")  # trained on first use if missing
+    # Trained (and OOD-calibrated) on first use if missing; None: <runs_dir>/spm-segmenter.pt
+    checkpoint: Path | None = None
     scan_pixels: int = Field(96, ge=16, le=1024)
-    ood_threshold: float = Field(0.12, gt=0.0, le=1.0)  # frame disagreement to refuse
+    # Frame disagreement above which to refuse; None: the checkpoint's calibrated value.
+    ood_threshold: float | None = Field(None, gt=0.0, le=1.0)
     wall_threshold: float = Field(0.5, gt=0.0, lt=1.0)
     min_separation_px: float = Field(3.0, ge=0.0, le=100.0)
     # Drift correction: before every `register_every` spectra, re-scan a small window
@@ -100,19 +102,7 @@ class SpmActiveConfig(BaseModel):
 
 def load_spm_config(path: Path, overrides: list[str]) -> SpmActiveConfig:
     """Read, override and validate; ConfigError with one line per problem."""
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config error: file {path} does not exist") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config error: {path} is not valid YAML ({exc})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config error: {path} must hold a mapping at the top level")
-    raw = apply_overrides(raw, overrides)
-    try:
-        config = SpmActiveConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc)) from None
+    config = load_model_config(path, overrides, SpmActiveConfig)
     replay = config.driver.replay
     if config.driver.source == "replay" and replay is None:
         raise ConfigError("config error: driver.replay: required with driver.source=replay")
@@ -191,10 +181,60 @@ def _truth_rewards(config: SpmActiveConfig, spm: SpmSession, grid: CandidateGrid
     return twin_reward_map(config.seed, grid.xy_um, reward, v)
 
 
+def _wait_while_paused(telemetry: RunTelemetry | None) -> bool:
+    """Serve the dashboard's control channel between steps; False once a stop came."""
+    if telemetry is None:
+        return True
+    telemetry.poll_control()
+    while telemetry.paused:
+        time.sleep(0.05)
+        telemetry.poll_control()
+    return not telemetry.stop_requested
+
+
+def _publish_step(
+    telemetry: RunTelemetry | None,
+    step: int,
+    grid: CandidateGrid,
+    extent: tuple[float, float],
+    image: np.ndarray,
+    pred: tuple[np.ndarray, np.ndarray] | None,
+    learner: Any,
+    values: list[float],
+    decision_s: float,
+) -> None:
+    """The scan with the measured points, the model's maps and the step's metrics."""
+    if telemetry is None:
+        return
+    measured = grid.xy_um[learner.measured] if learner.measured else np.zeros((0, 2))
+    ex, ey = extent
+    telemetry.frame(image, step, ex / image.shape[-1], detections_um=measured[-64:])
+    if pred is not None:
+        layers = {"mean": grid.to_map(pred[0]), "std": grid.to_map(pred[1])}
+        telemetry.map(str(learner.__class__.__name__), layers, [0.0, ex, 0.0, ey], measured)
+    finite = [v for v in values if np.isfinite(v)]
+    telemetry.metrics(
+        {
+            "reward": max(finite) if finite else None,
+            "measured": float(len(learner.measured)),
+            "decision (s)": decision_s,
+        }
+    )
+    telemetry.event(f"step {step}: {len(learner.measured)} measured")
+
+
 def run_active(
-    config: SpmActiveConfig, spm: SpmSession, run_dir: Path, events: EventLog, console: Console
+    config: SpmActiveConfig,
+    spm: SpmSession,
+    run_dir: Path,
+    events: EventLog,
+    console: Console,
+    telemetry: RunTelemetry | None = None,
 ) -> dict[str, Any]:
-    """Inverse (DKL) or sparse-sampling loop: propose -> spectra -> observe -> log maps."""
+    """Inverse (DKL) or sparse-sampling loop: propose -> spectra -> observe -> log maps.
+
+    With telemetry, each step goes to the dashboard, which may pause or stop the run
+    between steps (a stop ends the loop; the session's close makes the tip safe)."""
     reward = parse_reward(config.reward)
     images = spm.scan(config.grid, config.scan_channels)
     struct = structure_channels(images)
@@ -206,7 +246,7 @@ def run_active(
     step, decisions, fits = 0, [], []
     spm_time = 0.0
     model_based = config.policy.kind in ("dkl", "gp")
-    while not learner.done:
+    while not learner.done and _wait_while_paused(telemetry):
         t0 = time.perf_counter()
         batch = learner.propose()
         decision_s = time.perf_counter() - t0
@@ -223,6 +263,9 @@ def run_active(
         final = learner.done
         pred = learner.predict() if (model_based or final) else None
         _save_maps(run_dir, step, grid, pred, learner.measured, learner.values, struct[0])
+        _publish_step(
+            telemetry, step, grid, spm.extent_um, struct[0], pred, learner, values, decision_s
+        )
         decisions.append(decision_s)
         fits.append(learner.last_fit_s)
         events.write(
@@ -264,7 +307,8 @@ def run_forward(
     from drivers.spm_twin_backend import PfmTwinBackend
 
     fwd = config.forward
-    segmenter = load_or_train_segmenter(fwd.checkpoint, console)
+    checkpoint = fwd.checkpoint or Path(config.runs_dir) / "spm-segmenter.pt"
+    segmenter = load_or_train_segmenter(checkpoint, console)
     n = fwd.scan_pixels
     backend = spm.backend
     t_scan = getattr(backend, "clock_s", 0.0)
@@ -272,8 +316,8 @@ def run_forward(
     struct = structure_channels(images)
     t0 = time.perf_counter()
     prob, spread = segmenter.predict(struct)
-    score = uncertainty_score(prob, spread)
-    ood = score > fwd.ood_threshold
+    decision = segmenter.check(struct, prob, spread, fwd.ood_threshold)
+    score, ood = decision.score, decision.flagged
     points = (
         []
         if ood
@@ -282,7 +326,15 @@ def run_forward(
         )
     )
     decision_s = time.perf_counter() - t0
-    events.write("segment", uncertainty=score, ood=ood, points=len(points), decision_s=decision_s)
+    events.write(
+        "segment",
+        uncertainty=score,
+        ood=ood,
+        ood_reasons=decision.reasons,
+        ood_score_threshold=decision.score_threshold,
+        points=len(points),
+        decision_s=decision_s,
+    )
     ex, ey = spm.extent_um
     points = sorted(points)  # row by row: short tip travel, neighbours share a registration
     reward = parse_reward(config.reward)
@@ -319,12 +371,14 @@ def run_forward(
                 out.append(float(truth_sample.wall_distance_um[i, j]) <= 1.0 * ex / n)
         events.write("spectrum", index=k, x_um=x, y_um=y, reward=values[-1])
     if ood:
-        console.print(f"frame flagged out of distribution (disagreement {score:.3f}): no spectra")
+        why = "; ".join(decision.reasons[:3])
+        console.print(f"frame flagged out of distribution ({why}): no spectra")
     summary: dict[str, Any] = {
         "measured": len(points),
         "grid_points": n * n,
         "ood_flagged": bool(ood),
         "uncertainty": score,
+        "ood_reasons": decision.reasons,
         "decision_s": decision_s,
     }
     truth_mask = None
@@ -415,11 +469,15 @@ def run_spm_active(config_path: Path, overrides: list[str], console: Console) ->
     except ValueError as exc:  # a bad replay file: one line naming it
         raise ConfigError(f"config error: driver.replay: {exc}") from None
     try:
-        with EventLog(run_dir / EVENTS_NAME) as events:
+        with EventLog(run_dir / EVENTS_NAME) as events, RunTelemetry(run_dir.name) as telemetry:
+            telemetry.write_info(run_dir)
+            telemetry.set_phase(config.workflow)
+            telemetry.set_state("running")
             if config.workflow == "forward":
                 result = run_forward(config, spm, run_dir, events, console)
             else:
-                result = run_active(config, spm, run_dir, events, console)
+                result = run_active(config, spm, run_dir, events, console, telemetry)
+            result["stopped"] = telemetry.stop_requested
     finally:
         spm.close()
     summary = {

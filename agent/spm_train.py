@@ -3,6 +3,12 @@
 Trained on full-sample scans of twins whose seeds are disjoint from experiment seeds,
 labelled with the twin's true walls; a minute or two on one core. The checkpoint is
 cached (``runs/spm-segmenter.pt`` by default) and reused by every forward run.
+
+Each scan draws its nuisance settings (lock-in noise, height noise, phase offset,
+drift rate) from `SCAN_JITTER` so the nets, and the OOD calibration, cover a range of
+instrument conditions rather than one twin's defaults. The OOD decision is then
+calibrated on scans of further held-out seeds (`calib_seeds`) with the same jitter
+and stored in the checkpoint (see `policies.active.segment.OodCalibration`).
 """
 
 from __future__ import annotations
@@ -11,14 +17,73 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.console import Console
 
 from agent.config import ConfigError, apply_overrides, format_validation_error
-from policies.active.segment import SegmenterTraining, WallSegmenter, train_ensemble
+from policies.active.segment import (
+    OodCalibration,
+    SegmenterTraining,
+    WallSegmenter,
+    input_statistics,
+    train_ensemble,
+    uncertainty_score,
+)
 
 DEFAULT_TRAIN_SEEDS = tuple(range(10_001, 10_007))
+DEFAULT_CALIB_SEEDS = tuple(range(10_101, 10_113))
+# Multiplicative (noise, drift) and additive (phase offset, deg) ranges of the scan
+# nuisances drawn per training/calibration scan; the twin defaults sit inside them.
+SCAN_JITTER = {"noise": (0.5, 2.0), "drift": (0.0, 2.0), "phase_offset_deg": (0.0, 30.0)}
+
+
+def jittered_scan_config(seed: int) -> Any:
+    """A ScanConfig with nuisances drawn from SCAN_JITTER (deterministic in seed)."""
+    from simulators.spm import ScanConfig
+
+    base = ScanConfig()
+    rng = np.random.default_rng(seed + 55_555)
+    noise = float(np.exp(rng.uniform(*np.log(SCAN_JITTER["noise"]))))
+    drift = float(rng.uniform(*SCAN_JITTER["drift"]))
+    return base.model_copy(
+        update={
+            "amplitude_noise_pm": base.amplitude_noise_pm * noise,
+            "height_noise_nm": base.height_noise_nm * noise,
+            "drift_um_s": tuple(drift * v for v in base.drift_um_s),
+            "phase_offset_deg": float(rng.uniform(*SCAN_JITTER["phase_offset_deg"])),
+        }
+    )
+
+
+def twin_training_scans(
+    seeds: list[int], pixels: int, jitter: bool = True
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Full-sample twin scans (network input channels) and true wall masks, one per seed."""
+    from agent.spm_truth import wall_mask
+    from policies.active.grid import pfm_channels
+    from simulators.spm import FerroelectricSample, PFMScanner, ScanConfig
+
+    images, masks = [], []
+    for seed in seeds:
+        sample = FerroelectricSample(seed=seed)
+        cfg = jittered_scan_config(seed) if jitter else ScanConfig()
+        r = PFMScanner(sample, cfg, seed=seed).scan((0.0, 0.0, *sample.extent_um), (pixels,) * 2)
+        images.append(pfm_channels(r["amplitude_pm"], r["phase_deg"], r["height_nm"]))
+        window = (0.0, 0.0, *sample.extent_um)
+        masks.append(wall_mask(sample, window, (pixels, pixels), np.asarray(r["drift_um"])))
+    return images, masks
+
+
+def calibrate_ood(segmenter: WallSegmenter, images: list[np.ndarray]) -> OodCalibration:
+    """Fit the OOD decision on held-out scans the ensemble was not trained on."""
+    scores, stats = [], []
+    for img in images:
+        prob, spread = segmenter.predict(img)
+        scores.append(uncertainty_score(prob, spread))
+        stats.append(input_statistics(img))
+    return OodCalibration.fit(scores, stats)
 
 
 class SegmenterTrainConfig(BaseModel):
@@ -26,6 +91,10 @@ class SegmenterTrainConfig(BaseModel):
     kind: Literal["spm-segmenter"] = "spm-segmenter"
     checkpoint: Path = Path("runs/spm-segmenter.pt")
     seeds: list[int] = Field(default_factory=lambda: list(DEFAULT_TRAIN_SEEDS), min_length=1)
+    calib_seeds: list[int] = Field(
+        default_factory=lambda: list(DEFAULT_CALIB_SEEDS), min_length=2, max_length=1000
+    )
+    jitter: bool = True  # draw scan nuisances from SCAN_JITTER per scan
     pixels: int = Field(96, ge=32, le=512)
     members: int = Field(3, ge=2, le=16)
     steps: int = Field(300, ge=1, le=100_000)
@@ -34,28 +103,45 @@ class SegmenterTrainConfig(BaseModel):
 
 
 def train_segmenter(config: SegmenterTrainConfig) -> tuple[WallSegmenter, dict[str, Any]]:
-    """Labelled twin scans -> trained ensemble (not saved)."""
+    """Labelled twin scans -> trained, OOD-calibrated ensemble (not saved)."""
     import torch
 
-    from agent.spm_truth import labelled_scans
-
+    overlap = set(config.seeds) & set(config.calib_seeds)
+    if overlap:
+        raise ConfigError(
+            f"config error: calib_seeds: must be disjoint from seeds (shared: {sorted(overlap)})"
+        )
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    images, masks = labelled_scans(list(config.seeds), config.pixels)
+    images, masks = twin_training_scans(list(config.seeds), config.pixels, config.jitter)
     settings = SegmenterTraining(
         members=config.members, steps=config.steps, crop=config.crop, width=config.width
     )
     segmenter = WallSegmenter(train_ensemble(images, masks, settings))
-    return segmenter, {"train_s": time.perf_counter() - t0, "scans": len(images)}
+    held_out, _ = twin_training_scans(list(config.calib_seeds), config.pixels, config.jitter)
+    segmenter.ood = calibrate_ood(segmenter, held_out)
+    scores = segmenter.ood.held_out_scores
+    return segmenter, {
+        "train_s": time.perf_counter() - t0,
+        "scans": len(images),
+        "calib_scans": len(held_out),
+        "ood_score_threshold": segmenter.ood.score_threshold,
+        "held_out_score_median": float(np.median(scores)),
+    }
 
 
 def load_or_train_segmenter(path: Path, console: Console | None = None) -> WallSegmenter:
-    """The cached ensemble at `path`, trained with defaults (and saved) if missing."""
+    """The cached ensemble at `path`, trained with defaults (and saved) if missing.
+
+    A checkpoint without an OOD calibration (made before it existed) is retrained.
+    """
     path = Path(path)
     if path.is_file():
-        return WallSegmenter.load(path)
+        cached = WallSegmenter.load(path)
+        if cached.ood is not None:
+            return cached
     if console is not None:
-        console.print(f"training the wall segmenter (no checkpoint at {path}) ...")
+        console.print(f"training the wall segmenter (no calibrated checkpoint at {path}) ...")
     segmenter, _ = train_segmenter(SegmenterTrainConfig(checkpoint=path))
     path.parent.mkdir(parents=True, exist_ok=True)
     segmenter.save(path)

@@ -160,44 +160,45 @@ def _timing(quick: bool, log: Callable[[str], None]) -> dict[str, float]:
 
 
 def _forward(quick: bool, log: Callable[[str], None]) -> dict[str, float]:
+    """Walls found on held-out twin scans, and the calibrated out-of-distribution flag
+    (the one the live forward run uses) on twin scans vs pure-noise frames."""
     from agent.spm_experiment import forward_scores
+    from agent.spm_train import SegmenterTrainConfig, train_segmenter
     from agent.spm_truth import labelled_scans
-    from policies.active.segment import (
-        SegmenterTraining,
-        WallSegmenter,
-        pick_wall_points,
-        train_ensemble,
-        uncertainty_score,
-    )
+    from policies.active.segment import pick_wall_points, uncertainty_score
 
     px = 64 if quick else 96
-    train_seeds = [10_001, 10_002] if quick else list(range(10_001, 10_007))
-    t0 = time.perf_counter()
-    images, masks = labelled_scans(train_seeds, px)
-    seg = WallSegmenter(
-        train_ensemble(images, masks, SegmenterTraining(steps=60 if quick else 300))
+    config = SegmenterTrainConfig(
+        seeds=[10_001, 10_002] if quick else list(range(10_001, 10_007)),
+        calib_seeds=list(range(20_001, 20_005 if quick else 20_013)),
+        pixels=px,
+        steps=60 if quick else 300,
     )
+    t0 = time.perf_counter()
+    seg, _stats = train_segmenter(config)
     train_s = time.perf_counter() - t0
     test_img, test_mask = labelled_scans([0, 1] if quick else [0, 1, 2, 3, 4], px)
     scores: dict[str, list[float]] = {}
-    unc_in = []
+    unc_in, flags_in = [], []
     for img, mask in zip(test_img, test_mask, strict=True):
         prob, spread = seg.predict(img)
         unc_in.append(uncertainty_score(prob, spread))
+        flags_in.append(seg.check(img, prob, spread).flagged)
         pts = pick_wall_points(prob, spread, 40)
         for k, v in forward_scores(mask, prob, pts).items():
             scores.setdefault(k, []).append(v)
     rng = np.random.default_rng(5)
-    unc_ood = []
+    unc_ood, flags_ood = [], []
     for _ in range(3):
-        prob, spread = seg.predict(rng.standard_normal(test_img[0].shape))
+        noise = rng.standard_normal(test_img[0].shape)
+        prob, spread = seg.predict(noise)
         unc_ood.append(uncertainty_score(prob, spread))
-    threshold = 0.12
+        flags_ood.append(seg.check(noise, prob, spread).flagged)
     out = {f"forward_{k}": float(np.mean(v)) for k, v in scores.items()}
     out["forward_train_s"] = train_s
     out["forward_uncertainty_in_dist"] = float(np.mean(unc_in))
     out["forward_uncertainty_ood"] = float(np.mean(unc_ood))
-    out["forward_ood_flag_rate_in_dist"] = float(np.mean(np.array(unc_in) > threshold))
-    out["forward_ood_flag_rate_ood"] = float(np.mean(np.array(unc_ood) > threshold))
+    out["forward_ood_flag_rate_in_dist"] = float(np.mean(flags_in))
+    out["forward_ood_flag_rate_ood"] = float(np.mean(flags_ood))
     log(f"forward: {out}")
     return out

@@ -1,11 +1,13 @@
 """Event-driven acquisition: agent-submitted `useq.MDAEvent`s run by a queue-driven MDA.
 
-pymmcore-plus runs `core.run_mda(iter(queue.get, STOP))` on its own thread; the agent
-keeps feeding the queue while it runs. Timing is kept on the absolute CLOCK_MONOTONIC
-target of each event, not on sleeps between events, so nothing drifts however long
-the session runs (the complaint of pymmcore-plus #418/#537). The wait happens *after*
-`setup_event` (stage, focus, channel, exposure are already set) and right before the
-snap, so the exposure itself starts on time.
+The driver node runs `core.mda.run(iterator)` on its own thread; the iterator serves the
+node's commands while no event is due and yields queued events as they come due, so
+the agent keeps adding events while the MDA runs (see `EventSession`). Timing is kept on
+the absolute CLOCK_MONOTONIC target of each event, not on sleeps between events, so
+nothing drifts however long the session runs (the complaint of pymmcore-plus
+#418/#537). The final wait happens *after* `setup_event` (stage, focus, channel,
+exposure are already set) and right before the snap, so the exposure starts on time.
+`TimedEngine` is a slim engine: hardware is touched only where an event changes it.
 
 Wire form of an event: any `useq.MDAEvent` field (`x_pos`, `y_pos`, `z_pos`,
 `exposure`, `channel`, `slm_image`, `properties`, `index`, `metadata`,
@@ -155,8 +157,8 @@ class TimedEngine(MDAEngine):
         except Exception as exc:
             log.warning("failed to snap an image: %s", exc)
             return ()
-        if not event.keep_shutter_open and self._autoshutter_was_set:
-            core.setShutterOpen(False)
+        if not event.keep_shutter_open and self._autoshutter_was_set and not core.getAutoShutter():
+            core.setShutterOpen(False)  # an earlier keep_shutter_open event held it open
         exposure_ms = event.exposure if event.exposure is not None else core.getExposure()
         meta = {
             "exposure_ms": exposure_ms,
@@ -174,6 +176,16 @@ class TimedEngine(MDAEngine):
             )
             for cam in range(n_cameras)
         )
+
+    def teardown_event(self, event: MDAEvent) -> None:
+        """Re-enable autoshutter only if an earlier event turned it off (the stock engine
+        sets it after every event, a device call and a signal each time)."""
+        if isinstance(event, SequencedEvent):
+            super().teardown_event(event)
+            return
+        core = self.mmcore
+        if not event.keep_shutter_open and self._autoshutter_was_set and not core.getAutoShutter():
+            core.setAutoShutter(True)
 
 
 @contextmanager
@@ -218,7 +230,9 @@ class EventSession:
         self._pending: deque[MDAEvent] = deque()
         self._stopping = False
         self._previous_engine = core.mda.engine
-        core.mda.set_engine(TimedEngine(core))
+        # XY moves only when an event's position differs from the last commanded one
+        # (as pycromanager does); every move_stage also goes through this core.
+        core.mda.set_engine(TimedEngine(core, force_set_xy_position=False))
         core.mda.events.frameReady.connect(self._frame_ready)
 
     @property

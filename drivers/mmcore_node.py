@@ -123,9 +123,7 @@ class DriverNode(InstrumentNode):
             if self.truth_source is not None:
                 truth = self.truth_source(meta)
                 if truth is not None:
-                    self.publisher.publish(
-                        TRUTH_PREFIX + STREAM.encode(), {"seq": seq, **truth}
-                    )
+                    self.publisher.publish(TRUTH_PREFIX + STREAM.encode(), {"seq": seq, **truth})
 
     def _cmd_set_laser(self, args: dict[str, Any]) -> dict[str, Any]:
         spots = args.get("spots")

@@ -79,3 +79,41 @@ def test_bad_config_values_give_one_line_errors(tmp_path: Path, override: str, f
 def test_replay_config_requires_a_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"driver\.replay"):
         run_spm_active(CONFIGS / "replay-spm-dkl.yaml", [f"runs_dir={tmp_path}"], _quiet())
+
+
+def test_active_run_streams_maps_to_the_dashboard_and_obeys_stop(tmp_path: Path) -> None:
+    """A dashboard attached to a live `spm-active` run sees the scan, the model's maps and
+    metrics; its stop ends the run early (the session then makes the tip safe)."""
+    import threading
+    import time
+
+    from agent.telemetry import TelemetrySubscriber, find_live_run, send_control
+
+    result: dict[str, object] = {}
+    overrides = [f"runs_dir={tmp_path}", "grid=16", "policy.budget=200", "policy.initial=10"]
+    worker = threading.Thread(
+        target=lambda: result.update(
+            run_spm_active(CONFIGS / "twin-spm-dkl.yaml", overrides, _quiet())
+        )
+    )
+    worker.start()
+    deadline = time.monotonic() + 60
+    info = None
+    while info is None and time.monotonic() < deadline:
+        info = find_live_run(tmp_path)
+        time.sleep(0.05)
+    assert info is not None, "no live telemetry.json"
+    sub = TelemetrySubscriber(info.publish)
+    kinds: dict[str, object] = {}
+    try:
+        while not {"frame", "map", "metric"} <= set(kinds) and time.monotonic() < deadline:
+            for message in sub.poll(200):
+                kinds.setdefault(message.kind, message)
+        send_control(info.control, "stop")
+    finally:
+        sub.close()
+        worker.join(120)
+    assert {"frame", "map", "metric"} <= set(kinds)
+    layers = kinds["map"].header["layers"]  # type: ignore[attr-defined]
+    assert [layer["name"] for layer in layers] == ["mean", "std"]
+    assert result["stopped"] is True and result["measured"] < 200

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -225,3 +226,112 @@ def test_slm_images_obey_the_laser_limits(slm_node: DriverNode, zmq_ctx: zmq.Con
         assert np.count_nonzero(slm_node.core.getSLMImage("SLM")) == 0
     finally:
         peer.close()
+
+
+def test_commands_are_served_while_events_wait_and_cancel_drops_them(
+    demo_node: DriverNode, zmq_ctx: zmq.Context
+) -> None:
+    """The MDA runs on the node thread, but between events the node keeps serving."""
+    peer = Peer(demo_node, zmq_ctx)
+    try:
+        later = now_ns() + 3_000_000_000
+        peer.call("submit_events", {"events": [{"t_start_ns": later, "exposure": 1.0}]})
+        t0 = time.monotonic()
+        state = peer.call("get_state")
+        moved = peer.call("move_stage", {"x_um": 12.0, "y_um": 3.0})
+        replied_s = time.monotonic() - t0
+        assert state["events_running"] and moved["stage_um"] == [12.0, 3.0]
+        assert replied_s < 1.0  # not held until the event at +3 s
+        # a second submit joins the same session, ids continue
+        assert peer.call("submit_events", {"events": [{"t_start_ns": later}]})["ids"] == [1]
+        peer.call("stop_events", {"cancel": True})
+        deadline = time.monotonic() + 2
+        while peer.call("get_state")["events_running"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert now_ns() < later  # ended by the cancel, not by running the events
+        assert not peer.call("get_state")["events_running"]
+        assert peer.event_frames(1, timeout_s=0.3) == []  # the cancelled events never ran
+        assert demo_node.event_frames_published == 0
+        assert demo_node.core.isSequenceRunning()
+    finally:
+        peer.close()
+
+
+def test_engine_waits_for_hardware_only_when_an_event_changes_it(
+    demo_node: DriverNode, zmq_ctx: zmq.Context
+) -> None:
+    core = demo_node.core
+    waits: list[int] = []
+    original = core.waitForSystem
+
+    def counting_wait() -> None:
+        waits.append(now_ns())
+        original()
+
+    core.waitForSystem = counting_wait  # type: ignore[method-assign]
+    peer = Peer(demo_node, zmq_ctx)
+    try:
+        exposure = core.getExposure()
+        events = [
+            {"exposure": exposure, "index": {"t": 0}},  # nothing changes
+            {"x_pos": 5.0, "y_pos": 6.0, "index": {"t": 1}},  # moves
+            {"x_pos": 5.0, "y_pos": 6.0, "index": {"t": 2}},  # already there
+            {"exposure": exposure + 1.0, "index": {"t": 3}},  # camera setting changes
+        ]
+        peer.call("submit_events", {"events": events})
+        frames = peer.event_frames(4)
+        assert [f.header.state["event"]["index"]["t"] for f in frames] == [0, 1, 2, 3]
+        assert len(waits) == 2
+        assert core.getXYPosition() == pytest.approx((5.0, 6.0), abs=0.01)
+        assert core.getExposure() == pytest.approx(exposure + 1.0)
+        starts = [f.header.t_exposure_start_ns for f in frames]
+        assert starts == sorted(starts)
+        # pymmcore-plus's per-event INFO log is quietened only while a session runs
+        peer.call("stop_events")
+        deadline = time.monotonic() + 5
+        while peer.call("get_state")["events_running"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert logging.getLogger("pymmcore-plus").level == logging.NOTSET
+    finally:
+        core.waitForSystem = original  # type: ignore[method-assign]
+        peer.close()
+
+
+@pytest.fixture
+def short_watchdog_slm_node(make_node: Callable[[DriverConfig], DriverNode]) -> DriverNode:
+    return make_node(
+        DriverConfig(
+            watchdog_ms=200,
+            exposure_ms=5.0,
+            limits=Limits(max_laser_spots=2, max_laser_power_mw=3.0),
+            devices=DeviceNames(laser_kind="slm", slm_pixel_um=0.2, slm_max_power_mw=5.0),
+            twin=TwinSettings(slm_px=32),
+        )
+    )
+
+
+def test_watchdog_ends_a_lit_event_session_when_the_agent_goes_silent(
+    short_watchdog_slm_node: DriverNode, zmq_ctx: zmq.Context
+) -> None:
+    node = short_watchdog_slm_node
+    agent = Peer(node, zmq_ctx)
+    monitor = CommandClient(zmq_ctx, node.endpoints[1], timeout_ms=5000)
+    try:
+        image = np.zeros((32, 32), dtype=int)
+        image[2, 2] = 100
+        later = now_ns() + 5_000_000_000
+        agent.call(
+            "submit_events",
+            {"events": [{"t_start_ns": later, "slm_image": {"data": image.tolist()}}]},
+        )
+        agent.call("set_laser", {"spots": [{"x_um": 1.0, "y_um": 1.0, "power_mw": 1.0}]})
+        assert np.count_nonzero(node.core.getSLMImage("SLM")) == 1
+        time.sleep(0.6)  # the agent goes silent; a monitor's polls do not feed the watchdog
+        state = monitor.call("get_state").result
+        assert state["watchdog_tripped"] and state["laser"] == []
+        assert not state["events_running"]  # the queued lit event was dropped
+        assert np.count_nonzero(node.core.getSLMImage("SLM")) == 0
+        assert node.event_frames_published == 0
+    finally:
+        monitor.close()
+        agent.close()

@@ -5,11 +5,22 @@ seed on random crops of twin scans labelled with the twin's true walls. The ense
 mean is the wall probability; the members' spread (std) tells where the nets do not
 agree, and a frame whose spread is high overall is out of distribution: the forward
 workflow then flags it instead of acting on it (cf. ResHedNet ensembles).
+
+Disagreement alone separates poorly (nets trained together can agree on garbage), so
+the OOD decision has two calibrated parts, both fitted on held-out twin scans at
+training time and stored in the checkpoint (`OodCalibration`):
+
+- the disagreement score must not exceed its held-out 99th percentile (or the robust
+  median + 3 sigma, whichever is larger: a few held-out frames make a noisy quantile);
+- every input statistic the nets were trained on (per channel: median, log robust
+  scale, log high-frequency energy ratio, saturated-pixel fraction) must lie inside its
+  held-out range widened by half the span on each side, and by at least an absolute
+  floor. Any non-finite input pixel is OOD outright (the nets never saw one).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -103,10 +114,23 @@ def train_ensemble(
 class WallSegmenter:
     """An ensemble of trained U-Nets: wall probability and disagreement maps."""
 
-    def __init__(self, nets: list[SmallUNet]) -> None:
+    def __init__(self, nets: list[SmallUNet], ood: OodCalibration | None = None) -> None:
         if not nets:
             raise ValueError("segmenter: the ensemble is empty")
         self.nets = nets
+        self.ood = ood
+
+    def check(
+        self,
+        channels: np.ndarray,
+        prob: np.ndarray,
+        spread: np.ndarray,
+        score_threshold: float | None = None,
+    ) -> OodDecision:
+        """OOD decision for a frame already predicted; `score_threshold` overrides."""
+        if self.ood is None:
+            raise ValueError("segmenter: checkpoint has no OOD calibration; retrain it")
+        return self.ood.decide(channels, uncertainty_score(prob, spread), score_threshold)
 
     @torch.no_grad()
     def predict(self, channels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -118,10 +142,14 @@ class WallSegmenter:
     def save(self, path: Path) -> None:
         width = self.nets[0].down[0].out_channels
         in_ch = self.nets[0].down[0].in_channels
-        torch.save(
-            {"width": width, "in_channels": in_ch, "states": [n.state_dict() for n in self.nets]},
-            path,
-        )
+        blob: dict = {
+            "width": width,
+            "in_channels": in_ch,
+            "states": [n.state_dict() for n in self.nets],
+        }
+        if self.ood is not None:
+            blob["ood"] = self.ood.to_dict()
+        torch.save(blob, path)
 
     @classmethod
     def load(cls, path: Path) -> WallSegmenter:
@@ -132,7 +160,8 @@ class WallSegmenter:
             net.load_state_dict(state)
             net.eval()
             nets.append(net)
-        return cls(nets)
+        ood = OodCalibration.from_dict(blob["ood"]) if "ood" in blob else None
+        return cls(nets, ood)
 
 
 def uncertainty_score(prob: np.ndarray, spread: np.ndarray) -> float:
@@ -143,6 +172,110 @@ def uncertainty_score(prob: np.ndarray, spread: np.ndarray) -> float:
     """
     sel = (prob + 2 * spread) >= 0.2
     return float(spread[sel].mean()) if sel.any() else 0.0
+
+
+# Input statistics per channel and the smallest half-width their allowed range gets
+# (normalised-channel units): below these a held-out set is just too small to tell.
+STAT_FLOORS = {"median": 0.5, "log_scale": 0.35, "log_hf_ratio": 0.25, "saturated": 0.02}
+
+
+def input_statistics(channels: np.ndarray) -> dict[str, float]:
+    """Per-channel statistics of a (C, H, W) network input, keyed `name[c]`.
+
+    `log_hf_ratio` is log10 of the mean squared neighbour difference over twice the
+    variance: the ratio is ~1 for white noise, near 0 for smooth structure (1 - lag-1
+    autocorrelation); it depends on noise level and on pixel size. `saturated`
+    is the fraction of pixels at the channel's min or max (clipped or flat frames).
+    Non-finite pixels are counted in `nonfinite` and set to 0 for the rest.
+    """
+    x = np.asarray(channels, dtype=np.float64)
+    finite = np.isfinite(x)
+    out = {"nonfinite": float(1.0 - finite.mean())}
+    x = np.where(finite, x, 0.0)
+    for c, ch in enumerate(x):
+        med = float(np.median(ch))
+        mad = 1.4826 * float(np.median(np.abs(ch - med)))
+        var = float(ch.var())
+        dx = float(np.mean(np.diff(ch, axis=1) ** 2)) if ch.shape[1] > 1 else 0.0
+        dy = float(np.mean(np.diff(ch, axis=0) ** 2)) if ch.shape[0] > 1 else 0.0
+        lo, hi = float(ch.min()), float(ch.max())
+        tol = 1e-6 * max(hi - lo, 1e-12)
+        out[f"median[{c}]"] = med
+        out[f"log_scale[{c}]"] = float(np.log10(max(mad, 1e-6)))
+        hf = 0.25 * (dx + dy) / var if var > 1e-12 else 0.0
+        out[f"log_hf_ratio[{c}]"] = float(np.log10(max(hf, 1e-6)))
+        out[f"saturated[{c}]"] = float(np.mean((ch <= lo + tol) | (ch >= hi - tol)))
+    return out
+
+
+@dataclass
+class OodDecision:
+    """Why a frame is (not) out of distribution: the score and what was out of range."""
+
+    flagged: bool
+    score: float
+    score_threshold: float
+    reasons: list[str] = field(default_factory=list)
+    statistics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class OodCalibration:
+    """Held-out twin scans -> disagreement threshold and allowed input-statistic ranges."""
+
+    score_threshold: float
+    ranges: dict[str, tuple[float, float]]
+    held_out_scores: list[float] = field(default_factory=list)
+
+    @classmethod
+    def fit(cls, scores: list[float], stats: list[dict[str, float]]) -> OodCalibration:
+        """Calibrate from held-out frames' disagreement scores and input statistics."""
+        if len(scores) < 2 or len(stats) != len(scores):
+            raise ValueError("OOD calibration: need >= 2 held-out frames with statistics")
+        s = np.asarray(scores, dtype=float)
+        med = float(np.median(s))
+        sigma = 1.4826 * float(np.median(np.abs(s - med)))
+        threshold = max(float(np.quantile(s, 0.99)), med + 3.0 * sigma)
+        ranges = {}
+        for key in stats[0]:
+            if key == "nonfinite":
+                continue
+            v = np.array([st[key] for st in stats], dtype=float)
+            lo, hi = float(v.min()), float(v.max())
+            floor = STAT_FLOORS[key.split("[")[0]]
+            margin = max(0.5 * (hi - lo), floor)
+            ranges[key] = (lo - margin, hi + margin)
+        return cls(threshold, ranges, [float(v) for v in s])
+
+    def decide(
+        self, channels: np.ndarray, score: float, score_threshold: float | None = None
+    ) -> OodDecision:
+        """Flag when the input is non-finite, a statistic leaves its range, or score is high."""
+        stats = input_statistics(channels)
+        thr = self.score_threshold if score_threshold is None else float(score_threshold)
+        reasons = []
+        if stats["nonfinite"] > 0:
+            reasons.append(f"nonfinite={stats['nonfinite']:.3g} (allowed 0)")
+        for key, (lo, hi) in self.ranges.items():
+            v = stats.get(key)
+            if v is None:
+                reasons.append(f"{key} missing (channel count differs from training)")
+            elif not lo <= v <= hi:
+                reasons.append(f"{key}={v:.3g} outside [{lo:.3g}, {hi:.3g}]")
+        if not np.isfinite(score) or score > thr:
+            reasons.append(f"disagreement={score:.3g} above {thr:.3g}")
+        return OodDecision(bool(reasons), float(score), thr, reasons, stats)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["ranges"] = {k: list(v) for k, v in self.ranges.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> OodCalibration:
+        ranges = {str(k): (float(v[0]), float(v[1])) for k, v in d["ranges"].items()}
+        scores = [float(v) for v in d.get("held_out_scores", [])]
+        return cls(float(d["score_threshold"]), ranges, scores)
 
 
 def pick_wall_points(

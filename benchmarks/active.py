@@ -92,8 +92,10 @@ def run(quick: bool, log: Callable[[str], None]) -> dict[str, float | int | str]
                         sparse.setdefault(f"{kind}_{pct}", []).append(err)
     for kind, vals in found.items():
         metrics[f"{kind}_top1pct_found_at_10pct"] = float(np.mean(vals))
-    metrics["dkl_vs_random"] = metrics["dkl_top1pct_found_at_10pct"] / max(
-        float(metrics["random_top1pct_found_at_10pct"]), 1e-3
+    random_found = float(metrics["random_top1pct_found_at_10pct"])
+    # Undefined (null in --json) when random found none: too few draws to form a ratio.
+    metrics["dkl_vs_random"] = (
+        metrics["dkl_top1pct_found_at_10pct"] / random_found if random_found > 0 else float("nan")
     )
     metrics["dkl_top1pct_found_min"] = float(np.min(found["dkl"]))
     for key, vals in sparse.items():

@@ -29,10 +29,11 @@ from agent.detect import DetectorConfig, ParticleDetector
 from agent.frame_recording import FRAMES_NAME, FrameRecorder
 from agent.recorder import EventLog, new_run_dir, write_json
 from drivers.config import DriverConfig
+from drivers.field_devices import build_field_core
 from drivers.mmcore_node import DriverNode
 from drivers.protocol import FRAME_PREFIX, Frame, decode_frame, now_ns
 from drivers.transport import CommandClient
-from simulators.sparse_field import SparseFieldConfig, build_field_core
+from simulators.sparse_field import SparseFieldConfig
 
 LAMP = ("Lamp", "intensity")
 

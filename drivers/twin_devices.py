@@ -14,7 +14,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from pymmcore_plus.experimental.unicore import (
@@ -262,10 +262,15 @@ class TwinSLM(SLMDevice):
         return self._exposure_ms
 
 
-class TwinXYStage(XYStageDevice):
-    """A motorised XY stage that shifts the camera's view over the sample."""
+class StageRig(Protocol):
+    stage_um: tuple[float, float]
 
-    def __init__(self, rig: TwinRig) -> None:
+
+class TwinXYStage(XYStageDevice):
+    """A motorised XY stage that shifts the camera's view over the sample (any twin rig
+    that keeps a `stage_um`)."""
+
+    def __init__(self, rig: StageRig) -> None:
         super().__init__()
         self._rig = rig
 

@@ -1,4 +1,5 @@
-"""A sparse field of fluorescent objects over a large stage area, as UniMMCore devices.
+"""A sparse field of fluorescent objects over a large stage area (devices:
+`drivers.field_devices`).
 
 Smart acquisition needs a sample where most of the stage is empty: a few cells or
 beads scattered over millimetres, each a Gaussian blob. Photons scale with exposure x
@@ -10,18 +11,8 @@ whatever the stage area.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
-from pymmcore_plus.experimental.unicore import (
-    GenericDevice,
-    SimpleCameraDevice,
-    UniMMCore,
-    XYStageDevice,
-    pymm_property,
-)
 
 
 class SparseFieldConfig(BaseModel):
@@ -87,94 +78,3 @@ class SparseField:
         electrons = self._rng.poisson(expected).astype(np.float64)
         electrons += self._rng.normal(cfg.offset_adu, cfg.read_noise_e, size=electrons.shape)
         return np.clip(np.rint(electrons), 0, 65535).astype(np.uint16)
-
-
-class FieldRig:
-    """Shared state of the devices: stage position, exposure, illumination."""
-
-    def __init__(self, field: SparseField, exposure_ms: float) -> None:
-        self.field = field
-        self.stage_um = (0.0, 0.0)
-        self.exposure_ms = exposure_ms
-        self.intensity = 1.0
-
-
-class FieldCamera(SimpleCameraDevice):
-    def __init__(self, rig: FieldRig) -> None:
-        super().__init__()
-        self._rig = rig
-
-    def sensor_shape(self) -> tuple[int, int]:
-        cfg = self._rig.field.config
-        return (cfg.height_px, cfg.width_px)
-
-    def dtype(self) -> Any:
-        return np.uint16
-
-    def get_exposure(self) -> float:
-        return self._rig.exposure_ms
-
-    def set_exposure(self, exposure: float) -> None:
-        self._rig.exposure_ms = float(exposure)
-
-    def snap(self, buffer: np.ndarray) -> Mapping[str, Any]:
-        rig = self._rig
-        buffer[:] = rig.field.render(rig.stage_um, rig.exposure_ms, rig.intensity)
-        return {"stage_um": list(rig.stage_um), "intensity": rig.intensity}
-
-
-class FieldLamp(GenericDevice):
-    """Excitation lamp: relative intensity 0-1 (dose = exposure x intensity)."""
-
-    def __init__(self, rig: FieldRig) -> None:
-        super().__init__()
-        self._rig = rig
-
-    @pymm_property(limits=(0.0, 1.0))
-    def intensity(self) -> float:
-        return self._rig.intensity
-
-    @intensity.setter
-    def intensity(self, value: float) -> None:
-        self._rig.intensity = float(value)
-
-
-class FieldStage(XYStageDevice):
-    def __init__(self, rig: FieldRig) -> None:
-        super().__init__()
-        self._rig = rig
-
-    def set_position_um(self, x: float, y: float) -> None:
-        self._rig.stage_um = (float(x), float(y))
-
-    def get_position_um(self) -> tuple[float, float]:
-        return self._rig.stage_um
-
-    def set_origin_x(self) -> None:
-        raise NotImplementedError("the twin stage has a fixed origin")
-
-    def set_origin_y(self) -> None:
-        raise NotImplementedError("the twin stage has a fixed origin")
-
-    def home(self) -> None:
-        self._rig.stage_um = (0.0, 0.0)
-
-    def stop(self) -> None:
-        """Moves are instantaneous: nothing to stop."""
-
-
-def build_field_core(
-    config: SparseFieldConfig, seed: int, exposure_ms: float
-) -> tuple[UniMMCore, FieldRig]:
-    """UniMMCore with the sparse-field camera, XY stage and lamp ("Lamp", "intensity")."""
-    rig = FieldRig(SparseField(config, seed), exposure_ms)
-    core = UniMMCore()
-    core.loadPyDevice("Camera", FieldCamera(rig))
-    core.loadPyDevice("XY", FieldStage(rig))
-    core.loadPyDevice("Lamp", FieldLamp(rig))
-    core.initializeAllDevices()
-    core.setCameraDevice("Camera")
-    core.setXYStageDevice("XY")
-    core.setExposure(exposure_ms)
-    core.setAutoShutter(False)
-    return core, rig

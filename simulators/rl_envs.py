@@ -97,15 +97,17 @@ class TwinControlEnv(gym.Env):
     """One particle twin, one camera frame per step; subclasses define goal and reward."""
 
     metadata: dict[str, Any] = {"render_modes": ["rgb_array"], "render_fps": 30}  # noqa: RUF012
+    default_task: type[BaseModel]  # each env's task when none is given
 
     def __init__(
         self,
-        task: dict[str, Any] | TaskConfig,
+        task: dict[str, Any] | TaskConfig | None = None,
         env: dict[str, Any] | TwinEnvConfig | None = None,
         render_mode: str | None = None,
     ) -> None:
         from pydantic import TypeAdapter
 
+        task = task or self.default_task()
         self.task = TypeAdapter(TaskConfig).validate_python(
             task.model_dump() if isinstance(task, BaseModel) else task
         )
@@ -271,13 +273,15 @@ class TwinControlEnv(gym.Env):
 class MicroswimmerEnv(TwinControlEnv):
     """Muinos-Landin navigation: reach the target's grid cell with 8 steering actions."""
 
+    default_task = SwimmerTask
+
     def __init__(
         self,
         task: dict[str, Any] | TaskConfig | None = None,
         env: dict[str, Any] | TwinEnvConfig | None = None,
         render_mode: str | None = None,
     ) -> None:
-        super().__init__(task or SwimmerTask(), env, render_mode)
+        super().__init__(task, env, render_mode)
         assert isinstance(self.task, SwimmerTask)
         w, h = self.config.field_um
         self.cell_um = (w / self.task.grid, h / self.task.grid)
@@ -316,13 +320,7 @@ class MicroswimmerEnv(TwinControlEnv):
 class SteeringEnv(TwinControlEnv):
     """Passive particle to a random target with one heating spot (continuous action)."""
 
-    def __init__(
-        self,
-        task: dict[str, Any] | TaskConfig | None = None,
-        env: dict[str, Any] | TwinEnvConfig | None = None,
-        render_mode: str | None = None,
-    ) -> None:
-        super().__init__(task or SteeringTask(), env, render_mode)
+    default_task = SteeringTask
 
     def _success(self, xy: np.ndarray) -> bool:
         return self._distance(xy) <= self.task.goal_radius_um
@@ -334,13 +332,7 @@ class SteeringEnv(TwinControlEnv):
 class GatheringEnv(TwinControlEnv):
     """Several particles into a disc around the target with an SLM spot pattern."""
 
-    def __init__(
-        self,
-        task: dict[str, Any] | TaskConfig | None = None,
-        env: dict[str, Any] | TwinEnvConfig | None = None,
-        render_mode: str | None = None,
-    ) -> None:
-        super().__init__(task or GatheringTask(), env, render_mode)
+    default_task = GatheringTask
 
     def _prepare(self, cfg: TwinEnvConfig) -> TwinEnvConfig:
         n = self.task.n_particles

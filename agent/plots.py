@@ -55,3 +55,10 @@ def plot_run(
     fig.savefig(run_dir / name, dpi=110)
     plt.close(fig)
     return [name]
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Lay out, write as PNG and close (figures are never shown: the Agg backend)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

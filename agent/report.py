@@ -22,6 +22,7 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 
 from agent.evaluate import MATCH_RADIUS_UM, controlled_track, detection_errors_um
+from agent.plots import save_figure
 from agent.recorder import read_events
 from agent.report_sections import calibration_html, plot_learning_curve, trap_calibration
 
@@ -108,12 +109,6 @@ def _color(phase: str) -> str:
     return PHASE_COLORS.get(phase, "tab:gray")
 
 
-def _save(fig: Any, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def plot_trajectories(run: RunData, path: Path) -> str | None:
     """True trajectory per phase (one panel each) with the target; None without truth."""
     target = run.target_um()
@@ -130,7 +125,7 @@ def plot_trajectories(run: RunData, path: Path) -> str | None:
         ax.set_aspect("equal", adjustable="datalim")
         ax.invert_yaxis()  # image convention: y grows downwards
         ax.legend(fontsize=8, loc="best")
-    _save(fig, path)
+    save_figure(fig, path)
     return path.name
 
 
@@ -152,7 +147,7 @@ def plot_distance(run: RunData, path: Path) -> str | None:
         )
     ax.set(xlabel="time (s)", ylabel="true distance to target (um)", title="distance to target")
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
     return path.name
 
 
@@ -171,7 +166,7 @@ def plot_latency(latencies_ms: list[float], path: Path) -> str | None:
         title=f"loop latency (feedback phase, {len(latencies_ms)} steps)",
     )
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
     return path.name
 
 
@@ -192,7 +187,7 @@ def plot_detections(run: RunData, path: Path) -> str | None:
     ax_skip.set(xlabel="time (s)", ylabel="frames skipped (cumulative)")
     ax_n.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax_skip.yaxis.set_major_locator(MaxNLocator(integer=True))
-    _save(fig, path)
+    save_figure(fig, path)
     return path.name
 
 
@@ -214,7 +209,7 @@ def plot_laser(run: RunData, path: Path) -> str | None:
         )
     ax.set(xlabel="time (s)", ylabel="commanded laser power (mW, all spots)", title="laser power")
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
     return path.name
 
 
@@ -232,7 +227,7 @@ def plot_detection_error(errors_um: np.ndarray, unmatched: int, path: Path) -> s
         title=f"detection error ({len(nm)} matched, {unmatched} beyond {MATCH_RADIUS_UM:g} um)",
     )
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
     return path.name
 
 
@@ -295,7 +290,7 @@ def plot_spm_maps(run_dir: Path, path: Path) -> str | None:
         ax.scatter(cols + 0.5, rows + 0.5, s=6, c="red", marker="x", linewidths=0.7)
         ax.set_title(f"{title} (step {len(steps)})")
         fig.colorbar(im, ax=ax, shrink=0.8)
-    _save(fig, path)
+    save_figure(fig, path)
     return path.name
 
 

@@ -90,8 +90,10 @@ def calibration_html(result: dict[str, Any] | None) -> str:
 
 def plot_learning_curve(run_dir: Path, path: Path) -> str | None:
     """Loss vs training step of the detector trained on the live stream, if one was."""
+    import matplotlib.pyplot as plt
+
+    from agent.plots import save_figure
     from agent.recorder import read_events
-    from agent.report import _save, plt
 
     events_path = run_dir / "events-training.jsonl"
     if not events_path.is_file():
@@ -119,5 +121,5 @@ def plot_learning_curve(run_dir: Path, path: Path) -> str | None:
     ax.set_ylabel("self-supervised loss")
     ax.set_title("Deep detector trained on the live stream")
     ax.legend(loc="upper right", fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
     return path.name

@@ -12,6 +12,9 @@ Same run, interleaved rounds, medians (the machine is shared):
   ``spectra`` in batches of 16 positions (an active-learning q-batch; 64 points, no
   backward sweep), ``spectrum`` one at a time for comparison, and ``scan`` (128 x 128,
   4 channels); a measurement counts once its last frame has reached the subscriber.
+  The agent side takes frames while it waits for the command's reply, as an agent
+  loop does; the driver queues one point behind the sweep in progress
+  (``spectra_queued``) so the controller goes from sweep to sweep.
 
 ``overhead_ratio`` = max(twin rate / driver rate) over batched spectra and scan lines;
 goal <= 1.2. ``single_spectrum_overhead_ratio`` is reported beside it: one command per
@@ -176,6 +179,17 @@ class _Chain:
         self.client.call("engage")
         self.rng = np.random.default_rng(1)
 
+    def _call(self, cmd: str, args: dict[str, Any]) -> None:
+        """Send a command and take frames while it runs, as an agent's loop does: the
+        reply is awaited 1 ms at a time, frames taken in between (a few per wake-up)."""
+        req_id = self.client.send(cmd, args)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.client.socket.poll(1) and self.client.take_reply(req_id, cmd) is not None:
+                return
+            self.sub.recv_newest(0)
+        raise RuntimeError(f"{cmd}: no reply from the SPM node within 60 s")
+
     def _start(self, args: list[str], ready: str) -> str:
         proc = subprocess.Popen(
             [sys.executable, "-m", "agent.cli", *args],
@@ -208,11 +222,12 @@ class _Chain:
         t0 = time.perf_counter()
         for i in range(0, n, batch):
             chunk = xy[i : i + batch]
+            target = self.sub.stats.received + len(chunk)
             if batch == 1:
-                self.client.call("spectrum", {**sweep, "x_um": chunk[0][0], "y_um": chunk[0][1]})
+                self._call("spectrum", {**sweep, "x_um": chunk[0][0], "y_um": chunk[0][1]})
             else:
-                self.client.call("spectra", {**sweep, "positions_um": chunk})
-            self._await_frames(self.sub.stats.received + len(chunk))
+                self._call("spectra", {**sweep, "positions_um": chunk})
+            self._await_frames(target)
         return n / (time.perf_counter() - t0)
 
     def scan_lines_per_s(self, n: int) -> float:
@@ -220,8 +235,9 @@ class _Chain:
                 "lines": SIZE, "channels": CHANNELS}  # fmt: skip
         t0 = time.perf_counter()
         for _ in range(n):
-            self.client.call("scan", args)
-            self._await_frames(self.sub.stats.received + len(CHANNELS))
+            target = self.sub.stats.received + len(CHANNELS)
+            self._call("scan", args)
+            self._await_frames(target)
         return n * SIZE / (time.perf_counter() - t0)
 
     def close(self) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import logging
 import math
 import socket
@@ -198,6 +197,10 @@ Handler = Callable[..., tuple[Any, ...]]
 
 
 SIGNAL_SLOTS = 24  # Signals Manager slots on a Nanonis controller
+# Commands whose reply must not wait for the next request to be answered too.
+SLOW_COMMANDS = frozenset(
+    {b"BiasSpectr.Start", b"Scan.Action", b"Scan.FrameDataGrab", b"ZCtrl.Withdraw"}
+)
 
 
 class NanonisServer:
@@ -260,6 +263,10 @@ class NanonisServer:
         }
         missing = set(self._handlers) ^ set(wire.COMMANDS)
         assert not missing, f"handlers and wire specs disagree: {sorted(missing)}"
+        self._routes = {
+            name.encode("ascii"): (name, spec, self._handlers[name])
+            for name, spec in wire.COMMANDS.items()
+        }
 
         owner = self
 
@@ -314,60 +321,87 @@ class NanonisServer:
     # ---------------------------------------------------------------- connection
 
     def _serve_connection(self, conn: socket.socket) -> None:
+        """Serve one client until it hangs up.
+
+        Requests are framed out of one receive buffer, so requests that arrive together
+        (a move and the sweep queued behind it) cost one receive call. A quick command's
+        reply rides along with the next reply when the next request is already here;
+        a slow command's reply (a sweep, a scan) leaves at once.
+        """
         with self._conns_lock:
             self._conns.add(conn)
         peer = conn.getpeername()
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # replies leave at once
         log.debug("nanonis: client %s connected", peer)
-        reader = conn.makefile("rb", buffering=1 << 16)
+        buffer = bytearray()
+        replies: list[bytes] = []
         try:
             while True:
-                header = _recv_exact(reader, wire.HEADER_SIZE)
-                if header is None:
+                chunk = conn.recv(1 << 16)
+                if not chunk:
+                    if buffer:
+                        log.debug("nanonis: %s closed mid-request", peer)
                     break
-                raw_name, size, flag = wire.unpack_header(header)
-                if size < 0 or size > self.max_request_bytes:
-                    # Cannot skip a body of unknown length: answer, then hang up.
-                    name = wire.decode_name(raw_name)
-                    log.warning("nanonis: %s sent body size %d for %r; closing", peer, size, name)
-                    if flag:
-                        msg = (
-                            f"{name or '<empty>'}: malformed header: body size {size} not in "
-                            f"[0, {self.max_request_bytes}]"
-                        )
-                        conn.sendall(wire.encode_response(raw_name, None, (), msg))
+                buffer += chunk
+                pos = self._serve_buffered(conn, buffer, replies)
+                if pos < 0:
                     break
-                body = _recv_exact(reader, size) if size else b""
-                if body is None:
-                    break
-                reply = self.handle_message(raw_name, body)
-                if flag:
-                    conn.sendall(reply)
+                del buffer[:pos]
         except (ConnectionError, TimeoutError, OSError) as exc:
             log.debug("nanonis: client %s dropped: %s", peer, exc)
         finally:
-            reader.close()
             with self._conns_lock:
                 self._conns.discard(conn)
             log.debug("nanonis: client %s disconnected", peer)
 
+    def _serve_buffered(self, conn: socket.socket, buffer: bytearray, replies: list[bytes]) -> int:
+        """Answer every complete request in ``buffer``; bytes consumed, or -1 to hang up."""
+        pos, end = 0, len(buffer)
+        header_size = wire.HEADER_SIZE
+        while end - pos >= header_size:
+            raw_name, size, flag = wire.unpack_header(bytes(buffer[pos : pos + header_size]))
+            if size < 0 or size > self.max_request_bytes:
+                # Cannot skip a body of unknown length: answer, then hang up.
+                name = wire.decode_name(raw_name)
+                log.warning("nanonis: sent body size %d for %r; closing", size, name)
+                if flag:
+                    msg = (
+                        f"{name or '<empty>'}: malformed header: body size {size} not in "
+                        f"[0, {self.max_request_bytes}]"
+                    )
+                    replies.append(wire.encode_response(raw_name, None, (), msg))
+                    conn.sendall(b"".join(replies))
+                return -1
+            stop = pos + header_size + size
+            if stop > end:
+                break  # the rest of this request is still on its way
+            reply = self.handle_message(raw_name, bytes(buffer[pos + header_size : stop]))
+            pos = stop
+            if flag:
+                replies.append(reply)
+            if replies and (raw_name in SLOW_COMMANDS or not _complete(buffer, pos)):
+                conn.sendall(b"".join(replies) if len(replies) > 1 else replies[0])
+                replies.clear()
+        return pos
+
     def handle_message(self, raw_name: bytes, body: bytes) -> bytes:
         """Full response for one request; never raises (errors become error responses)."""
-        name = wire.decode_name(raw_name)
-        spec = wire.COMMANDS.get(name)
-        if spec is None:
+        route = self._routes.get(raw_name)
+        if route is None:
+            name = wire.decode_name(raw_name)
             return wire.encode_response(
                 raw_name, None, (), f"{name or '<empty>'}: unknown or unsupported command"
             )
+        name, spec, handler = route
         try:
-            args, _ = wire.decode_values(spec.args, body)
+            args = wire.decode_args(spec, body)
         except wire.WireError as exc:
             return wire.encode_response(
                 raw_name, None, spec.returns, f"{name}: malformed body: {exc}"
             )
         try:
             with self._lock:
-                values = self._handlers[name](*args)
+                values = handler(*args)
             return wire.encode_response(raw_name, values, spec.returns)
         except CommandError as exc:
             message = str(exc)
@@ -478,7 +512,7 @@ class NanonisServer:
         res = self.backend.run_bias_spectroscopy(save_base_name)
         if not get_data:
             return ([], np.zeros((0, 0), np.float32), np.zeros(0, np.float32))
-        data = np.asarray(res.data, np.float32)
+        data = np.asarray(res.data, ">f4")  # the wire's own dtype: encoded without a copy
         if data.ndim != 2 or data.shape[0] != len(res.channel_names):
             raise CommandError(
                 f"BiasSpectr.Start: backend returned data {data.shape} for "
@@ -561,17 +595,14 @@ class NanonisServer:
         return ()
 
 
-def _recv_exact(reader: io.BufferedIOBase, n: int) -> bytes | None:
-    """n bytes, or None on a clean EOF before the first byte; EOF midway raises.
-
-    Buffered: requests that arrive together (a move and the sweep after it) cost one
-    receive call, not four."""
-    data = reader.read(n)
-    if len(data) < n:
-        if not data:
-            return None
-        raise ConnectionError(f"connection closed after {len(data)} of {n} bytes")
-    return data
+def _complete(buffer: bytearray, pos: int) -> bool:
+    """Whether a whole request (header and body) starts at ``pos`` of ``buffer``."""
+    if len(buffer) - pos < wire.HEADER_SIZE:
+        return False
+    size = int.from_bytes(
+        buffer[pos + wire.NAME_SIZE : pos + wire.NAME_SIZE + 4], "big", signed=True
+    )
+    return size < 0 or len(buffer) - pos - wire.HEADER_SIZE >= size
 
 
 # ------------------------------------------------------------------ fake backend

@@ -24,6 +24,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Literal
 
 import numpy as np
@@ -150,6 +151,13 @@ class CommandSpec:
 
     def defaults(self) -> tuple[Any, ...]:
         return tuple(f.default() for f in self.returns)
+
+    @cached_property
+    def scalar_args(self) -> struct.Struct | None:
+        """One struct for the arguments when all are scalars (decoded in one call)."""
+        if not all(f.kind in SCALARS for f in self.args):
+            return None
+        return struct.Struct(">" + "".join(f.kind for f in self.args))
 
 
 def _spec(name: str, args: str = "", returns: str = "") -> CommandSpec:
@@ -315,6 +323,14 @@ def _decode_field(field: Field, r: _Reader) -> Any:
     return np.frombuffer(raw, ">" + code).astype(code)
 
 
+def decode_args(spec: CommandSpec, body: bytes) -> tuple[Any, ...]:
+    """A request's arguments (no trailing bytes allowed); all-scalar ones in one unpack."""
+    packed = spec.scalar_args
+    if packed is None or len(body) != packed.size:
+        return decode_values(spec.args, body)[0]
+    return packed.unpack(body)
+
+
 def decode_values(
     fields: Sequence[Field], body: bytes, *, allow_trailing: bool = False
 ) -> tuple[tuple[Any, ...], int]:
@@ -341,10 +357,19 @@ def encode_request(spec: CommandSpec, values: Sequence[Any], send_response: bool
     return pack_header(spec.name, len(body), send_response) + body
 
 
+_ACKS: dict[bytes, bytes] = {}
+
+
 def encode_response(
     name: str | bytes, values: Sequence[Any] | None, returns: Sequence[Field], error: str = ""
 ) -> bytes:
     """A full response: header echoing the name, return values (defaults if None), error."""
+    if not returns and not error:  # a plain acknowledgement: the same bytes every time
+        raw = name.encode("ascii") if isinstance(name, str) else name
+        ack = _ACKS.get(raw)
+        if ack is None:
+            ack = _ACKS[raw] = pack_header(raw, _ERR.size, False) + _ERR.pack(0, 0)
+        return ack
     if values is None:
         values = [f.default() for f in returns]
     body = encode_values(returns, values, "response") + encode_error(error)

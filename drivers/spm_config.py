@@ -63,6 +63,13 @@ class SpmDriverConfig(StrictModel):
     scan_poll_ms: int = Field(50, ge=1, le=10_000)  # Scan.StatusGet period while scanning
     # BiasSpectr.Start returns only when the sweep ends; its reply may take this long.
     spectrum_timeout_s: float = Field(120.0, gt=0.0, le=3600.0)
+    # Points (move + sweep) of a `spectra` batch sent ahead of the sweep in progress, so
+    # the controller goes from one sweep to the next without waiting for us. A sweep is
+    # still never sent before its own move: if the controller refuses a queued move, the
+    # sweep behind it runs at the previous point; it and the points queued after it are
+    # dropped and the batch stops with an error. 0: send each point only after the
+    # previous sweep has returned (the controller then idles one round trip per point).
+    spectra_queued: int = Field(1, ge=0, le=8)
     withdraw_timeout_ms: int = Field(5000, ge=100, le=600_000)
     # Re-read bias, tip, Z controller and scan status this often, so changes made at the
     # controller (an operator approaching the tip) count for the watchdog. 0: never.

@@ -46,6 +46,7 @@ import math
 import re
 import socket
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -134,6 +135,9 @@ def _bool_arg(cmd: str, args: dict[str, Any], name: str, default: bool) -> bool:
     return value
 
 
+QUICKACK: int | None = None  # getattr(socket, "TCP_QUICKACK", None)  # Linux only
+
+
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
     buf = bytearray(n)
     view = memoryview(buf)
@@ -167,6 +171,9 @@ class SpmNode(InstrumentNode):
         self.address = f"{config.nanonis_host}:{config.nanonis_port}"
         self._sock: socket.socket | None = None
         self._client: Nanonis | None = None
+        self._in_flight: deque[str] = deque()  # requests sent, replies not read yet
+        self._plan_names: tuple[str, ...] | None = None
+        self._plan: tuple[list[str], list[str], list[str], np.ndarray] = ([], [], [], np.ones(0))
         # Connect before binding our sockets: an unreachable controller fails construction.
         self._connect()
         try:
@@ -219,11 +226,23 @@ class SpmNode(InstrumentNode):
             self._sock.close()
         self._sock, self._client = None, None
         self._spectrum_applied = None
+        self._in_flight.clear()
+
+    def _settle(self) -> None:
+        """Read (and drop) the replies still owed to queued requests, so the next call's
+        reply is its own; only an abort mid-batch leaves any (see ``_run_spectra``)."""
+        while self._in_flight:
+            command = self._in_flight[0]
+            try:
+                self._read_reply(command)
+            except RuntimeError as exc:
+                log.warning("queued %s ended while aborting: %s", command, exc)
 
     def nanonis(self, command: str, *args: Any, timeout_s: float | None = None) -> list[Any]:
         """One Nanonis call by its dotted name; errors raise RuntimeError naming it."""
         if self._client is None or self._sock is None:
             self._connect()  # the previous link broke: one fresh attempt per call
+        self._settle()
         assert self._client is not None and self._sock is not None
         # The client resets the timeout to 1000 s after each call: set ours every time.
         self._sock.settimeout(timeout_s or self.config.io_timeout_s)
@@ -247,18 +266,46 @@ class SpmNode(InstrumentNode):
         in the vendor client's layout (``vendor_shape``), 2-D data as a float32 array.
         Errors raise RuntimeError exactly as ``nanonis`` does.
         """
+        self._settle()
         self._send_request(command, args)
         return self._read_reply(command, timeout_s)
 
+    def nanonis_batch(self, requests: Sequence[tuple[str, Sequence[Any]]]) -> list[list[Any]]:
+        """Several calls in one write, their replies read in order (one round trip, not
+        one per call). Every reply is read before the first error is raised, so the link
+        stays in step; only calls that may all run whatever the others answer belong here.
+        """
+        self._settle()
+        self._send_requests(requests)
+        out: list[list[Any]] = []
+        error: RuntimeError | None = None
+        for command, _args in requests:
+            try:
+                out.append(self._read_reply(command))
+            except RuntimeError as exc:
+                if self._sock is None:  # the link broke: the other replies are gone
+                    raise
+                error = error or exc
+                out.append([])
+        if error is not None:
+            raise error
+        return out
+
     def _send_request(self, command: str, args: Sequence[Any]) -> None:
-        """Send without waiting; the caller reads the reply with ``_read_reply``. Keep at
-        most one request with a quick reply in flight: a controller with Nagle's algorithm
-        on would hold a second small reply for our delayed ACK (40 ms)."""
+        """Send without waiting; replies are read in order with ``_read_reply``."""
+        self._send_requests([(command, args)])
+
+    def _send_requests(self, requests: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        """Several requests in one write: the controller answers them in order."""
         if self._client is None or self._sock is None:
             self._connect()
         assert self._sock is not None
+        command = requests[0][0]
         try:
-            self._sock.sendall(wire.encode_request(wire.COMMANDS[command], args))
+            self._sock.sendall(
+                b"".join(wire.encode_request(wire.COMMANDS[c], args) for c, args in requests)
+            )
+            self._in_flight.extend(c for c, _args in requests)
         except OSError as exc:
             self._drop_link()
             raise RuntimeError(
@@ -270,6 +317,9 @@ class SpmNode(InstrumentNode):
         sock = self._sock
         if sock is None:
             raise RuntimeError(f"Nanonis {command}: link to {self.address} is down")
+        if not self._in_flight or self._in_flight[0] != command:
+            raise RuntimeError(f"Nanonis {command}: no such request is waiting for its reply")
+        self._in_flight.popleft()
         spec = wire.COMMANDS[command]
         sock.settimeout(timeout_s or self.config.io_timeout_s)
         try:
@@ -277,6 +327,8 @@ class SpmNode(InstrumentNode):
             if size < 0 or size > wire.MAX_BODY_BYTES:
                 raise wire.WireError(f"reply body size {size} out of range")
             body = _recv_exact(sock, size)
+            if QUICKACK is not None:  # ack now: a controller with Nagle on waits for it
+                sock.setsockopt(socket.IPPROTO_TCP, QUICKACK, 1)
             if name != command.encode("ascii"):
                 self._drop_link()
                 raise RuntimeError(
@@ -507,22 +559,26 @@ class SpmNode(InstrumentNode):
         self._not_busy(cmd)
         channels = self._scan_channels(args)  # reads the signal list: after the limits
 
-        self.nanonis_fast(
-            "Scan.FrameSet",
+        frame = (
             window["x_um"] / M_TO_UM,
             window["y_um"] / M_TO_UM,
             window["width_um"] / M_TO_UM,
             window["height_um"] / M_TO_UM,
             window["angle_deg"],
         )
-        self.nanonis_fast("Scan.BufferSet", [index for index, _ in channels], pixels, lines)
+        buffer = ([index for index, _ in channels], pixels, lines)
+        self.nanonis_batch([("Scan.FrameSet", frame), ("Scan.BufferSet", buffer)])
         timeout_s = lines * self.config.scan_line_timeout_s + self.config.scan_timeout_margin_s
         t_start = now_ns()
         self.scan_running = True  # live before the request leaves: it may start regardless
         self._busy, self._abort = cmd, ""
-        try:
-            self.nanonis_fast("Scan.Action", 0, 1)  # 0 = start, direction up
-            self._await_scan(timeout_s)
+        try:  # the first status read rides with the start: a short scan is done already
+            _, (running, *_rest) = self.nanonis_batch(
+                [("Scan.Action", (0, 1)), ("Scan.StatusGet", ())]  # 0 = start, direction up
+            )
+            if running:
+                self._await_scan(timeout_s)
+            self.scan_running = False
         finally:
             self._busy = ""
         t_end = now_ns()
@@ -531,37 +587,43 @@ class SpmNode(InstrumentNode):
         seqs: dict[str, int] = {}
         streams: list[str] = []
         shape: list[int] = []
-        for index, signal in channels:
-            _size, grabbed, _rows, _cols, data, direction_up = self.nanonis_fast(
-                "Scan.FrameDataGrab", index, 1
-            )
-            if split_signal(str(grabbed))[0] != split_signal(signal)[0]:
-                log.warning(
-                    "slot %d grabbed %r, expected %r: slots reassigned?", index, grabbed, signal
+        self._settle()
+        # Every grab asked at once: each frame is published while the next is encoded.
+        self._send_requests([("Scan.FrameDataGrab", (index, 1)) for index, _ in channels])
+        try:
+            for index, signal in channels:
+                _size, grabbed, _rows, _cols, data, direction_up = self._read_reply(
+                    "Scan.FrameDataGrab"
                 )
-            image, unit = to_our_units(np.asarray(data, np.float32), split_signal(signal)[1])
-            name = split_signal(signal)[0]
-            stream = SCAN_STREAM_PREFIX + name
-            header = self.publisher.publish_frame(
-                stream,
-                image,
-                t_start,
-                t_end,
-                {
-                    **self.state(),
-                    "window": window,
-                    "channel": name,
-                    "signal": signal,
-                    "slot": index,
-                    "grabbed_channel": str(grabbed),  # the controller's name for the data
-                    "units": unit,
-                    "direction": "forward",
-                    "direction_up": bool(direction_up),
-                },
-            )
-            seqs[name] = header.seq
-            streams.append(stream)
-            shape = list(image.shape)
+                if split_signal(str(grabbed))[0] != split_signal(signal)[0]:
+                    log.warning(
+                        "slot %d grabbed %r, expected %r: slots reassigned?", index, grabbed, signal
+                    )
+                image, unit = to_our_units(np.asarray(data, np.float32), split_signal(signal)[1])
+                name = split_signal(signal)[0]
+                stream = SCAN_STREAM_PREFIX + name
+                header = self.publisher.publish_frame(
+                    stream,
+                    image,
+                    t_start,
+                    t_end,
+                    {
+                        **self.state(),
+                        "window": window,
+                        "channel": name,
+                        "signal": signal,
+                        "slot": index,
+                        "grabbed_channel": str(grabbed),  # the controller's name for the data
+                        "units": unit,
+                        "direction": "forward",
+                        "direction_up": bool(direction_up),
+                    },
+                )
+                seqs[name] = header.seq
+                streams.append(stream)
+                shape = list(image.shape)
+        finally:
+            self._settle()  # replies of grabs after a failed one
         self.scans_done += 1
         self.last_agent_ns = now_ns()  # grabbing large frames takes a while, too
         return {
@@ -666,44 +728,87 @@ class SpmNode(InstrumentNode):
     def _run_spectra(
         self, cmd: str, positions: list[tuple[float, float]], settings: SpectrumSettings
     ) -> list[dict[str, Any]]:
-        """Move + sweep at every position, the sweep only once its move succeeded (a
-        sweep at the wrong place would switch the sample there). A spectrum is published
-        while the controller runs the next sweep, so our work overlaps the instrument's.
-        Between points the node serves heartbeats, ``withdraw`` (abort) and ``shutdown``."""
+        """Move + sweep at every position; spectra are published as their sweeps return.
+
+        Up to ``spectra_queued`` further points (move, then sweep) wait at the controller
+        behind the sweep in progress, so it never idles while we publish. A sweep is never
+        sent before its move; a refused queued move is caught before the sweep behind it
+        is published (that sweep ran at the previous point: it and the points queued after
+        it are dropped). Commands
+        that arrive (heartbeats, ``withdraw``, ``shutdown``) are served once the queued
+        points have returned, never with a reply outstanding.
+        """
         self._apply_spectrum_settings(settings)
+        self._settle()
         done: list[dict[str, Any]] = []
         timeout = self.config.spectrum_timeout_s + self.config.io_timeout_s
+        depth = 1 + self.config.spectra_queued  # points in flight: the sweep running + queued
+        n = len(positions)
         self._busy, self._abort = cmd, ""
+        sent = 0  # points whose move + sweep went out
+
+        def send_next(returned: int) -> None:
+            """Queue the next point if there is room and no command is waiting."""
+            nonlocal sent
+            if sent < n and sent - returned < depth and not self.server.waiting():
+                self._queue_point(positions[sent])
+                sent += 1
+
+        t_start = now_ns()
         try:
-            self._move_tip(*positions[0])
-            t_start = now_ns()
-            self._send_request("BiasSpectr.Start", (1, ""))
             for i, xy in enumerate(positions):
+                while sent - i < depth and sent < n and not self.server.waiting():
+                    send_next(i)
+                if sent == i:  # a command came in and nothing is queued: serve it now
+                    self._serve_while_busy()
+                if self._abort:  # withdraw, shutdown or the watchdog made it safe
+                    raise RuntimeError(
+                        f"{cmd}: aborted by {self._abort} after {i} of {n} spectra "
+                        f"(those were published)"
+                    )
+                if sent == i:
+                    self._queue_point(xy)
+                    sent += 1
+                try:
+                    self._read_reply("FolMe.XYPosSet", timeout)
+                except RuntimeError as exc:
+                    self._settle()  # the sweep behind the refused move ran elsewhere: dropped
+                    raise RuntimeError(
+                        f"{cmd}: move to positions_um[{i}] failed after {i} of {n} spectra "
+                        f"(those were published; the {sent - i} point(s) queued from there on "
+                        f"were dropped): {exc}"
+                    ) from exc
+                self.tip_um = xy
                 started = self._read_reply("BiasSpectr.Start", timeout)
                 t_end = now_ns()
                 self.last_agent_ns = t_end  # the agent is blocked on our reply, not silent
                 self.watchdog_tripped = False
-                t_next, failure = t_end, None
-                if i + 1 < len(positions):
-                    try:  # the next sweep starts before this spectrum is published
-                        self._serve_while_busy()
-                        if self._abort:
-                            raise RuntimeError(
-                                f"{cmd}: aborted by {self._abort} after {i + 1} of "
-                                f"{len(positions)} spectra (those were published)"
-                            )
-                        self._move_tip(*positions[i + 1])
-                        t_next = now_ns()
-                        self._send_request("BiasSpectr.Start", (1, ""))
-                    except Exception as exc:
-                        failure = exc
+                send_next(i + 1)  # before publishing: the controller must not wait for us
                 done.append(self._publish_spectrum(started, xy, settings, t_start, t_end))
-                if failure is not None:
-                    raise failure
-                t_start = t_next
+                self._tick()
+                t_start = t_end
         finally:
+            self._settle()
             self._busy = ""
         return done
+
+    def _spectrum_plan(
+        self, names: tuple[str, ...]
+    ) -> tuple[list[str], list[str], list[str], np.ndarray]:
+        """Channel names, our units, signal names and per-row scale for a sweep's signals
+        (the same for every sweep of a batch, so worked out once)."""
+        if self._plan_names != names:
+            split = [split_signal(str(n)) for n in names]
+            units = ["um" if unit == "m" else unit for _name, unit in split]
+            scale = np.array([[M_TO_UM if unit == "m" else 1.0] for _n, unit in split])
+            self._plan = ([n for n, _u in split], units, [str(n) for n in names], scale)
+            self._plan_names = names
+        channels, units, signals, scale = self._plan
+        return list(channels), list(units), list(signals), scale
+
+    def _queue_point(self, xy: tuple[float, float]) -> None:
+        """Move there, then sweep: one write; the replies are read in that order."""
+        self._send_requests([("FolMe.XYPosSet", self._tip_m(*xy)), ("BiasSpectr.Start", (1, ""))])
 
     @staticmethod
     def _tip_m(x_um: float, y_um: float) -> tuple[float, float, int]:
@@ -727,17 +832,13 @@ class SpmNode(InstrumentNode):
         t_end: int,
     ) -> dict[str, Any]:
         _size, _n, names, _rows, _cols, data, _n_par, params = started
-        rows: list[np.ndarray] = []
-        channels: list[str] = []
-        units: list[str] = []
-        for signal, row in zip(names, np.asarray(data, np.float64), strict=True):
-            name, unit = split_signal(str(signal))
-            converted, unit = to_our_units(row, unit)
-            rows.append(converted)
-            channels.append(name)
-            units.append(unit)
-        curves = np.stack(rows).astype(np.float32) if rows else np.zeros((0, 0), np.float32)
-        waveform = [float(v) for v in curves[0]] if len(curves) else []
+        channels, units, signals, scale = self._spectrum_plan(tuple(names))
+        rows = np.asarray(data, np.float32)
+        if rows.ndim != 2 or len(rows) != len(scale):
+            raise RuntimeError(
+                f"Nanonis BiasSpectr.Start: {len(scale)} channels but data shaped {rows.shape}"
+            )
+        curves = (rows * scale).astype(np.float32) if len(rows) else np.zeros((0, 0), np.float32)
         header = self.publisher.publish_frame(
             SPECTRUM_STREAM,
             curves,
@@ -747,14 +848,14 @@ class SpmNode(InstrumentNode):
                 **self.state(),
                 "channels": channels,
                 "units": units,
-                "signals": [str(s) for s in names],
+                "signals": signals,
                 "position_um": list(xy),
                 "bias_from_v": settings.start_v,
                 "bias_to_v": settings.end_v,
                 "points": settings.points,
                 "sweeps": settings.sweeps,
                 "backward": settings.backward,
-                "parameters": [float(p) for p in np.asarray(params, np.float64).ravel()],
+                "parameters": np.asarray(params, np.float64).ravel().tolist(),
             },
         )
         self.spectra_done += 1
@@ -764,7 +865,7 @@ class SpmNode(InstrumentNode):
             "channels": channels,
             "units": units,
             "shape": list(curves.shape),
-            "waveform_v": waveform,
+            "waveform_v": curves[0].tolist() if len(curves) else [],
             "position_um": list(xy),
             "t_start_ns": t_start,
             "t_end_ns": t_end,

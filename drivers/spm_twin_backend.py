@@ -133,6 +133,9 @@ class _GridBackend:
             fixed_parameters=SPECTRUM_FIXED_PARAMETERS,
         )
         self.spectr_limits_v = (10.0, -10.0)
+        self._waveform_key: tuple[object, ...] = ()
+        self._waveform = np.zeros(0)
+        self._channel_names: tuple[bool | None, tuple[str, ...]] = (None, ())
         # Last scan: SI images per signal name (forward, backward), rows ascending y.
         self._images: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._scan_lines = 0
@@ -426,15 +429,30 @@ class PfmTwinBackend(_GridBackend):
             names += [_bwd(n) for n in PFM_SPECTRUM_CHANNELS]
         return replace(self.spectr_props, channels=tuple(names))
 
+    def _spectrum_channel_names(self) -> tuple[str, ...]:
+        backward = self.spectr_props.backward_sweep
+        if self._channel_names[0] != backward:
+            self._channel_names = (backward, (BIAS_CALC, *self.get_spectroscopy_props().channels))
+        return self._channel_names[1]
+
     def set_spectroscopy_props(self, props: SpectroscopyProps) -> None:
         if self.sweep == "triangular" and props.num_points < 4:
             raise ValueError(f"num_points={props.num_points} must be >= 4 for a triangular sweep")
         self.spectr_props = props
 
     def sweep_waveform(self) -> np.ndarray:
-        """The forward bias sweep (V) that BiasSpectr.Start applies, from props and limits."""
+        """The forward bias sweep (V) that BiasSpectr.Start applies, from props and limits
+        (read-only; rebuilt only when the points or limits change)."""
         n = self.spectr_props.num_points
         start, end = self.spectr_limits_v
+        key = (n, start, end, self.sweep)
+        if self._waveform_key != key:
+            self._waveform = self._build_waveform(n, start, end)
+            self._waveform.flags.writeable = False
+            self._waveform_key = key
+        return self._waveform
+
+    def _build_waveform(self, n: int, start: float, end: float) -> np.ndarray:
         if self.sweep == "linear":
             return np.linspace(start, end, n)
         if start == -end:
@@ -449,11 +467,14 @@ class PfmTwinBackend(_GridBackend):
         dx, dy = self.scanner.drift_um(self.clock_s)
         return float(x_um + dx), float(y_um + dy)
 
-    def _pfm_channels(self, response_m: np.ndarray) -> list[np.ndarray]:
-        """Piezoresponse, amplitude and phase of a signed in-phase response."""
+    def _pfm_channels(self, response_m: np.ndarray, out: np.ndarray) -> None:
+        """Piezoresponse, amplitude and phase of a signed in-phase response, into out."""
         offset = self.scanner.config.phase_offset_deg
-        phase = _wrap_phase(offset + np.where(response_m < 0, 180.0, 0.0))
-        return [response_m, np.abs(response_m), phase]
+        positive, negative = _wrap_phase(np.array([offset, offset + 180.0]))
+        out[0] = response_m
+        np.abs(response_m, out=out[1])
+        out[2] = positive
+        out[2][response_m < 0] = negative
 
     def run_bias_spectroscopy(self, save_base_name: str) -> SpectroscopyResult:
         """Loop(s) at the tip; the sample keeps the switched state (as the twin does).
@@ -467,21 +488,26 @@ class PfmTwinBackend(_GridBackend):
         v = self.sweep_waveform()
         full = np.concatenate([v, v[::-1]]) if p.backward_sweep else v
         x_um, y_um = self._tip_sample_um()
-        total = np.zeros(full.size)
         sweeps = max(1, p.num_sweeps)
+        total: np.ndarray | None = None
         for _ in range(sweeps):
             out = self.spectroscope.spectrum(x_um, y_um, full)
-            total += np.asarray(out["response_pm"], dtype=np.float64)
+            resp_pm = np.asarray(out["response_pm"], dtype=np.float64)
+            total = resp_pm if total is None else total + resp_pm
             self.clock_s += float(out["elapsed_s"])  # type: ignore[arg-type]
-        resp = total / sweeps * PM
-        rows = [v, *self._pfm_channels(resp[: v.size])]
+        assert total is not None
+        resp = total * (PM / sweeps)
+        n = v.size
+        rows = np.empty((7 if p.backward_sweep else 4, n))
+        rows[0] = v
+        self._pfm_channels(resp[:n], rows[1:4])
         if p.backward_sweep:
-            rows += self._pfm_channels(resp[v.size :][::-1])
+            self._pfm_channels(resp[n:][::-1], rows[4:7])
         start, end = self.spectr_limits_v
         x_m, y_m = self.tip_xy_m
         return SpectroscopyResult(
-            (BIAS_CALC, *self.get_spectroscopy_props().channels),
-            np.array(rows),
+            self._spectrum_channel_names(),
+            rows,
             (start, end, x_m, y_m, p.z_offset_m),
         )
 

@@ -213,6 +213,10 @@ class CommandServer:
             except ProtocolError as exc:
                 out.append(IncomingRequest(identity, None, t, exc))
 
+    def waiting(self) -> bool:
+        """Whether a command is waiting to be read (without reading it)."""
+        return bool(self.socket.poll(0))
+
     def reply(self, incoming: IncomingRequest, reply: Reply) -> None:
         try:
             self.socket.send_multipart([incoming.identity, reply.to_wire()], flags=zmq.NOBLOCK)
@@ -260,8 +264,21 @@ class CommandClient:
             remaining_ms = max((deadline - now_ns()) // 1_000_000, 0)
             if not self.socket.poll(int(remaining_ms)):
                 raise CommandTimeout(f"{cmd}: no reply within {timeout_ms or self.timeout_ms} ms")
+            reply = self.take_reply(req_id, cmd)
+            if reply is not None:
+                return reply
+
+    def take_reply(self, req_id: int, cmd: str) -> Reply | None:
+        """The reply to request `req_id` if it has arrived (never waits), so a caller can
+        keep serving other sockets; stale replies are discarded, errors raise
+        CommandError."""
+        while True:
             try:
-                reply = Reply.from_wire(self.socket.recv())
+                raw = self.socket.recv(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return None
+            try:
+                reply = Reply.from_wire(raw)
             except ProtocolError as exc:
                 log.warning("%s: unreadable reply ignored: %s", cmd, exc)
                 continue

@@ -264,6 +264,30 @@ def test_unknown_command_then_connection_keeps_working(server: NanonisServer) ->
         assert _ok(client.Bias_Get()) == [2.0]
 
 
+def test_requests_sent_together_are_answered_in_order(
+    server: NanonisServer, backend: FakeSpmBackend
+) -> None:
+    """A client may queue requests (a move, then the sweep there): each gets its reply, in
+    order, and the sweep runs where the move put the tip."""
+    with _connect(server) as sock:
+        move = wire.encode_request(wire.COMMANDS["FolMe.XYPosSet"], [1e-7, -2e-7, 1])
+        where = wire.encode_request(wire.COMMANDS["FolMe.XYPosGet"], [0])
+        bias = wire.encode_request(wire.COMMANDS["Bias.Get"], [])
+        sock.sendall(move + where + bias)
+        replies = []
+        for _ in range(3):
+            raw_name, size, _flag = wire.unpack_header(_recv_exact(sock, wire.HEADER_SIZE))
+            replies.append((raw_name.decode(), _recv_exact(sock, size)))
+        assert [n for n, _ in replies] == ["FolMe.XYPosSet", "FolMe.XYPosGet", "Bias.Get"]
+        xy, status, _ = wire.decode_response(wire.COMMANDS["FolMe.XYPosGet"], replies[1][1])
+        assert status == 0 and xy == pytest.approx((1e-7, -2e-7))
+        # A request split across writes is answered once it is whole.
+        sock.sendall(bias[:7])
+        time.sleep(0.05)
+        sock.sendall(bias[7:])
+        assert _raw_call(sock, b"")[0] == "Bias.Get"
+
+
 def test_no_response_when_flag_clear(server: NanonisServer) -> None:
     with _connect(server) as sock:
         spec = wire.COMMANDS["Bias.Set"]

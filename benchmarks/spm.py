@@ -42,7 +42,6 @@ import zmq
 
 from drivers import nanonis_wire as wire
 from drivers.protocol import HEARTBEAT_TOPIC
-from drivers.spm_node import _recv_exact
 from drivers.transport import CommandClient, StreamSubscriber
 from simulators.spm import (
     FerroelectricSample,
@@ -110,8 +109,8 @@ class _BareClient:
         self.sock.sendall(wire.encode_request(wire.COMMANDS[command], args))
 
     def read(self) -> bytes:
-        _name, size, _flag = wire.unpack_header(_recv_exact(self.sock, wire.HEADER_SIZE))
-        return _recv_exact(self.sock, size)
+        _name, size, _flag = wire.unpack_header(wire.recv_exact(self.sock, wire.HEADER_SIZE))
+        return wire.recv_exact(self.sock, size)
 
     def call(self, command: str, *args: Any) -> bytes:
         self.send(command, *args)

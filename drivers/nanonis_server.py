@@ -502,7 +502,7 @@ class NanonisServer:
                 f"channel slot {slots} (see Scan.BufferSet)"
             )
         img = self.backend.grab_scan_frame(self.slots[channel_index], bool(forward))
-        return (img.channel_name, np.asarray(img.data, np.float32), int(img.direction_up))
+        return (img.channel_name, np.asarray(img.data, ">f4"), int(img.direction_up))
 
     def _spectr_open(self) -> tuple[()]:
         self.backend.open_bias_spectroscopy()

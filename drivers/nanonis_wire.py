@@ -21,6 +21,7 @@ entry against the client's source.
 
 from __future__ import annotations
 
+import socket
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -228,7 +229,7 @@ def _encode_str(text: str) -> bytes:
     return _I32.pack(len(raw)) + raw
 
 
-def _encode_field(field: Field, value: Any, direction: Direction) -> bytes:
+def _encode_field(field: Field, value: Any, direction: Direction) -> bytes | _Parts:
     kind = field.kind
     try:
         if kind in SCALARS:
@@ -247,7 +248,8 @@ def _encode_field(field: Field, value: Any, direction: Direction) -> bytes:
             arr = np.asarray(value, dtype=">f4")
             if arr.ndim != 2:
                 raise WireError(f"{field.name}: expected a 2-D array, got shape {arr.shape}")
-            return struct.pack(">ii", *arr.shape) + arr.tobytes(order="C")
+            # The array's own buffer is copied once, when the message is joined.
+            return _Parts((struct.pack(">ii", *arr.shape), np.ascontiguousarray(arr).data))
         arr = np.asarray(value, dtype=">" + ARRAYS[kind]).reshape(-1)
         return _I32.pack(arr.size) + arr.tobytes()
     except (struct.error, TypeError, ValueError, OverflowError) as exc:
@@ -257,9 +259,27 @@ def _encode_field(field: Field, value: Any, direction: Direction) -> bytes:
 
 
 def encode_values(fields: Sequence[Field], values: Sequence[Any], direction: Direction) -> bytes:
+    return b"".join(_value_parts(fields, values, direction))
+
+
+def _value_parts(
+    fields: Sequence[Field], values: Sequence[Any], direction: Direction
+) -> list[bytes | memoryview]:
+    """The encoded fields as buffers to join once (large arrays are not copied here)."""
     if len(fields) != len(values):
         raise WireError(f"expected {len(fields)} values, got {len(values)}")
-    return b"".join(_encode_field(f, v, direction) for f, v in zip(fields, values, strict=True))
+    parts: list[bytes | memoryview] = []
+    for f, v in zip(fields, values, strict=True):
+        encoded = _encode_field(f, v, direction)
+        if isinstance(encoded, _Parts):
+            parts += encoded
+        else:
+            parts.append(encoded)
+    return parts
+
+
+class _Parts(tuple):  # type: ignore[type-arg]
+    """Several buffers one field encodes to (a 2-D array: its shape, then its data)."""
 
 
 def encode_error(message: str = "", status: int | None = None) -> bytes:
@@ -284,6 +304,16 @@ class _Reader:
                 f"{what}: needs {n} bytes at offset {self.pos}, body has {len(self.data)}"
             )
         out = bytes(self.data[self.pos : self.pos + n])
+        self.pos += n
+        return out
+
+    def view(self, n: int, what: str) -> memoryview:
+        """The next n bytes without copying them (for arrays decoded straight from it)."""
+        if n < 0 or self.pos + n > len(self.data):
+            raise WireError(
+                f"{what}: needs {n} bytes at offset {self.pos}, body has {len(self.data)}"
+            )
+        out = self.data[self.pos : self.pos + n]
         self.pos += n
         return out
 
@@ -315,11 +345,11 @@ def _decode_field(field: Field, r: _Reader) -> Any:
         return [r.string(f"{name}[{i}]") for i in range(n)]
     if kind == ARRAY2D_F:
         rows, cols = r.count(name), r.count(name)
-        raw = r.take(4 * rows * cols, name)
+        raw = r.view(4 * rows * cols, name)
         return np.frombuffer(raw, ">f4").astype(np.float32).reshape(rows, cols)
     code = ARRAYS[kind]
     n = r.count(name)
-    raw = r.take(struct.calcsize(code) * n, name)
+    raw = r.view(struct.calcsize(code) * n, name)
     return np.frombuffer(raw, ">" + code).astype(code)
 
 
@@ -352,6 +382,19 @@ def decode_error(body: bytes, offset: int) -> tuple[int, str]:
 # ---------------------------------------------------------------- whole messages
 
 
+def recv_exact(sock: socket.socket, n: int) -> bytearray:
+    """Exactly n bytes from a socket (ConnectionError if it closes first)."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if not k:
+            raise ConnectionError(f"connection closed after {got} of {n} bytes")
+        got += k
+    return buf  # bytes-like; decoded without another copy
+
+
 def encode_request(spec: CommandSpec, values: Sequence[Any], send_response: bool = True) -> bytes:
     body = encode_values(spec.args, values, "request")
     return pack_header(spec.name, len(body), send_response) + body
@@ -372,8 +415,9 @@ def encode_response(
         return ack
     if values is None:
         values = [f.default() for f in returns]
-    body = encode_values(returns, values, "response") + encode_error(error)
-    return pack_header(name, len(body), False) + body
+    parts = [*_value_parts(returns, values, "response"), encode_error(error)]
+    size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
+    return b"".join([pack_header(name, size, False), *parts])
 
 
 def decode_response(spec: CommandSpec | None, body: bytes) -> tuple[tuple[Any, ...], int, str]:

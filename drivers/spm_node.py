@@ -115,7 +115,7 @@ def split_signal(name: str) -> tuple[str, str]:
 def to_our_units(data: np.ndarray, unit: str) -> tuple[np.ndarray, str]:
     """Lengths in um like every other length on our side; other units unchanged."""
     if unit == "m":
-        return (np.asarray(data, np.float64) * M_TO_UM).astype(np.float32), "um"
+        return np.multiply(data, M_TO_UM, dtype=np.float32), "um"
     return np.ascontiguousarray(data, np.float32), unit
 
 
@@ -136,18 +136,6 @@ def _bool_arg(cmd: str, args: dict[str, Any], name: str, default: bool) -> bool:
 
 
 QUICKACK: int | None = None  # getattr(socket, "TCP_QUICKACK", None)  # Linux only
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(view[got:], n - got)
-        if not k:
-            raise ConnectionError(f"connection closed after {got} of {n} bytes")
-        got += k
-    return bytes(buf)
 
 
 @dataclass(frozen=True)
@@ -323,10 +311,10 @@ class SpmNode(InstrumentNode):
         spec = wire.COMMANDS[command]
         sock.settimeout(timeout_s or self.config.io_timeout_s)
         try:
-            name, size, _flag = wire.unpack_header(_recv_exact(sock, wire.HEADER_SIZE))
+            name, size, _flag = wire.unpack_header(wire.recv_exact(sock, wire.HEADER_SIZE))
             if size < 0 or size > wire.MAX_BODY_BYTES:
                 raise wire.WireError(f"reply body size {size} out of range")
-            body = _recv_exact(sock, size)
+            body = wire.recv_exact(sock, size)
             if QUICKACK is not None:  # ack now: a controller with Nagle on waits for it
                 sock.setsockopt(socket.IPPROTO_TCP, QUICKACK, 1)
             if name != command.encode("ascii"):

@@ -47,8 +47,10 @@ class SpmDriverConfig(StrictModel):
     command_endpoint: str = "auto"
     watchdog_ms: int = Field(500, ge=20, le=600_000)
     heartbeat_ms: int = Field(100, ge=5, le=60_000)
-    # Frames queued per subscriber before the oldest are dropped (see DriverConfig).
-    stream_hwm: int = Field(32, ge=4, le=10_000)
+    # Frames queued per subscriber before the oldest are dropped (see DriverConfig). Deep:
+    # every spectrum and scan is a measurement, and a `spectra` batch publishes them
+    # faster than a busy agent may read them (1024 x 64 KB scan frames: 64 MB at most).
+    stream_hwm: int = Field(1024, ge=4, le=100_000)
 
     nanonis_host: str = "127.0.0.1"
     nanonis_port: int = Field(6501, ge=1, le=65_535)

@@ -8,7 +8,9 @@ decoded by that client (the node serves in a thread of this process, so the agen
 side shares the GIL with it, as an in-process pycromanager user does); pycromanager's
 is `Acquisition.acquire` (Python backend, `image_process_fn`: the earliest point its
 user code holds the image) -> that function called; the bare pymmcore-plus queue
-MDA's is `queue.put` -> `frameReady`. Overhead = latency minus the exposure.
+MDA's is `queue.put` -> `frameReady`; our engine alone (`engine_overhead_ms`: the
+node's EventSession on one thread, no transport, no thread hop) is an event submitted
+from its serve callback -> its frame handed over. Overhead = latency minus the exposure.
 (c) start-time error of events scheduled 50 ms apart.
 
 Fairness of (b): both sides use the same mm-test-adapters and MMConfig_demo.cfg, the
@@ -180,6 +182,30 @@ def _bare_mda_latencies_ms(core: Any, n: int) -> list[float]:
     return out
 
 
+def _engine_latencies_ms(core: Any, n: int) -> list[float]:
+    """Our event engine alone (drivers.mda.EventSession on this thread, no transport):
+    each event submitted from the session's serve callback -> its frame handed over."""
+    from drivers.mda import EventSession, parse_events
+
+    got: list[int] = []
+    session = EventSession(core, on_frame=lambda _frame: got.append(now_ns()))
+    sent: list[int] = []
+
+    def serve(_timeout_ms: int) -> bool:
+        if len(sent) == n + WARMUP:
+            session.stop()
+        elif len(got) == len(sent):  # one event in flight at a time
+            sent.append(now_ns())
+            session.submit(parse_events([{"exposure": LOOP_EXPOSURE_MS}], session.t0_ns))
+        return True
+
+    try:
+        session.run(serve)
+    finally:
+        session.close()
+    return [(g - t) / 1e6 for g, t in zip(got[WARMUP:], sent[WARMUP:], strict=True)]
+
+
 class _Pycromanager:
     """pycromanager's Python backend on the same demo adapters, started once."""
 
@@ -283,6 +309,7 @@ def run(quick: bool, log: Callable[[str], None]) -> dict[str, float | int]:
         pycro.close()
     core.setProperty(CAMERA, "FastImage", "1")
     bare = np.asarray(_bare_mda_latencies_ms(core, n_loop // 2)) - LOOP_EXPOSURE_MS
+    engine = np.asarray(_engine_latencies_ms(core, n_loop // 2)) - LOOP_EXPOSURE_MS
     core.setProperty(CAMERA, "FastImage", "0")
 
     ours, theirs = fast["ipc"], fast["pycromanager"]
@@ -306,6 +333,7 @@ def run(quick: bool, log: Callable[[str], None]) -> dict[str, float | int]:
                 float(np.percentile(theirs, 99) / max(np.percentile(ours, 99), 1e-6)), 3
             ),
             **_stats("bare_mda_overhead", bare),
+            **_stats("engine_overhead", engine),  # our engine alone: no transport, no thread hop
             **_stats("loop_overhead_synthetic", synthetic["ipc"]),
             **_stats("pycromanager_overhead_synthetic", synthetic["pycromanager"]),
             "timed_events": n_timed,
@@ -318,7 +346,8 @@ def run(quick: bool, log: Callable[[str], None]) -> dict[str, float | int]:
         f"{metrics['loop_overhead_p99_ms']}; in-process {metrics['loop_overhead_inproc_ms']}), "
         f"pycromanager {metrics['pycromanager_overhead_ms']}"
         f" ms (p99 {metrics['pycromanager_overhead_p99_ms']}), bare MDA "
-        f"{metrics['bare_mda_overhead_ms']} ms; synthetic image: ours "
+        f"{metrics['bare_mda_overhead_ms']} ms, our engine alone "
+        f"{metrics['engine_overhead_ms']} ms; synthetic image: ours "
         f"{metrics['loop_overhead_synthetic_ms']}, pycromanager "
         f"{metrics['pycromanager_overhead_synthetic_ms']} ms; timing p99 "
         f"{metrics['timing_error_p99_ms']} ms"

@@ -109,3 +109,15 @@ def test_spm_bench_contract() -> None:
         metrics["server_scan_lines_per_s"] / metrics["driver_scan_lines_per_s"],
     )
     assert metrics["driver_overhead_ratio"] == pytest.approx(driver_share)
+
+
+def test_mmcore_bench_contract() -> None:
+    metrics = _bench_json("mmcore")
+    assert metrics["stream_ratio_democam"] == pytest.approx(
+        metrics["stream_fps_democam"] / metrics["sequence_fps_democam"], rel=1e-2
+    )
+    for name in ("loop", "loop_overhead_inproc", "pycromanager", "bare_mda", "engine"):
+        key = name if name.startswith("loop_overhead") else f"{name}_overhead"
+        median, p99 = metrics[f"{key}_ms"], metrics[f"{key}_p99_ms"]
+        assert 0 < median <= p99, key  # a frame cannot arrive before its exposure ends
+    assert metrics["timed_events"] > 0 and metrics["timing_error_p99_ms"] >= 0

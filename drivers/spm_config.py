@@ -69,8 +69,8 @@ class SpmDriverConfig(StrictModel):
     # the controller goes from one sweep to the next without waiting for us. A sweep is
     # still never sent before its own move: if the controller refuses a queued move, the
     # sweep behind it runs at the previous point; it and the points queued after it are
-    # dropped and the batch stops with an error. 0: send each point only after the
-    # previous sweep has returned (the controller then idles one round trip per point).
+    # dropped and the batch stops with an error. 0: a sweep is sent only once its move was
+    # answered, so a refused move costs no sweep (the controller idles a round trip per point).
     spectra_queued: int = Field(1, ge=0, le=8)
     withdraw_timeout_ms: int = Field(5000, ge=100, le=600_000)
     # Re-read bias, tip, Z controller and scan status this often, so changes made at the

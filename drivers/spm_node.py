@@ -718,54 +718,69 @@ class SpmNode(InstrumentNode):
     ) -> list[dict[str, Any]]:
         """Move + sweep at every position; spectra are published as their sweeps return.
 
-        Up to ``spectra_queued`` further points (move, then sweep) wait at the controller
-        behind the sweep in progress, so it never idles while we publish. A sweep is never
-        sent before its move; a refused queued move is caught before the sweep behind it
-        is published (that sweep ran at the previous point: it and the points queued after
-        it are dropped). Commands
-        that arrive (heartbeats, ``withdraw``, ``shutdown``) are served once the queued
-        points have returned, never with a reply outstanding.
+        With ``spectra_queued`` >= 1, each point goes out as one write (move, then sweep)
+        and that many points wait at the controller behind the sweep in progress, so it
+        never idles while we publish; a refused queued move is caught before the sweep
+        behind it is published (that sweep ran at the previous point: it and the points
+        queued after it are dropped). With 0, a sweep is sent only once its move was
+        answered. Commands that arrive (heartbeats, ``withdraw``, ``shutdown``) are served
+        once the queued points have returned, never with a reply outstanding.
         """
         self._apply_spectrum_settings(settings)
         self._settle()
         done: list[dict[str, Any]] = []
         timeout = self.config.spectrum_timeout_s + self.config.io_timeout_s
+        confirm = self.config.spectra_queued == 0
         depth = 1 + self.config.spectra_queued  # points in flight: the sweep running + queued
         n = len(positions)
         self._busy, self._abort = cmd, ""
-        sent = 0  # points whose move + sweep went out
+        sent = 0  # points whose sweep went out
+        failure: RuntimeError | None = None  # a refused confirmed move, raised after publishing
 
         def send_next(returned: int) -> None:
-            """Queue the next point if there is room and no command is waiting."""
-            nonlocal sent
-            if sent < n and sent - returned < depth and not self.server.waiting():
-                self._queue_point(positions[sent])
+            """Send the next point if there is room and no command is waiting."""
+            nonlocal sent, failure
+            if failure is None and sent < n and sent - returned < depth:
+                if self.server.waiting():
+                    return
+                try:
+                    self._send_point(positions[sent], confirm)
+                except RuntimeError as exc:
+                    failure = RuntimeError(
+                        f"{cmd}: move to positions_um[{sent}] failed after {sent} of {n} "
+                        f"spectra (those were published): {exc}"
+                    )
+                    return
                 sent += 1
 
         t_start = now_ns()
         try:
             for i, xy in enumerate(positions):
-                while sent - i < depth and sent < n and not self.server.waiting():
+                while failure is None and sent - i < depth and sent < n:
+                    before = sent
                     send_next(i)
-                if sent == i:  # a command came in and nothing is queued: serve it now
-                    self._serve_while_busy()
+                    if sent == before:
+                        break  # a command is waiting, or the move was refused
+                while sent == i and failure is None and not self._abort:
+                    self._serve_while_busy()  # a command came in and nothing is queued
+                    send_next(i)
                 if self._abort:  # withdraw, shutdown or the watchdog made it safe
                     raise RuntimeError(
                         f"{cmd}: aborted by {self._abort} after {i} of {n} spectra "
                         f"(those were published)"
                     )
-                if sent == i:
-                    self._queue_point(xy)
-                    sent += 1
-                try:
-                    self._read_reply("FolMe.XYPosSet", timeout)
-                except RuntimeError as exc:
-                    self._settle()  # the sweep behind the refused move ran elsewhere: dropped
-                    raise RuntimeError(
-                        f"{cmd}: move to positions_um[{i}] failed after {i} of {n} spectra "
-                        f"(those were published; the {sent - i} point(s) queued from there on "
-                        f"were dropped): {exc}"
-                    ) from exc
+                if failure is not None and sent == i:
+                    raise failure
+                if not confirm:
+                    try:
+                        self._read_reply("FolMe.XYPosSet", timeout)
+                    except RuntimeError as exc:
+                        self._settle()  # the sweep behind the refused move ran elsewhere
+                        raise RuntimeError(
+                            f"{cmd}: move to positions_um[{i}] failed after {i} of {n} spectra "
+                            f"(those were published; the {sent - i} point(s) queued from "
+                            f"there on were dropped): {exc}"
+                        ) from exc
                 self.tip_um = xy
                 started = self._read_reply("BiasSpectr.Start", timeout)
                 t_end = now_ns()
@@ -794,9 +809,16 @@ class SpmNode(InstrumentNode):
         channels, units, signals, scale = self._plan
         return list(channels), list(units), list(signals), scale
 
-    def _queue_point(self, xy: tuple[float, float]) -> None:
-        """Move there, then sweep: one write; the replies are read in that order."""
-        self._send_requests([("FolMe.XYPosSet", self._tip_m(*xy)), ("BiasSpectr.Start", (1, ""))])
+    def _send_point(self, xy: tuple[float, float], confirm: bool) -> None:
+        """Move there, then sweep. confirm: the sweep goes out once the move was answered
+        (a refused move raises, nothing else sent); else both in one write, replies read
+        in that order."""
+        if confirm:
+            self._move_tip(*xy)
+            self._send_request("BiasSpectr.Start", (1, ""))
+        else:
+            sweep = ("BiasSpectr.Start", (1, ""))
+            self._send_requests([("FolMe.XYPosSet", self._tip_m(*xy)), sweep])
 
     @staticmethod
     def _tip_m(x_um: float, y_um: float) -> tuple[float, float, int]:

@@ -610,82 +610,57 @@ def test_spectra_failing_sweep_keeps_earlier_spectra_and_the_link_in_step(
 
 
 def test_queued_move_refused_by_the_controller_drops_the_sweep_behind_it(
-    backend: FakeSpmBackend,
-    ipc_dir: Path,
-    zmq_ctx: zmq.Context,
-    run_node: Callable[[SpmNode], SpmNode],
+    server: NanonisServer, make_node: MakeNode, zmq_ctx: zmq.Context, sent: list[str]
 ) -> None:
     """The controller's range is narrower than the driver's limits: the queued sweep behind
     the refused move runs at the previous point, so it must not be published as the new
     one; the earlier spectra stay published and the link stays in step."""
-    names: list[str] = []
-    narrow = NanonisLimits(xy_m=(-0.3e-6, 0.3e-6))
-    with NanonisServer(backend, "127.0.0.1", 0, limits=narrow) as srv:
-        handle = srv.handle_message
-
-        def recording(raw_name: bytes, body: bytes) -> bytes:
-            names.append(raw_name.decode("ascii", "replace"))
-            return handle(raw_name, body)
-
-        srv.handle_message = recording  # type: ignore[method-assign]
-        host, port = srv.address
-        config = SpmDriverConfig(
-            stream_endpoint=f"ipc://{ipc_dir}/qs",
-            command_endpoint=f"ipc://{ipc_dir}/qc",
-            nanonis_host=host,
-            nanonis_port=port,
-            watchdog_ms=5000,
-            state_poll_ms=0,
-            spectra_queued=1,
-        )
-        node = run_node(SpmNode(config, ctx=zmq_ctx))
-        sub = _subscriber(zmq_ctx, node, b"frame/spectrum")
-        client = CommandClient(zmq_ctx, node.endpoints[1], timeout_ms=5000)
-        try:
-            positions = [[0.0, 0.0], [0.1, 0.0], [0.5, 0.0], [0.0, 0.1]]
-            with pytest.raises(
-                CommandError, match=r"move to positions_um\[2\] failed after 2 of 4.*2 point"
-            ):
-                client.call("spectra", _sweep(positions_um=positions))
-            frames = _frames(sub, "frame/spectrum", 2)
-            assert [f.header.state["position_um"] for f in frames] == positions[:2]
-            # The sweep at the wrong place was not published (heartbeats may arrive).
-            deadline = time.monotonic() + 0.3
-            while time.monotonic() < deadline:
-                if sub.socket.poll(50):
-                    topic = sub.socket.recv_multipart()[0]
-                    assert topic != b"frame/spectrum"
-            # The controller ran the queued sweeps (the one at the wrong place and the next
-            # point's): that is the cost of queuing, and both were dropped.
-            assert names.count("BiasSpectr.Start") == 4
-            assert client.call("spectrum", _sweep(x_um=0.2, y_um=0.0)).result["seq"] == 2
-        finally:
-            client.close()
-            sub.close()
+    server.limits = NanonisLimits(xy_m=(-0.3e-6, 0.3e-6))
+    node = make_node(spectra_queued=1)
+    sub = _subscriber(zmq_ctx, node, b"frame/spectrum")
+    client = CommandClient(zmq_ctx, node.endpoints[1], timeout_ms=5000)
+    try:
+        positions = [[0.0, 0.0], [0.1, 0.0], [0.5, 0.0], [0.0, 0.1]]
+        with pytest.raises(
+            CommandError, match=r"move to positions_um\[2\] failed after 2 of 4.*2 point"
+        ):
+            client.call("spectra", _sweep(positions_um=positions))
+        frames = _frames(sub, "frame/spectrum", 2)
+        assert [f.header.state["position_um"] for f in frames] == positions[:2]
+        # The sweep at the wrong place was not published (heartbeats may arrive).
+        deadline = time.monotonic() + 0.3
+        while time.monotonic() < deadline:
+            if sub.socket.poll(50):
+                assert sub.socket.recv_multipart()[0] != b"frame/spectrum"
+        # The controller ran the queued sweeps (the one at the wrong place and the next
+        # point's): that is the cost of queuing, and both were dropped.
+        assert sent.count("BiasSpectr.Start") == 4
+        assert client.call("spectrum", _sweep(x_um=0.2, y_um=0.0)).result["seq"] == 2
+    finally:
+        client.close()
+        sub.close()
 
 
-def test_without_queuing_each_sweep_waits_for_its_confirmed_move(
-    make_node: MakeNode, zmq_ctx: zmq.Context, server: NanonisServer
+def test_without_queuing_a_refused_move_runs_no_sweep(
+    server: NanonisServer, make_node: MakeNode, zmq_ctx: zmq.Context, sent: list[str]
 ) -> None:
-    """spectra_queued=0: the controller never holds a sweep whose move is unconfirmed."""
-    order: list[str] = []
-    handle = server.handle_message
-
-    def recording(raw_name: bytes, body: bytes) -> bytes:
-        order.append(raw_name.decode("ascii", "replace"))
-        reply = handle(raw_name, body)
-        order.append("reply")
-        return reply
-
-    server.handle_message = recording  # type: ignore[method-assign]
+    """spectra_queued=0: a sweep goes out only once its move was answered, so a refused
+    move costs no sweep at the wrong place."""
+    server.limits = NanonisLimits(xy_m=(-0.3e-6, 0.3e-6))
     node = make_node(spectra_queued=0)
     client = CommandClient(zmq_ctx, node.endpoints[1], timeout_ms=5000)
     try:
-        client.call("spectra", _sweep(positions_um=[[0.0, 0.0], [0.1, 0.0], [0.2, 0.0]]))
+        positions = [[0.0, 0.0], [0.1, 0.0], [0.5, 0.0], [0.0, 0.1]]
+        with pytest.raises(CommandError, match=r"move to positions_um\[2\] failed after 2 of 4"):
+            client.call("spectra", _sweep(positions_um=positions))
+        assert sent.count("BiasSpectr.Start") == 2
+        assert client.call("spectra", _sweep(positions_um=[[0.2, 0.0]] * 3)).result["seqs"] == [
+            2,
+            3,
+            4,
+        ]
     finally:
         client.close()
-    pairs = [n for n in order if n in ("FolMe.XYPosSet", "BiasSpectr.Start")]
-    assert pairs == ["FolMe.XYPosSet", "BiasSpectr.Start"] * 3
 
 
 def test_withdraw_aborts_a_spectra_batch_between_points(

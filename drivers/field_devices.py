@@ -9,12 +9,11 @@ from typing import Any
 import numpy as np
 from pymmcore_plus.experimental.unicore import (
     GenericDevice,
-    SimpleCameraDevice,
     UniMMCore,
     pymm_property,
 )
 
-from drivers.twin_devices import TwinXYStage
+from drivers.twin_devices import RigCamera, TwinXYStage
 from simulators.sparse_field import SparseField, SparseFieldConfig
 
 
@@ -28,23 +27,12 @@ class FieldRig:
         self.intensity = 1.0
 
 
-class FieldCamera(SimpleCameraDevice):
-    def __init__(self, rig: FieldRig) -> None:
-        super().__init__()
-        self._rig = rig
+class FieldCamera(RigCamera):
+    """Camera over the sparse field, at the rig's stage position and illumination."""
 
     def sensor_shape(self) -> tuple[int, int]:
         cfg = self._rig.field.config
         return (cfg.height_px, cfg.width_px)
-
-    def dtype(self) -> Any:
-        return np.uint16
-
-    def get_exposure(self) -> float:
-        return self._rig.exposure_ms
-
-    def set_exposure(self, exposure: float) -> None:
-        self._rig.exposure_ms = float(exposure)
 
     def snap(self, buffer: np.ndarray) -> Mapping[str, Any]:
         rig = self._rig

@@ -172,25 +172,30 @@ class TwinRig:
             return self._truth.get(index)
 
 
-class TwinCamera(SimpleCameraDevice):
-    """Camera whose photons come from the particle scene."""
+class RigCamera(SimpleCameraDevice):
+    """A 16-bit camera whose exposure lives on its rig (the state its devices share);
+    subclasses say what the sensor is and where the photons come from."""
 
-    def __init__(self, rig: TwinRig) -> None:
+    def __init__(self, rig: Any) -> None:
         super().__init__()
         self._rig = rig
-
-    def sensor_shape(self) -> tuple[int, int]:
-        cam = self._rig.settings.camera
-        return (cam.height_px, cam.width_px)
 
     def dtype(self) -> Any:
         return np.uint16
 
     def get_exposure(self) -> float:
-        return self._rig.exposure_ms
+        return float(self._rig.exposure_ms)
 
     def set_exposure(self, exposure: float) -> None:
         self._rig.exposure_ms = float(exposure)
+
+
+class TwinCamera(RigCamera):
+    """Camera whose photons come from the particle scene."""
+
+    def sensor_shape(self) -> tuple[int, int]:
+        cam = self._rig.settings.camera
+        return (cam.height_px, cam.width_px)
 
     def snap(self, buffer: np.ndarray) -> Mapping[str, Any]:
         return self._rig.acquire(buffer)

@@ -135,3 +135,35 @@ def test_tiny_learned_estimator_beats_the_prior_midpoint(tmp_path) -> None:
     assert est.unit == "fN/um" and est.stderr > 0 and est.interval[0] < est.value
     with pytest.raises(ValueError, match="dt"):
         learned_estimate(simulate_ou(30.0, 200, DT, rng=11), 2 * DT, ck)
+
+
+def test_learned_estimator_trains_on_variable_lengths(tmp_path) -> None:
+    from pathlib import Path
+
+    from agent.config import load_model_config
+    from policies.calibration.learned import (
+        TrainCalibrationConfig,
+        _length,
+        learned_estimate,
+        load_estimator,
+        train_estimator,
+    )
+
+    yaml_path = Path(__file__).resolve().parents[1] / "configs" / "train-calibration.yaml"
+    shipped = load_model_config(yaml_path, [], TrainCalibrationConfig)
+    assert (shipped.n_points_min, shipped.n_points) == (100, 3000)  # the bench protocol's N
+    lengths = np.array([_length(shipped, np.random.default_rng(s)) for s in range(400)])
+    assert lengths.min() >= 100 and lengths.max() <= 3000
+    assert lengths.min() < 150 and lengths.max() > 2000  # spans the range ...
+    assert 400 < np.median(lengths) < 750  # ... log-uniformly (geometric mid 548)
+    with pytest.raises(ValueError, match="n_points_min"):
+        TrainCalibrationConfig(n_points=100, n_points_min=500)
+    ck = tmp_path / "var.pt"
+    cfg = TrainCalibrationConfig(
+        checkpoint=str(ck), n_points=120, n_points_min=40, steps=20, batch_size=8, hidden=8
+    )
+    assert train_estimator(cfg, log=lambda _m: None)["steps"] == 20
+    assert load_estimator(ck)[1]["n_points_min"] == 40
+    for n in (40, 120):
+        est = learned_estimate(simulate_ou(30.0, n, DT, rng=n), DT, ck)
+        assert math.isfinite(est.value) and est.value > 0 and est.stderr > 0

@@ -277,8 +277,11 @@ def plot_spm_maps(run_dir: Path, path: Path) -> str | None:
     with np.load(steps[-1]) as data:
         maps = {k: np.asarray(data[k]) for k in data.files}
     h, w = (int(v) for v in maps["shape"])
-    panels = [("scan (structure channel 0)", maps["image"]), ("predicted reward", maps["mean"]),
-              ("uncertainty (std)", maps["std"])]
+    panels = [
+        ("scan (structure channel 0)", maps["image"]),
+        ("predicted reward", maps["mean"]),
+        ("uncertainty (std)", maps["std"]),
+    ]
     truth_path = run_dir / "truth-reward.npz"
     if truth_path.is_file():
         with np.load(truth_path) as data:

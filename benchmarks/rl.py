@@ -5,6 +5,8 @@
   Pe under a feedback delay, whose minimum is the optimal speed.
 - Deep RL (PPO) on navigation and steering, trained on randomised twins, scored on
   held-out twin parameters: success rate and median frames to goal against the Q-table.
+- Gathering (SLM multi-spot): PPO with one network shared by all particles, against a
+  scripted push-each-particle heuristic on the same held-out twins.
 - Env speed with and without rendering; vectorised (subprocess) against single-env
   training throughput, measured in the same run.
 - Live: the trained navigation policy through ZeroMQ against the Micro-Manager twin
@@ -134,9 +136,93 @@ def deep_rl(
             # Geometric oracle: the 8-direction nearest the true bearing to the goal cell.
             oracle = evaluate(held, _BearingOracle(held.unwrapped), episodes, seed=50_000)
             metrics["oracle_median_steps_to_goal"] = oracle.median_steps_to_goal()
+            bound = float(np.median(straight_line_frames(held, episodes, seed=50_000)))
+            metrics["straight_line_median_steps_to_goal"] = bound
+            metrics["steps_ratio_bound"] = bound / qt.median_steps_to_goal()
         held.close()
     metrics["success_heldout"] = float(min(successes))
+    metrics.update(gathering(quick, log))
     return metrics, swimmer_ckpt
+
+
+class PushHeuristic:
+    """Scripted gathering: every spot pushes its particle straight at the target at full
+    power; `gated` switches a spot off once its particle is inside the goal disc (its
+    heat otherwise pushes the gathered ones back out). Reads the codec's own input, so
+    its spots come from `GatheringCodec.decode` like the network's."""
+
+    def __init__(self, gated: bool = True) -> None:
+        self.gated = gated
+
+    def reset(self) -> None:
+        """Stateless."""
+
+    def act(self, x: np.ndarray) -> np.ndarray:
+        from policies.rl.codec import GatheringCodec
+
+        rows = np.asarray(x).reshape(-1, GatheringCodec.width)
+        a = np.zeros((len(rows), GatheringCodec.per_slot))
+        a[:, 0] = 1.0  # inward
+        outside = rows[:, 2] > 0.0  # excess distance beyond the goal disc
+        a[:, 2] = np.where(outside | (not self.gated), 1.0, -1.0)
+        return a.reshape(-1)
+
+
+def gathering(quick: bool, log: Callable[[str], None]) -> dict[str, float]:
+    """PPO gathering on held-out twins, beside the gated and the always-on heuristic."""
+    config, env_cfg, held_cfg = load_train_config(CONFIGS / "rl-gathering.yaml", [])
+    steps = 2048 if quick else config.training.total_steps
+    episodes = 5 if quick else 100
+    model, stats = train_sb3(config, env_cfg, total_steps=steps)
+    held = make_env(config.task, held_cfg)
+    out: dict[str, float] = {"train_seconds_gathering": stats["seconds"]}
+    for key, agent in (
+        ("", Sb3Agent(model)),
+        ("heuristic_", PushHeuristic(gated=True)),
+        ("heuristic_full_power_", PushHeuristic(gated=False)),
+    ):
+        scored = evaluate(held, agent, episodes, seed=50_000)
+        out[f"{key}success_heldout_gathering"] = scored.success_rate
+        out[f"{key}median_steps_to_goal_gathering"] = scored.median_steps_to_goal()
+    held.close()
+    out["steps_ratio_vs_heuristic_gathering"] = (
+        out["median_steps_to_goal_gathering"] / out["heuristic_median_steps_to_goal_gathering"]
+    )
+    log(
+        f"PPO gathering: {steps} steps in {stats['seconds']:.0f} s, held-out success "
+        f"{out['success_heldout_gathering']:.2f}, median "
+        f"{out['median_steps_to_goal_gathering']:.0f} frames (heuristic "
+        f"{out['heuristic_success_heldout_gathering']:.2f}, "
+        f"{out['heuristic_median_steps_to_goal_gathering']:.0f} frames)"
+    )
+    return out
+
+
+def straight_line_frames(env: Any, episodes: int, seed: int) -> list[float]:
+    """Frames to the goal cell when the swimmer of each evaluation episode (same seeds,
+    same twin: D scale, efficiency, delay, latency) drives straight at its own top speed,
+    with no Brownian motion and no noise: no policy on these twins can be faster, so
+    this over the Q-table's median is the lowest `steps_ratio_vs_qtable` there is."""
+    inner = env.unwrapped
+    out = []
+    for episode in range(episodes):
+        inner.reset(seed=seed + episode)
+        distance = inner._dist  # from the start to the goal cell
+        timing = {k: inner.params[k] for k in ("delay_frames", "latency_substeps", "efficiency")}
+        inner.reset(seed=seed, options={**timing, "noise_um": 0.0, "diffusion_um2_s": 0.0})
+        start = np.array([[0.1 * inner.config.field_um[0], 0.5 * inner.config.field_um[1]]])
+        inner._twin._xy[:] = start
+        inner._mean_xy = inner._twin.positions_um
+        inner._obs = inner._observe()
+        inner.codec.reset()
+        inner.codec.encode(inner._obs)  # the codec now follows this particle
+        travelled, frames = 0.0, 0
+        while travelled < distance and frames < inner.config.max_steps:
+            inner.step(0)  # direction 0: +x, along the field
+            frames += 1
+            travelled = float(inner._mean_xy[0, 0] - start[0, 0])
+        out.append(float(frames))
+    return out
 
 
 class _BearingOracle:

@@ -10,7 +10,7 @@ from gymnasium.utils.env_checker import check_env
 
 from policies.contract import Observation
 from policies.rl.agents import save_qtable
-from policies.rl.codec import SteeringTask, SwimmerTask
+from policies.rl.codec import GatheringCodec, GatheringTask, SteeringTask, SwimmerTask
 from policies.rl.policy import RlPolicy, RlPolicyConfig
 from simulators.particles import ParticleTwinConfig
 from simulators.rl_envs import (
@@ -148,3 +148,89 @@ def test_swimmer_task_rejects_bad_values() -> None:
         SwimmerTask(grid=1)
     with pytest.raises(ValueError, match="exposure_s"):
         TwinEnvConfig(exposure_s=0.0)
+
+
+def _gathering_obs(detections: np.ndarray, track_ids: np.ndarray | None = None) -> Observation:
+    return Observation(
+        seq=0,
+        t_s=0.0,
+        detections_um=detections,
+        target_um=(12.8, 12.8),
+        exposure_s=0.03,
+        field_um=(25.6, 25.6),
+        track_ids=track_ids,
+    )
+
+
+def test_gathering_codec_slots_do_not_depend_on_detection_order() -> None:
+    """Slot k is the k-th nearest particle whatever order detections arrive in, and the
+    action of slot k lands behind that same particle (not whichever came k-th)."""
+    codec = GatheringCodec(GatheringTask(n_particles=4, spot_offset_um=2.0))
+    det = np.array([[20.0, 12.8], [12.8, 4.0], [14.0, 13.0], [3.0, 3.0]])
+    x = codec.encode(_gathering_obs(det))
+    rows = x.reshape(4, GatheringCodec.width)
+    assert np.all(np.diff(np.hypot(rows[:, 0], rows[:, 1])) > 0)  # nearest first
+    assert rows[0, 2] < 0 < rows[1, 2]  # inside / outside the 4 um goal disc
+    perm = np.array([3, 0, 2, 1])
+    obs = _gathering_obs(det[perm], track_ids=np.arange(4)[perm])
+    assert np.array_equal(codec.encode(obs), x)
+    # Push inward at full power from every slot but the nearest (switched off).
+    action = np.tile([1.0, 0.0, 1.0], 4)
+    action[2] = -1.0
+    spots = codec.decode(obs, action).laser
+    assert len(spots) == 3
+    for spot, p in zip(spots, det[[0, 1, 3]], strict=True):  # slots 1-3, nearest first
+        behind = np.subtract((spot.x_um, spot.y_um), p)
+        assert np.hypot(*behind) == pytest.approx(2.0)
+        assert behind @ np.subtract((12.8, 12.8), p) < 0  # the far side: pushed inward
+
+
+def test_gathering_action_frame_turns_with_the_particle() -> None:
+    """The same slot action pushes every particle the same way relative to the target:
+    'sideways' is perpendicular to the bearing, whichever side of the target it is on."""
+    codec = GatheringCodec(GatheringTask(n_particles=2, spot_offset_um=1.0))
+    det = np.array([[20.0, 12.8], [12.8, 22.0]])
+    codec.encode(_gathering_obs(det))
+    laser = codec.decode(_gathering_obs(det), [0.0, 1.0, 1.0, 0.0, 1.0, 1.0]).laser
+    for spot, p in zip(laser, det, strict=True):
+        push = p - np.array([spot.x_um, spot.y_um])
+        assert push @ (np.array([12.8, 12.8]) - p) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_gated_push_heuristic_gathers_on_the_twin() -> None:
+    """The baseline the bench compares PPO against gathers all four particles; without
+    the gate (every spot always on) the spots' heat keeps the disc from filling up."""
+    from benchmarks.rl import PushHeuristic
+    from policies.rl.rollout import evaluate
+
+    env = GatheringEnv(
+        task=GatheringTask(spot_offset_um=2.12),
+        env={
+            "field_um": (25.6, 25.6),
+            "target_um": (12.8, 12.8),
+            "max_steps": 500,
+            "particles": {"heating_width_um": 3.0},
+        },
+    )
+    gated = evaluate(env, PushHeuristic(gated=True), 4, seed=50_000)
+    full = evaluate(env, PushHeuristic(gated=False), 4, seed=50_000)
+    assert gated.success_rate == 1.0 and gated.median_steps_to_goal() < 400
+    assert full.success_rate <= 0.25
+
+
+def test_straight_line_bound_is_never_beaten_on_the_same_episodes() -> None:
+    """The bench's bound on steps to goal: no agent reaches the goal cell faster than the
+    swimmer driven straight at its twin's top speed without noise, episode by episode."""
+    from benchmarks.rl import CONFIGS, _BearingOracle, straight_line_frames
+    from policies.rl.rollout import evaluate
+    from policies.rl.train import load_train_config, make_env
+
+    config, _env_cfg, held_cfg = load_train_config(CONFIGS / "rl-microswimmer.yaml", [])
+    held = make_env(config.task, held_cfg)
+    bound = straight_line_frames(held, 6, seed=50_000)
+    oracle = evaluate(held, _BearingOracle(held.unwrapped), 6, seed=50_000)
+    held.close()
+    assert all(b >= 1 for b in bound)
+    for frames, steps, ok in zip(bound, oracle.steps, oracle.success, strict=True):
+        assert ok and steps >= frames - 1  # within a frame of noise luck
+    assert sum(oracle.steps) > sum(bound)

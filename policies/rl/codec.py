@@ -11,7 +11,8 @@ Three tasks:
   and in the field; a 5 x 5 grid state for the Q-table is derived from the same input.
 - steering: a passive particle pushed by a heating spot; continuous action (push
   direction, power).
-- gathering: several particles, one spot each (SLM pattern), pushed into a region.
+- gathering: several particles, one spot each (SLM pattern), pushed into a region;
+  each particle's action is in its own frame toward the target.
 
 A codec keeps only what a policy may know (which detection it follows, the last
 action); it never sees ground truth.
@@ -177,36 +178,52 @@ class SteeringCodec:
 
 
 class GatheringCodec:
-    """Input: each particle's offset from the target (nearest first, zero-padded) and a
-    presence flag; action: (ax, ay, ap) per slot -> one spot behind that particle."""
+    """Per slot (nearest the target first, zero-padded): offset from the target / half
+    field, excess distance beyond the goal disc / goal radius, presence flag. Action per
+    slot (inward, sideways, power) in that particle's own frame toward the target: every
+    slot asks the same question, so one shared per-particle network (policies.rl.nets)
+    can answer for all, and "push inward" is the same output for every particle."""
+
+    width = 4  # inputs per slot
+    per_slot = 3  # actions per slot
 
     def __init__(self, task: GatheringTask) -> None:
         self.task = task
-        self.n_inputs = 3 * task.n_particles
-        self.n_actions = 3 * task.n_particles
+        self.n_inputs = self.width * task.n_particles
+        self.n_actions = self.per_slot * task.n_particles
         self._slots = np.zeros((0, 2))
 
     def reset(self) -> None:
         self._slots = np.zeros((0, 2))
 
     def encode(self, obs: Observation) -> np.ndarray:
+        """Slots sorted by distance: a canonical order, so the input does not depend on
+        how detections happen to be listed; `decode` acts on these same slots."""
         n = self.task.n_particles
         det = np.asarray(obs.detections_um, dtype=float).reshape(-1, 2)
         target = np.asarray(obs.target_um, dtype=float)
-        order = np.argsort(np.hypot(*(det - target).T)) if len(det) else np.zeros(0, int)
-        self._slots = det[order[:n]]
+        dist = np.hypot(*(det - target).T)
+        order = np.argsort(dist, kind="stable")[:n]
+        self._slots = det[order]
         half = 0.5 * max(obs.field_um)
-        x = np.zeros((n, 3), dtype=np.float32)
-        rel = (self._slots - target) / half
-        x[: len(rel), :2] = np.clip(rel, -2.0, 2.0)
-        x[: len(rel), 2] = 1.0
+        goal = self.task.goal_radius_um
+        x = np.zeros((n, self.width), dtype=np.float32)
+        k = len(order)
+        x[:k, :2] = np.clip((self._slots - target) / half, -2.0, 2.0)
+        x[:k, 2] = np.clip((dist[order] - goal) / goal, -1.0, 2.0)
+        x[:k, 3] = 1.0
         return x.reshape(-1)
 
     def decode(self, obs: Observation, action: np.ndarray) -> Action:
-        a = np.clip(np.asarray(action, dtype=float).reshape(-1, 3), -1.0, 1.0)
+        """One spot `spot_offset_um` behind each slot's particle, opposite its push."""
+        a = np.clip(np.asarray(action, dtype=float).reshape(-1, self.per_slot), -1.0, 1.0)
+        target = np.asarray(obs.target_um, dtype=float)
         spots = []
-        for p, (ax, ay, ap) in zip(self._slots, a, strict=False):
-            direction, norm = _unit(np.array([ax, ay]))
+        for p, (inward, side, ap) in zip(self._slots, a, strict=False):
+            u, r = _unit(target - p)
+            if r <= 1e-9:  # on the target: any fixed frame will do
+                u = np.array([1.0, 0.0])
+            direction, norm = _unit(inward * u + side * np.array([-u[1], u[0]]))
             power = 0.5 * (ap + 1.0) * self.task.max_power_mw
             if norm < 1e-6 or power <= 1e-6:
                 continue

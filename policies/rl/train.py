@@ -17,7 +17,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from policies.rl.codec import SwimmerTask, TaskConfig
+from policies.rl.codec import GatheringTask, SwimmerTask, TaskConfig
 
 ENV_MODULE = "simulators.rl_envs"
 ENV_IDS = {
@@ -38,7 +38,9 @@ class TrainingSettings(BaseModel):
     n_steps: int = Field(256, ge=8, le=100_000)  # PPO rollout per env
     batch_size: int = Field(256, ge=8, le=100_000)
     gamma: float = Field(0.99, gt=0.0, le=1.0)
-    net_arch: list[int] = Field(default_factory=lambda: [64, 64])
+    net_arch: list[int] = Field(default_factory=lambda: [64, 64])  # slots: [width]
+    # mlp: SB3's MlpPolicy; slots: one network shared by every particle (policies.rl.nets)
+    policy: Literal["mlp", "slots"] = "mlp"
     log_std_init: float = Field(0.0, ge=-5.0, le=2.0)  # PPO/SAC: initial exploration
     # Q-table (semi-MDP) settings
     alpha: float = Field(0.5, gt=0.0, le=1.0)
@@ -95,6 +97,10 @@ def load_train_config(path: Path, overrides: list[str]) -> tuple[RlTrainConfig, 
         raise ConfigError("config error: algo: dqn needs a discrete task (microswimmer)")
     if config.algo == "sac" and config.task.kind == "microswimmer":
         raise ConfigError("config error: algo: sac needs a continuous task (steering, gathering)")
+    if config.training.policy == "slots" and (
+        config.algo != "ppo" or config.task.kind != "gathering"
+    ):
+        raise ConfigError("config error: training.policy: slots needs algo ppo, task gathering")
     return config, envs[0], envs[1]
 
 
@@ -133,21 +139,29 @@ def build_sb3_model(config: RlTrainConfig, vec_env: Any) -> Any:
 
     torch.set_num_threads(1)
     t = config.training
+    policy: Any = "MlpPolicy"
+    net: dict[str, Any] = {"net_arch": list(t.net_arch)}
+    if t.policy == "slots":
+        from policies.rl.nets import SlotPolicy
+
+        assert isinstance(config.task, GatheringTask)  # load_train_config checks it
+        policy = SlotPolicy
+        net = {"slots": config.task.n_particles, "hidden": t.net_arch[0]}
+    if config.algo != "dqn" and config.task.kind != "microswimmer":
+        net["log_std_init"] = t.log_std_init
     kwargs: dict[str, Any] = {
         "learning_rate": t.learning_rate,
         "gamma": t.gamma,
         "seed": config.seed,
         "device": "cpu",
         "verbose": 0,
-        "policy_kwargs": {"net_arch": list(t.net_arch)},
+        "policy_kwargs": net,
     }
-    if config.algo != "dqn" and config.task.kind != "microswimmer":
-        kwargs["policy_kwargs"]["log_std_init"] = t.log_std_init
     if config.algo == "ppo":
         kwargs.update(n_steps=t.n_steps, batch_size=t.batch_size)
     else:
         kwargs.update(batch_size=t.batch_size, learning_starts=min(1000, t.total_steps // 10))
-    return sb3_class(config.algo)("MlpPolicy", vec_env, **kwargs)
+    return sb3_class(config.algo)(policy, vec_env, **kwargs)
 
 
 def _progress_callback(total: int, progress: Callable[[int, int], None] | None) -> Any:

@@ -10,7 +10,14 @@ is `Acquisition.acquire` (Python backend, `image_process_fn`: the earliest point
 user code holds the image) -> that function called; the bare pymmcore-plus queue
 MDA's is `queue.put` -> `frameReady`; our engine alone (`engine_overhead_ms`: the
 node's EventSession on one thread, no transport, no thread hop) is an event submitted
-from its serve callback -> its frame handed over. Overhead = latency minus the exposure.
+from its serve callback -> its frame handed over. Both loops are also driven from
+inside, as smart-microscopy code runs: our event hook (drivers/event_hooks.py; the
+next event returned by the hook -> its frame handed to the hook, the node validating
+the event and publishing every frame over ipc in between) against pycromanager's
+`image_process_fn` putting the next event on its event queue -> that event's image in
+`image_process_fn` (`hook_loop_overhead_ms`, `pycromanager_callback_loop_overhead_ms`;
+the ratio is taken against pycromanager's better mode). Overhead = latency minus the
+exposure.
 (c) start-time error of events scheduled 50 ms apart.
 
 Fairness of (b): both sides use the same mm-test-adapters and MMConfig_demo.cfg, the
@@ -40,6 +47,7 @@ import numpy as np
 import zmq
 
 from drivers.config import DriverConfig
+from drivers.event_hooks import EventHook
 from drivers.mmcore_node import DriverNode
 from drivers.protocol import FRAME_PREFIX, decode_frame, now_ns
 from drivers.serve import load_mmcore
@@ -69,14 +77,20 @@ def _sequence_fps(core: Any, seconds: float) -> float:
 class _Node:
     """A DriverNode on `core` served in a thread, with a client and a raw subscriber."""
 
-    def __init__(self, core: Any, config: DriverConfig, transport: str = "ipc") -> None:
+    def __init__(
+        self,
+        core: Any,
+        config: DriverConfig,
+        transport: str = "ipc",
+        event_hook: EventHook | None = None,
+    ) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="sl-bench-"))
         self.ctx = zmq.Context()
         where = f"{transport}://{self.folder}"
         config = config.model_copy(
             update={"stream_endpoint": f"{where}/s", "command_endpoint": f"{where}/c"}
         )
-        self.node = DriverNode(core, config, ctx=self.ctx)
+        self.node = DriverNode(core, config, ctx=self.ctx, event_hook=event_hook)
         self.thread = threading.Thread(target=self.node.serve, daemon=True)
         self.thread.start()
         self.sub = self.ctx.socket(zmq.SUB)
@@ -128,6 +142,33 @@ def _event_latencies_ms(node: _Node, n: int) -> list[float]:
         if i >= WARMUP:  # the first events warm the MDA up
             out.append((now_ns() - t0) / 1e6)
     return out
+
+
+def _hook_latencies_ms(core: Any, config: DriverConfig, n: int) -> list[float]:
+    """Our event hook's loop: the next event returned by the hook -> its frame handed to
+    the hook (the node publishes every frame in between, over ipc, as always)."""
+    sent: list[int] = []
+    got: list[int] = []
+    done = threading.Event()
+
+    def hook(_frame: Any) -> list[dict[str, Any]] | None:
+        got.append(now_ns())
+        if len(got) > n + WARMUP:
+            done.set()
+            return None
+        sent.append(now_ns())
+        return [{"exposure": LOOP_EXPOSURE_MS}]
+
+    node = _Node(core, config, "ipc", event_hook=hook)
+    try:
+        # the subscriber stays connected, as a recorder is: frames leave over ipc (read
+        # after the loop, with the node closed)
+        node.client.call("submit_events", {"events": [{"exposure": LOOP_EXPOSURE_MS}]})
+        if not done.wait(60):
+            raise RuntimeError("bench mmcore: the event hook's loop stalled")
+    finally:
+        node.close()
+    return [(g - t) / 1e6 for g, t in zip(got[1:], sent, strict=True)][WARMUP:]
 
 
 def _timing_errors_ms(node: _Node, n: int, interval_ms: float) -> list[float]:
@@ -239,6 +280,30 @@ class _Pycromanager:
                     out.append((got[-1] - t0) / 1e6)
         return out
 
+    def callback_loop_latencies_ms(self, n: int, fast_image: bool) -> list[float]:
+        """pycromanager's smart-microscopy loop: the next event put on the event queue
+        from `image_process_fn` -> that event's image in `image_process_fn`."""
+        from pycromanager import Acquisition
+
+        self.core.set_property(CAMERA, "FastImage", "1" if fast_image else "0")
+        sent: list[int] = []
+        got: list[int] = []
+        done = threading.Event()
+
+        def image(_img: Any, _meta: Any, event_queue: Any) -> None:
+            got.append(now_ns())
+            if len(got) > n + WARMUP:
+                done.set()
+                return
+            sent.append(now_ns())
+            event_queue.put({"axes": {"time": len(got)}, "exposure": LOOP_EXPOSURE_MS})
+
+        with Acquisition(show_display=False, image_process_fn=image) as acq:
+            acq.acquire({"axes": {"time": 0}, "exposure": LOOP_EXPOSURE_MS})
+            if not done.wait(60):
+                raise RuntimeError("bench mmcore: pycromanager's callback loop stalled")
+        return [(g - t) / 1e6 for g, t in zip(got[1:], sent, strict=True)][WARMUP:]
+
     def close(self) -> None:
         from pycromanager import stop_headless
 
@@ -263,13 +328,23 @@ def _loop_overheads(
     n: int,
     rounds: int,
     fast_image: bool,
+    callbacks: bool,
 ) -> dict[str, np.ndarray]:
-    """Overheads (ms) of ours over ipc and inproc and of pycromanager, in `rounds` blocks."""
+    """Overheads (ms) of ours over ipc and inproc and of pycromanager, in `rounds` blocks;
+    with `callbacks`, also both loops driven from inside: our event hook, pycromanager's
+    `image_process_fn` putting the next event on its queue."""
     out: dict[str, list[float]] = {"ipc": [], "inproc": [], "pycromanager": []}
+    if callbacks:
+        out.update({"hook": [], "pycromanager_callback": []})
+    per_round = n // rounds
     for _ in range(rounds):
         for transport in ("ipc", "inproc"):
-            out[transport] += _our_latencies_ms(core, config, n // rounds, fast_image, transport)
-        out["pycromanager"] += pycro.latencies_ms(n // rounds, fast_image)
+            out[transport] += _our_latencies_ms(core, config, per_round, fast_image, transport)
+        out["pycromanager"] += pycro.latencies_ms(per_round, fast_image)
+        if callbacks:
+            core.setProperty(CAMERA, "FastImage", "1" if fast_image else "0")
+            out["hook"] += _hook_latencies_ms(core, config, per_round)
+            out["pycromanager_callback"] += pycro.callback_loop_latencies_ms(per_round, fast_image)
     return {k: np.asarray(v) - LOOP_EXPOSURE_MS for k, v in out.items()}
 
 
@@ -302,9 +377,11 @@ def run(quick: bool, log: Callable[[str], None]) -> dict[str, float | int]:
 
     pycro = _Pycromanager()  # once per process: pycromanager cannot restart headless
     try:
-        fast = _loop_overheads(core, pycro, node_config, n_loop, rounds, True)
+        fast = _loop_overheads(core, pycro, node_config, n_loop, rounds, True, callbacks=True)
         n_synthetic = max(n_loop // 4, 2 * rounds)
-        synthetic = _loop_overheads(core, pycro, node_config, n_synthetic, rounds, False)
+        synthetic = _loop_overheads(
+            core, pycro, node_config, n_synthetic, rounds, False, callbacks=False
+        )
     finally:
         pycro.close()
     core.setProperty(CAMERA, "FastImage", "1")
@@ -332,6 +409,14 @@ def run(quick: bool, log: Callable[[str], None]) -> dict[str, float | int]:
             "overhead_ratio_p99_pycromanager_vs_ours": round(
                 float(np.percentile(theirs, 99) / max(np.percentile(ours, 99), 1e-6)), 3
             ),
+            # Both loops driven from inside, against pycromanager's better mode.
+            **_stats("hook_loop_overhead", fast["hook"]),
+            **_stats("pycromanager_callback_loop_overhead", fast["pycromanager_callback"]),
+            "overhead_ratio_pycromanager_vs_hook": round(
+                min(float(np.median(theirs)), float(np.median(fast["pycromanager_callback"])))
+                / max(float(np.median(fast["hook"])), 1e-6),
+                3,
+            ),
             **_stats("bare_mda_overhead", bare),
             **_stats("engine_overhead", engine),  # our engine alone: no transport, no thread hop
             **_stats("loop_overhead_synthetic", synthetic["ipc"]),
@@ -347,7 +432,10 @@ def run(quick: bool, log: Callable[[str], None]) -> dict[str, float | int]:
         f"pycromanager {metrics['pycromanager_overhead_ms']}"
         f" ms (p99 {metrics['pycromanager_overhead_p99_ms']}), bare MDA "
         f"{metrics['bare_mda_overhead_ms']} ms, our engine alone "
-        f"{metrics['engine_overhead_ms']} ms; synthetic image: ours "
+        f"{metrics['engine_overhead_ms']} ms; driven from inside: our event hook "
+        f"{metrics['hook_loop_overhead_ms']} ms, pycromanager's image_process_fn "
+        f"{metrics['pycromanager_callback_loop_overhead_ms']} ms (ratio "
+        f"{metrics['overhead_ratio_pycromanager_vs_hook']}); synthetic image: ours "
         f"{metrics['loop_overhead_synthetic_ms']}, pycromanager "
         f"{metrics['pycromanager_overhead_synthetic_ms']} ms; timing p99 "
         f"{metrics['timing_error_p99_ms']} ms"

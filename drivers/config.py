@@ -7,7 +7,7 @@ before any hardware moves.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -99,6 +99,21 @@ class DriverConfig(StrictModel):
     limits: Limits = Limits()
     devices: DeviceNames = DeviceNames()
     twin: TwinSettings = TwinSettings()
+    # Agent logic run on the node's own thread for each event frame (drivers/event_hooks.py):
+    # "package.module:factory", called once with event_hook_args.
+    event_hook: str | None = None
+    event_hook_args: dict[str, Any] = {}
+    # One hook call running longer than this makes the actuators safe.
+    hook_timeout_ms: int = Field(1000, ge=1, le=600_000)
+
+    @model_validator(mode="after")
+    def _hook_needs_our_engine(self) -> DriverConfig:
+        if self.event_hook is not None and self.kind == "pycromanager":
+            raise ValueError(
+                "event_hook: runs in our event engine; kind 'pycromanager' has its own "
+                "(use kind 'mmcore' with the same mm_config)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _exposure_within_limits(self) -> DriverConfig:

@@ -19,9 +19,10 @@ import zmq
 from pymmcore_plus import CMMCorePlus
 
 from drivers.config import DriverConfig
+from drivers.event_hooks import EventHook, HookGuard, load_event_hook
 from drivers.mda import EventFrame, EventSession, parse_events
 from drivers.node import InstrumentNode, check_within, number_arg
-from drivers.protocol import TRUTH_PREFIX, ProtocolError, now_ns
+from drivers.protocol import EVENT_TOPIC, TRUTH_PREFIX, ProtocolError, now_ns
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,10 @@ class DriverNode(InstrumentNode):
         ctx: zmq.Context | None = None,
         truth_source: TruthSource | None = None,
         field_um: tuple[float, float] | None = None,
+        event_hook: EventHook | None = None,
     ) -> None:
+        if event_hook is None and config.event_hook is not None:
+            event_hook = load_event_hook(config.event_hook, config.event_hook_args)
         super().__init__(config, ctx)
         self.core = core
         self.config = config
@@ -93,6 +97,13 @@ class DriverNode(InstrumentNode):
         self.events: EventSession | None = None
         self._events_light = False  # an event of the session drives the laser SLM
         self.event_frames_published = 0
+        self.event_hook = event_hook
+        self.hook_calls = 0
+        self.hook_refusals = 0
+        self._hook_overrun_ms = 0.0  # set by the guard thread, handled on the node thread
+        self._hook_guard = (
+            HookGuard(config.hook_timeout_ms, self._hook_overran) if event_hook else None
+        )
 
     # --- InstrumentNode hooks ----------------------------------------------------
 
@@ -103,6 +114,8 @@ class DriverNode(InstrumentNode):
         self._end_events(cancel=True)
         if self.core.isSequenceRunning():
             self.core.stopSequenceAcquisition()
+        if self._hook_guard is not None:
+            self._hook_guard.close()
 
     def actuators_live(self) -> bool:
         return bool(self.laser) or (self.events is not None and self._events_light)
@@ -440,13 +453,17 @@ class DriverNode(InstrumentNode):
 
     def _cmd_submit_events(self, args: dict[str, Any]) -> dict[str, Any]:
         """Queue MDAEvents on the running event-driven MDA (started on first use)."""
+        ids = self._queue_events(args.get("events"), "submit_events")
+        assert self.events is not None
+        return {"ids": ids, "t0_ns": self.events.t0_ns}
+
+    def _queue_events(self, raw: Any, cmd: str) -> list[int]:
+        """Validate events (command or hook alike), check every limit, queue them."""
         t0 = self.events.t0_ns if self.events is not None else now_ns()
-        events = parse_events(args.get("events"), t0)
-        lights = [self._check_event(i, event) for i, event in enumerate(events)]
+        events = parse_events(raw, t0, cmd)
+        lights = [self._check_event(i, event, cmd) for i, event in enumerate(events)]
         if self.events is not None and self.events.stopping:
-            raise ProtocolError(
-                "busy", "submit_events: the event session is stopping; wait for it to end"
-            )
+            raise ProtocolError("busy", f"{cmd}: the event session is stopping; wait for it to end")
         if self.events is None:
             if self.core.isSequenceRunning():
                 self.core.stopSequenceAcquisition()
@@ -458,12 +475,11 @@ class DriverNode(InstrumentNode):
         self._events_light = self._events_light or any(lights)
         if any(lights):
             self.watchdog_tripped = False
-        ids = self.events.submit(events)
-        return {"ids": ids, "t0_ns": self.events.t0_ns}
+        return self.events.submit(events)
 
-    def _check_event(self, i: int, event: Any) -> bool:
+    def _check_event(self, i: int, event: Any, cmd: str = "submit_events") -> bool:
         """Limits on every event, as on the matching command; True if it lights the laser."""
-        cmd, where = "submit_events", f"events[{i}]"
+        where = f"events[{i}]"
         limits = self.config.limits
         if event.x_pos is not None:
             check_within(cmd, f"{where}.x_pos", event.x_pos, limits.stage_x_um, "um")
@@ -528,11 +544,62 @@ class DriverNode(InstrumentNode):
         return not self.stop.is_set()
 
     def _publish_event_frame(self, frame: EventFrame) -> None:
-        """Publish the frame the moment it is read (zero-copy), on the node thread."""
+        """Publish the frame the moment it is read (zero-copy), on the node thread; the
+        event hook, if any, sees it first, so its next events are queued before the
+        publish and execute right after."""
+        if self.event_hook is not None:
+            self._run_event_hook(frame)
         self._publish_image(
             frame.image, frame.t_start_ns, frame.t_end_ns, {"event": frame.wire_state()}
         )
         self.event_frames_published += 1
+
+    def _run_event_hook(self, frame: EventFrame) -> None:
+        """One hook call under the guard; its events go through `_queue_events`."""
+        assert self.event_hook is not None and self._hook_guard is not None
+        self.hook_calls += 1
+        self._hook_guard.enter()
+        try:
+            raw = self.event_hook(frame)
+        except Exception as exc:  # agent code must not take the node down
+            self._hook_guard.leave()
+            self._end_hook_loop(f"event_hook: raised {type(exc).__name__}: {exc}")
+            return
+        self._hook_guard.leave()
+        if self._hook_overrun_ms:
+            ran_ms, self._hook_overrun_ms = self._hook_overrun_ms, 0.0
+            self._end_hook_loop(
+                f"event_hook: one call ran over {ran_ms:.0f} ms, the allowed range is "
+                f"[0, {self.config.hook_timeout_ms}] ms (hook_timeout_ms)"
+            )
+            return
+        if raw is None:
+            return
+        try:
+            self._queue_events(list(raw) if isinstance(raw, list | tuple) else raw, "event_hook")
+        except ProtocolError as exc:
+            self.hook_refusals += 1
+            log.warning("event hook's events refused: %s", exc)
+            self._publish_hook_event("hook_refused", str(exc))
+
+    def _end_hook_loop(self, message: str) -> None:
+        """A failed or overrunning hook: cancel what is queued, leave the rig safe."""
+        log.error("%s; event session cancelled", message)
+        self._publish_hook_event("hook_failed", message)
+        if self.events is not None:
+            self.events.stop(cancel=True)
+        if self.actuators_live():
+            self.safe_state("event hook failed")
+
+    def _hook_overran(self, running_ms: float) -> None:
+        """Guard thread: the node thread is stuck in the hook; switch the light off now."""
+        log.error("event hook running for %.0f ms: actuators made safe", running_ms)
+        self._hook_overrun_ms = running_ms
+        if self.actuators_live():
+            self.safe_state("event hook overran")
+
+    def _publish_hook_event(self, kind: str, message: str) -> None:
+        self.publisher.publish(EVENT_TOPIC, {"event": kind, "message": message, "t_ns": now_ns()})
 
     def _end_events(self, cancel: bool) -> None:
         """Close the session and go back to the continuous stream."""
@@ -557,6 +624,9 @@ class DriverNode(InstrumentNode):
             "frames_published": self.frames_published,
             "event_frames_published": self.event_frames_published,
             "events_running": self.events is not None,
+            "event_hook": self.event_hook is not None,
+            "hook_calls": self.hook_calls,
+            "hook_refusals": self.hook_refusals,
             "laser_kind": self.config.devices.laser_kind,
             "limits": self.config.limits.model_dump(),
         }

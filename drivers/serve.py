@@ -12,6 +12,7 @@ import zmq
 from pymmcore_plus import CMMCorePlus
 
 from drivers.config import DriverConfig
+from drivers.event_hooks import EventHook
 from drivers.mmcore_node import DriverNode
 from drivers.twin_devices import build_twin_core
 
@@ -55,10 +56,14 @@ def load_mmcore(config: DriverConfig) -> CMMCorePlus:
     return core
 
 
-def build_node(config: DriverConfig, ctx: zmq.Context | None = None) -> DriverNode:
-    """The driver node for `config.kind`: the particle twin, or any Micro-Manager config."""
+def build_node(
+    config: DriverConfig, ctx: zmq.Context | None = None, event_hook: EventHook | None = None
+) -> DriverNode:
+    """The driver node for `config.kind`: the particle twin, or any Micro-Manager config.
+
+    `event_hook` (else the one `config.event_hook` names) answers each event frame."""
     if config.kind == "mmcore":
-        return DriverNode(load_mmcore(config), config, ctx=ctx)
+        return DriverNode(load_mmcore(config), config, ctx=ctx, event_hook=event_hook)
     if config.kind == "pycromanager":
         from drivers.pycromanager_node import PycromanagerNode, start_python_backend
 
@@ -72,7 +77,12 @@ def build_node(config: DriverConfig, ctx: zmq.Context | None = None) -> DriverNo
         return rig.truth(int(index)) if index is not None else None
 
     return DriverNode(
-        core, config, ctx=ctx, truth_source=truth, field_um=config.twin.camera.field_um
+        core,
+        config,
+        ctx=ctx,
+        truth_source=truth,
+        field_um=config.twin.camera.field_um,
+        event_hook=event_hook,
     )
 
 

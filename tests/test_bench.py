@@ -116,8 +116,16 @@ def test_mmcore_bench_contract() -> None:
     assert metrics["stream_ratio_democam"] == pytest.approx(
         metrics["stream_fps_democam"] / metrics["sequence_fps_democam"], rel=1e-2
     )
-    for name in ("loop", "loop_overhead_inproc", "pycromanager", "bare_mda", "engine"):
+    names = ("loop", "loop_overhead_inproc", "pycromanager", "bare_mda", "engine", "hook_loop",
+             "pycromanager_callback_loop")  # fmt: skip
+    for name in names:
         key = name if name.startswith("loop_overhead") else f"{name}_overhead"
         median, p99 = metrics[f"{key}_ms"], metrics[f"{key}_p99_ms"]
         assert 0 < median <= p99, key  # a frame cannot arrive before its exposure ends
+    their_best = min(
+        metrics["pycromanager_overhead_ms"], metrics["pycromanager_callback_loop_overhead_ms"]
+    )
+    assert metrics["overhead_ratio_pycromanager_vs_hook"] == pytest.approx(
+        their_best / metrics["hook_loop_overhead_ms"], rel=2e-2
+    )
     assert metrics["timed_events"] > 0 and metrics["timing_error_p99_ms"] >= 0

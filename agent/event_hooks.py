@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from agent.detect import DetectorConfig, ParticleDetector
 from drivers.event_hooks import EventHook
@@ -36,13 +36,9 @@ def revisit_detections(**args: Any) -> EventHook:
     """Detect objects in every frame whose event metadata has ``role: screen``; where at
     least `min_objects` are found, queue `frames` frames at `exposure_ms` at the same
     stage position, marked ``role: revisit`` with the count and the screening event's id
-    (the decision that triggered them, recorded with each frame)."""
-    try:
-        settings = RevisitSettings.model_validate(args)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise ValueError(f"{where}: {err['msg']}") from None
+    (the decision that triggered them, recorded with each frame); bad args raise
+    pydantic's ValidationError, which the loader reports as one line."""
+    settings = RevisitSettings.model_validate(args)
     detector = ParticleDetector(settings.detector)
 
     def hook(frame: EventFrame) -> list[dict[str, Any]] | None:

@@ -341,8 +341,7 @@ def _loop_overheads(
         for transport in ("ipc", "inproc"):
             out[transport] += _our_latencies_ms(core, config, per_round, fast_image, transport)
         out["pycromanager"] += pycro.latencies_ms(per_round, fast_image)
-        if callbacks:
-            core.setProperty(CAMERA, "FastImage", "1" if fast_image else "0")
+        if callbacks:  # our core's FastImage was set by _our_latencies_ms above
             out["hook"] += _hook_latencies_ms(core, config, per_round)
             out["pycromanager_callback"] += pycro.callback_loop_latencies_ms(per_round, fast_image)
     return {k: np.asarray(v) - LOOP_EXPOSURE_MS for k, v in out.items()}

@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-from drivers.mda import EventFrame
+from drivers.mda import EventFrame, first_error
 from drivers.protocol import now_ns
 
 log = logging.getLogger(__name__)
@@ -36,9 +36,6 @@ class EventHook(Protocol):
     def __call__(self, frame: EventFrame) -> WireEvents | None:
         """The events to queue after this frame (wire form), or None for none."""
         ...
-
-
-HookFactory = Callable[..., EventHook]
 
 
 def load_event_hook(spec: str, args: Mapping[str, Any]) -> EventHook:
@@ -57,9 +54,10 @@ def load_event_hook(spec: str, args: Mapping[str, Any]) -> EventHook:
         raise ValueError(f"driver.event_hook: {spec!r} is not callable")
     try:
         hook = factory(**dict(args))
-    except (TypeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"driver.event_hook_args: {spec} refused them ({first})") from None
+    except (TypeError, ValueError) as exc:  # pydantic's ValidationError included
+        raise ValueError(
+            f"driver.event_hook_args: {spec} refused them ({first_error(exc)})"
+        ) from None
     if not callable(hook):
         raise ValueError(f"driver.event_hook: {spec!r} did not return a callable hook")
     return hook
@@ -76,7 +74,6 @@ class HookGuard:
     def __init__(self, timeout_ms: int, on_overrun: Callable[[float], None]) -> None:
         self.timeout_ns = timeout_ms * 1_000_000
         self.on_overrun = on_overrun
-        self.overruns = 0
         self._entered_ns = 0  # 0: no hook call in progress
         self._call = 0
         self._flagged_call = -1
@@ -103,7 +100,6 @@ class HookGuard:
             running_ns = now_ns() - entered
             if running_ns > self.timeout_ns:
                 self._flagged_call = call
-                self.overruns += 1
                 try:
                     self.on_overrun(running_ns / 1e6)
                 except Exception:  # the guard must outlive a failing safe state

@@ -357,7 +357,7 @@ def parse_events(raw: Any, t0_ns: int, cmd: str = "submit_events") -> list[MDAEv
             event = MDAEvent.model_validate(fields)
         except (ValidationError, ValueError, TypeError) as exc:
             raise ProtocolError(
-                "bad_args", f"{cmd}: field 'events[{i}]' {_first_error(exc)}"
+                "bad_args", f"{cmd}: field 'events[{i}]' {first_error(exc)}"
             ) from None
         if event.sequence is not None or event.action.type != "acquire_image":
             raise ProtocolError(
@@ -375,9 +375,11 @@ def parse_events(raw: Any, t0_ns: int, cmd: str = "submit_events") -> list[MDAEv
 _WIRE_FIELDS = frozenset(MDAEvent.model_fields) - {"sequence", "action"} | {"t_start_ns"}
 
 
-def _first_error(exc: Exception) -> str:
+def first_error(exc: Exception) -> str:
+    """One line for an exception: a pydantic error's first field and message."""
     if isinstance(exc, ValidationError):
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
         return f"{where}: {err['msg']}" if where else err["msg"]
-    return str(exc).splitlines()[0]
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

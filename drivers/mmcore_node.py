@@ -559,13 +559,15 @@ class DriverNode(InstrumentNode):
         assert self.event_hook is not None and self._hook_guard is not None
         self.hook_calls += 1
         self._hook_guard.enter()
+        failure = ""
         try:
             raw = self.event_hook(frame)
         except Exception as exc:  # agent code must not take the node down
-            self._hook_guard.leave()
-            self._end_hook_loop(f"event_hook: raised {type(exc).__name__}: {exc}")
+            raw, failure = None, f"event_hook: raised {type(exc).__name__}: {exc}"
+        self._hook_guard.leave()  # before anything slow, so the guard times the hook alone
+        if failure:
+            self._end_hook_loop(failure)
             return
-        self._hook_guard.leave()
         if self._hook_overrun_ms:
             ran_ms, self._hook_overrun_ms = self._hook_overrun_ms, 0.0
             self._end_hook_loop(

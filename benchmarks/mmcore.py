@@ -19,6 +19,13 @@ the event and publishing every frame over ipc in between) against pycromanager's
 the ratio is taken against pycromanager's better mode). Overhead = latency minus the
 exposure.
 (c) start-time error of events scheduled 50 ms apart.
+(d) the floor of any loop whose agent talks to the driver over ZeroMQ ipc: the camera's
+own `snapImage` + `getImage` beyond the exposure (`snap_overhead_ms`, paid by every loop)
+plus a bare DEALER -> ROUTER command answered by one 512x512 frame PUB -> SUB between
+two threads, with no other work (`ipc_floor_ms`); `best_overhead_ratio_over_ipc` is
+pycromanager's overhead over that floor, the best ratio such a design could reach here
+(`best_overhead_ratio_with_engine_over_ipc`: the same with our event engine, which adds
+setting up the event and handing the frame over, in place of the bare camera call).
 
 Fairness of (b): both sides use the same mm-test-adapters and MMConfig_demo.cfg, the
 same exposure, events carrying the exposure, and the same camera settings, applied to
@@ -169,6 +176,67 @@ def _hook_latencies_ms(core: Any, config: DriverConfig, n: int) -> list[float]:
     finally:
         node.close()
     return [(g - t) / 1e6 for g, t in zip(got[1:], sent, strict=True)][WARMUP:]
+
+
+def _snap_overheads_ms(core: Any, n: int) -> np.ndarray:
+    """The camera's own cost, paid by every loop alike: `snapImage` + `getImage` beyond
+    the exposure, back to back on this core."""
+    core.setExposure(LOOP_EXPOSURE_MS)
+    out = []
+    for _ in range(n + WARMUP):
+        t0 = now_ns()
+        core.snapImage()
+        core.getImage()
+        out.append((now_ns() - t0) / 1e6)
+    return np.asarray(out[WARMUP:]) - LOOP_EXPOSURE_MS
+
+
+def _ipc_floor_ms(n: int) -> list[float]:
+    """What ZeroMQ alone costs the protocol loop: a command sent to a thread of this
+    process (DEALER -> ROUTER) that answers with one 512x512 u16 frame (PUB -> SUB), over
+    ipc, with no other work; 1 ms idle before each, as during an exposure."""
+    folder = Path(tempfile.mkdtemp(prefix="sl-floor-"))
+    ctx = zmq.Context()
+    router, pub = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PUB)
+    router.bind(f"ipc://{folder}/c")
+    pub.bind(f"ipc://{folder}/s")
+    frame = np.zeros((512, 512), np.uint16)
+
+    def answer() -> None:
+        while True:
+            _identity, body = router.recv_multipart()
+            if body == b"stop":
+                return
+            pub.send_multipart([FRAME_PREFIX, frame], copy=False)
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    dealer, sub = ctx.socket(zmq.DEALER), ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, FRAME_PREFIX)
+    sub.connect(f"ipc://{folder}/s")
+    dealer.connect(f"ipc://{folder}/c")
+    out = []
+    try:
+        dealer.send(b"go")  # until the subscription has reached the publisher
+        while not sub.poll(10):
+            dealer.send(b"go")
+        for i in range(n + WARMUP):
+            while sub.poll(0):
+                sub.recv_multipart()
+            time.sleep(LOOP_EXPOSURE_MS / 1000)
+            t0 = now_ns()
+            dealer.send(b"go")
+            sub.recv_multipart(copy=False)
+            if i >= WARMUP:
+                out.append((now_ns() - t0) / 1e6)
+    finally:
+        dealer.send(b"stop")
+        thread.join(5)
+        for sock in (dealer, sub, router, pub):
+            sock.close(linger=0)
+        ctx.term()
+        shutil.rmtree(folder, ignore_errors=True)
+    return out
 
 
 def _timing_errors_ms(node: _Node, n: int, interval_ms: float) -> list[float]:
@@ -357,7 +425,7 @@ def _stats(name: str, overheads: np.ndarray) -> dict[str, float]:
 def run(quick: bool, log: Callable[[str], None]) -> dict[str, float | int]:
     seconds = 1.0 if quick else 4.0
     n_loop = 40 if quick else 400
-    rounds = 2 if quick else 4
+    rounds = 2 if quick else 10  # short rounds: a burst of host load hits both sides
     n_timed = 30 if quick else 200
     config = DriverConfig(kind="mmcore", mm_config="demo", exposure_ms=STREAM_EXPOSURE_MS)
     core = load_mmcore(config)
@@ -386,6 +454,8 @@ def run(quick: bool, log: Callable[[str], None]) -> dict[str, float | int]:
     core.setProperty(CAMERA, "FastImage", "1")
     bare = np.asarray(_bare_mda_latencies_ms(core, n_loop // 2)) - LOOP_EXPOSURE_MS
     engine = np.asarray(_engine_latencies_ms(core, n_loop // 2)) - LOOP_EXPOSURE_MS
+    snap = _snap_overheads_ms(core, n_loop // 2)
+    ipc_floor = np.asarray(_ipc_floor_ms(n_loop // 2))
     core.setProperty(CAMERA, "FastImage", "0")
 
     ours, theirs = fast["ipc"], fast["pycromanager"]
@@ -418,6 +488,21 @@ def run(quick: bool, log: Callable[[str], None]) -> dict[str, float | int]:
             ),
             **_stats("bare_mda_overhead", bare),
             **_stats("engine_overhead", engine),  # our engine alone: no transport, no thread hop
+            # The floor of any agent-over-ipc loop: the camera's own cost plus ZeroMQ's
+            # command + 512x512 frame round trip with no work; the best ratio it allows.
+            **_stats("snap_overhead", snap),
+            **_stats("ipc_floor", ipc_floor),
+            "best_overhead_ratio_over_ipc": round(
+                float(np.median(theirs))
+                / max(float(np.median(snap)) + float(np.median(ipc_floor)), 1e-6),
+                3,
+            ),
+            # ... and with our event engine in place of the bare camera call
+            "best_overhead_ratio_with_engine_over_ipc": round(
+                float(np.median(theirs))
+                / max(float(np.median(engine)) + float(np.median(ipc_floor)), 1e-6),
+                3,
+            ),
             **_stats("loop_overhead_synthetic", synthetic["ipc"]),
             **_stats("pycromanager_overhead_synthetic", synthetic["pycromanager"]),
             "timed_events": n_timed,
@@ -431,7 +516,11 @@ def run(quick: bool, log: Callable[[str], None]) -> dict[str, float | int]:
         f"pycromanager {metrics['pycromanager_overhead_ms']}"
         f" ms (p99 {metrics['pycromanager_overhead_p99_ms']}), bare MDA "
         f"{metrics['bare_mda_overhead_ms']} ms, our engine alone "
-        f"{metrics['engine_overhead_ms']} ms; driven from inside: our event hook "
+        f"{metrics['engine_overhead_ms']} ms; floor over ipc: camera "
+        f"{metrics['snap_overhead_ms']} + ZeroMQ {metrics['ipc_floor_ms']} ms (best possible "
+        f"ratio {metrics['best_overhead_ratio_over_ipc']}, with our engine "
+        f"{metrics['best_overhead_ratio_with_engine_over_ipc']}); driven from inside: our "
+        f"event hook "
         f"{metrics['hook_loop_overhead_ms']} ms, pycromanager's image_process_fn "
         f"{metrics['pycromanager_callback_loop_overhead_ms']} ms (ratio "
         f"{metrics['overhead_ratio_pycromanager_vs_hook']}); synthetic image: ours "

@@ -17,6 +17,10 @@ Same run, interleaved rounds, medians (the machine is shared):
   loop does; the driver queues one point behind the sweep in progress
   (``spectra_queued``) so the controller goes from sweep to sweep.
 
+``server_floor_spectrum_ratio`` is the same twin server fed by an ideal client (our wire
+codec, 16 points in flight, no driver, protocol or agent): the best ratio any
+client reaches against this server on this machine.
+
 ``overhead_ratio`` = max(twin rate / driver rate) over q-batched spectra and scan lines;
 goal <= 1.2. ``grid_spectrum_overhead_ratio`` is a 16 x 16 grid in one command (the
 round trip to the agent between q-batches, when the controller idles, is what separates
@@ -50,6 +54,7 @@ from drivers.transport import CommandClient, StreamSubscriber
 
 Log = Callable[[str], None]
 POINTS = 64
+PIPELINE_DEPTH = 16  # points in flight from the ideal client (the floor measurement)
 BATCH = 16  # positions per `spectra` command, like a q-batch of an active-learning step
 GRID = 256  # a 16 x 16 spectroscopy grid in one `spectra` command
 BIAS_V = 8.0
@@ -128,12 +133,17 @@ class _BareClient:
         self.send(command, *args)
         return self.read()
 
-    def spectra_per_s(self, n: int) -> float:
+    def spectra_per_s(self, n: int, depth: int = 1) -> float:
+        """Move + sweep per point, ``depth`` points in flight: 1 waits for each sweep;
+        more keeps the controller's queue full, as no real client could do better."""
         xy = self.rng.uniform(-HALF_UM, HALF_UM, size=(n, 2)) / 1e6
         t0 = time.perf_counter()
-        for x, y in xy:
-            self.send("FolMe.XYPosSet", float(x), float(y), 1)
-            self.send("BiasSpectr.Start", 1, "")
+        sent = 0
+        for i in range(n):
+            while sent < n and sent - i < depth:
+                self.send("FolMe.XYPosSet", float(xy[sent, 0]), float(xy[sent, 1]), 1)
+                self.send("BiasSpectr.Start", 1, "")
+                sent += 1
             self.read()
             self.read()
         return n / (time.perf_counter() - t0)
@@ -280,7 +290,7 @@ def run(quick: bool = False, log: Log = print) -> dict[str, float]:
     twin = _Twin()
     rng = np.random.default_rng(1)
     # twin (t*) and chain (d*) rates of the same work: q-batches, grid, one at a time, scans
-    keys = ("ts", "ds", "tg", "dg", "t1", "d1", "tl", "dl", "ns", "nl")
+    keys = ("ts", "ds", "tg", "dg", "t1", "d1", "tl", "dl", "ns", "np", "nl")
     rates: dict[str, list[float]] = {k: [] for k in keys}
     with tempfile.TemporaryDirectory(prefix="spm-bench-") as tmp:
         chain = _Chain(tmp)
@@ -309,6 +319,7 @@ def run(quick: bool = False, log: Log = print) -> dict[str, float]:
                 rates["tl"].append(twin.scan_lines_per_s(scans))
                 rates["dl"].append(chain.scan_lines_per_s(scans))
                 rates["ns"].append(bare.spectra_per_s(spectra))
+                rates["np"].append(bare.spectra_per_s(spectra, depth=PIPELINE_DEPTH))
                 rates["nl"].append(bare.scan_lines_per_s(scans))
                 log(
                     f"round {r + 1}/{rounds}: spectra/s twin {rates['ts'][-1]:.0f} driver "
@@ -324,6 +335,7 @@ def run(quick: bool = False, log: Log = print) -> dict[str, float]:
     metrics = {
         "twin_spectra_per_s": med["ts"],
         "server_spectra_per_s": med["ns"],
+        "server_pipelined_spectra_per_s": med["np"],
         "driver_spectra_per_s": med["ds"],
         "driver_single_spectra_per_s": med["d1"],
         "driver_grid_spectra_per_s": med["dg"],
@@ -339,6 +351,9 @@ def run(quick: bool = False, log: Log = print) -> dict[str, float]:
         # protocol add to it.
         "server_overhead_ratio": max(med["ts"] / med["ns"], med["tl"] / med["nl"]),
         "driver_overhead_ratio": max(med["ns"] / med["ds"], med["nl"] / med["dl"]),
+        # The floor for spectra: the twin's TCP server fed by an ideal client that keeps
+        # its queue full, with no driver, protocol or agent at all.
+        "server_floor_spectrum_ratio": med["ts"] / med["np"],
     }
     metrics["overhead_ratio"] = max(
         metrics["spectrum_overhead_ratio"], metrics["scan_overhead_ratio"]
@@ -351,7 +366,8 @@ def run(quick: bool = False, log: Log = print) -> dict[str, float]:
         f"{med['nl']:.0f}, driver {med['dl']:.0f} (x{metrics['scan_overhead_ratio']:.2f}); "
         f"overhead_ratio {metrics['overhead_ratio']:.2f} (goal <= 1.2), of which the TCP "
         f"server alone x{metrics['server_overhead_ratio']:.2f}, driver + protocol "
-        f"x{metrics['driver_overhead_ratio']:.2f}"
+        f"x{metrics['driver_overhead_ratio']:.2f}; floor (ideal pipelined client, no driver) "
+        f"x{metrics['server_floor_spectrum_ratio']:.2f}"
     )
     return metrics
 

@@ -109,6 +109,10 @@ def test_spm_bench_contract() -> None:
         metrics["server_scan_lines_per_s"] / metrics["driver_scan_lines_per_s"],
     )
     assert metrics["driver_overhead_ratio"] == pytest.approx(driver_share)
+    # The floor: the same kind of server fed by an ideal pipelined client.
+    assert metrics["server_floor_spectrum_ratio"] == pytest.approx(
+        metrics["twin_spectra_per_s"] / metrics["server_pipelined_spectra_per_s"]
+    )
 
 
 def test_mmcore_bench_contract() -> None:
@@ -117,7 +121,7 @@ def test_mmcore_bench_contract() -> None:
         metrics["stream_fps_democam"] / metrics["sequence_fps_democam"], rel=1e-2
     )
     names = ("loop", "loop_overhead_inproc", "pycromanager", "bare_mda", "engine", "hook_loop",
-             "pycromanager_callback_loop")  # fmt: skip
+             "pycromanager_callback_loop", "snap")  # fmt: skip
     for name in names:
         key = name if name.startswith("loop_overhead") else f"{name}_overhead"
         median, p99 = metrics[f"{key}_ms"], metrics[f"{key}_p99_ms"]
@@ -129,3 +133,13 @@ def test_mmcore_bench_contract() -> None:
         their_best / metrics["hook_loop_overhead_ms"], rel=2e-2
     )
     assert metrics["timed_events"] > 0 and metrics["timing_error_p99_ms"] >= 0
+    # The floor of any loop over ipc: camera cost plus ZeroMQ's bare round trip.
+    assert 0 < metrics["ipc_floor_ms"] <= metrics["ipc_floor_p99_ms"]
+    floor = metrics["snap_overhead_ms"] + metrics["ipc_floor_ms"]
+    assert metrics["best_overhead_ratio_over_ipc"] == pytest.approx(
+        metrics["pycromanager_overhead_ms"] / floor, rel=2e-2
+    )
+    with_engine = metrics["engine_overhead_ms"] + metrics["ipc_floor_ms"]
+    assert metrics["best_overhead_ratio_with_engine_over_ipc"] == pytest.approx(
+        metrics["pycromanager_overhead_ms"] / with_engine, rel=2e-2
+    )

@@ -178,9 +178,9 @@ def _hook_latencies_ms(core: Any, config: DriverConfig, n: int) -> list[float]:
     return [(g - t) / 1e6 for g, t in zip(got[1:], sent, strict=True)][WARMUP:]
 
 
-def _snap_overheads_ms(core: Any, n: int) -> np.ndarray:
-    """The camera's own cost, paid by every loop alike: `snapImage` + `getImage` beyond
-    the exposure, back to back on this core."""
+def _snap_latencies_ms(core: Any, n: int) -> list[float]:
+    """The camera's own cost, paid by every loop alike: `snapImage` + `getImage`, back to
+    back on this core."""
     core.setExposure(LOOP_EXPOSURE_MS)
     out = []
     for _ in range(n + WARMUP):
@@ -188,7 +188,7 @@ def _snap_overheads_ms(core: Any, n: int) -> np.ndarray:
         core.snapImage()
         core.getImage()
         out.append((now_ns() - t0) / 1e6)
-    return np.asarray(out[WARMUP:]) - LOOP_EXPOSURE_MS
+    return out[WARMUP:]
 
 
 def _ipc_floor_ms(n: int) -> list[float]:
@@ -221,7 +221,7 @@ def _ipc_floor_ms(n: int) -> list[float]:
         while not sub.poll(10):
             dealer.send(b"go")
         for i in range(n + WARMUP):
-            while sub.poll(0):
+            while sub.poll(0):  # late answers to the start-up "go"s: never count them
                 sub.recv_multipart()
             time.sleep(LOOP_EXPOSURE_MS / 1000)
             t0 = now_ns()
@@ -454,7 +454,7 @@ def run(quick: bool, log: Callable[[str], None]) -> dict[str, float | int]:
     core.setProperty(CAMERA, "FastImage", "1")
     bare = np.asarray(_bare_mda_latencies_ms(core, n_loop // 2)) - LOOP_EXPOSURE_MS
     engine = np.asarray(_engine_latencies_ms(core, n_loop // 2)) - LOOP_EXPOSURE_MS
-    snap = _snap_overheads_ms(core, n_loop // 2)
+    snap = np.asarray(_snap_latencies_ms(core, n_loop // 2)) - LOOP_EXPOSURE_MS
     ipc_floor = np.asarray(_ipc_floor_ms(n_loop // 2))
     core.setProperty(CAMERA, "FastImage", "0")
 

@@ -19,7 +19,7 @@ import numpy as np
 import zmq
 
 from drivers.config import DriverConfig
-from drivers.mda import TARGET_KEY, parse_events
+from drivers.mda import TARGET_KEY, first_error, parse_events
 from drivers.mmcore_node import DriverNode
 from drivers.protocol import ProtocolError, now_ns
 
@@ -198,6 +198,7 @@ def start_python_backend(mm_config: str) -> Any:
     try:
         start_headless(adapters, config, python_backend=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"driver.mm_config: {config} could not be loaded ({first})") from None
+        raise ValueError(
+            f"driver.mm_config: {config} could not be loaded ({first_error(exc)})"
+        ) from None
     return Core()

@@ -13,6 +13,7 @@ from pymmcore_plus import CMMCorePlus
 
 from drivers.config import DriverConfig
 from drivers.event_hooks import EventHook
+from drivers.mda import first_error
 from drivers.mmcore_node import DriverNode
 from drivers.twin_devices import build_twin_core
 
@@ -50,8 +51,9 @@ def load_mmcore(config: DriverConfig) -> CMMCorePlus:
         try:
             core.loadSystemConfiguration(str(path))
         except Exception as exc:  # MMCore reports broken configs as generic errors
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ValueError(f"driver.mm_config: {path} could not be loaded ({first})") from None
+            raise ValueError(
+                f"driver.mm_config: {path} could not be loaded ({first_error(exc)})"
+            ) from None
     core.setExposure(config.exposure_ms)
     return core
 

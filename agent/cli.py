@@ -216,7 +216,7 @@ def driver_serve(
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="A run directory under runs/.")]) -> None:
     """Write report.html with PNG plots for any finished run."""
-    from agent.report import write_report
+    from agent.report import load_run, write_report
 
     try:
         path = write_report(run_dir)
@@ -224,6 +224,9 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory under r
         err_console.print(f"report: {exc}", markup=False, highlight=False)
         raise typer.Exit(2) from None
     console.print(f"report written to {path}", markup=False, highlight=False)
+    note = load_run(run_dir).end_note()
+    if note:
+        console.print(f"run {note}", markup=False, highlight=False)
 
 
 @app.command()
@@ -262,7 +265,8 @@ def replay(
     console.print(
         f"{result['steps_differing']} of {result['steps']} decisions differ "
         f"(mean spot move {result['mean_spot_displacement_um']:.3f} um, mean power change "
-        f"{result['mean_power_change_mw']:+.3f} mW); written to {result['output']}",
+        f"{result['mean_power_change_mw']:+.3f} mW); written to {result['output']}"
+        + (f" (run {result['cut_short']})" if result.get("cut_short") else ""),
         markup=False,
         highlight=False,
     )

@@ -28,7 +28,7 @@ from agent.config import ExperimentConfig, PolicyConfig
 from agent.detect import DetectorConfig, ParticleDetector
 from agent.detectors import DetectorSettings
 from agent.evaluate import MATCH_RADIUS_UM, detection_errors_um
-from agent.frame_recording import FRAMES_NAME, read_recording
+from agent.frame_recording import FRAMES_NAME, read_recording, recording_exists
 from agent.recorder import write_json
 from agent.report import RunData, load_run
 from agent.safety import LaserLimits
@@ -163,7 +163,8 @@ def replay_run(
     detections are reused. Raises ValueError naming the path for a bad run directory.
     """
     run_dir = Path(run_dir)
-    if (run_dir / FRAMES_NAME).is_dir() and not (run_dir / f"events-{phase}.jsonl").is_file():
+    frames = run_dir / FRAMES_NAME
+    if recording_exists(frames) and not (run_dir / f"events-{phase}.jsonl").is_file():
         return replay_frames(run_dir, name=name)
     run = load_run(run_dir)
     if phase not in run.phases:
@@ -242,6 +243,7 @@ def replay_run(
         "mean_power_change_mw": float(np.mean(power_changes)),
         "detection_error": detection,
         "examples": examples,
+        "cut_short": run.end_note(),
     }
     if isinstance(result["detector"], BaseModel):
         result["detector"] = result["detector"].model_dump(mode="json")
@@ -291,7 +293,7 @@ def replay_frames(
     another config shows what it would have found on the very same photons.
     """
     run_dir = Path(run_dir)
-    if not (run_dir / FRAMES_NAME).is_dir():
+    if not recording_exists(run_dir / FRAMES_NAME):
         raise ValueError(f"{run_dir}: no {FRAMES_NAME} (the run did not record frames)")
     source = "recorded" if detector is None else "given"
     if detector is None:
@@ -360,12 +362,16 @@ def replay_frames(
         "max_detection_shift_um": float(np.max(displacements)) if displacements else None,
         "tolerance_um": DETECTION_TOLERANCE_UM,
         "examples": examples,
+        "recording_complete": recording.complete,
+        "frames_lost": recording.frames_lost,
+        "cut_short": None if recording.complete else recording.describe(),
     }
     path = run_dir / f"replay-{name}.json"
     result["output"] = str(path)
     result["message"] = (
         f"re-ran detection on {n} recorded frames: {changed} changed, detections "
         f"{recorded_total} -> {replayed_total}; written to {path}"
+        + ("" if recording.complete else f" ({recording.describe()})")
     )
     write_json(path, result)
     return result

@@ -3,7 +3,9 @@
 Reads only what the runner wrote (`summary.json`, `config.yaml`, `events-<phase>.jsonl`,
 `truth-<phase>.jsonl`); every optional file that is missing turns its section into a
 note saying what is missing, so a crashed run or a run without ground truth still gets
-a report. The HTML is self-contained apart from the PNGs next to it (relative paths).
+a report. A run whose records stop early (killed: a log never closed, no summary; or
+ended by a fault the summary names) says so at the top (`RunData.end_note`). The HTML
+is self-contained apart from the PNGs next to it (relative paths).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +25,9 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 
 from agent.evaluate import MATCH_RADIUS_UM, controlled_track, detection_errors_um
+from agent.frame_recording import FRAMES_NAME, read_recording, recording_exists
 from agent.plots import save_figure
-from agent.recorder import read_events
+from agent.recorder import read_events, read_log
 from agent.report_sections import calibration_html, plot_learning_curve, trap_calibration
 
 PHASE_ORDER = ("feedback", "free")
@@ -55,15 +59,33 @@ class RunData:
         self.config_text = config_path.read_text() if config_path.is_file() else None
         names = [p.stem.removeprefix("events-") for p in phase_files]
         names.sort(key=lambda n: (PHASE_ORDER.index(n) if n in PHASE_ORDER else 99, n))
-        self.events: dict[str, list[dict[str, Any]]] = {
-            n: read_events(run_dir / f"events-{n}.jsonl") for n in names
-        }
+        logs = {n: read_log(run_dir / f"events-{n}.jsonl") for n in names}
+        self.events: dict[str, list[dict[str, Any]]] = {n: log.events for n, log in logs.items()}
+        self.closed: dict[str, bool] = {n: log.closed for n, log in logs.items()}
         self.truth: dict[str, list[dict[str, Any]]] = {}
         for n in names:
             path = run_dir / f"truth-{n}.jsonl"
             records = read_events(path) if path.is_file() else []
             if records:
                 self.truth[n] = records
+
+    def end_note(self) -> str | None:
+        """One line on why this run's records stop early; None for a run that finished."""
+        reasons = [] if self.summary is not None else ["no summary.json"]
+        for name, closed in self.closed.items():
+            if not closed:
+                reasons.append(f"events-{name}.jsonl never closed{_last_record(self.events[name])}")
+        frames = self.run_dir / FRAMES_NAME
+        if recording_exists(frames):
+            recording = read_recording(frames)
+            if not recording.complete:
+                reasons.append(recording.describe())
+        if reasons:
+            return "cut short: " + "; ".join(reasons)
+        reason = (self.summary or {}).get("end_reason")
+        if reason and reason != "finished":
+            return f"ended early: {reason}"
+        return None
 
     @property
     def phases(self) -> list[str]:
@@ -83,6 +105,14 @@ class RunData:
         if self.summary and self.summary.get("target_um"):
             return (float(self.summary["target_um"][0]), float(self.summary["target_um"][1]))
         return None
+
+
+def _last_record(events: list[dict[str, Any]]) -> str:
+    times = [float(e["wall_time"]) for e in events if isinstance(e.get("wall_time"), int | float)]
+    if not times:
+        return " (no record)"
+    stamp = time.strftime("%H:%M:%S", time.localtime(times[-1])) + f".{times[-1] % 1:.3f}"[2:]
+    return f" (last record at {stamp}, {times[-1] - times[0]:.2f} s after its first)"
 
 
 def load_run(run_dir: Path) -> RunData:
@@ -366,6 +396,8 @@ def write_report(run_dir: Path) -> Path:
         )
     else:
         config_html = '<p class="missing">Not available: no config.yaml</p>'
+    note = run.end_note()
+    end_html = f'<p class="missing">{html.escape(note[0].upper() + note[1:])}</p>' if note else ""
     name = (run.summary or {}).get("name", out.name)
     phases = ", ".join(f"{p} ({len(run.steps(p))} steps)" for p in run.phases) or "none"
     page = (
@@ -373,6 +405,7 @@ def write_report(run_dir: Path) -> Path:
         f"<title>scopeloop run {html.escape(str(name))}</title><style>{CSS}</style></head>"
         f"<body><h1>Run {html.escape(str(name))}</h1>"
         f"<p>Directory: <code>{html.escape(str(out))}</code><br>Phases: {html.escape(phases)}</p>"
+        f"{end_html}"
         f"<h2>Summary</h2>{summary_html}<h2>Configuration</h2>{config_html}"
         + "".join(sections)
         + "</body></html>\n"

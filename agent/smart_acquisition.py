@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -186,8 +187,11 @@ class SmartAcquisition:
                 return
         raise RuntimeError("smart acquisition: the driver node sent no frame within 10 s")
 
-    def _collect(self, sub: zmq.Socket, ids: set[int]) -> list[Frame]:
-        """Frames of the given event ids (continuous live frames are ignored)."""
+    def _collect(
+        self, sub: zmq.Socket, ids: set[int], on_frame: Callable[[Frame], None]
+    ) -> list[Frame]:
+        """Frames of the given event ids (continuous live frames are ignored), each handed
+        to `on_frame` as it arrives so it is on disk at once (agent/frame_recording.py)."""
         frames: list[Frame] = []
         deadline = time.monotonic() + self.config.timeout_s
         while ids and time.monotonic() < deadline:
@@ -198,6 +202,7 @@ class SmartAcquisition:
             if event is not None and event["id"] in ids:
                 ids.discard(event["id"])
                 frames.append(frame)
+                on_frame(frame)
         if ids:
             raise RuntimeError(f"smart acquisition: {len(ids)} event frames never arrived")
         return frames
@@ -241,15 +246,16 @@ class SmartAcquisition:
             self._event(k, cfg.screen, {"p": k}, {"reason": "screen", "position": k})
             for k in range(n)
         ]
-        ids = client.call("submit_events", {"events": screen_events}).result["ids"]
-        screen = self._collect(sub, set(ids))
-        screen.sort(key=lambda f: f.header.state["event"]["id"])
         found: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        for frame in screen:
+
+        def on_screen(frame: Frame) -> None:
             k = int(frame.header.state["event"]["metadata"]["position"])
             xy, scores = self._detect_um(frame)
             found[k] = (xy, scores)
             self._record(recorder, log, frame, cfg.screen, xy, f"screen of grid position {k}")
+
+        ids = client.call("submit_events", {"events": screen_events}).result["ids"]
+        self._collect(sub, set(ids), on_screen)
 
         # Decide: positions with objects, best first, within the dose budget.
         candidates = [k for k in range(n) if len(found[k][0]) >= cfg.min_objects]
@@ -272,6 +278,18 @@ class SmartAcquisition:
         )
 
         revisit: list[Frame] = []
+        first_look: dict[int, np.ndarray] = {}
+        start_errors = []
+
+        def on_revisit(frame: Frame) -> None:
+            meta = frame.header.state["event"]["metadata"]
+            xy, _scores = self._detect_um(frame)
+            if meta["timepoint"] == 0:
+                first_look[int(meta["position"])] = xy
+            if frame.header.state["event"].get("start_error_ms") is not None:
+                start_errors.append(frame.header.state["event"]["start_error_ms"])
+            self._record(recorder, log, frame, cfg.revisit, xy, meta["decision"])
+
         if chosen:
             t0 = now_ns() + 50_000_000
             events = []
@@ -291,18 +309,7 @@ class SmartAcquisition:
                         event["t_start_ns"] = t0 + int(t * cfg.revisit.interval_ms * 1e6)
                     events.append(event)
             ids = client.call("submit_events", {"events": events}).result["ids"]
-            revisit = self._collect(sub, set(ids))
-            revisit.sort(key=lambda f: f.header.state["event"]["id"])
-        first_look: dict[int, np.ndarray] = {}
-        start_errors = []
-        for frame in revisit:
-            meta = frame.header.state["event"]["metadata"]
-            xy, _scores = self._detect_um(frame)
-            if meta["timepoint"] == 0:
-                first_look[int(meta["position"])] = xy
-            if frame.header.state["event"].get("start_error_ms") is not None:
-                start_errors.append(frame.header.state["event"]["start_error_ms"])
-            self._record(recorder, log, frame, cfg.revisit, xy, meta["decision"])
+            revisit = self._collect(sub, set(ids), on_revisit)
         client.call("stop_events")
         return self._summary(field, found, chosen, first_look, len(revisit), start_errors)
 

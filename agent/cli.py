@@ -210,7 +210,13 @@ def driver_serve(
     from drivers.serve import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    serve(_load(config, overrides).driver)
+    driver = _load(config, overrides).driver
+    try:
+        serve(driver)
+    except Exception as exc:  # the agent waiting on this node reports this line at once
+        logging.getLogger("drivers.serve").exception("driver failed")
+        err_console.print(f"driver failed: {type(exc).__name__}: {exc}", markup=False)
+        raise typer.Exit(1) from None
 
 
 @app.command()

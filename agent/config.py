@@ -41,6 +41,9 @@ class AgentSettings(BaseModel):
     heartbeat_ms: int = Field(100, ge=5, le=60_000)
     driver_silence_ms: int = Field(3000, ge=100, le=600_000)
     startup_timeout_s: float = Field(30.0, gt=0.0, le=600.0)
+    # A driver that dies or restarts mid-run: wait this long (no actuation) for it to
+    # answer again, then end the run (agent/driver_faults.py); 0: end at once.
+    driver_reconnect_s: float = Field(30.0, ge=0.0, le=3600.0)
 
 
 class ExperimentConfig(BaseModel):

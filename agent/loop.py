@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from agent.driver_faults import DriverFailedToStart, DriverFaults, DriverLost, DriverSilent, Fault
 from agent.recorder import EventLog
 from agent.safety import LaserLimits
 from agent.telemetry import RunTelemetry
@@ -35,9 +36,7 @@ from drivers.transport import (
 )
 from policies.contract import Action, LaserSpot, Observation, Policy
 
-
-class DriverSilent(RuntimeError):
-    """No frame or heartbeat from the driver for longer than allowed."""
+__all__ = ["AgentLoop", "DriverSilent", "LoopEndpoints", "LoopResult"]
 
 
 @dataclass
@@ -49,6 +48,8 @@ class LoopResult:
     actions_clipped: int = 0
     latency_count: int = 0  # per-step latencies live in the event log, not in memory
     driver_events: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=100))
+    driver_sessions: int = 1  # one more each time the driver came back after a fault
+    end_reason: str | None = None  # why the phase ended early (a driver lost), else None
 
 
 @dataclass(frozen=True)
@@ -77,8 +78,11 @@ class AgentLoop:
         ctx: zmq.Context | None = None,
         tracker: Tracker | None = None,
         telemetry: RunTelemetry | None = None,
+        faults: DriverFaults | None = None,
     ) -> None:
         self.ctx = ctx or zmq.Context.instance()
+        # without a reconnect allowance, a silent driver ends the phase at once
+        self.faults = faults or DriverFaults(0.0, driver_silence_ms)
         self.tracker = tracker or Tracker()
         self.endpoints = endpoints
         self.detector = detector
@@ -97,8 +101,11 @@ class AgentLoop:
             if self.telemetry is not None:
                 self.telemetry.poll_control()  # a dashboard gets answers while we wait
             try:
-                return client.call("get_state", timeout_ms=500).result
+                return client.call("get_state", timeout_ms=200).result
             except CommandTimeout:
+                exited = self.faults.exited()
+                if exited is not None:
+                    raise DriverFailedToStart(f"driver failed to start: {exited}") from None
                 if now_ns() > deadline:
                     raise DriverSilent(
                         f"driver at {self.endpoints.command} did not answer within {timeout_s:g} s"
@@ -125,9 +132,15 @@ class AgentLoop:
                 self.telemetry.set_state("running")
             self.policy.reset()
             self.tracker.reset()
-            self._loop(
-                client, subscriber, limits, field_um, target, duration_s, stop, result, on_step
-            )
+            try:
+                self._loop(
+                    client, subscriber, limits, field_um, target, duration_s, stop, result, on_step
+                )
+            except DriverLost as exc:
+                result.end_reason = str(exc)
+                self.events.write("driver_lost", reason=str(exc), steps=result.steps)
+                if self.telemetry is not None:
+                    self.telemetry.event(str(exc), "error")
         finally:
             laser_after = None  # the driver's own word on the safe state, for the record
             try:
@@ -144,6 +157,8 @@ class AgentLoop:
                 commands_failed=result.commands_failed,
                 late_replies=client.late_replies,
                 laser_after=laser_after,
+                driver_sessions=result.driver_sessions,
+                end_reason=result.end_reason,
             )
             subscriber.close()
             client.close()
@@ -186,7 +201,7 @@ class AgentLoop:
                     self.telemetry.event("resumed: policy in control")
             frame = subscriber.recv_newest(timeout_ms=self.heartbeat_ms)
             t = now_ns()
-            if t - last_heartbeat > self.heartbeat_ms * 1_000_000:
+            if not self.faults.down and t - last_heartbeat > self.heartbeat_ms * 1_000_000:
                 client.send("heartbeat", reply=False)
                 last_heartbeat = t
             for topic, message in subscriber.take_messages():
@@ -197,8 +212,16 @@ class AgentLoop:
                         self.telemetry.event(f"driver: {message}", "warning")
             if subscriber.last_message_ns:
                 last_traffic = subscriber.last_message_ns
-            if t - last_traffic > self.driver_silence_ms * 1_000_000:
-                raise DriverSilent(f"no frame or heartbeat for {self.driver_silence_ms} ms")
+            fault = self.faults.check(t, last_traffic, frame.header.seq if frame else None)
+            if fault is not None:
+                self._driver_down(client, fault)
+            if self.faults.down:  # actuate nothing until the driver answers again
+                if fault is not None or self.faults.traffic_since_down(last_traffic):
+                    state = self._resume(client, result)
+                    if state is not None:
+                        limits = LaserLimits.from_driver_state(state)
+                        field_um = tuple(state["field_um"])
+                continue
             if frame is None:
                 continue
             if paused_since is not None:
@@ -207,6 +230,40 @@ class AgentLoop:
             self._step(client, frame, limits, field_um, target, result, subscriber.stats.skipped)
             if on_step is not None:
                 on_step(result.steps, (t - t_start - paused_ns) / 1e9)
+
+    def _driver_down(self, client: CommandClient, fault: Fault) -> None:
+        """The driver went down or restarted: try to leave it safe; log it loudly."""
+        laser_off = "ok"
+        if fault.kind == "down":
+            try:  # a hung but living driver may still take it; a dead one will not
+                client.call("laser_off", timeout_ms=min(self.command_timeout_ms, 250))
+            except (CommandTimeout, CommandError) as exc:
+                laser_off = str(exc)
+        self.events.write("driver_down", fault=fault.kind, reason=fault.reason, laser_off=laser_off)
+        if self.telemetry is not None:
+            self.telemetry.event(f"{fault.reason}: actuation stopped, waiting", "warning")
+
+    def _resume(self, client: CommandClient, result: LoopResult) -> dict[str, Any] | None:
+        """The driver's state if it answers again (a new session starts), else None."""
+        try:
+            state = client.call("get_state", timeout_ms=500).result
+        except (CommandTimeout, CommandError):
+            return None
+        reason = self.faults.reason
+        down_ms = self.faults.resumed() / 1e6
+        result.driver_sessions += 1
+        self.policy.reset()
+        self.tracker.reset()  # frame numbers start again in the new session
+        self.events.write(
+            "driver_resumed",
+            session=self.faults.session,
+            reason=reason,
+            down_ms=down_ms,
+            driver_state=state,
+        )
+        if self.telemetry is not None:
+            self.telemetry.event(f"driver back after {down_ms:.0f} ms: policy in control")
+        return state
 
     def _pause(self, client: CommandClient) -> int:
         """Enter the paused state: laser off now; the loop sends no actuation until resume."""
@@ -305,6 +362,7 @@ class AgentLoop:
             latency_ms=latency_ms,
             skipped_total=skipped_total,
             error=error,
+            session=self.faults.session,
         )
 
     def _publish_step(

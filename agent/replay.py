@@ -196,7 +196,11 @@ def replay_run(
     displacements: list[float] = []
     power_changes: list[float] = []
     examples: list[dict[str, Any]] = []
+    session = 0
     for step, obs in observations(run, phase):
+        if step.get("session", 0) != session:  # the driver came back: the loop reset too
+            session = step.get("session", 0)
+            agent.reset()
         action = agent.act(obs)
         clipped = False
         if limits is not None:

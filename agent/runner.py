@@ -24,6 +24,7 @@ import zmq
 
 from agent.config import ExperimentConfig, dump_config
 from agent.detectors import build_detector, needs_training, train_on_stream
+from agent.driver_faults import DriverFaults, process_probe
 from agent.evaluate import TruthRecorder, controlled_track, detection_rmse_um, rms_distance
 from agent.loop import AgentLoop, DriverSilent, LoopEndpoints, LoopResult
 from agent.plots import plot_run
@@ -118,6 +119,11 @@ def run_phase(
                 ctx=ctx,
                 tracker=Tracker(settings.tracking),
                 telemetry=telemetry,
+                faults=DriverFaults(
+                    settings.driver_reconnect_s,
+                    settings.driver_silence_ms,
+                    process_probe(driver.proc, driver.log_path),
+                ),
             )
             on_step = (lambda _n, t: progress(name, t)) if progress else None
             result = loop.run(
@@ -196,6 +202,8 @@ def summarize(config: ExperimentConfig, phases: dict[str, PhaseResult]) -> dict[
         "latency_max_ms": max(latencies, default=float("nan")),
         "detection_rmse_um": detection_rmse_um(feedback.steps, feedback.truth),
         "driver_events": list(feedback.loop.driver_events),
+        "driver_sessions": feedback.loop.driver_sessions,
+        "end_reason": next((p.loop.end_reason for p in phases.values() if p.loop.end_reason), None),
     }
     if "free" in phases:
         free = phases["free"]
@@ -222,7 +230,7 @@ def run_experiment(
         if config.compare_free_diffusion:
             plan.append(("free", LaserOff()))
         for name, policy in plan:
-            if telemetry.stop_requested:
+            if telemetry.stop_requested or any(p.loop.end_reason for p in phases.values()):
                 telemetry.event(f"phase {name} skipped: run stopped", "warning")
                 continue
             telemetry.set_phase(name)

@@ -1,0 +1,218 @@
+"""Driver faults: a driver restarted, killed or failing to start under a running agent."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agent import runner
+from agent.config import ConfigError, load_config
+from agent.detect import ParticleDetector
+from agent.driver_faults import DriverFaults, DriverLost, DriverSilent, cause_line
+from agent.loop import AgentLoop, LoopEndpoints, LoopResult
+from agent.recorder import EventLog, read_events
+from agent.report import load_run
+from policies.feedback import ProportionalTrap, ProportionalTrapConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAP = ROOT / "configs" / "twin-feedback-trap.yaml"
+
+
+def _wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 90.0) -> None:
+    """Poll until `condition` holds; the timeout only turns a hang into a failure."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.02)
+
+
+def _kinds(path: Path) -> list[dict]:
+    return read_events(path) if path.is_file() else []
+
+
+class DriverProcesses:
+    """`scopeloop driver serve` on fixed endpoints, restartable; the probe follows it."""
+
+    def __init__(self, folder: Path) -> None:
+        config = yaml.safe_load(TRAP.read_text())
+        self.stream, self.command = f"ipc://{folder}/s", f"ipc://{folder}/c"
+        config["driver"].update(stream_endpoint=self.stream, command_endpoint=self.command)
+        self.config_path = folder / "driver.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log_path = folder / "driver.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log_path.open("a") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "agent.cli", "driver", "serve", str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+            )
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def probe(self) -> str | None:
+        code = None if self.proc is None else self.proc.poll()
+        return None if code is None else f"driver process exited with code {code}"
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def drivers(ipc_dir: Path) -> Iterator[DriverProcesses]:
+    procs = DriverProcesses(ipc_dir)
+    yield procs
+    procs.stop()
+
+
+def test_driver_restarted_under_a_running_agent_resumes(
+    drivers: DriverProcesses, tmp_path: Path
+) -> None:
+    drivers.start()
+    log_path = tmp_path / "events.jsonl"
+    stop = threading.Event()
+    results: list[LoopResult] = []
+    with EventLog(log_path) as events:
+        loop = AgentLoop(
+            LoopEndpoints(drivers.stream, drivers.command),
+            ParticleDetector(),
+            ProportionalTrap(ProportionalTrapConfig()),
+            events,
+            faults=DriverFaults(reconnect_s=120.0, silence_ms=60_000, probe=drivers.probe),
+        )
+        thread = threading.Thread(target=lambda: results.append(loop.run(600.0, stop, 90.0)))
+        thread.start()
+        try:
+            steps = lambda: [e for e in _kinds(log_path) if e["kind"] == "step"]  # noqa: E731
+            _wait_for(lambda: len(steps()) >= 20, "20 steps before the restart")
+            drivers.kill()
+            kinds = lambda: [e["kind"] for e in _kinds(log_path)]  # noqa: E731
+            _wait_for(lambda: "driver_down" in kinds(), "the agent to see the driver gone")
+            drivers.start()
+            _wait_for(
+                lambda: (
+                    sum(s["session"] == 1 and s["latency_ms"] is not None for s in steps()) >= 20
+                ),
+                "20 applied commands after the restart",
+            )
+        finally:
+            stop.set()
+            thread.join(30)
+    assert results, "the agent loop crashed"
+    records = read_events(log_path)
+    kinds = [e["kind"] for e in records]
+    down, resumed = kinds.index("driver_down"), kinds.index("driver_resumed")
+    assert down < resumed
+    assert "step" not in kinds[down:resumed], "no actuation while the driver was down"
+    assert "exited with code -9" in records[down]["reason"]
+    assert records[resumed]["session"] == 1
+    end = records[kinds.index("end")]
+    assert end["driver_sessions"] == 2 and end["end_reason"] is None
+    assert results[0].end_reason is None and results[0].driver_sessions == 2
+
+
+def test_driver_killed_mid_run_ends_the_run_with_a_summary_saying_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started: list[runner.DriverProcess] = []
+
+    class Tracked(runner.DriverProcess):
+        def __init__(self, config_path: Path, log_path: Path) -> None:
+            super().__init__(config_path, log_path)
+            started.append(self)
+
+    monkeypatch.setattr(runner, "DriverProcess", Tracked)
+    config = load_config(
+        TRAP,
+        [f"runs_dir={tmp_path}", "duration_s=600", "agent.driver_reconnect_s=0.5", "name=lost"],
+    )
+
+    def kill_after_some_steps() -> None:
+        _wait_for(lambda: bool(started), "the driver process")
+        events = lambda: list(tmp_path.glob("*/events-feedback.jsonl"))  # noqa: E731
+        _wait_for(lambda: bool(events()) and len(_kinds(events()[0])) > 10, "steps")
+        started[0].proc.send_signal(signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_after_some_steps, daemon=True)
+    killer.start()
+    run_dir, summary = runner.run_experiment(config)
+    killer.join(10)
+    saved = json.loads((run_dir / "summary.json").read_text())
+    assert saved["end_reason"] == summary["end_reason"]
+    assert summary["end_reason"].startswith("driver lost: driver process exited with code -9")
+    assert "driver_reconnect_s" in summary["end_reason"]
+    assert summary["steps"] > 0 and "rms_free_um" not in summary  # free phase skipped
+    note = load_run(run_dir).end_note()
+    assert note is not None and note.startswith("ended early: driver lost")
+
+
+def test_driver_failing_to_start_is_reported_with_its_cause(tmp_path: Path) -> None:
+    config = load_config(
+        TRAP,
+        [
+            f"runs_dir={tmp_path}",
+            "driver.kind=mmcore",
+            f"driver.mm_config={tmp_path / 'missing.cfg'}",
+            "agent.startup_timeout_s=300",  # only the driver's exit can end this wait early
+        ],
+    )
+    with pytest.raises(DriverSilent) as info:
+        runner.run_experiment(config)
+    message = str(info.value)
+    assert message.startswith("driver failed to start")
+    assert f"driver.mm_config: file {tmp_path / 'missing.cfg'} does not exist" in message
+    assert "did not answer" not in message
+
+
+def test_fault_states_follow_the_stream() -> None:
+    faults = DriverFaults(reconnect_s=1.0, silence_ms=500)
+    assert faults.check(0, 0, 5) is None and faults.check(10, 10, 6) is None
+    restart = faults.check(20, 20, 0)
+    assert restart is not None and restart.kind == "restarted" and faults.down
+    assert faults.resumed() >= 0 and faults.session == 1 and not faults.down
+    assert faults.check(30, 30, 0) is None  # frame numbers of the new session
+    silent = faults.check(int(0.6e9), 30, None)
+    assert silent is not None and silent.kind == "down" and "500 ms" in silent.reason
+    assert faults.check(int(1.5e9), 30, None) is None  # still waiting
+    with pytest.raises(DriverLost, match="within 1 s"):
+        faults.check(int(1.7e9), 30, None)
+
+
+def test_cause_line_is_the_error_not_the_traceback_frame(tmp_path: Path) -> None:
+    log = tmp_path / "driver.log"
+    log.write_text(
+        "driver starting\nTraceback (most recent call last):\n  File 'x.py', line 3\n"
+        "    raise ValueError('bad')\nValueError: driver.mm_config: file x does not exist\n\n"
+    )
+    assert cause_line(log) == "ValueError: driver.mm_config: file x does not exist"
+    log.write_text("config error: driver.exposure_ms: must be > 0 (got -1)\n")
+    assert cause_line(log).startswith("config error: driver.exposure_ms")
+    log.write_text("Traceback\nValueError: bad\ndriver failed: ValueError: bad\nexit\n")
+    assert cause_line(log) == "driver failed: ValueError: bad"
+    assert "empty" in cause_line(tmp_path / "none.log") or "unreadable" in cause_line(
+        tmp_path / "none.log"
+    )
+
+
+def test_driver_reconnect_s_is_validated() -> None:
+    with pytest.raises(ConfigError, match=r"agent.driver_reconnect_s.*(greater|less)"):
+        load_config(TRAP, ["agent.driver_reconnect_s=-1"])
+    with pytest.raises(ConfigError, match=r"agent\.driver_reconnect_s"):
+        load_config(TRAP, ["agent.driver_reconnect_s=1e9"])

@@ -54,6 +54,9 @@ class FrameRecorder:
     """Appends frames of one shape/dtype; the first frame fixes both."""
 
     def __init__(self, path: Path) -> None:
+        import ome_writers  # noqa: F401  (seconds to import: now, not at the first frame)
+        import tensorstore  # noqa: F401  (its backend)
+
         self.path = Path(path)
         self._stream: Any = None
         self._shape: tuple[int, ...] = ()

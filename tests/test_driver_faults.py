@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
 from agent import runner
 from agent.config import ConfigError, load_config
@@ -21,69 +17,26 @@ from agent.driver_faults import DriverFaults, DriverLost, DriverSilent, cause_li
 from agent.loop import AgentLoop, LoopEndpoints, LoopResult
 from agent.recorder import EventLog, read_events
 from agent.report import load_run
+from benchmarks.faults_records import RestartableDriver, wait_for
 from policies.feedback import ProportionalTrap, ProportionalTrapConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAP = ROOT / "configs" / "twin-feedback-trap.yaml"
 
 
-def _wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 90.0) -> None:
-    """Poll until `condition` holds; the timeout only turns a hang into a failure."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        time.sleep(0.02)
-
-
 def _kinds(path: Path) -> list[dict]:
     return read_events(path) if path.is_file() else []
 
 
-class DriverProcesses:
-    """`scopeloop driver serve` on fixed endpoints, restartable; the probe follows it."""
-
-    def __init__(self, folder: Path) -> None:
-        config = yaml.safe_load(TRAP.read_text())
-        self.stream, self.command = f"ipc://{folder}/s", f"ipc://{folder}/c"
-        config["driver"].update(stream_endpoint=self.stream, command_endpoint=self.command)
-        self.config_path = folder / "driver.yaml"
-        self.config_path.write_text(yaml.safe_dump(config))
-        self.log_path = folder / "driver.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log_path.open("a") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "agent.cli", "driver", "serve", str(self.config_path)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-            )
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def probe(self) -> str | None:
-        code = None if self.proc is None else self.proc.poll()
-        return None if code is None else f"driver process exited with code {code}"
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-
-
 @pytest.fixture
-def drivers(ipc_dir: Path) -> Iterator[DriverProcesses]:
-    procs = DriverProcesses(ipc_dir)
+def drivers(ipc_dir: Path) -> Iterator[RestartableDriver]:
+    procs = RestartableDriver(ipc_dir)
     yield procs
     procs.stop()
 
 
 def test_driver_restarted_under_a_running_agent_resumes(
-    drivers: DriverProcesses, tmp_path: Path
+    drivers: RestartableDriver, tmp_path: Path
 ) -> None:
     drivers.start()
     log_path = tmp_path / "events.jsonl"
@@ -101,12 +54,12 @@ def test_driver_restarted_under_a_running_agent_resumes(
         thread.start()
         try:
             steps = lambda: [e for e in _kinds(log_path) if e["kind"] == "step"]  # noqa: E731
-            _wait_for(lambda: len(steps()) >= 20, "20 steps before the restart")
+            wait_for(lambda: len(steps()) >= 20, "20 steps before the restart")
             drivers.kill()
             kinds = lambda: [e["kind"] for e in _kinds(log_path)]  # noqa: E731
-            _wait_for(lambda: "driver_down" in kinds(), "the agent to see the driver gone")
+            wait_for(lambda: "driver_down" in kinds(), "the agent to see the driver gone")
             drivers.start()
-            _wait_for(
+            wait_for(
                 lambda: (
                     sum(s["session"] == 1 and s["latency_ms"] is not None for s in steps()) >= 20
                 ),
@@ -145,9 +98,9 @@ def test_driver_killed_mid_run_ends_the_run_with_a_summary_saying_why(
     )
 
     def kill_after_some_steps() -> None:
-        _wait_for(lambda: bool(started), "the driver process")
+        wait_for(lambda: bool(started), "the driver process")
         events = lambda: list(tmp_path.glob("*/events-feedback.jsonl"))  # noqa: E731
-        _wait_for(lambda: bool(events()) and len(_kinds(events()[0])) > 10, "steps")
+        wait_for(lambda: bool(events()) and len(_kinds(events()[0])) > 10, "steps")
         started[0].proc.send_signal(signal.SIGKILL)
 
     killer = threading.Thread(target=kill_after_some_steps, daemon=True)

@@ -70,6 +70,8 @@ def _run(config: ExperimentConfig) -> dict[str, Any]:
             err_console.print(f"error: {exc}", markup=False, highlight=False)
             raise typer.Exit(1) from None
     _print_summary(summary)
+    if summary.get("end_reason"):
+        err_console.print(f"run ended early: {summary['end_reason']}", markup=False)
     console.print(
         f"run written to [bold]{run_dir}[/bold] (report.html, summary.json, events-*.jsonl, "
         f"{', '.join(summary.get('plots', []))})"

@@ -23,8 +23,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
+from agent.recorder import EventLog
+from agent.telemetry import RunTelemetry
 from drivers.protocol import now_ns
+from drivers.transport import CommandClient, CommandError, CommandTimeout
 
 ExitProbe = Callable[[], str | None]
 
@@ -105,6 +109,7 @@ class DriverFaults:
         self.down_since_ns = 0
         self._last_seq: int | None = None
         self._probe_reported: str | None = None
+        self._fault_kind = ""
 
     @property
     def down(self) -> bool:
@@ -137,9 +142,52 @@ class DriverFaults:
             )
         return None
 
-    def traffic_since_down(self, last_traffic_ns: int) -> bool:
-        """Whether anything arrived from a driver after it went down (worth a get_state)."""
-        return self.down and last_traffic_ns > self.down_since_ns
+    def went_down(
+        self,
+        client: CommandClient,
+        fault: Fault,
+        events: EventLog,
+        telemetry: RunTelemetry | None,
+        timeout_ms: int = 250,
+    ) -> None:
+        """The driver went down or restarted: try to leave it safe; log it loudly."""
+        laser_off = "ok"
+        if fault.kind == "down":
+            try:  # a hung but living driver may still take it; a dead one will not
+                client.call("laser_off", timeout_ms=timeout_ms)
+            except (CommandTimeout, CommandError) as exc:
+                laser_off = str(exc)
+        events.write("driver_down", fault=fault.kind, reason=fault.reason, laser_off=laser_off)
+        if telemetry is not None:
+            telemetry.event(f"{fault.reason}: actuation stopped, waiting", "warning")
+
+    def try_resume(
+        self,
+        client: CommandClient,
+        last_traffic_ns: int,
+        events: EventLog,
+        telemetry: RunTelemetry | None,
+    ) -> dict[str, Any] | None:
+        """The driver's state if it answers again (a new session starts), else None.
+        Asks only once something arrived from it since it went down (or it restarted)."""
+        if not (self._fault_kind == "restarted" or last_traffic_ns > self.down_since_ns):
+            return None
+        try:
+            state = client.call("get_state", timeout_ms=500).result
+        except (CommandTimeout, CommandError):
+            return None
+        reason = self.reason
+        down_ms = self.resumed() / 1e6
+        events.write(
+            "driver_resumed",
+            session=self.session,
+            reason=reason,
+            down_ms=down_ms,
+            driver_state=state,
+        )
+        if telemetry is not None:
+            telemetry.event(f"driver back after {down_ms:.0f} ms: policy in control")
+        return state
 
     def resumed(self) -> int:
         """The driver answers again: a new session starts. Returns how long it was down (ns)
@@ -155,6 +203,7 @@ class DriverFaults:
 
     def _go_down(self, t_ns: int, reason: str, kind: str = "down") -> Fault:
         self.state = DriverState.DOWN
+        self._fault_kind = kind
         self.down_since_ns = t_ns
         self.reason = reason
         return Fault(kind, reason)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from agent.driver_faults import DriverFailedToStart, DriverFaults, DriverLost, DriverSilent, Fault
+from agent.driver_faults import DriverFailedToStart, DriverFaults, DriverLost, DriverSilent
 from agent.recorder import EventLog
 from agent.safety import LaserLimits
 from agent.telemetry import RunTelemetry
@@ -214,13 +214,15 @@ class AgentLoop:
                 last_traffic = subscriber.last_message_ns
             fault = self.faults.check(t, last_traffic, frame.header.seq if frame else None)
             if fault is not None:
-                self._driver_down(client, fault)
+                self.faults.went_down(client, fault, self.events, self.telemetry)
             if self.faults.down:  # actuate nothing until the driver answers again
-                if fault is not None or self.faults.traffic_since_down(last_traffic):
-                    state = self._resume(client, result)
-                    if state is not None:
-                        limits = LaserLimits.from_driver_state(state)
-                        field_um = tuple(state["field_um"])
+                state = self.faults.try_resume(client, last_traffic, self.events, self.telemetry)
+                if state is not None:  # a new driver session: frame numbers start again
+                    result.driver_sessions += 1
+                    self.policy.reset()
+                    self.tracker.reset()
+                    limits = LaserLimits.from_driver_state(state)
+                    field_um = tuple(state["field_um"])
                 continue
             if frame is None:
                 continue
@@ -230,40 +232,6 @@ class AgentLoop:
             self._step(client, frame, limits, field_um, target, result, subscriber.stats.skipped)
             if on_step is not None:
                 on_step(result.steps, (t - t_start - paused_ns) / 1e9)
-
-    def _driver_down(self, client: CommandClient, fault: Fault) -> None:
-        """The driver went down or restarted: try to leave it safe; log it loudly."""
-        laser_off = "ok"
-        if fault.kind == "down":
-            try:  # a hung but living driver may still take it; a dead one will not
-                client.call("laser_off", timeout_ms=min(self.command_timeout_ms, 250))
-            except (CommandTimeout, CommandError) as exc:
-                laser_off = str(exc)
-        self.events.write("driver_down", fault=fault.kind, reason=fault.reason, laser_off=laser_off)
-        if self.telemetry is not None:
-            self.telemetry.event(f"{fault.reason}: actuation stopped, waiting", "warning")
-
-    def _resume(self, client: CommandClient, result: LoopResult) -> dict[str, Any] | None:
-        """The driver's state if it answers again (a new session starts), else None."""
-        try:
-            state = client.call("get_state", timeout_ms=500).result
-        except (CommandTimeout, CommandError):
-            return None
-        reason = self.faults.reason
-        down_ms = self.faults.resumed() / 1e6
-        result.driver_sessions += 1
-        self.policy.reset()
-        self.tracker.reset()  # frame numbers start again in the new session
-        self.events.write(
-            "driver_resumed",
-            session=self.faults.session,
-            reason=reason,
-            down_ms=down_ms,
-            driver_state=state,
-        )
-        if self.telemetry is not None:
-            self.telemetry.event(f"driver back after {down_ms:.0f} ms: policy in control")
-        return state
 
     def _pause(self, client: CommandClient) -> int:
         """Enter the paused state: laser off now; the loop sends no actuation until resume."""

@@ -4,6 +4,7 @@ flagged as cut short, with every record written before the kill."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from agent.report import load_run, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 SMART = ROOT / "configs" / "twin-smart-acquisition.yaml"
+TRAP = ROOT / "configs" / "twin-feedback-trap.yaml"
 
 
 def _frame_lines(path: Path) -> int:
@@ -132,3 +134,41 @@ def test_killed_recording_run_reads_back_cut_short(tmp_path: Path) -> None:
     assert cli.exit_code == 0 and "run cut short: no summary.json" in cli.output
     saved = json.loads((run_dir / "replay-frames-recorded.json").read_text())
     assert saved["recording_complete"] is False
+
+
+def test_killed_feedback_run_replays_its_steps_cut_short(tmp_path: Path) -> None:
+    """SIGKILL a feedback-trap run (agent and its driver), then replay its event log."""
+    runs = tmp_path / "runs"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "run",
+            str(ROOT / "configs" / "twin-feedback-trap.yaml"),
+        ]
+        + [f"--set={item}" for item in (f"runs_dir={runs}", "duration_s=600")],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # one process group: the run and the driver it started
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and proc.poll() is None:
+            logs = list(runs.glob("*/events-feedback.jsonl"))
+            if logs and logs[0].read_text().count('"kind":"step"') >= 20:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    (run_dir,) = runs.iterdir()
+    note = load_run(run_dir).end_note()
+    assert note is not None and "events-feedback.jsonl never closed" in note
+    result = replay_run(run_dir)
+    assert result["steps"] >= 20 and result["steps_differing"] == 0
+    assert result["cut_short"] == note
+    cli = CliRunner().invoke(app, ["replay", str(run_dir)])
+    assert cli.exit_code == 0 and "(run cut short: no summary.json" in cli.output

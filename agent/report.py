@@ -115,6 +115,27 @@ def _last_record(events: list[dict[str, Any]]) -> str:
     return f" (last record at {stamp}, {times[-1] - times[0]:.2f} s after its first)"
 
 
+DRIVER_FAULT_KINDS = ("driver_down", "driver_resumed", "driver_lost")
+
+
+def _driver_faults_html(run: RunData) -> str:
+    """The driver going down, coming back or lost, per phase (agent/driver_faults.py)."""
+    rows = []
+    for phase in run.phases:
+        events = run.events[phase]
+        t0 = next((float(e["wall_time"]) for e in events if "wall_time" in e), 0.0)
+        for e in events:
+            if e.get("kind") in DRIVER_FAULT_KINDS:
+                down = f"{e['down_ms']:.0f} ms" if "down_ms" in e else ""
+                cells = (phase, f"{float(e['wall_time']) - t0:.2f} s", e["kind"], e["reason"], down)
+                rows.append("".join(f"<td>{html.escape(str(c))}</td>" for c in cells))
+    if not rows:
+        return ""
+    head = "".join(f"<th>{h}</th>" for h in ("phase", "at", "event", "reason", "down for"))
+    body = "".join(f"<tr>{r}</tr>" for r in rows)
+    return f"<h2>Driver faults</h2><table><tr>{head}</tr>{body}</table>"
+
+
 def load_run(run_dir: Path) -> RunData:
     """Read a run directory; ValueError naming the path if it is not one."""
     return RunData(run_dir)
@@ -368,6 +389,9 @@ def write_report(run_dir: Path) -> Path:
         image, why = None, f"no ground-truth records for the {feedback or 'feedback'} phase"
     sections.append(_section(f"Detection error vs truth ({feedback} phase)", image, why))
 
+    faults = _driver_faults_html(run)
+    if faults:
+        sections.append(faults)
     sections.append(f"<h2>Trap calibration ({feedback or 'feedback'} phase)</h2>")
     sections.append(calibration_html(trap_calibration(run, feedback or "feedback")))
     image = plot_learning_curve(out, out / "report-learning-curve.png")

@@ -16,7 +16,7 @@ from agent.detect import ParticleDetector
 from agent.driver_faults import DriverFaults, DriverLost, DriverSilent, cause_line
 from agent.loop import AgentLoop, LoopEndpoints, LoopResult
 from agent.recorder import EventLog, read_events
-from agent.report import load_run
+from agent.report import load_run, write_report
 from benchmarks.faults_records import RestartableDriver, wait_for
 from policies.feedback import ProportionalTrap, ProportionalTrapConfig
 
@@ -114,6 +114,8 @@ def test_driver_killed_mid_run_ends_the_run_with_a_summary_saying_why(
     assert summary["steps"] > 0 and "rms_free_um" not in summary  # free phase skipped
     note = load_run(run_dir).end_note()
     assert note is not None and note.startswith("ended early: driver lost")
+    page = write_report(run_dir).read_text()
+    assert "<h2>Driver faults</h2>" in page and "driver_lost" in page
 
 
 def test_driver_failing_to_start_is_reported_with_its_cause(tmp_path: Path) -> None:

@@ -172,3 +172,13 @@ def test_killed_feedback_run_replays_its_steps_cut_short(tmp_path: Path) -> None
     assert result["cut_short"] == note
     cli = CliRunner().invoke(app, ["replay", str(run_dir)])
     assert cli.exit_code == 0 and "(run cut short: no summary.json" in cli.output
+
+
+def test_a_run_killed_before_its_first_frame_still_replays(tmp_path: Path) -> None:
+    FrameRecorder(tmp_path / FRAMES_NAME)  # opened, never written to, never closed
+    recording = read_recording(tmp_path / FRAMES_NAME)
+    assert len(recording) == 0 and not recording.complete
+    (tmp_path / "events-smart.jsonl").write_text('{"kind":"frame","wall_time":1.0}\n')
+    result = replay_run(tmp_path)
+    assert result["frames"] == 0 and "cut short" in result["message"]
+    assert "no summary.json" in (load_run(tmp_path).end_note() or "")

@@ -210,7 +210,11 @@ def driver_serve(
     from drivers.serve import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    serve(_load(config, overrides).driver)
+    try:
+        serve(_load(config, overrides).driver)
+    except ValueError as exc:  # a refused bind or an unreadable key or config file
+        err_console.print(f"driver: {exc}", markup=False, highlight=False)
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -408,6 +412,9 @@ def driver_serve_spm(
     except ConnectionError as exc:
         err_console.print(f"error: {exc}", markup=False, highlight=False)
         raise typer.Exit(1) from None
+    except ValueError as exc:  # a refused bind or an unreadable key file
+        err_console.print(f"driver: {exc}", markup=False, highlight=False)
+        raise typer.Exit(2) from None
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: node.stop.set())
     print(f"spm driver ready: stream={node.endpoints[0]} command={node.endpoints[1]}", flush=True)

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from agent.detectors import DetectorSettings
 from agent.tracking import TrackerConfig
-from drivers.config import DriverConfig
+from drivers.config import ClientAuth, DriverConfig
 from policies.control.config import ControlPolicyConfigs
 from policies.feedback import LaserOffConfig, ProportionalTrapConfig
 from policies.rl.policy import RlPolicyConfig
@@ -41,6 +41,7 @@ class AgentSettings(BaseModel):
     heartbeat_ms: int = Field(100, ge=5, le=60_000)
     driver_silence_ms: int = Field(3000, ge=100, le=600_000)
     startup_timeout_s: float = Field(30.0, gt=0.0, le=600.0)
+    auth: ClientAuth = ClientAuth()  # CURVE keys for a driver on tcp:// (drivers/auth.py)
 
 
 class ExperimentConfig(BaseModel):

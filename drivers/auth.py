@@ -322,7 +322,12 @@ def secure_client(sock: zmq.Socket, endpoint: str, keys: ClientKeys | None) -> N
     sock.curve_serverkey = keys.server_public
 
 
+# CURVE wraps each message part in a MESSAGE command (name, nonce, MAC): the limit is
+# checked on that wire size, so a part of exactly the allowed size needs this much more.
+WIRE_MARGIN_BYTES = 256
+
+
 def set_max_message(sock: zmq.Socket, max_bytes: int) -> None:
-    """A peer sending one message part larger than this is disconnected before it is read,
-    so no message can make this process allocate more."""
-    sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
+    """A peer sending one message part larger than max_bytes is disconnected before it
+    is read, so no message can make this process allocate more."""
+    sock.setsockopt(zmq.MAXMSGSIZE, max_bytes + WIRE_MARGIN_BYTES)

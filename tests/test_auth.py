@@ -271,7 +271,7 @@ def test_an_oversized_command_disconnects_its_sender_unread(
     try:
         assert good.call("get_state").ok
         monitor = sender.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        sender.socket.send(b"\x81" + bytes(COMMAND_MAX_BYTES + 1))
+        sender.socket.send(b"\x81" + bytes(2 * COMMAND_MAX_BYTES))
         assert monitor.poll(10_000), "the node kept a peer that sent an oversized command"
         assert recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED
         sender.socket.disable_monitor()
@@ -312,3 +312,50 @@ def test_largest_frame_follows_the_config() -> None:
     camera = config.twin.camera
     assert config.largest_frame_bytes() >= camera.width_px * camera.height_px * 2
     assert DriverConfig(max_frame_bytes=4096).largest_frame_bytes() == 4096
+
+
+def test_the_largest_legitimate_messages_still_pass_over_curve(
+    keyring: dict[str, Path],
+) -> None:
+    """The limit is checked on CURVE's wire size: an exactly-largest frame and command
+    must still arrive."""
+    from drivers.protocol import Request
+    from drivers.transport import COMMAND_MAX_BYTES, CommandServer
+
+    ctx = zmq.Context()
+    server_keys = load_server_keys(
+        ServerAuth(
+            secret_key=str(keyring["node_secret"]), allowed_clients_dir=str(keyring["allowed"])
+        )
+    )
+    client_keys = _client_keys(keyring, "agent_secret")
+    shape = (256, 256)
+    pub = StreamPublisher(ctx, "tcp://127.0.0.1:*", keys=server_keys)
+    sub = StreamSubscriber(ctx, pub.endpoint, keys=client_keys, max_frame_bytes=256 * 256 * 2)
+    server = CommandServer(ctx, "tcp://127.0.0.1:*", keys=server_keys)
+    client = CommandClient(ctx, server.endpoint, keys=client_keys)
+    try:
+        deadline = time.monotonic() + 10
+        while not sub.messages:
+            assert time.monotonic() < deadline, "subscriber never connected"
+            pub.publish(HEARTBEAT_TOPIC, {})
+            sub.recv_newest(timeout_ms=20)
+        pub.publish_frame("camera", np.ones(shape, np.uint16), 0, 0, {})
+        frame = None
+        while frame is None and time.monotonic() < deadline:
+            frame = sub.recv_newest(timeout_ms=50)
+        assert frame is not None and frame.data.shape == shape
+        sizes = (
+            Request(1, "get_state", {"pad": "x" * n}, 0).to_wire() for n in range(65_400, 65_536)
+        )
+        body = next(b for b in sizes if len(b) == COMMAND_MAX_BYTES)
+        assert len(body) == COMMAND_MAX_BYTES
+        client.socket.send(body)
+        got = []
+        while not got and time.monotonic() < deadline:
+            got = server.poll(timeout_ms=50)
+        assert got and got[0].request is not None and got[0].request.cmd == "get_state"
+    finally:
+        for sock in (pub, sub, server, client):
+            sock.close()
+        ctx.destroy(linger=0)

@@ -203,8 +203,10 @@ class RunTelemetry:
         self._dir: Path | None = None
         if "auto" in (publish_endpoint, control_endpoint):
             self._dir = private_dir("scopeloop-tm-")
-            publish_endpoint = publish_endpoint.replace("auto", f"ipc://{self._dir}/pub")
-            control_endpoint = control_endpoint.replace("auto", f"ipc://{self._dir}/control")
+            if publish_endpoint == "auto":
+                publish_endpoint = f"ipc://{self._dir}/pub"
+            if control_endpoint == "auto":
+                control_endpoint = f"ipc://{self._dir}/control"
         self._pub = self._bound(zmq.PUB, publish_endpoint, "publish")
         self._pub.setsockopt(zmq.SNDHWM, sndhwm)
         self._control = self._bound(zmq.ROUTER, control_endpoint, "control")

@@ -160,12 +160,12 @@ def test_a_node_refuses_a_non_loopback_bind_without_keys(endpoint: str) -> None:
     assert endpoint in message and "driver.stream_endpoint" in message and "\n" not in message
 
 
-def test_driver_serve_refuses_0000_in_one_line(tmp_path: Path) -> None:
+def test_driver_serve_refuses_0000_in_one_line() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "agent.cli", "driver", "serve",
          str(ROOT / "configs" / "twin-feedback-trap.yaml"),
          "--set", "driver.command_endpoint=tcp://0.0.0.0:5999"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()

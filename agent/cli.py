@@ -215,6 +215,9 @@ def driver_serve(
     driver = _load(config, overrides).driver
     try:
         serve(driver)
+    except ValueError as exc:  # a refused bind or an unreadable key or config file
+        err_console.print(f"driver: {exc}", markup=False, highlight=False)
+        raise typer.Exit(2) from None
     except Exception as exc:  # the agent waiting on this node reports this line at once
         logging.getLogger("drivers.serve").exception("driver failed")
         err_console.print(f"driver failed: {type(exc).__name__}: {exc}", markup=False)
@@ -420,6 +423,9 @@ def driver_serve_spm(
     except ConnectionError as exc:
         err_console.print(f"error: {exc}", markup=False, highlight=False)
         raise typer.Exit(1) from None
+    except ValueError as exc:  # a refused bind or an unreadable key file
+        err_console.print(f"driver: {exc}", markup=False, highlight=False)
+        raise typer.Exit(2) from None
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: node.stop.set())
     print(f"spm driver ready: stream={node.endpoints[0]} command={node.endpoints[1]}", flush=True)

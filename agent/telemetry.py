@@ -19,6 +19,12 @@ iteration: a ROUTER socket answers `pause`, `resume`, `stop` and `status` reques
 and the runner reads `paused` / `stop_requested` (it, not this module, decides what
 pausing means for its instrument; for the feedback trap it is laser off).
 
+Who may connect: by default both sockets are ipc:// in a fresh 0700 directory, so only
+the run's own user can reach them (who could equally kill the process). A tcp://
+endpoint needs CURVE keys (drivers/auth.py), even on loopback, since every local
+user can reach a loopback port; a dashboard token is never what guards these sockets.
+Every receiving socket has a maximum message size (`max_part_bytes`, in telemetry.json).
+
 Wire format (protocol v1 style, msgpack, never pickle): stream messages are
 `[topic, header]` plus raw array buffers for `frame` and `map`; control requests are
 one msgpack map `{"v": 1, "cmd": ...}`, replies `{"v": 1, "ok", "state", "error"}`.
@@ -30,6 +36,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
@@ -40,7 +47,19 @@ from typing import Any
 import numpy as np
 import zmq
 
+from drivers.auth import (
+    ClientKeys,
+    ServerKeys,
+    check_bind,
+    private_dir,
+    release_server,
+    secure_client,
+    secure_server,
+    set_max_message,
+    tcp_host,
+)
 from drivers.protocol import PROTOCOL_VERSION, ProtocolError, now_ns, pack, unpack_map
+from drivers.transport import COMMAND_MAX_BYTES
 
 TELEMETRY_FILE = "telemetry.json"
 TOPIC_FRAME = b"tm/frame"
@@ -55,6 +74,14 @@ RECENT_EVENTS = 50  # replayed to a dashboard that attaches late (in the status 
 MAX_EVENT_CHARS = 500
 MAX_OVERLAY_POINTS = 256  # detections/measured points per message (keeps headers small)
 STATE_REPEAT_S = 1.0  # late subscribers learn the state within this time
+MAX_PX_RANGE = (16, 4096)  # published frames are decimated to <= max_px per side
+MAX_MAP_PX = 1024  # per side of a map layer; a map is for a person to look at
+DEFAULT_MAX_PART_BYTES = max(512 * 512 * 8, MAX_MAP_PX * MAX_MAP_PX * 4, COMMAND_MAX_BYTES)
+
+
+def max_part_bytes(max_px: int) -> int:
+    """The largest message part a run publishes: a float64 frame of max_px, or a map layer."""
+    return max(max_px * max_px * 8, MAX_MAP_PX * MAX_MAP_PX * 4, COMMAND_MAX_BYTES)
 
 
 @dataclass(frozen=True)
@@ -74,6 +101,8 @@ class TelemetryInfo:
     pid: int
     started_wall: float
     live: bool
+    max_part_bytes: int = DEFAULT_MAX_PART_BYTES
+    server_public_key: str | None = None  # Z85, when the endpoints are CURVE tcp://
 
     def is_live(self) -> bool:
         """Marked live and its process still exists (a crashed run cannot unmark itself)."""
@@ -100,6 +129,8 @@ def read_telemetry_info(run_dir: Path) -> TelemetryInfo | None:
             pid=int(raw["pid"]),
             started_wall=float(raw["started_wall"]),
             live=bool(raw["live"]),
+            max_part_bytes=int(raw.get("max_part_bytes", DEFAULT_MAX_PART_BYTES)),
+            server_public_key=raw.get("server_public_key"),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -148,24 +179,38 @@ class RunTelemetry:
         self,
         run: str,
         ctx: zmq.Context | None = None,
-        publish_endpoint: str = "tcp://127.0.0.1:*",
-        control_endpoint: str = "tcp://127.0.0.1:*",
+        publish_endpoint: str = "auto",
+        control_endpoint: str = "auto",
         max_frame_hz: float = 25.0,
         max_px: int = 512,
         sndhwm: int = 64,
+        keys: ServerKeys | None = None,
     ) -> None:
+        """`auto` endpoints: ipc:// in a fresh 0700 directory; tcp:// ones need `keys`."""
+        if not MAX_PX_RANGE[0] <= max_px <= MAX_PX_RANGE[1]:
+            raise ValueError(f"telemetry: max_px must be within {list(MAX_PX_RANGE)}, got {max_px}")
+        for name, endpoint in (("publish", publish_endpoint), ("control", control_endpoint)):
+            if tcp_host(endpoint) is not None and keys is None:
+                raise ValueError(
+                    f"telemetry {name} endpoint {endpoint}: tcp:// needs CURVE keys (any local "
+                    "user can reach a loopback port); use 'auto' (ipc, 0700) or give keys"
+                )
         self.run = run
         self.ctx = ctx or zmq.Context.instance()
         self.max_px = max_px
+        self.keys = keys
         self._frame_period_ns = int(1e9 / max_frame_hz) if max_frame_hz > 0 else 0
-        self._pub = self.ctx.socket(zmq.PUB)
-        self._pub.setsockopt(zmq.LINGER, 0)
+        self._dir: Path | None = None
+        if "auto" in (publish_endpoint, control_endpoint):
+            self._dir = private_dir("scopeloop-tm-")
+            if publish_endpoint == "auto":
+                publish_endpoint = f"ipc://{self._dir}/pub"
+            if control_endpoint == "auto":
+                control_endpoint = f"ipc://{self._dir}/control"
+        self._pub = self._bound(zmq.PUB, publish_endpoint, "publish")
         self._pub.setsockopt(zmq.SNDHWM, sndhwm)
-        self._pub.bind(publish_endpoint)
-        self._control = self.ctx.socket(zmq.ROUTER)
-        self._control.setsockopt(zmq.LINGER, 0)
+        self._control = self._bound(zmq.ROUTER, control_endpoint, "control")
         self._control.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        self._control.bind(control_endpoint)
         self.endpoints = TelemetryEndpoints(
             self._pub.getsockopt_string(zmq.LAST_ENDPOINT),
             self._control.getsockopt_string(zmq.LAST_ENDPOINT),
@@ -181,6 +226,15 @@ class RunTelemetry:
         self._recent_events: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
         self._info_path: Path | None = None
         self._started_wall = time.time()
+
+    def _bound(self, kind: int, endpoint: str, name: str) -> zmq.Socket:
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        set_max_message(sock, COMMAND_MAX_BYTES)  # control requests and subscriptions only
+        check_bind(endpoint, self.keys, f"telemetry {name} endpoint")
+        secure_server(sock, endpoint, self.keys)
+        sock.bind(endpoint)
+        return sock
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -201,7 +255,10 @@ class RunTelemetry:
             "started_wall": self._started_wall,
             "live": live,
             "state": self.state,
+            "max_part_bytes": max_part_bytes(self.max_px),
         }
+        if self.keys is not None:
+            body["server_public_key"] = self.keys.public.decode()
         tmp = self._info_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(body, indent=2) + "\n")
         tmp.replace(self._info_path)  # atomic: a dashboard never reads half a file
@@ -213,8 +270,10 @@ class RunTelemetry:
         self.reason = reason
         self.set_state("stopped")
         self._write_info(live=False)
-        self._pub.close()
-        self._control.close()
+        release_server(self._pub)
+        release_server(self._control)
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self) -> RunTelemetry:
         return self
@@ -290,6 +349,8 @@ class RunTelemetry:
         arrays = [np.ascontiguousarray(a, dtype=np.float32) for a in layers.values()]
         if any(a.ndim != 2 for a in arrays):
             raise ValueError(f"map {name!r}: every layer must be 2-D")
+        if any(max(a.shape) > MAX_MAP_PX for a in arrays):
+            raise ValueError(f"map {name!r}: a layer is larger than {MAX_MAP_PX} px per side")
         if len(extent) != 4:
             raise ValueError(f"map {name!r}: extent must be [x0, x1, y0, y1]")
         header = self._header(
@@ -439,12 +500,21 @@ def _array(buf: bytes | memoryview, dtype: str, shape: tuple[int, ...]) -> np.nd
 class TelemetrySubscriber:
     """SUB side: drains everything waiting; a small RCVHWM drops what a slow reader missed."""
 
-    def __init__(self, endpoint: str, ctx: zmq.Context | None = None, rcvhwm: int = 64) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        ctx: zmq.Context | None = None,
+        rcvhwm: int = 64,
+        keys: ClientKeys | None = None,
+        max_bytes: int = DEFAULT_MAX_PART_BYTES,
+    ) -> None:
         self.socket = (ctx or zmq.Context.instance()).socket(zmq.SUB)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.RCVHWM, rcvhwm)
+        set_max_message(self.socket, max_bytes)  # per part: a larger one drops the link
         for topic in TOPICS:
             self.socket.setsockopt(zmq.SUBSCRIBE, topic)
+        secure_client(self.socket, endpoint, keys)
         self.socket.connect(endpoint)
         self.rejected = 0
 
@@ -467,12 +537,18 @@ class TelemetrySubscriber:
 
 
 def send_control(
-    endpoint: str, cmd: str, timeout_ms: int = 2000, ctx: zmq.Context | None = None
+    endpoint: str,
+    cmd: str,
+    timeout_ms: int = 2000,
+    ctx: zmq.Context | None = None,
+    keys: ClientKeys | None = None,
 ) -> dict[str, Any]:
     """One control request (pause/resume/stop/status); raise TimeoutError if unanswered."""
     sock = (ctx or zmq.Context.instance()).socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    set_max_message(sock, COMMAND_MAX_BYTES)
     try:
+        secure_client(sock, endpoint, keys)
         sock.connect(endpoint)
         sock.send(pack({"v": PROTOCOL_VERSION, "cmd": cmd}))
         if not sock.poll(timeout_ms):

@@ -4,7 +4,10 @@
   stream (headers, sequence numbers, zero-copy buffers) vs raw PUSH/PULL;
 - round trip: frame published -> command received back at the driver, our
   stream + ROUTER/DEALER vs raw PUSH/PUSH, p50/p99;
-- memory: 512x512 at 100 fps for 60 s; resident-memory growth of both ends.
+- memory: 512x512 at 100 fps for 60 s; resident-memory growth of both ends;
+- encryption: our stream over plain tcp:// against the same over CURVE-authenticated
+  tcp:// (keys made for the run, drivers/auth.py), interleaved; `curve_ratio_*` is
+  the share of plain-tcp throughput left with CURVE.
 Sender and receiver run in separate processes, as driver and agent do.
 """
 
@@ -14,6 +17,7 @@ import multiprocessing as mp
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +25,15 @@ import numpy as np
 import psutil
 import zmq
 
+from drivers.auth import (
+    allow_client,
+    create_key_pair,
+    load_client_keys,
+    load_server_keys,
+)
+from drivers.config import ClientAuth, ServerAuth
 from drivers.protocol import now_ns
-from drivers.transport import CommandClient, CommandServer, StreamPublisher, StreamSubscriber
+from drivers.transport import CommandServer, StreamPublisher, connect_client
 
 Log = Callable[[str], None]
 SIZES = {"512": (512, 512), "2048": (2048, 2048)}
@@ -44,16 +55,18 @@ def _ours_sender(
     n: int,
     rate_hz: float,
     duration_s: float,
+    auth: ServerAuth | None,
     out: Any,
 ) -> None:
     """Publish up to n frames within duration_s: paced at rate_hz, or as fast as possible."""
     ctx = zmq.Context()
-    pub = StreamPublisher(ctx, stream)
-    server = CommandServer(ctx, command)
+    keys = load_server_keys(auth)
+    pub = StreamPublisher(ctx, stream, keys=keys)
+    server = CommandServer(ctx, command, keys=keys)
     frame = _frame(shape)
     rss: list[tuple[float, float]] = []
     rtts: list[float] = []
-    out.put("ready")
+    out.put({"stream": pub.endpoint, "command": server.endpoint})
     _wait_go(server)
     t_start = time.perf_counter()
     sent = acked = 0
@@ -91,7 +104,7 @@ def _raw_sender(
     pull.bind(back)
     frame = _frame(shape)
     rtts: list[float] = []
-    out.put("ready")
+    out.put({"stream": stream, "command": back})
     pull.recv()  # go
     t_start = time.perf_counter()
     for _ in range(n):
@@ -160,14 +173,37 @@ def _endpoints(folder: Path, tag: str) -> tuple[str, str]:
     return f"ipc://{folder}/{tag}-a", f"ipc://{folder}/{tag}-b"
 
 
-def _start(target: Callable[..., None], *args: Any) -> tuple[Any, Any]:
+def _start(target: Callable[..., None], *args: Any) -> tuple[Any, Any, dict[str, str]]:
+    """The sender process, its result queue, and the endpoints it bound."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     proc = ctx.Process(target=target, args=(*args, out), daemon=True)
     proc.start()
-    if out.get(timeout=60) != "ready":
+    ready = out.get(timeout=60)
+    if not isinstance(ready, dict):
         raise RuntimeError("bench sender did not start")
-    return proc, out
+    return proc, out, ready
+
+
+@dataclass(frozen=True)
+class Link:
+    """How the bench's sender and receiver talk: ipc, plain tcp, or CURVE tcp."""
+
+    name: str
+    server: ServerAuth | None = None
+    client: ClientAuth | None = None
+
+
+def _curve_link(folder: Path) -> Link:
+    """Key pairs for this run: the sender is the server, the receiver an allowed client."""
+    node_public, node_secret = create_key_pair(folder / "keys", "node")
+    agent_public, agent_secret = create_key_pair(folder / "keys", "agent")
+    allow_client(agent_public, folder / "allowed")
+    return Link(
+        "curve",
+        ServerAuth(secret_key=str(node_secret), allowed_clients_dir=str(folder / "allowed")),
+        ClientAuth(secret_key=str(agent_secret), server_public_key=str(node_public)),
+    )
 
 
 def _ours(
@@ -177,12 +213,25 @@ def _ours(
     n: int,
     rate_hz: float = 0.0,
     duration_s: float = 0.0,
+    link: Link = Link("ipc"),
 ) -> dict[str, Any]:
-    stream, command = _endpoints(folder, f"ours-{mode}-{shape[0]}")
-    proc, out = _start(_ours_sender, stream, command, shape, mode, n, rate_hz, duration_s)
+    if link.name == "ipc":
+        stream, command = _endpoints(folder, f"ours-{mode}-{shape[0]}")
+    else:
+        stream = command = "tcp://127.0.0.1:*"
+    proc, out, bound = _start(
+        _ours_sender, stream, command, shape, mode, n, rate_hz, duration_s, link.server
+    )
     ctx = zmq.Context()
-    sub = StreamSubscriber(ctx, stream)
-    client = CommandClient(ctx, command, timeout_ms=2000)
+    driver = connect_client(
+        ctx,
+        bound["stream"],
+        bound["command"],
+        load_client_keys(link.client),
+        timeout_ms=2000,
+        max_frame_bytes=int(np.prod(shape)) * 2,
+    )
+    sub, client = driver.stream, driver.commands
     time.sleep(0.3)  # let the subscription propagate before the first frame
     client.call("go")
     received, rss = 0, []
@@ -224,7 +273,7 @@ def _ours(
 
 def _raw(folder: Path, shape: tuple[int, int], mode: str, n: int) -> dict[str, Any]:
     stream, back = _endpoints(folder, f"raw-{mode}-{shape[0]}")
-    proc, out = _start(_raw_sender, stream, back, shape, mode, n)
+    proc, out, _ = _start(_raw_sender, stream, back, shape, mode, n)
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
     pull.setsockopt(zmq.RCVTIMEO, 30_000)  # a lost sender raises instead of hanging
@@ -257,6 +306,26 @@ def _growth(samples: list[tuple[float, float]], warmup_s: float) -> float:
     return after[-1] - after[0] if len(after) >= 2 else 0.0
 
 
+def _encryption_cost(folder: Path, rounds: int, burst_s: float, log: Log) -> dict[str, float]:
+    """Our stream over plain tcp and over CURVE tcp, interleaved, median of each."""
+    links = (Link("tcp"), _curve_link(folder))
+    metrics: dict[str, float] = {}
+    for key, shape in SIZES.items():
+        fps: dict[str, list[float]] = {link.name: [] for link in links}
+        for _ in range(rounds):
+            for link in links:
+                result = _ours(folder, shape, "stream", 10**9, duration_s=burst_s, link=link)
+                fps[link.name].append(result["fps"])
+        metrics[f"fps_tcp_{key}"] = float(np.median(fps["tcp"]))
+        metrics[f"fps_curve_{key}"] = float(np.median(fps["curve"]))
+        metrics[f"curve_ratio_{key}"] = metrics[f"fps_curve_{key}"] / metrics[f"fps_tcp_{key}"]
+        log(
+            f"{key}x{key} over tcp: plain {metrics[f'fps_tcp_{key}']:.0f} fps, CURVE "
+            f"{metrics[f'fps_curve_{key}']:.0f} fps (ratio {metrics[f'curve_ratio_{key}']:.2f})"
+        )
+    return metrics
+
+
 def run(quick: bool = False, log: Log = print) -> dict[str, float]:
     metrics: dict[str, float] = {}
     counts = {"512": 1500 if quick else 8000, "2048": 100 if quick else 600}
@@ -279,6 +348,7 @@ def run(quick: bool = False, log: Log = print) -> dict[str, float]:
             metrics[f"raw_fps_{key}"] = float(np.median(raw_fps))
             metrics[f"fps_{key}"] = float(np.median(ours_fps))
             metrics[f"throughput_ratio_{key}"] = metrics[f"fps_{key}"] / metrics[f"raw_fps_{key}"]
+        metrics.update(_encryption_cost(folder, rounds, burst_s, log))
         n_rtt = 200 if quick else 2000
         raw = _raw(folder, SIZES["512"], "rtt", n_rtt)
         ours = _ours(folder, SIZES["512"], "rtt", n_rtt)

@@ -81,6 +81,22 @@ class TwinSettings(StrictModel):
     realtime: bool = True  # pace exposures on the wall clock, as real hardware does
 
 
+class ServerAuth(StrictModel):
+    """CURVE keys of this node's tcp:// endpoints (`scopeloop keys`; docs/protocol.md).
+
+    Without them a node binds only ipc:// (in a 0700 directory) or loopback tcp://."""
+
+    secret_key: str | None = None  # this node's NAME.key_secret (mode 0600)
+    allowed_clients_dir: str | None = None  # public NAME.key files of the clients let in
+
+
+class ClientAuth(StrictModel):
+    """CURVE keys an agent uses to attach to a driver on tcp:// (see ServerAuth)."""
+
+    secret_key: str | None = None  # this agent's NAME.key_secret (mode 0600)
+    server_public_key: str | None = None  # the driver node's public NAME.key
+
+
 class DriverConfig(StrictModel):
     # twin: the particle twin as pure-Python devices; mmcore: a Micro-Manager hardware
     # configuration file, or "demo" for the C++ demo adapters (mm-test-adapters wheel);
@@ -96,6 +112,10 @@ class DriverConfig(StrictModel):
     # lazily, so a very small mark drops frames even when the reader keeps up.
     stream_hwm: int = Field(32, ge=4, le=10_000)
     seed: int = Field(0, ge=0)
+    auth: ServerAuth = ServerAuth()
+    # Largest frame buffer a subscriber accepts (None: the twin camera's frame, else a
+    # 4096 x 4096 32-bit frame); larger messages disconnect their sender unread.
+    max_frame_bytes: int | None = Field(None, ge=1024, le=2**31)
     limits: Limits = Limits()
     devices: DeviceNames = DeviceNames()
     twin: TwinSettings = TwinSettings()
@@ -105,6 +125,15 @@ class DriverConfig(StrictModel):
     event_hook_args: dict[str, Any] = {}
     # One hook call running longer than this makes the actuators safe.
     hook_timeout_ms: int = Field(1000, ge=1, le=600_000)
+
+    def largest_frame_bytes(self) -> int:
+        """The biggest legitimate frame buffer on this node's stream."""
+        if self.max_frame_bytes is not None:
+            return self.max_frame_bytes
+        if self.kind == "twin":
+            camera = self.twin.camera
+            return camera.width_px * camera.height_px * 4  # uint16 frames, 2x margin
+        return 4096 * 4096 * 4
 
     @model_validator(mode="after")
     def _hook_needs_our_engine(self) -> DriverConfig:

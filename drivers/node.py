@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import zmq
 
+from drivers.auth import load_server_keys
 from drivers.protocol import EVENT_TOPIC, HEARTBEAT_TOPIC, ProtocolError, Reply, now_ns
 from drivers.transport import CommandServer, IncomingRequest, StreamPublisher
 
@@ -66,8 +67,17 @@ class InstrumentNode:
     def __init__(self, settings: NodeSettings, ctx: zmq.Context | None = None) -> None:
         self.settings = settings
         self.ctx = ctx or zmq.Context.instance()
-        self.publisher = StreamPublisher(self.ctx, settings.stream_endpoint, settings.stream_hwm)
-        self.server = CommandServer(self.ctx, settings.command_endpoint)
+        keys = load_server_keys(getattr(settings, "auth", None))  # CURVE on tcp:// endpoints
+        self.publisher = StreamPublisher(
+            self.ctx, settings.stream_endpoint, settings.stream_hwm, keys, "driver.stream_endpoint"
+        )
+        try:
+            self.server = CommandServer(
+                self.ctx, settings.command_endpoint, keys, "driver.command_endpoint"
+            )
+        except ValueError:
+            self.publisher.close()
+            raise
         self.watchdog_tripped = False
         self.last_agent_ns = 0
         self.controller: bytes | None = None

@@ -12,7 +12,7 @@ import math
 
 from pydantic import Field, model_validator
 
-from drivers.config import StrictModel
+from drivers.config import ServerAuth, StrictModel
 
 Range = tuple[float, float]
 
@@ -51,6 +51,7 @@ class SpmDriverConfig(StrictModel):
     # every spectrum and scan is a measurement, and a `spectra` batch publishes them
     # faster than a busy agent may read them (1024 x 64 KB scan frames: 64 MB at most).
     stream_hwm: int = Field(1024, ge=4, le=100_000)
+    auth: ServerAuth = ServerAuth()  # CURVE keys for tcp:// endpoints (drivers/auth.py)
 
     nanonis_host: str = "127.0.0.1"
     nanonis_port: int = Field(6501, ge=1, le=65_535)

@@ -2,7 +2,9 @@
 
 Each class owns one socket and is used from one thread, as ZeroMQ requires.
 Queues are bounded by high-water marks: a slow subscriber loses old frames at
-its own end, the publisher never blocks.
+its own end, the publisher never blocks. Every receiving socket has a maximum
+message size (a larger message disconnects its sender before it is read), and
+tcp:// endpoints given keys use CURVE (drivers/auth.py).
 """
 
 from __future__ import annotations
@@ -17,10 +19,20 @@ from typing import Any
 import numpy as np
 import zmq
 
+from drivers.auth import (
+    ClientKeys,
+    ServerKeys,
+    check_bind,
+    release_server,
+    secure_client,
+    secure_server,
+    set_max_message,
+)
 from drivers.protocol import (
     EVENT_TOPIC,
     FRAME_PREFIX,
     HEARTBEAT_TOPIC,
+    MAX_HEADER_BYTES,
     Frame,
     FrameHeader,
     ProtocolError,
@@ -34,6 +46,11 @@ from drivers.protocol import (
 )
 
 log = logging.getLogger(__name__)
+
+# Commands, replies and headers are single msgpack maps the decoder refuses above this.
+COMMAND_MAX_BYTES = MAX_HEADER_BYTES
+# A frame buffer when the config does not say how large its camera is: 4096 x 4096 x 32 bit.
+DEFAULT_FRAME_MAX_BYTES = 4096 * 4096 * 4
 
 
 class CommandError(RuntimeError):
@@ -54,17 +71,41 @@ def _linger(sock: zmq.Socket, ms: int = 0) -> zmq.Socket:
     return sock
 
 
+def _bind(sock: zmq.Socket, endpoint: str, keys: ServerKeys | None, name: str) -> str:
+    """Bind as a CURVE server when keys are given; refuse unsafe binds in one line."""
+    check_bind(endpoint, keys, name)
+    secure_server(sock, endpoint, keys)
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as exc:
+        release_server(sock)
+        raise ValueError(f"{name}: cannot bind {endpoint} ({exc})") from None
+    return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+def _connect(sock: zmq.Socket, endpoint: str, keys: ClientKeys | None) -> None:
+    secure_client(sock, endpoint, keys)
+    sock.connect(endpoint)
+
+
 # --- stream ---------------------------------------------------------------
 
 
 class StreamPublisher:
     """Publishes frames and header-only messages; never blocks on subscribers."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, sndhwm: int = 32) -> None:
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        endpoint: str,
+        sndhwm: int = 32,
+        keys: ServerKeys | None = None,
+        name: str = "stream_endpoint",
+    ) -> None:
         self.socket = _linger(ctx.socket(zmq.PUB))
         self.socket.setsockopt(zmq.SNDHWM, sndhwm)
-        self.socket.bind(endpoint)
-        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        set_max_message(self.socket, COMMAND_MAX_BYTES)  # it only ever reads subscriptions
+        self.endpoint = _bind(self.socket, endpoint, keys, name)
         self._seq: dict[str, int] = {}
 
     def publish_frame(
@@ -94,7 +135,7 @@ class StreamPublisher:
         self.socket.send_multipart(encode_message(topic, payload))
 
     def close(self) -> None:
-        self.socket.close()
+        release_server(self.socket)
 
 
 @dataclass
@@ -117,12 +158,16 @@ class StreamSubscriber:
         endpoint: str,
         topics: Iterable[bytes] = (FRAME_PREFIX, HEARTBEAT_TOPIC, EVENT_TOPIC),
         rcvhwm: int = 32,
+        keys: ClientKeys | None = None,
+        max_frame_bytes: int = DEFAULT_FRAME_MAX_BYTES,
     ) -> None:
         self.socket = _linger(ctx.socket(zmq.SUB))
         self.socket.setsockopt(zmq.RCVHWM, rcvhwm)
+        # Per message part: a header is <= COMMAND_MAX_BYTES, a buffer <= one frame.
+        set_max_message(self.socket, max(max_frame_bytes, COMMAND_MAX_BYTES))
         for topic in topics:
             self.socket.setsockopt(zmq.SUBSCRIBE, topic)
-        self.socket.connect(endpoint)
+        _connect(self.socket, endpoint, keys)
         self.stats = StreamStats()
         self.last_seq: dict[str, int] = {}
         self.last_message_ns = 0
@@ -187,11 +232,17 @@ class IncomingRequest:
 class CommandServer:
     """ROUTER side: receives commands from any number of agents, replies to each."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str) -> None:
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        endpoint: str,
+        keys: ServerKeys | None = None,
+        name: str = "command_endpoint",
+    ) -> None:
         self.socket = _linger(ctx.socket(zmq.ROUTER))
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        self.socket.bind(endpoint)
-        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        set_max_message(self.socket, COMMAND_MAX_BYTES)
+        self.endpoint = _bind(self.socket, endpoint, keys, name)
 
     def poll(self, timeout_ms: int) -> list[IncomingRequest]:
         out: list[IncomingRequest] = []
@@ -224,16 +275,23 @@ class CommandServer:
             log.warning("reply to a vanished peer dropped (id=%s)", reply.id)
 
     def close(self) -> None:
-        self.socket.close()
+        release_server(self.socket)
 
 
 class CommandClient:
     """DEALER side: request/reply with ids and timeouts; stale replies are discarded."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, timeout_ms: int = 1000) -> None:
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        endpoint: str,
+        timeout_ms: int = 1000,
+        keys: ClientKeys | None = None,
+    ) -> None:
         self.socket = _linger(ctx.socket(zmq.DEALER))
         self.socket.setsockopt(zmq.SNDHWM, 64)
-        self.socket.connect(endpoint)
+        set_max_message(self.socket, COMMAND_MAX_BYTES)
+        _connect(self.socket, endpoint, keys)
         self.timeout_ms = timeout_ms
         self._ids = itertools.count(1)
         self.late_replies = 0
@@ -291,3 +349,37 @@ class CommandClient:
 
     def close(self) -> None:
         self.socket.close()
+
+
+# --- one way for an agent to attach to a driver -------------------------------------
+
+
+@dataclass
+class DriverClient:
+    """The agent's two sockets to one driver node: its frame stream and its commands."""
+
+    stream: StreamSubscriber
+    commands: CommandClient
+
+    def close(self) -> None:
+        self.stream.close()
+        self.commands.close()
+
+
+def connect_client(
+    ctx: zmq.Context,
+    stream_endpoint: str,
+    command_endpoint: str,
+    keys: ClientKeys | None = None,
+    timeout_ms: int = 1000,
+    max_frame_bytes: int = DEFAULT_FRAME_MAX_BYTES,
+    rcvhwm: int = 32,
+) -> DriverClient:
+    """Attach to a driver node, over CURVE on tcp:// when keys are given (from
+    `drivers.auth.load_client_keys(config.agent.auth)`); ipc:// needs none."""
+    return DriverClient(
+        StreamSubscriber(
+            ctx, stream_endpoint, rcvhwm=rcvhwm, keys=keys, max_frame_bytes=max_frame_bytes
+        ),
+        CommandClient(ctx, command_endpoint, timeout_ms, keys=keys),
+    )

@@ -30,9 +30,12 @@ def test_transport_bench_json_contract() -> None:
         "rtt_p99_ms",
         "raw_rtt_p99_ms",
         "rss_growth_mb",
+        "curve_ratio_512",
+        "curve_ratio_2048",
     ):
         assert math.isfinite(metrics[key]), key
     assert metrics["throughput_ratio_512"] > 0 and metrics["throughput_ratio_2048"] > 0
+    assert metrics["curve_ratio_512"] > 0 and metrics["curve_ratio_2048"] > 0  # CURVE streamed
     assert metrics["rtt_p99_ms"] >= metrics["rtt_p50_ms"] > 0
     # Lossless by construction in the throughput part: the credit window never overruns.
     assert metrics["soak_frames_delivered"] >= 0.95 * metrics["soak_s"] * 100

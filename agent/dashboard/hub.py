@@ -24,6 +24,7 @@ import numpy as np
 import zmq
 
 from agent.telemetry import TelemetryInfo, TelemetryMessage, TelemetrySubscriber, send_control
+from drivers.auth import ClientKeys
 
 DISPLAY_PX = 256
 METRIC_POINTS = 4000  # per metric; ~40 s at 100 Hz, much longer at camera rates
@@ -82,9 +83,13 @@ class ClientCursor:
 class TelemetryHub:
     """Subscribes to the run found by `locate` (re-locating when it ends) in its own thread."""
 
-    def __init__(self, locate: Locator, ctx: zmq.Context | None = None) -> None:
+    def __init__(
+        self, locate: Locator, ctx: zmq.Context | None = None, keys: ClientKeys | None = None
+    ) -> None:
+        """`keys`: CURVE client keys for a run whose telemetry is on tcp://."""
         self.locate = locate
         self.ctx = ctx or zmq.Context.instance()
+        self.keys = keys
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -150,7 +155,9 @@ class TelemetryHub:
             return subscriber
         if subscriber is not None:
             subscriber.close()
-        subscriber = TelemetrySubscriber(info.publish, self.ctx)
+        subscriber = TelemetrySubscriber(
+            info.publish, self.ctx, keys=self.keys, max_bytes=info.max_part_bytes
+        )
         with self._lock:
             self._reset()
             self.info = info
@@ -207,7 +214,7 @@ class TelemetryHub:
         if info is None:
             return {"ok": False, "error": "no run attached"}
         try:
-            return send_control(info.control, cmd, timeout_ms, self.ctx)
+            return send_control(info.control, cmd, timeout_ms, self.ctx, self.keys)
         except TimeoutError as exc:
             return {"ok": False, "error": str(exc)}
 

@@ -5,6 +5,13 @@ and sends only what changed since that client's last tick: the newest frame (nev
 a backlog), new metric points, new events, state and maps. Commands come back on the
 same websocket (or `POST /api/command` for scripts) and go to the run's control
 channel. With a token set, the websocket, the status API and every command require it.
+
+Who is let in: every request's Host must be this server's own address when it listens
+on loopback (a DNS-rebinding page names its own host), and a request that carries an
+Origin (every browser does for POST and websockets) must come from this very origin,
+so no other web page can drive the dashboard, token or not. The token travels in the
+URL only once: `/?token=T` sets an HttpOnly SameSite=Strict cookie and redirects to `/`;
+after that the page, its websocket and scripts (header `X-Scopeloop-Token`) present it.
 """
 
 from __future__ import annotations
@@ -12,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import ipaddress
 import json
 import socket
 import threading
@@ -22,14 +28,19 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import Headers
 
 from agent.dashboard.hub import ClientCursor, TelemetryHub
+from drivers.auth import is_loopback_host
 
 STATIC_DIR = Path(__file__).parent / "static"
 CLIENT_COMMANDS = ("pause", "resume", "stop")
 MIN_TOKEN_CHARS = 8
+TOKEN_HEADER = "x-scopeloop-token"
+TOKEN_COOKIE = "scopeloop_token"
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 FPS_RANGE = (1.0, 30.0)
 
 
@@ -43,22 +54,13 @@ class DashboardOptions:
     fps: float = 15.0
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_bind(options: DashboardOptions) -> None:
     """Raise ValueError (one line, names the option) for a bind we must refuse."""
     if not 0 <= options.port <= 65535:
         raise ValueError(f"--port must be within [0, 65535] (0: any free port), got {options.port}")
     if options.token is not None and len(options.token) < MIN_TOKEN_CHARS:
         raise ValueError(f"--token must be at least {MIN_TOKEN_CHARS} characters")
-    if not is_loopback(options.host) and not options.token:
+    if not is_loopback_host(options.host) and not options.token:
         raise ValueError(
             f"--token is required when binding --host {options.host} (not a loopback address): "
             "anyone who can reach it could stop your experiment"
@@ -73,32 +75,65 @@ def _authorized(token: str | None, given: str | None) -> bool:
     return given is not None and hmac.compare_digest(token.encode(), given.encode())
 
 
-def create_app(hub: TelemetryHub, token: str | None = None, fps: float = 15.0) -> FastAPI:
+def _given_token(headers: Headers, cookies: dict[str, str]) -> str | None:
+    """The token a request presents: header (scripts) or cookie (the page); never the URL."""
+    return headers.get(TOKEN_HEADER) or cookies.get(TOKEN_COOKIE)
+
+
+def same_origin_refusal(headers: Headers, loopback: bool) -> str | None:
+    """Why a request must be refused for where it comes from (None: it may go on).
+
+    On a loopback bind the Host must be a loopback name (DNS rebinding sends the
+    attacker's); any Origin present must be this server's own."""
+    host = headers.get("host", "")
+    if loopback and host.rsplit(":", 1)[0] not in LOOPBACK_NAMES:
+        return f"host {host!r} is not this dashboard's"
+    origin = headers.get("origin")
+    if origin is not None and origin not in (f"http://{host}", f"https://{host}"):
+        return f"origin {origin!r} is not this dashboard's"
+    return None
+
+
+def create_app(
+    hub: TelemetryHub, token: str | None = None, fps: float = 15.0, loopback: bool = True
+) -> FastAPI:
     app = FastAPI(title="scopeloop dashboard", docs_url=None, redoc_url=None, openapi_url=None)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     index_html = (STATIC_DIR / "index.html").read_text()
 
+    @app.middleware("http")
+    async def same_origin_only(request: Request, call_next: Any) -> Response:
+        refusal = same_origin_refusal(request.headers, loopback)
+        if refusal is not None:
+            return JSONResponse({"ok": False, "error": refusal}, status_code=403)
+        return await call_next(request)
+
     @app.get("/", response_class=HTMLResponse)
-    async def index() -> str:
-        return index_html  # harmless without the token: it shows nothing by itself
+    async def index(request: Request) -> Response:
+        given = request.query_params.get("token")
+        if token is not None and given is not None and _authorized(token, given):
+            # First load: the token moves into a cookie and out of the address bar.
+            response: Response = RedirectResponse("/", status_code=303)
+            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict", path="/")
+            return response
+        return HTMLResponse(index_html)  # harmless without the token: it shows nothing
 
     @app.get("/api/status")
     async def status(request: Request) -> JSONResponse:
-        if not _authorized(token, request.query_params.get("token")):
+        if not _authorized(token, _given_token(request.headers, request.cookies)):
             return JSONResponse({"error": "token required"}, status_code=401)
         return JSONResponse({**hub.status(), "token_required": token is not None})
 
     @app.post("/api/command")
     async def command(request: Request) -> JSONResponse:
+        if not _authorized(token, _given_token(request.headers, request.cookies)):
+            return JSONResponse({"ok": False, "error": "token required"}, status_code=401)
         try:
             body = await request.json()
         except (ValueError, UnicodeDecodeError):
             body = None
         if not isinstance(body, dict):
             return JSONResponse({"ok": False, "error": "body must be a JSON object"}, 400)
-        given = request.headers.get("x-scopeloop-token") or body.get("token")
-        if not _authorized(token, given):
-            return JSONResponse({"ok": False, "error": "token required"}, status_code=401)
         cmd = body.get("cmd")
         if cmd not in CLIENT_COMMANDS:
             error = f"cmd must be one of {list(CLIENT_COMMANDS)}, got {cmd!r}"
@@ -108,7 +143,11 @@ def create_app(hub: TelemetryHub, token: str | None = None, fps: float = 15.0) -
 
     @app.websocket("/ws")
     async def stream(ws: WebSocket) -> None:
-        if not _authorized(token, ws.query_params.get("token")):
+        refusal = same_origin_refusal(ws.headers, loopback)
+        if refusal is not None:
+            await ws.close(code=4403, reason=refusal)
+            return
+        if not _authorized(token, _given_token(ws.headers, ws.cookies)):
             await ws.close(code=4401, reason="token required")
             return
         try:
@@ -183,7 +222,7 @@ class DashboardServer:
         self._socket.listen(128)  # browsers may connect as soon as the URL is printed
         self.port = int(self._socket.getsockname()[1])
         config = uvicorn.Config(
-            create_app(hub, options.token, options.fps),
+            create_app(hub, options.token, options.fps, is_loopback_host(options.host)),
             log_level="warning",
             access_log=False,
             lifespan="off",

@@ -3,8 +3,9 @@
 // this page draws at most once per animation frame.
 "use strict";
 
+// The token is never read here: the server moved it from the first URL into an
+// HttpOnly cookie, which the websocket and fetch below carry by themselves.
 const params = new URLSearchParams(location.search);
-const token = params.get("token");
 const fps = params.get("fps") || "15";
 const WINDOW_S = 60;
 const MAX_EVENTS = 200;
@@ -32,7 +33,6 @@ let retryMs = 500;
 function connect() {
   const proto = location.protocol === "https:" ? "wss:" : "ws:";
   const query = new URLSearchParams({ fps });
-  if (token) query.set("token", token);
   ws = new WebSocket(`${proto}//${location.host}/ws?${query}`);
   ws.binaryType = "arraybuffer";
   let opened = false;
@@ -45,8 +45,7 @@ function connect() {
     $("conn").classList.remove("up");
     setButtons(false);
     if (!opened) {
-      const res = await fetch(`/api/status${token ? `?token=${encodeURIComponent(token)}` : ""}`)
-        .catch(() => null);
+      const res = await fetch("/api/status").catch(() => null);
       if (res && res.status === 401) {
         notice("This dashboard needs a token: open it as …/?token=YOUR_TOKEN");
         return;

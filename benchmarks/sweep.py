@@ -5,6 +5,10 @@ with 2 workers, in one process, one after the other (the same `run_point` does e
   as `ray_start_s`).
 - `ray_overhead_s_per_run`: mean over runs of (submit -> result, as the sweep sees it)
   minus the run's own time inside the task: scheduling, argument and result transfer.
+- `rl_env_steps_per_s_*`: env steps/s of the steering twin env through today's
+  SubprocVecEnv (one process per env) and through Ray actors (`RayVecEnv`, 1 and 2
+  workers, each stepping its slice of the envs in one call); `rl_ray_vs_subproc` is
+  2 Ray workers / SubprocVecEnv at the training default of 4 envs.
 A twin run is paced on the wall clock, as hardware is, so two runs at once on two cores
 are limited by the CPU each needs, not by their duration.
 """
@@ -25,6 +29,8 @@ Log = Callable[[str], None]
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "twin-feedback-trap.yaml"
 SHORT_RUN = ["duration_s=1.5", "compare_free_diffusion=false"]
 WORKERS = 2
+RL_CONFIG = CONFIG.parent / "rl-steering.yaml"
+RL_ENVS = 4  # the training default (training.n_envs)
 
 
 def run(quick: bool, log: Log) -> dict[str, float | int | str]:
@@ -61,4 +67,46 @@ def run(quick: bool, log: Log) -> dict[str, float | int | str]:
     metrics["run_s_serial_mean"] = float(np.mean([r["seconds"] for r in serial]))
     metrics["run_s_ray_mean"] = float(np.mean([r["seconds"] for r in parallel]))
     metrics["failed_runs"] = sum(r["status"] != "ok" for r in [*serial, *parallel])
+    metrics.update(rl_rollouts(quick, log))
+    return metrics
+
+
+def _env_steps_per_s(vec: str, n_envs: int, workers: int, seconds: float) -> float:
+    """Random-action env steps per second through a vec env of the steering twin env."""
+    from policies.rl.train import load_train_config, make_vec_env
+
+    config, env, _ = load_train_config(RL_CONFIG, [])
+    vec_env = make_vec_env(config.task, env, n_envs, vec, 0, workers)
+    try:
+        vec_env.reset()
+        rng = np.random.default_rng(0)
+        actions = rng.uniform(-1, 1, size=(n_envs, *vec_env.action_space.shape)).astype(np.float32)
+        for _ in range(10):  # warm-up: first steps pay imports and allocation
+            vec_env.step(actions)
+        steps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            vec_env.step(actions)
+            steps += n_envs
+        return steps / (time.perf_counter() - t0)
+    finally:
+        vec_env.close()
+
+
+def rl_rollouts(quick: bool, log: Log) -> dict[str, float | int | str]:
+    """`rl_env_steps_per_s` with today's SubprocVecEnv and with 1 and 2 Ray workers, same
+    env, same number of envs, measured one after the other in this run."""
+    seconds = 2.0 if quick else 6.0
+    metrics: dict[str, float | int | str] = {}
+    for n_envs in (RL_ENVS,) if quick else (RL_ENVS, 2 * RL_ENVS):
+        tag = f"_{n_envs}envs"
+        subproc = _env_steps_per_s("subproc", n_envs, 0, seconds)
+        ray_1 = _env_steps_per_s("ray", n_envs, 1, seconds)
+        ray_2 = _env_steps_per_s("ray", n_envs, 2, seconds)
+        rates = f"subproc {subproc:.0f}, ray 1 worker {ray_1:.0f}, 2 workers {ray_2:.0f}"
+        log(f"{n_envs} envs: {rates} steps/s")
+        metrics[f"rl_env_steps_per_s_subproc{tag}"] = subproc
+        metrics[f"rl_env_steps_per_s_ray_1{tag}"] = ray_1
+        metrics[f"rl_env_steps_per_s_ray_2{tag}"] = ray_2
+        metrics[f"rl_ray_vs_subproc{tag}"] = ray_2 / subproc
+    metrics["rl_ray_vs_subproc"] = metrics[f"rl_ray_vs_subproc_{RL_ENVS}envs"]
     return metrics

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import math
-import os
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -135,28 +133,13 @@ def check_address(address: str) -> None:
 def ray_session(address: str | None, workers: int, cpus_per_run: float) -> Iterator[Any]:
     """Ray for the sweep: an embedded local instance (started and stopped here, bound to
     127.0.0.1) when `address` is None, else the cluster at `address`."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # nothing leaves the host
-    if address is None:
-        # Ray swaps 127.0.0.1 for the host's network address unless clusters are off:
-        # an embedded instance is one node and stays on loopback (read at import).
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    import ray
+    from agent.ray_runtime import connect_ray, init_local_ray
 
-    common: dict[str, Any] = {
-        "include_dashboard": False,
-        "log_to_driver": False,
-        "logging_level": logging.WARNING,
-    }
     if address is None:
-        ray.init(
-            address="local",  # always a new instance, never a cluster found on the host
-            num_cpus=max(1, math.ceil(workers * cpus_per_run)),
-            _node_ip_address="127.0.0.1",
-            **common,
-        )
+        ray = init_local_ray(math.ceil(workers * cpus_per_run))
     else:
         try:
-            ray.init(address=address, **common)
+            ray = connect_ray(address)
         except (ConnectionError, RuntimeError) as exc:
             raise ConfigError(f"sweep: --address {address}: {error_line(exc)}") from None
     try:

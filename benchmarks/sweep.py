@@ -39,7 +39,7 @@ def run(quick: bool, log: Log) -> dict[str, float | int | str]:
     metrics: dict[str, float | int | str] = {"runs": len(points), "workers": WORKERS}
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:
         t0 = time.perf_counter()
-        serial = list(run_serial(str(CONFIG), points, f"{tmp}/serial", SHORT_RUN))
+        serial = list(run_serial(CONFIG.read_text(), points, f"{tmp}/serial", SHORT_RUN))
         serial_s = time.perf_counter() - t0
         log(f"serial: {len(serial)} runs in {serial_s:.1f} s")
         t0 = time.perf_counter()

@@ -41,19 +41,22 @@ def numeric_metrics(summary: dict[str, Any]) -> dict[str, float]:
 
 
 def run_point(
-    config_path: str, point: SweepPoint, sweep_dir: str, overrides: list[str]
+    config_text: str, point: SweepPoint, sweep_dir: str, overrides: list[str]
 ) -> PointResult:
     """One point, run to its end; a failure comes back as its error line, never raised."""
     runs_root = Path(sweep_dir) / "runs" / point.point_id
+    runs_root.mkdir(parents=True, exist_ok=True)
+    config_path = runs_root / "config-source.yaml"  # the text travels, not a path: a
+    config_path.write_text(config_text)  # cluster node need not share this host's files
     all_overrides = [*overrides, *point.overrides(), f"runs_dir={runs_root}"]
     result = failed_result(point, None)
     started = time.monotonic()
     quiet = Console(file=io.StringIO())
     printed = io.StringIO()  # an entry that reports its own error prints it, then exits
     try:
-        entry = resolve(peek_kind(Path(config_path), DEFAULT_RUN_KIND), RUN_KINDS)
+        entry = resolve(peek_kind(config_path, DEFAULT_RUN_KIND), RUN_KINDS)
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(printed):
-            summary = entry(Path(config_path), all_overrides, quiet)
+            summary = entry(config_path, all_overrides, quiet)
         result["metrics"] = numeric_metrics(summary or {})
         result["status"] = "ok"
     except (Exception, SystemExit) as exc:  # a failed run is a row, not the end of the sweep
@@ -92,22 +95,22 @@ def newest_run_dir(runs_root: Path) -> str | None:
 
 
 def _run_point_on_node(
-    config_path: str, point: SweepPoint, sweep_dir: str, overrides: list[str]
+    config_text: str, point: SweepPoint, sweep_dir: str, overrides: list[str]
 ) -> PointResult:
     """`run_point` in a Ray worker, noting which node ran it."""
     import ray
 
-    result = run_point(config_path, point, sweep_dir, overrides)
+    result = run_point(config_text, point, sweep_dir, overrides)
     result["node"] = ray.get_runtime_context().get_node_id()
     return result
 
 
 def run_serial(
-    config_path: str, points: list[SweepPoint], sweep_dir: str, overrides: list[str]
+    config_text: str, points: list[SweepPoint], sweep_dir: str, overrides: list[str]
 ) -> Iterator[PointResult]:
     """The plain loop (the bench's baseline; same `run_point` as the Ray tasks)."""
     for point in points:
-        yield run_point(config_path, point, sweep_dir, overrides)
+        yield run_point(config_text, point, sweep_dir, overrides)
 
 
 def check_address(address: str) -> None:
@@ -150,7 +153,7 @@ def ray_session(address: str | None, workers: int, cpus_per_run: float) -> Itera
 
 def run_on_ray(
     ray: Any,
-    config_path: str,
+    config_text: str,
     points: list[SweepPoint],
     sweep_dir: str,
     overrides: list[str],
@@ -169,7 +172,7 @@ def run_on_ray(
     while waiting or in_flight:
         while waiting and len(in_flight) < workers:
             point = waiting.pop(0)
-            ref = task.remote(config_path, point, sweep_dir, overrides)
+            ref = task.remote(config_text, point, sweep_dir, overrides)
             in_flight[ref] = point
             submitted[ref] = time.monotonic()
         done, _ = ray.wait(list(in_flight), num_returns=1)

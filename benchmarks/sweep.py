@@ -48,7 +48,7 @@ def run(quick: bool, log: Log) -> dict[str, float | int | str]:
             t1 = time.perf_counter()
             parallel = run_on_ray(
                 ray,
-                str(CONFIG),
+                CONFIG.read_text(),
                 points,
                 f"{tmp}/ray",
                 SHORT_RUN,

@@ -124,7 +124,7 @@ def register(app: typer.Typer) -> None:
 
                     results += run_on_ray(
                         ray,
-                        str(config),
+                        config.read_text(),
                         todo,
                         str(sweep_dir),
                         base,

@@ -151,6 +151,35 @@ def ray_session(address: str | None, workers: int, cpus_per_run: float) -> Itera
         ray.shutdown()
 
 
+def map_on_ray(
+    ray: Any,
+    fn: Callable[..., Any],
+    calls: list[tuple[Any, ...]],
+    *,
+    workers: int,
+    cpus_per_call: float,
+    on_done: Callable[[int, Any, BaseException | None, float], None],
+) -> None:
+    """`fn(*args)` for every args tuple as a Ray task declaring `cpus_per_call` CPUs, at
+    most `workers` in flight. `on_done(index, value, error, seconds)` sees each call as it
+    finishes (seconds: submit -> result); a call whose worker died reports its error."""
+    task = ray.remote(num_cpus=cpus_per_call, max_retries=0)(fn)
+    waiting = list(enumerate(calls))
+    in_flight: dict[Any, tuple[int, float]] = {}
+    while waiting or in_flight:
+        while waiting and len(in_flight) < workers:
+            index, args = waiting.pop(0)
+            in_flight[task.remote(*args)] = (index, time.monotonic())
+        done, _ = ray.wait(list(in_flight), num_returns=1)
+        for ref in done:
+            index, started = in_flight.pop(ref)
+            try:
+                value, error = ray.get(ref), None
+            except Exception as exc:  # the worker itself died (killed, out of memory)
+                value, error = None, exc
+            on_done(index, value, error, time.monotonic() - started)
+
+
 def run_on_ray(
     ray: Any,
     config_text: str,
@@ -162,27 +191,18 @@ def run_on_ray(
     cpus_per_run: float,
     on_result: Callable[[PointResult], None],
 ) -> list[PointResult]:
-    """Every point as a Ray task declaring `cpus_per_run` CPUs, at most `workers` in
-    flight; `on_result` sees each result as it finishes (progress, resume files)."""
-    task = ray.remote(num_cpus=cpus_per_run, max_retries=0)(_run_point_on_node)
-    waiting = list(points)
-    in_flight: dict[Any, SweepPoint] = {}
+    """Every point as a Ray task (see `map_on_ray`); `on_result` sees each result as it
+    finishes (progress, resume files)."""
     results: list[PointResult] = []
-    submitted: dict[Any, float] = {}
-    while waiting or in_flight:
-        while waiting and len(in_flight) < workers:
-            point = waiting.pop(0)
-            ref = task.remote(config_text, point, sweep_dir, overrides)
-            in_flight[ref] = point
-            submitted[ref] = time.monotonic()
-        done, _ = ray.wait(list(in_flight), num_returns=1)
-        for ref in done:
-            point = in_flight.pop(ref)
-            try:
-                result = ray.get(ref)
-            except Exception as exc:  # the worker itself died (killed, out of memory)
-                result = failed_result(point, error_line(exc))
-            result["task_seconds"] = time.monotonic() - submitted.pop(ref)  # queue + run + return
-            results.append(result)
-            on_result(result)
+
+    def collect(index: int, value: Any, error: BaseException | None, seconds: float) -> None:
+        result = failed_result(points[index], error_line(error)) if error else value
+        result["task_seconds"] = seconds  # queue + run + return
+        results.append(result)
+        on_result(result)
+
+    calls = [(config_text, point, sweep_dir, overrides) for point in points]
+    map_on_ray(
+        ray, _run_point_on_node, calls, workers=workers, cpus_per_call=cpus_per_run, on_done=collect
+    )
     return results

@@ -119,23 +119,15 @@ def _seed_cells(quick: bool, log: Callable[[str], None]) -> list[dict[str, Any]]
     return sorted(cells, key=lambda c: (c["n"], c["seed"]))
 
 
-def _with_interval(metrics: dict[str, float | int | str], name: str, values: list[float]) -> None:
-    """`name` (the mean over seeds) and `name_ci95_low/high` (95 % Student-t interval)."""
-    from agent.sweep.results import mean_interval
-
-    mean, low, high = mean_interval(values)
-    metrics[name] = mean
-    metrics[f"{name}_ci95_low"] = float("nan") if low is None else low
-    metrics[f"{name}_ci95_high"] = float("nan") if high is None else high
-
-
 def run(quick: bool, log: Callable[[str], None]) -> dict[str, float | int | str]:
+    from agent.sweep.results import put_mean_interval
+
     metrics: dict[str, float | int | str] = {}
     cells = _seed_cells(quick, log)
     metrics["seeds"] = len(cells)
     found = {kind: [c["found"][kind] for c in cells] for kind in KINDS}
     for kind, vals in found.items():
-        _with_interval(metrics, f"{kind}_top1pct_found_at_10pct", vals)
+        put_mean_interval(metrics, f"{kind}_top1pct_found_at_10pct", vals)
     random_found = float(metrics["random_top1pct_found_at_10pct"])
     # Undefined (null in --json) when random found none: too few draws to form a ratio.
     metrics["dkl_vs_random"] = (
@@ -146,7 +138,7 @@ def run(quick: bool, log: Callable[[str], None]) -> dict[str, float | int | str]
     for key in sparse_keys:
         kind, pct = key.split("_")
         name = "sparse" if kind == "gp" else kind
-        _with_interval(
+        put_mean_interval(
             metrics,
             f"{name}_nrmse_at_{pct}pct",
             [c["sparse"][key] for c in cells if key in c["sparse"]],

@@ -32,6 +32,15 @@ def mean_interval(values: list[float]) -> tuple[float, float | None, float | Non
     return mean, mean - half, mean + half
 
 
+def put_mean_interval(metrics: dict[str, Any], name: str, values: list[float]) -> None:
+    """A bench's seed-study figure: `name` (mean over seeds) and `name_ci95_low/high`
+    (95 % Student-t interval; NaN, null in --json, with one seed)."""
+    mean, low, high = mean_interval(values)
+    metrics[name] = mean
+    metrics[f"{name}_ci95_low"] = math.nan if low is None else low
+    metrics[f"{name}_ci95_high"] = math.nan if high is None else high
+
+
 def summarize_settings(results: list[PointResult]) -> list[dict[str, Any]]:
     """Per setting (label), in first-seen order: counts and each metric's mean/interval."""
     groups: dict[str, list[PointResult]] = {}

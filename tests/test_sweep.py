@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from agent.cli import app
 from agent.config import ConfigError, load_config
-from agent.sweep.grid import SweepPoint, parse_grid, sweep_points
+from agent.sweep.grid import SweepPoint, parse_grid, read_settings_file, sweep_points
 from agent.sweep.results import mean_interval
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +49,27 @@ def test_grid_is_the_product_of_axes_times_seeds_and_ids_are_stable() -> None:
     ]
     # A string that reads as a number stays a string once the value goes back through YAML.
     assert SweepPoint((("name", "007"),), 0).overrides()[0] == 'name="007"'
+
+
+def test_listed_settings_go_together_and_cross_the_grid(tmp_path: Path) -> None:
+    listed = tmp_path / "scopes.yaml"
+    listed.write_text(
+        "- {driver.connect: 'tcp://127.0.0.1:7001', agent.auth.server_public_key: a.key}\n"
+        "- {driver.connect: 'tcp://127.0.0.1:7002', agent.auth.server_public_key: b.key}\n"
+    )
+    points = sweep_points(parse_grid(["policy.gain_per_s=2,6"]), [0, 1], read_settings_file(listed))
+    assert len(points) == 2 * 2 * 2
+    pairs = {
+        (dict(p.setting)["driver.connect"], dict(p.setting)["agent.auth.server_public_key"])
+        for p in points
+    }
+    assert pairs == {("tcp://127.0.0.1:7001", "a.key"), ("tcp://127.0.0.1:7002", "b.key")}
+    listed.write_text("- {seed: 3}\n")
+    with pytest.raises(ConfigError, match="use --seeds"):
+        read_settings_file(listed)
+    listed.write_text("just text\n")
+    with pytest.raises(ConfigError, match="non-empty list of mappings"):
+        read_settings_file(listed)
 
 
 @pytest.mark.parametrize(

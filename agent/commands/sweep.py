@@ -43,6 +43,10 @@ def register(app: typer.Typer) -> None:
             list[str] | None,
             typer.Option("--grid", help="dotted.key=v1,v2,... (repeatable; cartesian product)."),
         ] = None,
+        settings_file: Annotated[
+            Path | None,
+            typer.Option("--settings", help="YAML list of {dotted.key: value} settings (x grid)."),
+        ] = None,
         seeds: Annotated[
             int, typer.Option("--seeds", min=1, max=100_000, help="Seeds per setting.")
         ] = 1,
@@ -73,13 +77,16 @@ def register(app: typer.Typer) -> None:
         """Run CONFIG over a grid of settings and seeds; finished runs are skipped on re-run."""
         from agent.experiments import validate_run_config
         from agent.sweep.execute import check_address, ray_session, run_on_ray
-        from agent.sweep.grid import parse_grid, sweep_points
+        from agent.sweep.grid import parse_grid, read_settings_file, sweep_points
         from agent.sweep.results import write_outputs
 
         grid_items, base = list(grid or []), list(overrides or [])
         seed_list = list(range(first_seed, first_seed + seeds))
         try:
-            points = sweep_points(parse_grid(grid_items), seed_list)
+            listed = read_settings_file(settings_file) if settings_file else None
+            points = sweep_points(parse_grid(grid_items), seed_list, listed)
+            if settings_file:  # the folder name follows what the runs are
+                grid_items = [*grid_items, settings_file.read_text()]
             for point in points:  # every point is checked before any run starts
                 try:
                     validate_run_config(config, [*base, *point.overrides()])

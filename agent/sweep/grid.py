@@ -10,6 +10,7 @@ import hashlib
 import itertools
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -73,6 +74,32 @@ def _parse_value(key: str, text: str) -> Any:
         raise ConfigError(f"sweep: --grid {key}: {text!r} is not a value") from None
 
 
-def sweep_points(axes: list[GridAxis], seeds: list[int]) -> list[SweepPoint]:
-    settings = itertools.product(*[[(a.key, v) for v in a.values] for a in axes])
-    return [SweepPoint(tuple(s), seed) for s in settings for seed in seeds]
+Setting = tuple[tuple[str, Any], ...]
+
+
+def read_settings_file(path: Path) -> list[Setting]:
+    """A YAML list of settings, each a mapping of dotted keys to values: for values that
+    go together (a microscope's endpoint and its server key), not a product."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"sweep: --settings {path}: cannot read ({exc})") from None
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"sweep: --settings {path}: expected a non-empty list of mappings")
+    settings = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict) or not item or not all(isinstance(k, str) for k in item):
+            raise ConfigError(f"sweep: --settings {path}: entry {i} must map dotted keys to values")
+        if "seed" in item:
+            raise ConfigError(f"sweep: --settings {path}: entry {i}: use --seeds N for seeds")
+        settings.append(tuple(item.items()))
+    return settings
+
+
+def sweep_points(
+    axes: list[GridAxis], seeds: list[int], settings: list[Setting] | None = None
+) -> list[SweepPoint]:
+    """(each listed setting) x (the grid's product) x seeds."""
+    grid = [tuple(g) for g in itertools.product(*[[(a.key, v) for v in a.values] for a in axes])]
+    combined = [base + g for base in (settings or [()]) for g in grid]
+    return [SweepPoint(s, seed) for s in combined for seed in seeds]

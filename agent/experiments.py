@@ -24,6 +24,14 @@ RUN_KINDS: dict[str, str] = {
     "spm-active": "agent.spm_experiment:run_spm_active",
 }
 
+# Each run kind's config loader `(path, overrides) -> model` (ConfigError on bad input),
+# so a caller can check a config before running it (`scopeloop sweep` checks every point).
+RUN_CONFIG_LOADERS: dict[str, str] = {
+    "feedback-trap": "agent.config:load_config",
+    "smart-acquisition": "agent.smart_acquisition:load_smart_config",
+    "spm-active": "agent.spm_experiment:load_spm_config",
+}
+
 TRAIN_KINDS: dict[str, str] = {
     "spm-segmenter": "agent.spm_train:train_spm_segmenter",
     "rl": "policies.rl.train:train_entry",
@@ -47,3 +55,9 @@ def resolve(kind: str, table: dict[str, str]) -> EntryFn:
         raise ConfigError(f"config error: kind: must be one of {sorted(table)} (got {kind!r})")
     module_name, _, attr = table[kind].partition(":")
     return getattr(importlib.import_module(module_name), attr)
+
+
+def validate_run_config(path: Path, overrides: list[str]) -> Any:
+    """The run config as its kind's loader validates it (ConfigError, one line per problem)."""
+    loader = resolve(peek_kind(path, DEFAULT_RUN_KIND), RUN_CONFIG_LOADERS)
+    return loader(path, overrides)

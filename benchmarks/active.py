@@ -6,6 +6,9 @@ Metrics: discovery of the top-1% loop-area cells at 10% of the grid (DKL, GP on
 position, random, raster), sparse-sampling reconstruction error at 10% and 25%,
 decision time per step vs observations, peak memory, and the forward workflow
 (walls measured, false positives, out-of-distribution flag).
+Seeds are a seed study: each (grid, seed) cell is a Ray task through the sweep
+engine's mapper (`agent.sweep.execute.map_on_ray`, 2 workers), and every per-seed
+figure is reported as its mean with a 95 % interval (`*_ci95_low`, `*_ci95_high`).
 """
 
 from __future__ import annotations
@@ -56,52 +59,90 @@ def _nrmse(pred: np.ndarray, y: np.ndarray) -> float:
     return float(np.sqrt(np.mean((pred - y) ** 2)) / max(float(y.std()), 1e-12))
 
 
-def run(quick: bool, log: Callable[[str], None]) -> dict[str, float | int | str]:
+KINDS = ("dkl", "gp", "random", "raster")
+SEED_WORKERS = 2
+
+
+def _seed_cell(n: int, seed: int, with_sparse: bool) -> dict[str, Any]:
+    """One seed's sample: top-1 % found at a 10 % budget by every learner and, if asked,
+    the sparse-reconstruction errors; runs as its own Ray task (one torch thread)."""
     import torch
 
     torch.set_num_threads(1)
+    grid, y = _sample_grid(seed, n)
+    top = _top(y)
+    budget = max(10, grid.size // 10)
+    found, seconds = {}, {}
+    for kind in KINDS:
+        t0 = time.perf_counter()
+        learner = _run(kind, grid, y, budget, seed)
+        found[kind] = len(top & set(learner.measured)) / len(top)
+        seconds[kind] = time.perf_counter() - t0
+    sparse: dict[str, float] = {}
+    if with_sparse:
+        for pct in (10, 25):
+            b = max(10, grid.size * pct // 100)
+            for kind, extra in (
+                ("gp", {"acquisition": "variance"}),
+                ("raster", {}),
+                ("random", {}),
+            ):
+                pred = _run(kind, grid, y, b, seed, **extra).predict()
+                sparse[f"{kind}_{pct}"] = _nrmse(pred[0], y) if pred else float("nan")
+    return {"n": n, "seed": seed, "found": found, "seconds": seconds, "sparse": sparse}
+
+
+def _seed_cells(quick: bool, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Every (grid size, seed) cell, as Ray tasks through the sweep engine's mapper."""
+    from agent.sweep.execute import map_on_ray, ray_session
+
+    plan = [(30, [0, 1])] if quick else [(50, list(range(10))), (100, [0, 1])]
+    calls = [
+        (n, seed, n == plan[0][0] and seed in seeds[: (1 if quick else 3)])
+        for n, seeds in plan
+        for seed in seeds
+    ]
+    cells: list[dict[str, Any]] = []
+
+    def done(_i: int, cell: Any, error: BaseException | None, _s: float) -> None:
+        if error is not None:
+            raise error
+        cells.append(cell)
+        for kind in KINDS:
+            log(
+                f"{cell['n']}x{cell['n']} seed {cell['seed']} {kind}: top1% found "
+                f"{cell['found'][kind]:.2f} ({cell['seconds'][kind]:.1f} s)"
+            )
+
+    with ray_session(None, SEED_WORKERS, 1.0) as ray:
+        map_on_ray(ray, _seed_cell, calls, workers=SEED_WORKERS, cpus_per_call=1.0, on_done=done)
+    return sorted(cells, key=lambda c: (c["n"], c["seed"]))
+
+
+def run(quick: bool, log: Callable[[str], None]) -> dict[str, float | int | str]:
+    from agent.sweep.results import put_mean_interval
+
     metrics: dict[str, float | int | str] = {}
-    plan = [(30, [0])] if quick else [(50, list(range(10))), (100, [0, 1])]
-    found: dict[str, list[float]] = {k: [] for k in ("dkl", "gp", "random", "raster")}
-    sparse: dict[str, list[float]] = {}
-    for n, seeds in plan:
-        for seed in seeds:
-            grid, y = _sample_grid(seed, n)
-            top = _top(y)
-            budget = max(10, grid.size // 10)
-            for kind in found:
-                t0 = time.perf_counter()
-                learner = _run(kind, grid, y, budget, seed)
-                frac = len(top & set(learner.measured)) / len(top)
-                found[kind].append(frac)
-                log(
-                    f"{n}x{n} seed {seed} {kind}: top1% found {frac:.2f} "
-                    f"({time.perf_counter() - t0:.1f} s)"
-                )
-            if n == plan[0][0] and seed in seeds[: (1 if quick else 3)]:
-                for pct in (10, 25):
-                    b = max(10, grid.size * pct // 100)
-                    for kind, extra in (
-                        ("gp", {"acquisition": "variance"}),
-                        ("raster", {}),
-                        ("random", {}),
-                    ):
-                        learner = _run(kind, grid, y, b, seed, **extra)
-                        pred = learner.predict()
-                        err = _nrmse(pred[0], y) if pred else float("nan")
-                        sparse.setdefault(f"{kind}_{pct}", []).append(err)
+    cells = _seed_cells(quick, log)
+    metrics["seeds"] = len(cells)
+    found = {kind: [c["found"][kind] for c in cells] for kind in KINDS}
     for kind, vals in found.items():
-        metrics[f"{kind}_top1pct_found_at_10pct"] = float(np.mean(vals))
+        put_mean_interval(metrics, f"{kind}_top1pct_found_at_10pct", vals)
     random_found = float(metrics["random_top1pct_found_at_10pct"])
     # Undefined (null in --json) when random found none: too few draws to form a ratio.
     metrics["dkl_vs_random"] = (
         metrics["dkl_top1pct_found_at_10pct"] / random_found if random_found > 0 else float("nan")
     )
     metrics["dkl_top1pct_found_min"] = float(np.min(found["dkl"]))
-    for key, vals in sparse.items():
+    sparse_keys = sorted({k for c in cells for k in c["sparse"]})
+    for key in sparse_keys:
         kind, pct = key.split("_")
         name = "sparse" if kind == "gp" else kind
-        metrics[f"{name}_nrmse_at_{pct}pct"] = float(np.mean(vals))
+        put_mean_interval(
+            metrics,
+            f"{name}_nrmse_at_{pct}pct",
+            [c["sparse"][key] for c in cells if key in c["sparse"]],
+        )
     metrics.update(_timing(quick, log))
     metrics.update(_forward(quick, log))
     return metrics

@@ -47,31 +47,56 @@ def _qtable(task: Any, env_cfg: Any, episodes: int, seed: int) -> tuple[Any, Any
     return env, result, QAgent(result.q, codec.grid_state)
 
 
+def _qtable_cell(pe: float, seed: int, episodes: int, eval_episodes: int) -> dict[str, Any]:
+    """One (Peclet, seed) Q-table training and its evaluation; a Ray task of its own."""
+    config, env_cfg, _ = load_train_config(CONFIGS / "rl-microswimmer.yaml", [])
+    env, result, agent = _qtable(config.task, _nominal(env_cfg, peclet=pe), episodes, seed)
+    return {
+        "pe": pe,
+        "seed": seed,
+        "conv": result.steps_to_convergence(),
+        "first": float(np.mean(result.episode_decisions[:10])),
+        "goal": evaluate(env, agent, eval_episodes).median_decisions_to_goal(),
+        "keep": {"task": env.unwrapped.task, "q": result.q, "env": env_cfg},
+    }
+
+
 def qtable_reproduction(
     quick: bool, log: Callable[[str], None]
 ) -> tuple[dict[str, float], dict[str, Any]]:
-    config, env_cfg, _ = load_train_config(CONFIGS / "rl-microswimmer.yaml", [])
+    """The Q-table seed study: every (Peclet, seed) cell as a Ray task through the sweep
+    engine's mapper; each figure is the mean over seeds with its 95 % interval."""
+    from agent.sweep.execute import map_on_ray, ray_session
+    from agent.sweep.results import put_mean_interval
+
     episodes = 100 if quick else 400
-    seeds = (0,) if quick else (0, 1, 2)
+    seeds = (0, 1) if quick else (0, 1, 2, 3, 4)
+    calls = [(pe, seed, episodes, 10 if quick else 50) for pe in PECLETS for seed in seeds]
+    cells: list[dict[str, Any]] = []
+
+    def done(_i: int, cell: Any, error: BaseException | None, _s: float) -> None:
+        if error is not None:
+            raise error
+        cells.append(cell)
+
+    with ray_session(None, 2, 1.0) as ray:
+        map_on_ray(ray, _qtable_cell, calls, workers=2, cpus_per_call=1.0, on_done=done)
     metrics: dict[str, float] = {}
-    keep: dict[str, Any] = {}
     for pe in PECLETS:
-        conv, goal, first = [], [], []
-        for seed in seeds:
-            env, result, agent = _qtable(config.task, _nominal(env_cfg, peclet=pe), episodes, seed)
-            conv.append(result.steps_to_convergence())
-            first.append(float(np.mean(result.episode_decisions[:10])))
-            scored = evaluate(env, agent, 10 if quick else 50)
-            goal.append(scored.median_decisions_to_goal())
-            if pe == 80 and seed == 0:
-                keep = {"task": env.unwrapped.task, "q": result.q, "env": env_cfg}
-        metrics[f"qtable_pe{pe}_steps_to_convergence"] = float(np.mean(conv))
-        metrics[f"qtable_pe{pe}_steps_to_goal"] = float(np.mean(goal))
-        metrics[f"qtable_pe{pe}_steps_to_goal_first10"] = float(np.mean(first))
+        mine = [c for c in cells if c["pe"] == pe]
+        for key, name in (
+            ("conv", "steps_to_convergence"),
+            ("goal", "steps_to_goal"),
+            ("first", "steps_to_goal_first10"),
+        ):
+            put_mean_interval(metrics, f"qtable_pe{pe}_{name}", [float(c[key]) for c in mine])
         log(
-            f"Q-table Pe {pe}: converged after {np.mean(conv):.0f} steps, "
-            f"steps to goal {np.mean(first):.1f} -> {np.mean(goal):.1f}"
+            f"Q-table Pe {pe} ({len(mine)} seeds): converged after "
+            f"{metrics[f'qtable_pe{pe}_steps_to_convergence']:.0f} steps, steps to goal "
+            f"{metrics[f'qtable_pe{pe}_steps_to_goal_first10']:.1f} -> "
+            f"{metrics[f'qtable_pe{pe}_steps_to_goal']:.1f}"
         )
+    keep = next(c["keep"] for c in cells if c["pe"] == 80 and c["seed"] == 0)
     return metrics, keep
 
 

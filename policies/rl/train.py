@@ -33,7 +33,9 @@ class TrainingSettings(BaseModel):
     total_steps: int = Field(100_000, ge=1, le=100_000_000)  # deep RL env steps
     episodes: int = Field(400, ge=1, le=1_000_000)  # Q-table episodes
     n_envs: int = Field(4, ge=1, le=64)
-    vec: Literal["subproc", "dummy"] = "subproc"  # subproc: one process per env
+    # subproc: one process per env; ray: the envs in `ray_workers` Ray actors
+    vec: Literal["subproc", "dummy", "ray"] = "subproc"
+    ray_workers: int = Field(2, ge=1, le=4096)
     learning_rate: float = Field(3e-4, gt=0.0, le=1.0)
     n_steps: int = Field(256, ge=8, le=100_000)  # PPO rollout per env
     batch_size: int = Field(256, ge=8, le=100_000)
@@ -123,10 +125,16 @@ def _env_factory(task: Any, env: Any, rank: int, seed: int) -> Callable[[], Any]
     return build
 
 
-def make_vec_env(task: Any, env: Any, n_envs: int, vec: str, seed: int) -> Any:
+def make_vec_env(
+    task: Any, env: Any, n_envs: int, vec: str, seed: int, ray_workers: int = 2
+) -> Any:
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
     factories = [_env_factory(task, env, i, seed) for i in range(n_envs)]
+    if vec == "ray":
+        from agent.training.ray_vec_env import RayVecEnv
+
+        return RayVecEnv(factories, workers=ray_workers)
     if vec == "subproc" and n_envs > 1:
         return SubprocVecEnv(factories, start_method="fork")
     return DummyVecEnv(factories)
@@ -188,7 +196,7 @@ def train_sb3(
     t = config.training
     total = total_steps or t.total_steps
     vec_env = make_vec_env(
-        config.task, env_cfg, n_envs or t.n_envs, vec or t.vec, config.seed * 1000
+        config.task, env_cfg, n_envs or t.n_envs, vec or t.vec, config.seed * 1000, t.ray_workers
     )
     try:
         model = build_sb3_model(config, vec_env)

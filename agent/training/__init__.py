@@ -1,0 +1,1 @@
+"""Trainers: they compose twins (through drivers), policies and detectors into training runs."""

@@ -137,3 +137,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
 
 def dump_config(config: BaseModel, path: Path) -> None:
     path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+
+
+def load_driver_section(path: str | Path, overrides: list[str] | None = None) -> DriverConfig:
+    """The `driver` section of any config kind (fields reported as `driver.<name>`)."""
+    raw = apply_overrides(read_config_mapping(path), overrides or [])
+    try:
+        return DriverConfig.model_validate(raw.get("driver") or {})
+    except ValidationError as exc:
+        lines = format_validation_error(exc)
+        raise ConfigError(lines.replace("config error: ", "config error: driver.")) from None

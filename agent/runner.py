@@ -24,6 +24,7 @@ import zmq
 
 from agent.config import ExperimentConfig, dump_config
 from agent.detectors import build_detector, needs_training, train_on_stream
+from agent.engine.link import FEEDBACK_NEEDS, AttachedDriver, attach_configured
 from agent.evaluate import TruthRecorder, controlled_track, detection_rmse_um, rms_distance
 from agent.loop import AgentLoop, DriverSilent, LoopEndpoints, LoopResult
 from agent.plots import plot_run
@@ -94,12 +95,16 @@ def run_phase(
     progress: ProgressFn | None = None,
     telemetry: RunTelemetry | None = None,
 ) -> PhaseResult:
-    driver_config = resolve_endpoints(config.driver)
-    phase_config = config.model_copy(update={"driver": driver_config})
-    config_path = run_dir / f"driver-{name}.yaml"
-    dump_config(phase_config, config_path)
     ctx = zmq.Context.instance()
-    driver = DriverProcess(config_path, run_dir / f"driver-{name}.log")
+    driver: DriverProcess | AttachedDriver
+    if config.driver.connect is not None:  # a node already running: use it, leave it on
+        driver_config, driver = attach_configured(config.driver, FEEDBACK_NEEDS, config.kind)
+    else:
+        driver_config = resolve_endpoints(config.driver)
+        phase_config = config.model_copy(update={"driver": driver_config})
+        config_path = run_dir / f"driver-{name}.yaml"
+        dump_config(phase_config, config_path)
+        driver = DriverProcess(config_path, run_dir / f"driver-{name}.log")
     truth = TruthRecorder(ctx, driver_config.stream_endpoint, run_dir / f"truth-{name}.jsonl")
     truth.start()
     events_path = run_dir / f"events-{name}.jsonl"
@@ -150,10 +155,14 @@ def step_latencies_ms(steps: list[dict[str, Any]]) -> list[float]:
 def train_detector_phase(config: ExperimentConfig, run_dir: Path) -> None:
     """Train the deep detector on the instrument's own stream before the experiment,
     so the experiment phases start from the same state as their controls."""
-    driver_config = resolve_endpoints(config.driver)
-    config_path = run_dir / "driver-training.yaml"
-    dump_config(config.model_copy(update={"driver": driver_config}), config_path)
-    driver = DriverProcess(config_path, run_dir / "driver-training.log")
+    driver: DriverProcess | AttachedDriver
+    if config.driver.connect is not None:
+        driver_config, driver = attach_configured(config.driver, FEEDBACK_NEEDS, config.kind)
+    else:
+        driver_config = resolve_endpoints(config.driver)
+        config_path = run_dir / "driver-training.yaml"
+        dump_config(config.model_copy(update={"driver": driver_config}), config_path)
+        driver = DriverProcess(config_path, run_dir / "driver-training.log")
     try:
         with EventLog(run_dir / "events-training.jsonl") as events:
             stats = train_on_stream(

@@ -1,0 +1,138 @@
+"""Plans reach drivers by endpoint: started for the config, or attached to one running;
+a node that cannot serve the plan, or an endpoint nobody answers, fails in one line."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+from rich.console import Console
+
+from agent.config import ConfigError
+from agent.engine.link import attach
+from agent.smart_acquisition import run_smart_acquisition
+from drivers.config import DriverConfig
+from drivers.serve import build_node
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "twin-smart-acquisition.yaml"
+SMALL = ["grid.nx=3", "grid.ny=3", "revisit.timepoints=1", "record_frames=false"]
+
+
+@pytest.fixture
+def field_node(tmp_path: Path) -> Iterator[str]:
+    """A sparse-field driver node already running (as `scopeloop driver serve` would)."""
+    config = DriverConfig(
+        kind="sparse-field",
+        stream_endpoint=f"ipc://{tmp_path}/stream",
+        command_endpoint=f"ipc://{tmp_path}/command",
+        watchdog_ms=60_000,
+        stream_hwm=10_000,
+        seed=3,
+    )
+    config.field.n_objects = 10
+    config.field.area_um = (640.0, 640.0)
+    node = build_node(config, ctx=zmq.Context())
+    thread = threading.Thread(target=node.serve, daemon=True)
+    thread.start()
+    yield config.command_endpoint
+    node.stop.set()
+    thread.join(10)
+
+
+def test_capabilities_name_the_stream_and_commands(field_node: str) -> None:
+    link = attach(zmq.Context.instance(), field_node)
+    assert link.stream_endpoint.startswith("ipc://") and link.stream_endpoint.endswith("stream")
+    assert {"submit_events", "move_stage", "get_capabilities"} <= link.commands
+    with pytest.raises(ConfigError) as info:
+        link.require({"scan", "spectrum"}, "spm-active")
+    message = str(info.value)
+    assert "\n" not in message and "driver" in message and "scan, spectrum" in message
+
+
+def test_smart_acquisition_attaches_to_a_running_driver(tmp_path: Path, field_node: str) -> None:
+    summary = run_smart_acquisition(
+        CONFIG,
+        [f"runs_dir={tmp_path}", f"driver.connect={field_node}", "grid.origin_um=[64, 64]", *SMALL],
+        Console(quiet=True),
+    )
+    assert summary["positions"] == 9 and summary["frames_screen"] == 9
+    # the attached twin's objects (10 over 640 um) reached evaluation on its truth topic
+    assert summary["objects_in_grid"] is not None and summary["objects_in_grid"] <= 10
+    assert not (Path(summary["run_dir"]) / "driver-smart.log").exists()  # none started
+
+
+def test_smart_acquisition_runs_on_micro_manager_demo_adapters(tmp_path: Path) -> None:
+    summary = run_smart_acquisition(
+        CONFIG,
+        [
+            f"runs_dir={tmp_path}",
+            "driver.kind=mmcore",
+            "driver.mm_config=demo",
+            "lamp=null",
+            "screen.intensity=1",
+            "revisit.intensity=1",
+            "screen.exposure_ms=1",
+            "revisit.exposure_ms=5",
+            "grid.origin_um=[0, 0]",
+            *SMALL,
+        ],
+        Console(quiet=True),
+    )
+    assert summary["frames_screen"] == 9
+    assert summary["object_recall"] is None  # real adapters publish no truth
+
+
+def test_unreachable_endpoint_is_named_within_five_seconds(tmp_path: Path) -> None:
+    endpoint = f"ipc://{tmp_path}/nobody"
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError) as info:
+        run_smart_acquisition(
+            CONFIG, [f"runs_dir={tmp_path}", f"driver.connect={endpoint}"], Console(quiet=True)
+        )
+    assert time.monotonic() - t0 < 10  # probe is 5 s; generous for a loaded machine
+    message = str(info.value)
+    assert "driver.connect" in message and endpoint in message and "\n" not in message
+
+
+def test_bad_connect_endpoint_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        run_smart_acquisition(CONFIG, ["driver.connect=host:5555"], Console(quiet=True))
+    assert "driver.connect" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_lamp_free_rig_needs_full_intensity() -> None:
+    with pytest.raises(ConfigError, match="lamp"):
+        run_smart_acquisition(CONFIG, ["lamp=null"], Console(quiet=True))
+
+
+def test_feedback_trap_attaches_to_a_running_driver(tmp_path: Path) -> None:
+    """A driver node started by hand; the run uses it and leaves it running."""
+    from agent.config import load_config
+    from agent.runner import run_experiment
+
+    config = DriverConfig(
+        stream_endpoint=f"ipc://{tmp_path}/s", command_endpoint=f"ipc://{tmp_path}/c"
+    )
+    node = build_node(config, ctx=zmq.Context())
+    thread = threading.Thread(target=node.serve, daemon=True)
+    thread.start()
+    try:
+        experiment = load_config(
+            Path(__file__).resolve().parents[1] / "configs" / "twin-feedback-trap.yaml",
+            [
+                f"runs_dir={tmp_path}",
+                "duration_s=1.0",
+                "compare_free_diffusion=false",
+                f"driver.connect={config.command_endpoint}",
+            ],
+        )
+        _run_dir, summary = run_experiment(experiment)
+        assert summary["steps"] > 5 and summary["commands_failed"] == 0
+        assert thread.is_alive()  # not ours to stop
+    finally:
+        node.stop.set()
+        thread.join(10)

@@ -215,8 +215,10 @@ def driver_serve(
 
     try:
         feedback = peek_kind(config, DEFAULT_RUN_KIND) == DEFAULT_RUN_KIND
-        driver = _load(config, overrides).driver if feedback else load_driver_section(
-            config, overrides or []
+        driver = (
+            _load(config, overrides).driver
+            if feedback
+            else load_driver_section(config, overrides or [])
         )
     except ConfigError as exc:
         err_console.print(str(exc), markup=False, highlight=False)

@@ -136,3 +136,77 @@ def test_feedback_trap_attaches_to_a_running_driver(tmp_path: Path) -> None:
     finally:
         node.stop.set()
         thread.join(10)
+
+
+SPM_CONFIG = CONFIG.parent / "twin-spm-sparse.yaml"
+SPM_SHORT = ["grid=8", "policy.kind=random", "policy.budget=6", "policy.initial=2"]
+
+
+def test_spm_plan_on_a_camera_node_fails_in_one_line(tmp_path: Path, field_node: str) -> None:
+    from agent.spm_experiment import run_spm_active
+
+    with pytest.raises(ConfigError) as info:
+        run_spm_active(
+            SPM_CONFIG,
+            [f"runs_dir={tmp_path}", f"driver.connect={field_node}", *SPM_SHORT],
+            Console(quiet=True),
+        )
+    message = str(info.value)
+    assert "\n" not in message and "spm-active" in message and "scan" in message
+
+
+def test_spm_plan_drives_a_nanonis_controller_by_host_and_port(tmp_path: Path) -> None:
+    """The twin's Nanonis server stands in for a real controller at host:port: the run
+    knows only the address and its limits, so there is no truth to score against."""
+    from agent.spm_experiment import run_spm_active
+    from drivers.spm_twin_backend import serve_spm
+
+    server = serve_spm(port=0, seed=2)
+    host, port = server.address
+    try:
+        summary = run_spm_active(
+            SPM_CONFIG,
+            [
+                f"runs_dir={tmp_path}",
+                "driver.source=nanonis",
+                f"driver.nanonis_host={host}",
+                f"driver.nanonis_port={port}",
+                "driver.limits={x_um: [-1.0, 1.0], y_um: [-1.0, 1.0]}",
+                *SPM_SHORT,
+            ],
+            Console(quiet=True),
+        )
+    finally:
+        server.stop()
+    assert summary["measured"] == 6 and summary["grid_points"] == 64
+    assert "top1pct_found" not in summary
+
+
+def test_spm_plan_attaches_to_a_running_spm_node(tmp_path: Path) -> None:
+    from agent.spm_experiment import run_spm_active
+    from drivers.spm_host import SpmHost, SpmHostConfig
+
+    host = SpmHost(SpmHostConfig(seed=1))
+    try:
+        summary = run_spm_active(
+            SPM_CONFIG,
+            [f"runs_dir={tmp_path}", f"driver.connect={host.command_endpoint}", *SPM_SHORT],
+            Console(quiet=True),
+        )
+        assert summary["measured"] == 6
+        # a smart-acquisition plan refuses the same SPM node before anything moves
+        with pytest.raises(ConfigError, match="smart-acquisition"):
+            run_smart_acquisition(
+                CONFIG,
+                [f"runs_dir={tmp_path}", f"driver.connect={host.command_endpoint}"],
+                Console(quiet=True),
+            )
+    finally:
+        host.close()
+
+
+def test_nanonis_source_needs_limits(tmp_path: Path) -> None:
+    from agent.spm_experiment import run_spm_active
+
+    with pytest.raises(ConfigError, match=r"driver\.limits"):
+        run_spm_active(SPM_CONFIG, ["driver.source=nanonis"], Console(quiet=True))

@@ -26,8 +26,8 @@ RUN_KINDS: dict[str, str] = {
 
 TRAIN_KINDS: dict[str, str] = {
     "spm-segmenter": "agent.spm_train:train_spm_segmenter",
-    "rl": "policies.rl.train:train_entry",
-    "calibration-estimator": "policies.calibration.learned:train_calibration",
+    "rl": "agent.training.rl:train_entry",
+    "calibration-estimator": "agent.training.calibration:train_calibration",
 }
 
 EntryFn = Callable[..., dict[str, Any]]

@@ -7,7 +7,7 @@ naming the dotted field and what it accepts.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -15,15 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from agent.detectors import DetectorSettings
 from agent.tracking import TrackerConfig
 from drivers.config import DriverConfig
-from policies.control.config import ControlPolicyConfigs
-from policies.feedback import LaserOffConfig, ProportionalTrapConfig
-from policies.rl.policy import RlPolicyConfig
-
-PolicyConfig = Annotated[
-    ProportionalTrapConfig | LaserOffConfig | ControlPolicyConfigs | RlPolicyConfig,
-    Field(discriminator="kind"),
-]
-
+from policies.feedback import ProportionalTrapConfig
+from policies.registry import PolicyConfig
 
 M = TypeVar("M", bound=BaseModel)
 

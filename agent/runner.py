@@ -33,23 +33,17 @@ from agent.report import write_report
 from agent.telemetry import RunTelemetry
 from agent.tracking import Tracker
 from drivers.serve import resolve_endpoints
+from policies import registry
 from policies.contract import Policy
-from policies.control import CONTROL_CONFIGS, make_control_policy
-from policies.feedback import LaserOff, ProportionalTrap, ProportionalTrapConfig
-from policies.rl.policy import RlPolicy, RlPolicyConfig
+from policies.feedback import LaserOff
 
 ProgressFn = Callable[[str, float], None]
 DEEP_CHECKPOINT = "lodestar.pt"
 
 
 def make_policy(config: ExperimentConfig) -> Policy:
-    if isinstance(config.policy, ProportionalTrapConfig):
-        return ProportionalTrap(config.policy)
-    if isinstance(config.policy, CONTROL_CONFIGS):
-        return make_control_policy(config.policy)
-    if isinstance(config.policy, RlPolicyConfig):
-        return RlPolicy(config.policy)
-    return LaserOff(config.policy)
+    """The experiment's policy, from the one registry run, replay, train and bench share."""
+    return registry.make_policy(config.policy)
 
 
 @dataclass

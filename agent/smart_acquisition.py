@@ -24,16 +24,18 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rich.console import Console
 from scipy.optimize import linear_sum_assignment
 
-from agent.config import dump_config, load_model_config
+from agent.config import load_model_config
 from agent.detect import DetectorConfig, ParticleDetector
 from agent.engine.link import DriverLink, driver_for
+from agent.engine.run import RunEngine
 from agent.evaluate import TruthRecorder
 from agent.frame_recording import FRAMES_NAME, FrameRecorder
-from agent.recorder import EventLog, new_run_dir, write_json
+from agent.recorder import EventLog
 from drivers.config import DriverConfig
 from drivers.protocol import FRAME_PREFIX, Frame, decode_frame, now_ns
 from drivers.transport import CommandClient
 
+EVENTS_NAME = "events-smart.jsonl"
 # Commands the plan sends: a node without them (an SPM node) is refused before anything moves.
 NEEDS = {"submit_events", "stop_events", "get_state"}
 TRUTH_WAIT_S = 5.0
@@ -127,10 +129,10 @@ def run_smart_acquisition(
 ) -> dict[str, Any]:
     """The `smart-acquisition` run kind."""
     config = load_smart_config(config_path, overrides)
-    run_dir = new_run_dir(config.runs_dir, config.name)
-    dump_config(config, run_dir / "config.yaml")
-    summary = SmartAcquisition(config, run_dir).run()
-    write_json(run_dir / "summary.json", summary)
+    with RunEngine(config, EVENTS_NAME) as run:
+        summary = SmartAcquisition(config, run).run()
+    summary = run.finish(summary)
+    run_dir = run.run_dir
     found = (
         f"objects found {summary['objects_found']}/{summary['objects_in_grid']}; "
         if summary["objects_in_grid"] is not None
@@ -150,9 +152,10 @@ def run_smart_acquisition(
 class SmartAcquisition:
     """One run on whatever driver node the config names, over protocol v1 only."""
 
-    def __init__(self, config: SmartAcquisitionConfig, run_dir: Path) -> None:
+    def __init__(self, config: SmartAcquisitionConfig, run: RunEngine) -> None:
         self.config = config
-        self.run_dir = run_dir
+        self.engine = run
+        self.run_dir = run.run_dir
         self.positions: list[tuple[float, float]] = []
         self.pixel_um = 1.0
         self.chosen: list[int] = []
@@ -188,11 +191,11 @@ class SmartAcquisition:
         sub.setsockopt(zmq.RCVHWM, 100_000)
         sub.setsockopt(zmq.SUBSCRIBE, FRAME_PREFIX)
         sub.connect(link.stream_endpoint)
-        truth = TruthRecorder(ctx, link.stream_endpoint, self.run_dir / "truth-smart.jsonl")
+        truth = TruthRecorder(ctx, link.stream_endpoint, self.run_dir / "objects-truth.jsonl")
         truth.start()
         client = CommandClient(ctx, link.command_endpoint, timeout_ms=10_000)
         recorder = FrameRecorder(self.run_dir / FRAMES_NAME) if cfg.record_frames else None
-        log = EventLog(self.run_dir / "events-smart.jsonl")
+        log = self.engine.events
         try:
             self._layout(client.call("get_state").result)
             self._frames_before_events(sub)
@@ -200,14 +203,13 @@ class SmartAcquisition:
                 truth.received.wait(TRUTH_WAIT_S)
             summary = self._acquire(client, sub, recorder, log)
         finally:
-            log.close()
             if recorder is not None:
                 recorder.close()
             client.close()
             sub.close()
             records = truth.stop()
         summary.update(self._truth_scores(records[-1] if records else None, summary))
-        summary["run_dir"] = str(self.run_dir)
+
         summary["frames_recorded"] = recorder.count if recorder is not None else 0
         return summary
 
@@ -270,6 +272,7 @@ class SmartAcquisition:
     ) -> dict[str, Any]:
         cfg = self.config
         n = len(self.positions)
+        self.engine.phase("screen")
         screen_events = [
             self._event(k, cfg.screen, {"p": k}, {"reason": "screen", "position": k})
             for k in range(n)
@@ -296,6 +299,9 @@ class SmartAcquisition:
                 break
             chosen.append(k)
         skipped_budget = len(candidates[: cfg.revisit.max_positions]) - len(chosen)
+        if chosen and not self.engine.checkpoint():  # stopped from the dashboard: no revisits
+            log.write("stopped", before="revisit", positions_not_revisited=len(chosen))
+            chosen = []
         log.write(
             "decision",
             candidates=candidates,
@@ -306,6 +312,7 @@ class SmartAcquisition:
 
         revisit: list[Frame] = []
         if chosen:
+            self.engine.phase("revisit")
             t0 = now_ns() + 50_000_000
             events = []
             for t in range(cfg.revisit.timepoints):
@@ -367,8 +374,14 @@ class SmartAcquisition:
             "detections_um": np.round(detections_um, 4).tolist(),
         }
         log.write("frame", **meta)
+        image = np.asarray(frame.data)
         if recorder is not None:
-            recorder.append(np.asarray(frame.data), meta)
+            recorder.append(image, meta)
+        # the dashboard draws detections in the view's frame (um from its corner)
+        corner = np.asarray(meta["stage_um"]) - np.array(image.shape[::-1]) * self.pixel_um / 2
+        self.engine.telemetry.frame(
+            image, frame.header.seq, self.pixel_um, detections_um - corner, info={"why": decision}
+        )
 
     def _summary(
         self, chosen: list[int], n_revisit: int, start_errors: list[float]

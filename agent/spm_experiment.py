@@ -26,10 +26,9 @@ import zmq
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from rich.console import Console
 
-from agent.config import ConfigError, dump_config, load_model_config
-from agent.recorder import EventLog, new_run_dir, write_json
+from agent.config import ConfigError, load_model_config
+from agent.engine.run import RunEngine
 from agent.spm_session import SpmSession, spm_driver
-from agent.telemetry import RunTelemetry
 from drivers.spm_host import SpmHostConfig
 from policies.active.grid import CandidateGrid, detrend_plane, pfm_channels, robust_normalise
 from policies.active.learners import ActivePolicyConfig, make_learner
@@ -38,6 +37,7 @@ from policies.active.reward import parse_reward
 from policies.active.segment import pick_wall_points
 
 if TYPE_CHECKING:
+    from agent.telemetry import RunTelemetry
     from drivers.spm_truth import ReplayTruth, TwinTruth
 
     Truth = TwinTruth | ReplayTruth | None
@@ -188,17 +188,6 @@ def _truth_rewards(config: SpmActiveConfig, truth: Truth, grid: CandidateGrid) -
     return np.array([reward.of_spectrum(v, s) for s in spectra])
 
 
-def _wait_while_paused(telemetry: RunTelemetry | None) -> bool:
-    """Serve the dashboard's control channel between steps; False once a stop came."""
-    if telemetry is None:
-        return True
-    telemetry.poll_control()
-    while telemetry.paused:
-        time.sleep(0.05)
-        telemetry.poll_control()
-    return not telemetry.stop_requested
-
-
 def _publish_step(
     telemetry: RunTelemetry | None,
     step: int,
@@ -233,16 +222,15 @@ def _publish_step(
 def run_active(
     config: SpmActiveConfig,
     spm: SpmSession,
-    run_dir: Path,
-    events: EventLog,
+    run: RunEngine,
     console: Console,
-    telemetry: RunTelemetry | None = None,
     truth: Truth = None,
 ) -> dict[str, Any]:
     """Inverse (DKL) or sparse-sampling loop: propose -> spectra -> observe -> log maps.
 
-    With telemetry, each step goes to the dashboard, which may pause or stop the run
-    between steps (a stop ends the loop; the session's close makes the tip safe)."""
+    Each step goes to the dashboard, which may pause or stop the run between steps (a
+    stop ends the loop; the session's close makes the tip safe)."""
+    run_dir, events, telemetry = run.run_dir, run.events, run.telemetry
     reward = parse_reward(config.reward)
     images = spm.scan(config.grid, config.scan_channels)
     struct = structure_channels(images)
@@ -254,7 +242,7 @@ def run_active(
     step, decisions, fits = 0, [], []
     spm_time = 0.0
     model_based = config.policy.kind in ("dkl", "gp")
-    while not learner.done and _wait_while_paused(telemetry):
+    while not learner.done and run.checkpoint():
         t0 = time.perf_counter()
         batch = learner.propose()
         decision_s = time.perf_counter() - t0
@@ -311,12 +299,13 @@ def run_active(
 def run_forward(
     config: SpmActiveConfig,
     spm: SpmSession,
-    run_dir: Path,
-    events: EventLog,
+    run: RunEngine,
     console: Console,
     truth: Truth = None,
 ) -> dict[str, Any]:
-    """Segment walls in a live scan; spectra on confident wall points unless OOD."""
+    """Segment walls in a live scan; spectra on confident wall points unless OOD; the
+    dashboard may pause or stop it between spectra."""
+    run_dir, events = run.run_dir, run.events
     from agent.spm_train import load_or_train_segmenter
 
     fwd = config.forward
@@ -356,6 +345,8 @@ def run_forward(
     values, on_wall, on_wall_raw, offsets = [], [], [], []
     offset = (0.0, 0.0)
     for k, (r, c) in enumerate(points):
+        if not run.checkpoint():
+            break
         if fwd.drift_correction and k % fwd.register_every == 0:
             group = np.asarray(points[k : k + fwd.register_every], dtype=float)
             found = register_drift(spm, struct, group.mean(0), fwd, config.scan_channels)
@@ -464,38 +455,18 @@ def forward_scores(
 def run_spm_active(config_path: Path, overrides: list[str], console: Console) -> dict[str, Any]:
     """Entry point for RUN_KINDS['spm-active']."""
     config = load_spm_config(config_path, overrides)
-    run_dir = new_run_dir(config.runs_dir, config.name)
-    dump_config(config, run_dir / "config.yaml")
-    t0 = time.perf_counter()
     ctx = zmq.Context()
     try:
         with (
+            RunEngine(config, EVENTS_NAME) as run,
             spm_driver(config.driver, ctx) as (spm, truth),
-            EventLog(run_dir / EVENTS_NAME) as events,
-            RunTelemetry(run_dir.name) as telemetry,
         ):
-            telemetry.write_info(run_dir)
-            telemetry.set_phase(config.workflow)
-            telemetry.set_state("running")
+            run.phase(config.workflow)
             if config.workflow == "forward":
-                result = run_forward(config, spm, run_dir, events, console, truth)
+                result = run_forward(config, spm, run, console, truth)
             else:
-                result = run_active(config, spm, run_dir, events, console, telemetry, truth)
-            result["stopped"] = telemetry.stop_requested
+                result = run_active(config, spm, run, console, truth)
     finally:
         ctx.term()
-    summary = {
-        "name": config.name,
-        "kind": config.kind,
-        "workflow": config.workflow,
-        "policy": config.policy.kind,
-        "seed": config.seed,
-        "run_dir": str(run_dir),
-        **result,
-        "wall_s": time.perf_counter() - t0,
-    }
-    write_json(run_dir / "summary.json", summary)
-    from agent.report import write_report
-
-    write_report(run_dir)
-    return summary
+    head = {"name": config.name, "kind": config.kind, "workflow": config.workflow}
+    return run.finish({**head, "policy": config.policy.kind, "seed": config.seed, **result})

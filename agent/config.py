@@ -91,6 +91,8 @@ def format_validation_error(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            where += ".kind"  # e.g. a policy this plan cannot use: name the field to change
         got = err.get("input")
         shown = "" if isinstance(got, dict) else f" (got {got!r})"
         lines.append(f"config error: {where}: {err['msg']}{shown}")

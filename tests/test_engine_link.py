@@ -210,3 +210,25 @@ def test_nanonis_source_needs_limits(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match=r"driver\.limits"):
         run_spm_active(SPM_CONFIG, ["driver.source=nanonis"], Console(quiet=True))
+
+
+@pytest.mark.parametrize(
+    ("config", "override", "field"),
+    [
+        ("twin-feedback-trap.yaml", "policy.kind=gp", "policy.kind"),  # an SPM policy
+        ("twin-spm-sparse.yaml", "policy.kind=pid", "policy.kind"),  # a trap controller
+        ("twin-smart-acquisition.yaml", "driver.kind=nanonis", "driver.kind"),
+        ("twin-feedback-trap.yaml", "driver.connect=tcp://host", "driver.connect"),
+    ],
+)
+def test_a_plan_refuses_what_it_cannot_use_in_one_line(
+    config: str, override: str, field: str
+) -> None:
+    from typer.testing import CliRunner
+
+    from agent.cli import app
+
+    result = CliRunner().invoke(app, ["run", str(CONFIG.parent / config), "--set", override])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and field in lines[0], result.output

@@ -25,11 +25,11 @@ import zmq
 from agent.config import ExperimentConfig, dump_config
 from agent.detectors import build_detector, needs_training, train_on_stream
 from agent.engine.link import FEEDBACK_NEEDS, AttachedDriver, attach_configured
+from agent.engine.run import RunEngine
 from agent.evaluate import TruthRecorder, controlled_track, detection_rmse_um, rms_distance
 from agent.loop import AgentLoop, DriverSilent, LoopEndpoints, LoopResult
 from agent.plots import plot_run
-from agent.recorder import EventLog, new_run_dir, read_events, write_json
-from agent.report import write_report
+from agent.recorder import EventLog, read_events
 from agent.telemetry import RunTelemetry
 from agent.tracking import Tracker
 from drivers.serve import resolve_endpoints
@@ -39,6 +39,7 @@ from policies.feedback import LaserOff
 
 ProgressFn = Callable[[str, float], None]
 DEEP_CHECKPOINT = "lodestar.pt"
+RUN_EVENTS = "run-events.jsonl"  # not events-*.jsonl: those are the phases' step logs
 
 
 def make_policy(config: ExperimentConfig) -> Policy:
@@ -211,36 +212,30 @@ def summarize(config: ExperimentConfig, phases: dict[str, PhaseResult]) -> dict[
 def run_experiment(
     config: ExperimentConfig, progress: ProgressFn | None = None
 ) -> tuple[Path, dict[str, Any]]:
-    """Run every phase, write summary.json and plots; return (run_dir, summary)."""
-    run_dir = new_run_dir(config.runs_dir, config.name)
-    dump_config(config, run_dir / "config.yaml")
-    with RunTelemetry(run_dir.name, zmq.Context.instance()) as telemetry:
-        telemetry.write_info(run_dir)
+    """Run every phase, write summary.json and plots; return (run_dir, summary).
+
+    The engine owns the run dir, telemetry and stop; each phase logs its own steps
+    (`events-<phase>.jsonl`), the engine's log (`run-events.jsonl`) the phases."""
+    with RunEngine(config, RUN_EVENTS, zmq.Context.instance()) as run:
+        run_dir = run.run_dir
         if needs_training(config.agent.detector):
-            telemetry.set_phase("training")
-            telemetry.event("training the detector on the live stream")
+            run.phase("training")
             train_detector_phase(config, run_dir)
         phases: dict[str, PhaseResult] = {}
         plan: list[tuple[str, Policy]] = [("feedback", make_policy(config))]
         if config.compare_free_diffusion:
             plan.append(("free", LaserOff()))
         for name, policy in plan:
-            if telemetry.stop_requested:
-                telemetry.event(f"phase {name} skipped: run stopped", "warning")
+            if not run.checkpoint():
+                run.telemetry.event(f"phase {name} skipped: run stopped", "warning")
                 continue
-            telemetry.set_phase(name)
-            telemetry.event(f"phase {name} started")
-            phases[name] = run_phase(config, run_dir, name, policy, progress, telemetry)
-        stopped = telemetry.stop_requested
-        telemetry.reason = "stop command" if stopped else "finished"
+            run.phase(name)
+            phases[name] = run_phase(config, run_dir, name, policy, progress, run.telemetry)
     summary = summarize(config, phases)
-    summary["stopped"] = stopped
     summary["plots"] = plot_run(
         run_dir,
         {n: (p.truth, p.steps) for n, p in phases.items()},
         phases["feedback"].target_um,
         step_latencies_ms(phases["feedback"].steps),
     )
-    write_json(run_dir / "summary.json", summary)
-    write_report(run_dir)
-    return run_dir, summary
+    return run_dir, run.finish(summary)

@@ -232,3 +232,15 @@ def test_a_plan_refuses_what_it_cannot_use_in_one_line(
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and field in lines[0], result.output
+
+
+def test_a_node_bound_to_every_interface_is_reached_at_the_host_we_dialled() -> None:
+    from agent.engine.link import _reachable_stream
+
+    assert _reachable_stream("tcp://0.0.0.0:5556", "tcp://scope-pc:5555") == (
+        "tcp://scope-pc:5556"
+    )
+    assert _reachable_stream("tcp://10.0.0.2:5556", "tcp://scope-pc:5555") == (
+        "tcp://10.0.0.2:5556"
+    )
+    assert _reachable_stream("ipc:///tmp/s", "ipc:///tmp/c") == "ipc:///tmp/s"

@@ -164,8 +164,12 @@ def _timing(quick: bool, log: Callable[[str], None]) -> dict[str, float]:
 def _forward(quick: bool, log: Callable[[str], None]) -> dict[str, float]:
     """Walls found on held-out twin scans, and the calibrated out-of-distribution flag
     (the one the live forward run uses) on twin scans vs pure-noise frames."""
-    from agent.spm_experiment import forward_scores
-    from agent.spm_train import SegmenterTrainConfig, train_segmenter, twin_training_scans
+    from agent.plans.spm_active import forward_scores
+    from agent.training.spm_segmenter import (
+        SegmenterTrainConfig,
+        train_segmenter,
+        twin_training_scans,
+    )
     from policies.active.segment import pick_wall_points, uncertainty_score
 
     px = 64 if quick else 96

@@ -62,7 +62,7 @@ def _extra(name: str, tmp_path: Path) -> list[str]:
         grid = export_twin_grid(FerroelectricSample(seed=4), tmp_path / "grid.npz", grid=8)
         return [f"driver.replay={grid}"]
     if name == "twin-spm-forward.yaml":
-        from agent.spm_train import SegmenterTrainConfig, train_segmenter
+        from agent.training.spm_segmenter import SegmenterTrainConfig, train_segmenter
 
         tiny = SegmenterTrainConfig(
             seeds=[10_001], calib_seeds=[10_101, 10_102], pixels=32, steps=3, members=2

@@ -14,7 +14,7 @@ from rich.console import Console
 
 from agent.config import ConfigError
 from agent.engine.link import attach
-from agent.smart_acquisition import run_smart_acquisition
+from agent.plans.smart_acquisition import run_smart_acquisition
 from drivers.config import DriverConfig
 from drivers.serve import build_node
 
@@ -143,7 +143,7 @@ SPM_SHORT = ["grid=8", "policy.kind=random", "policy.budget=6", "policy.initial=
 
 
 def test_spm_plan_on_a_camera_node_fails_in_one_line(tmp_path: Path, field_node: str) -> None:
-    from agent.spm_experiment import run_spm_active
+    from agent.plans.spm_active import run_spm_active
 
     with pytest.raises(ConfigError) as info:
         run_spm_active(
@@ -158,7 +158,7 @@ def test_spm_plan_on_a_camera_node_fails_in_one_line(tmp_path: Path, field_node:
 def test_spm_plan_drives_a_nanonis_controller_by_host_and_port(tmp_path: Path) -> None:
     """The twin's Nanonis server stands in for a real controller at host:port: the run
     knows only the address and its limits, so there is no truth to score against."""
-    from agent.spm_experiment import run_spm_active
+    from agent.plans.spm_active import run_spm_active
     from drivers.spm_twin_backend import serve_spm
 
     server = serve_spm(port=0, seed=2)
@@ -183,7 +183,7 @@ def test_spm_plan_drives_a_nanonis_controller_by_host_and_port(tmp_path: Path) -
 
 
 def test_spm_plan_attaches_to_a_running_spm_node(tmp_path: Path) -> None:
-    from agent.spm_experiment import run_spm_active
+    from agent.plans.spm_active import run_spm_active
     from drivers.spm_host import SpmHost, SpmHostConfig
 
     host = SpmHost(SpmHostConfig(seed=1))
@@ -206,7 +206,7 @@ def test_spm_plan_attaches_to_a_running_spm_node(tmp_path: Path) -> None:
 
 
 def test_nanonis_source_needs_limits(tmp_path: Path) -> None:
-    from agent.spm_experiment import run_spm_active
+    from agent.plans.spm_active import run_spm_active
 
     with pytest.raises(ConfigError, match=r"driver\.limits"):
         run_spm_active(SPM_CONFIG, ["driver.source=nanonis"], Console(quiet=True))
@@ -237,9 +237,7 @@ def test_a_plan_refuses_what_it_cannot_use_in_one_line(
 def test_a_node_bound_to_every_interface_is_reached_at_the_host_we_dialled() -> None:
     from agent.engine.link import _reachable_stream
 
-    assert _reachable_stream("tcp://0.0.0.0:5556", "tcp://scope-pc:5555") == (
-        "tcp://scope-pc:5556"
-    )
+    assert _reachable_stream("tcp://0.0.0.0:5556", "tcp://scope-pc:5555") == ("tcp://scope-pc:5556")
     assert _reachable_stream("tcp://10.0.0.2:5556", "tcp://scope-pc:5555") == (
         "tcp://10.0.0.2:5556"
     )

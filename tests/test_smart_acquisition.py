@@ -14,8 +14,8 @@ from agent.cli import app
 from agent.config import ConfigError
 from agent.experiments import RUN_KINDS, resolve
 from agent.frame_recording import FRAMES_NAME, read_recording
+from agent.plans.smart_acquisition import run_smart_acquisition
 from agent.replay import replay_frames
-from agent.smart_acquisition import run_smart_acquisition
 from simulators.sparse_field import SparseField, SparseFieldConfig
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "twin-smart-acquisition.yaml"

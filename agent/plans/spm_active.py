@@ -28,7 +28,7 @@ from rich.console import Console
 
 from agent.config import ConfigError, load_model_config
 from agent.engine.run import RunEngine
-from agent.spm_session import SpmSession, spm_driver
+from agent.plans.spm_session import SpmSession, spm_driver
 from drivers.spm_host import SpmHostConfig
 from policies.active.grid import CandidateGrid, detrend_plane, pfm_channels, robust_normalise
 from policies.active.learners import ActivePolicyConfig, make_learner
@@ -306,7 +306,7 @@ def run_forward(
     """Segment walls in a live scan; spectra on confident wall points unless OOD; the
     dashboard may pause or stop it between spectra."""
     run_dir, events = run.run_dir, run.events
-    from agent.spm_train import load_or_train_segmenter
+    from agent.training.spm_segmenter import load_or_train_segmenter
 
     fwd = config.forward
     checkpoint = fwd.checkpoint or Path(config.runs_dir) / "spm-segmenter.pt"

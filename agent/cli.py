@@ -224,7 +224,11 @@ def driver_serve(
         err_console.print(str(exc), markup=False, highlight=False)
         raise typer.Exit(2) from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    serve(driver)
+    try:
+        serve(driver)
+    except ValueError as exc:  # a config the instrument refuses (missing mm_config, ...)
+        err_console.print(f"config error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()

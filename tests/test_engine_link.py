@@ -242,3 +242,15 @@ def test_a_node_bound_to_every_interface_is_reached_at_the_host_we_dialled() -> 
         "tcp://10.0.0.2:5556"
     )
     assert _reachable_stream("ipc:///tmp/s", "ipc:///tmp/c") == "ipc:///tmp/s"
+
+
+def test_a_driver_that_cannot_start_is_reported_with_its_own_error(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such.cfg"
+    with pytest.raises(ConfigError) as info:
+        run_smart_acquisition(
+            CONFIG,
+            [f"runs_dir={tmp_path}", "driver.kind=mmcore", f"driver.mm_config={missing}"],
+            Console(quiet=True),
+        )
+    message = str(info.value)
+    assert "\n" not in message and "driver.mm_config" in message and str(missing) in message

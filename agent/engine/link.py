@@ -93,6 +93,15 @@ def attach(
     )
 
 
+def _last_line(log: Path) -> str:
+    """The driver's own last word (its one-line config error, or a traceback's last line)."""
+    try:
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines()]
+    except OSError:
+        return "no log"
+    return next((line for line in reversed(lines) if line), "no output")
+
+
 def _wait_started(ctx: zmq.Context, driver: Any, endpoint: str) -> DriverLink:
     """Probe a driver process we started until it answers (it may take seconds to import)."""
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -101,7 +110,8 @@ def _wait_started(ctx: zmq.Context, driver: Any, endpoint: str) -> DriverLink:
         if code is not None:
             raise ConfigError(
                 f"config error: driver: the driver process exited with code {code} before "
-                f"serving (log: {driver.log_path})"
+                f"serving: {_last_line(Path(driver.log_path)).removeprefix('config error: ')} "
+                f"(log: {driver.log_path})"
             )
         try:
             return attach(ctx, endpoint, "driver", timeout_s=1.0)

@@ -254,3 +254,48 @@ def test_a_driver_that_cannot_start_is_reported_with_its_own_error(tmp_path: Pat
         )
     message = str(info.value)
     assert "\n" not in message and "driver.mm_config" in message and str(missing) in message
+
+
+def test_smart_acquisition_attaches_over_tcp_to_a_driver_process(tmp_path: Path) -> None:
+    """`scopeloop driver serve` started on its own (as on the microscope's PC), reached
+    by its tcp command endpoint only."""
+    import socket
+    import subprocess
+    import sys
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    command, stream = (f"tcp://127.0.0.1:{p}" for p in ports)
+    sets = [
+        "--set",
+        f"driver.command_endpoint={command}",
+        "--set",
+        f"driver.stream_endpoint={stream}",
+        "--set",
+        "driver.watchdog_ms=60000",
+        "--set",
+        "driver.stream_hwm=10000",
+    ]
+    log = (tmp_path / "driver.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "driver", "serve", str(CONFIG), *sets],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        link = attach(zmq.Context.instance(), command, timeout_s=30.0)
+        assert link.stream_endpoint == stream and link.truth
+        summary = run_smart_acquisition(
+            CONFIG,
+            [f"runs_dir={tmp_path}", f"driver.connect={command}", *SMALL],
+            Console(quiet=True),
+        )
+        assert summary["frames_screen"] == 9 and summary["objects_in_grid"] is not None
+        assert proc.poll() is None  # still serving: not ours to stop
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()

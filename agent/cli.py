@@ -208,15 +208,28 @@ def driver_serve(
     config: Annotated[Path, typer.Argument(help="Experiment YAML (its `driver` section).")],
     overrides: SetOption = None,
 ) -> None:
-    """Serve a driver node (the twin in UniMMCore) until SIGINT/SIGTERM or `shutdown`."""
+    """Serve a driver node (a twin in UniMMCore, or Micro-Manager) until SIGINT/SIGTERM or
+    `shutdown`. A feedback-trap config is read whole (its seed reaches the twin); any other
+    kind contributes only its `driver` section."""
+    from agent.config import load_driver_section
+    from agent.experiments import DEFAULT_RUN_KIND, peek_kind
     from drivers.serve import serve
 
+    try:
+        feedback = peek_kind(config, DEFAULT_RUN_KIND) == DEFAULT_RUN_KIND
+        driver = (
+            _load(config, overrides).driver
+            if feedback
+            else load_driver_section(config, overrides or [])
+        )
+    except ConfigError as exc:
+        err_console.print(str(exc), markup=False, highlight=False)
+        raise typer.Exit(2) from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    driver = _load(config, overrides).driver
     try:
         serve(driver)
-    except ValueError as exc:  # a refused bind or an unreadable key or config file
-        err_console.print(f"driver: {exc}", markup=False, highlight=False)
+    except ValueError as exc:  # a refused bind, an unreadable key, a config the instrument refuses
+        err_console.print(f"config error: {exc}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except Exception as exc:  # the agent waiting on this node reports this line at once
         logging.getLogger("drivers.serve").exception("driver failed")

@@ -7,7 +7,7 @@ naming the dotted field and what it accepts.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -15,15 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from agent.detectors import DetectorSettings
 from agent.tracking import TrackerConfig
 from drivers.config import ClientAuth, DriverConfig
-from policies.control.config import ControlPolicyConfigs
-from policies.feedback import LaserOffConfig, ProportionalTrapConfig
-from policies.rl.policy import RlPolicyConfig
-
-PolicyConfig = Annotated[
-    ProportionalTrapConfig | LaserOffConfig | ControlPolicyConfigs | RlPolicyConfig,
-    Field(discriminator="kind"),
-]
-
+from policies.feedback import ProportionalTrapConfig
+from policies.registry import PolicyConfig
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -102,6 +95,8 @@ def format_validation_error(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            where += ".kind"  # e.g. a policy this plan cannot use: name the field to change
         got = err.get("input")
         shown = "" if isinstance(got, dict) else f" (got {got!r})"
         lines.append(f"config error: {where}: {err['msg']}{shown}")
@@ -141,3 +136,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
 
 def dump_config(config: BaseModel, path: Path) -> None:
     path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+
+
+def load_driver_section(path: str | Path, overrides: list[str] | None = None) -> DriverConfig:
+    """The `driver` section of any config kind (fields reported as `driver.<name>`)."""
+    raw = apply_overrides(read_config_mapping(path), overrides or [])
+    try:
+        return DriverConfig.model_validate(raw.get("driver") or {})
+    except ValidationError as exc:
+        lines = format_validation_error(exc)
+        raise ConfigError(lines.replace("config error: ", "config error: driver.")) from None

@@ -27,6 +27,7 @@ class TruthRecorder(threading.Thread):
         self._socket.connect(endpoint)
         self._log = EventLog(path)
         self._stop_event = threading.Event()
+        self.received = threading.Event()  # set once the first record is logged
         self.path = path
 
     def run(self) -> None:
@@ -42,6 +43,7 @@ class TruthRecorder(threading.Thread):
                     record = unpack_map(parts[1], "truth")
                     record.pop("v", None)
                     self._log.write("truth", **record)
+                    self.received.set()
         finally:
             self._log.close()
             self._socket.close()

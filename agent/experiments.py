@@ -20,8 +20,8 @@ DEFAULT_RUN_KIND = "feedback-trap"
 
 RUN_KINDS: dict[str, str] = {
     "feedback-trap": "agent.cli:run_feedback_trap",
-    "smart-acquisition": "agent.smart_acquisition:run_smart_acquisition",
-    "spm-active": "agent.spm_experiment:run_spm_active",
+    "smart-acquisition": "agent.plans.smart_acquisition:run_smart_acquisition",
+    "spm-active": "agent.plans.spm_active:run_spm_active",
 }
 
 # Each run kind's config loader `(path, overrides) -> model` (ConfigError on bad input),
@@ -33,9 +33,9 @@ RUN_CONFIG_LOADERS: dict[str, str] = {
 }
 
 TRAIN_KINDS: dict[str, str] = {
-    "spm-segmenter": "agent.spm_train:train_spm_segmenter",
-    "rl": "policies.rl.train:train_entry",
-    "calibration-estimator": "policies.calibration.learned:train_calibration",
+    "spm-segmenter": "agent.training.spm_segmenter:train_spm_segmenter",
+    "rl": "agent.training.rl:train_entry",
+    "calibration-estimator": "agent.training.calibration:train_calibration",
 }
 
 EntryFn = Callable[..., dict[str, Any]]

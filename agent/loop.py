@@ -275,15 +275,15 @@ class AgentLoop:
         t_received = now_ns()
         detections_um, track_ids, pixel_size = self._observe(frame)
         t_detected = now_ns()
-        obs = Observation(
-            seq=header.seq,
-            t_s=header.t_exposure_end_ns / 1e9,
-            detections_um=detections_um,
-            target_um=target,
-            exposure_s=(header.t_exposure_end_ns - header.t_exposure_start_ns) / 1e9,
-            laser=tuple(LaserSpot(**s) for s in header.state.get("laser", [])),
-            field_um=field_um,
-            track_ids=track_ids,
+        obs = Observation.from_wire(
+            header.seq,
+            header.t_exposure_end_ns,
+            (header.t_exposure_end_ns - header.t_exposure_start_ns) / 1e9,
+            detections_um,
+            target,
+            header.state.get("laser"),
+            field_um,
+            track_ids,
         )
         action, clipped = limits.clip(self.policy.act(obs))
         result.actions_clipped += int(clipped)

@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel, ValidationError
 
-from agent.config import ExperimentConfig, PolicyConfig
+from agent.config import ExperimentConfig
 from agent.detect import DetectorConfig, ParticleDetector
 from agent.detectors import DetectorSettings
 from agent.evaluate import MATCH_RADIUS_UM, detection_errors_um
@@ -32,8 +32,9 @@ from agent.frame_recording import FRAMES_NAME, read_recording, recording_exists
 from agent.recorder import write_json
 from agent.report import RunData, load_run
 from agent.safety import LaserLimits
+from policies import registry
 from policies.contract import Action, LaserSpot, Observation, Policy
-from policies.feedback import LaserOff, LaserOffConfig, ProportionalTrap, ProportionalTrapConfig
+from policies.feedback import LaserOffConfig
 
 SPOT_TOLERANCE_UM = 0.1
 POWER_TOLERANCE = 0.05  # relative
@@ -42,11 +43,8 @@ _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 def build_policy(config: BaseModel) -> Policy:
-    if isinstance(config, ProportionalTrapConfig):
-        return ProportionalTrap(config)
-    if isinstance(config, LaserOffConfig):
-        return LaserOff(config)
-    raise ValueError(f"replay: unsupported policy config {type(config).__name__}")
+    """Any registered policy (the registry `scopeloop run` uses)."""
+    return registry.make_policy(config)
 
 
 def _recorded_config(run: RunData) -> ExperimentConfig | None:
@@ -60,14 +58,10 @@ def _recorded_config(run: RunData) -> ExperimentConfig | None:
 
 def _policy_config(policy: Any) -> BaseModel:
     """A policy config model from a model or a plain mapping (validated)."""
-    if isinstance(policy, (ProportionalTrapConfig, LaserOffConfig)):
-        return policy
-    if isinstance(policy, BaseModel):
-        policy = policy.model_dump()
     try:
-        return TypeAdapter(PolicyConfig).validate_python(policy)
-    except ValidationError as exc:
-        raise ValueError(f"replay: invalid policy config ({exc.errors()[0]['msg']})") from None
+        return registry.parse_policy_config(policy)
+    except ValueError as exc:
+        raise ValueError(f"replay: invalid policy config ({exc})") from None
 
 
 def _spots(wire: list[dict[str, Any]] | None) -> tuple[LaserSpot, ...]:
@@ -99,22 +93,21 @@ def observations(run: RunData, phase: str) -> list[tuple[dict[str, Any], Observa
     state = start.get("driver_state") or {}
     field_um = tuple(float(v) for v in state.get("field_um", (0.0, 0.0)))
     exposure_s = float(state.get("exposure_ms", 0.0)) / 1000.0
-    laser: tuple[LaserSpot, ...] = _spots(state.get("laser"))
+    laser: list[dict[str, Any]] | None = state.get("laser")
     pairs = []
     for step in run.steps(phase):
-        ids = step.get("track_ids")
-        obs = Observation(
-            seq=int(step["seq"]),
-            t_s=float(step.get("t_exp_end_ns", 0)) / 1e9,
-            detections_um=_detections(step),
-            target_um=(float(step["target_um"][0]), float(step["target_um"][1])),
-            exposure_s=exposure_s,
-            laser=laser,
-            field_um=(field_um[0], field_um[1]),
-            track_ids=None if ids is None else np.asarray(ids, dtype=np.int64),
+        obs = Observation.from_wire(
+            step["seq"],
+            step.get("t_exp_end_ns", 0),
+            exposure_s,
+            _detections(step),
+            step["target_um"],
+            laser,
+            field_um,
+            step.get("track_ids"),
         )
         pairs.append((step, obs))
-        laser = _spots(step.get("laser"))  # what the next frame was lit with (approximately)
+        laser = step.get("laser")  # what the next frame was lit with (approximately)
     return pairs
 
 
@@ -157,7 +150,7 @@ def replay_run(
 ) -> dict[str, Any]:
     """Re-run a policy on a run's recorded observations; write `replay-<name>.json`.
 
-    `policy`: a ProportionalTrapConfig / LaserOffConfig (or a mapping validated as one);
+    `policy`: any registered policy config (or a mapping validated as one);
     None replays the recorded policy (the run's config.yaml; laser off for "free").
     `detector`: recorded in the result only: frames are not logged, so the recorded
     detections are reused. Raises ValueError naming the path for a bad run directory.

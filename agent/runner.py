@@ -25,31 +25,27 @@ import zmq
 from agent.config import ExperimentConfig, dump_config
 from agent.detectors import build_detector, needs_training, train_on_stream
 from agent.driver_faults import DriverFaults, process_probe
+from agent.engine.link import FEEDBACK_NEEDS, AttachedDriver, attach_configured
+from agent.engine.run import RunEngine
 from agent.evaluate import TruthRecorder, controlled_track, detection_rmse_um, rms_distance
 from agent.loop import AgentLoop, DriverSilent, LoopEndpoints, LoopResult
 from agent.plots import plot_run
-from agent.recorder import EventLog, new_run_dir, read_events, write_json
-from agent.report import write_report
+from agent.recorder import EventLog, read_events
 from agent.telemetry import RunTelemetry
 from agent.tracking import Tracker
 from drivers.serve import resolve_endpoints
+from policies import registry
 from policies.contract import Policy
-from policies.control import CONTROL_CONFIGS, make_control_policy
-from policies.feedback import LaserOff, ProportionalTrap, ProportionalTrapConfig
-from policies.rl.policy import RlPolicy, RlPolicyConfig
+from policies.feedback import LaserOff
 
 ProgressFn = Callable[[str, float], None]
 DEEP_CHECKPOINT = "lodestar.pt"
+RUN_EVENTS = "run-events.jsonl"  # not events-*.jsonl: those are the phases' step logs
 
 
 def make_policy(config: ExperimentConfig) -> Policy:
-    if isinstance(config.policy, ProportionalTrapConfig):
-        return ProportionalTrap(config.policy)
-    if isinstance(config.policy, CONTROL_CONFIGS):
-        return make_control_policy(config.policy)
-    if isinstance(config.policy, RlPolicyConfig):
-        return RlPolicy(config.policy)
-    return LaserOff(config.policy)
+    """The experiment's policy, from the one registry run, replay, train and bench share."""
+    return registry.make_policy(config.policy)
 
 
 @dataclass
@@ -95,12 +91,16 @@ def run_phase(
     progress: ProgressFn | None = None,
     telemetry: RunTelemetry | None = None,
 ) -> PhaseResult:
-    driver_config = resolve_endpoints(config.driver)
-    phase_config = config.model_copy(update={"driver": driver_config})
-    config_path = run_dir / f"driver-{name}.yaml"
-    dump_config(phase_config, config_path)
     ctx = zmq.Context.instance()
-    driver = DriverProcess(config_path, run_dir / f"driver-{name}.log")
+    driver: DriverProcess | AttachedDriver
+    if config.driver.connect is not None:  # a node already running: use it, leave it on
+        driver_config, driver = attach_configured(config.driver, FEEDBACK_NEEDS, config.kind)
+    else:
+        driver_config = resolve_endpoints(config.driver)
+        phase_config = config.model_copy(update={"driver": driver_config})
+        config_path = run_dir / f"driver-{name}.yaml"
+        dump_config(phase_config, config_path)
+        driver = DriverProcess(config_path, run_dir / f"driver-{name}.log")
     truth = TruthRecorder(ctx, driver_config.stream_endpoint, run_dir / f"truth-{name}.jsonl")
     truth.start()
     events_path = run_dir / f"events-{name}.jsonl"
@@ -156,10 +156,14 @@ def step_latencies_ms(steps: list[dict[str, Any]]) -> list[float]:
 def train_detector_phase(config: ExperimentConfig, run_dir: Path) -> None:
     """Train the deep detector on the instrument's own stream before the experiment,
     so the experiment phases start from the same state as their controls."""
-    driver_config = resolve_endpoints(config.driver)
-    config_path = run_dir / "driver-training.yaml"
-    dump_config(config.model_copy(update={"driver": driver_config}), config_path)
-    driver = DriverProcess(config_path, run_dir / "driver-training.log")
+    driver: DriverProcess | AttachedDriver
+    if config.driver.connect is not None:
+        driver_config, driver = attach_configured(config.driver, FEEDBACK_NEEDS, config.kind)
+    else:
+        driver_config = resolve_endpoints(config.driver)
+        config_path = run_dir / "driver-training.yaml"
+        dump_config(config.model_copy(update={"driver": driver_config}), config_path)
+        driver = DriverProcess(config_path, run_dir / "driver-training.log")
     try:
         with EventLog(run_dir / "events-training.jsonl") as events:
             stats = train_on_stream(
@@ -216,36 +220,33 @@ def summarize(config: ExperimentConfig, phases: dict[str, PhaseResult]) -> dict[
 def run_experiment(
     config: ExperimentConfig, progress: ProgressFn | None = None
 ) -> tuple[Path, dict[str, Any]]:
-    """Run every phase, write summary.json and plots; return (run_dir, summary)."""
-    run_dir = new_run_dir(config.runs_dir, config.name)
-    dump_config(config, run_dir / "config.yaml")
-    with RunTelemetry(run_dir.name, zmq.Context.instance()) as telemetry:
-        telemetry.write_info(run_dir)
+    """Run every phase, write summary.json and plots; return (run_dir, summary).
+
+    The engine owns the run dir, telemetry and stop; each phase logs its own steps
+    (`events-<phase>.jsonl`), the engine's log (`run-events.jsonl`) the phases."""
+    with RunEngine(config, RUN_EVENTS, zmq.Context.instance()) as run:
+        run_dir = run.run_dir
         if needs_training(config.agent.detector):
-            telemetry.set_phase("training")
-            telemetry.event("training the detector on the live stream")
+            run.phase("training")
             train_detector_phase(config, run_dir)
         phases: dict[str, PhaseResult] = {}
         plan: list[tuple[str, Policy]] = [("feedback", make_policy(config))]
         if config.compare_free_diffusion:
             plan.append(("free", LaserOff()))
         for name, policy in plan:
-            if telemetry.stop_requested or any(p.loop.end_reason for p in phases.values()):
-                telemetry.event(f"phase {name} skipped: run stopped", "warning")
+            if any(p.loop.end_reason for p in phases.values()):  # the driver was lost
+                run.telemetry.event(f"phase {name} skipped: the run ended early", "warning")
                 continue
-            telemetry.set_phase(name)
-            telemetry.event(f"phase {name} started")
-            phases[name] = run_phase(config, run_dir, name, policy, progress, telemetry)
-        stopped = telemetry.stop_requested
-        telemetry.reason = "stop command" if stopped else "finished"
+            if not run.checkpoint():
+                run.telemetry.event(f"phase {name} skipped: run stopped", "warning")
+                continue
+            run.phase(name)
+            phases[name] = run_phase(config, run_dir, name, policy, progress, run.telemetry)
     summary = summarize(config, phases)
-    summary["stopped"] = stopped
     summary["plots"] = plot_run(
         run_dir,
         {n: (p.truth, p.steps) for n, p in phases.items()},
         phases["feedback"].target_um,
         step_latencies_ms(phases["feedback"].steps),
     )
-    write_json(run_dir / "summary.json", summary)
-    write_report(run_dir)
-    return run_dir, summary
+    return run_dir, run.finish(summary)

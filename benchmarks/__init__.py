@@ -15,4 +15,5 @@ BENCHMARKS: dict[str, str] = {
     "calibration": "benchmarks.calibration",
     "feedback": "benchmarks.feedback",
     "sweep": "benchmarks.sweep",
+    "engine": "benchmarks.engine",
 }

@@ -22,7 +22,7 @@ import numpy as np
 
 
 def _sample_grid(seed: int, n: int) -> tuple[Any, np.ndarray]:
-    from agent.spm_truth import twin_spectra
+    from drivers.spm_truth import twin_spectra
     from policies.active.grid import CandidateGrid, pfm_channels
     from policies.active.reward import parse_reward
     from simulators.spm import FerroelectricSample, PFMScanner, triangular_waveform
@@ -205,9 +205,12 @@ def _timing(quick: bool, log: Callable[[str], None]) -> dict[str, float]:
 def _forward(quick: bool, log: Callable[[str], None]) -> dict[str, float]:
     """Walls found on held-out twin scans, and the calibrated out-of-distribution flag
     (the one the live forward run uses) on twin scans vs pure-noise frames."""
-    from agent.spm_experiment import forward_scores
-    from agent.spm_train import SegmenterTrainConfig, train_segmenter
-    from agent.spm_truth import labelled_scans
+    from agent.plans.spm_active import forward_scores
+    from agent.training.spm_segmenter import (
+        SegmenterTrainConfig,
+        train_segmenter,
+        twin_training_scans,
+    )
     from policies.active.segment import pick_wall_points, uncertainty_score
 
     px = 64 if quick else 96
@@ -220,7 +223,8 @@ def _forward(quick: bool, log: Callable[[str], None]) -> dict[str, float]:
     t0 = time.perf_counter()
     seg, _stats = train_segmenter(config)
     train_s = time.perf_counter() - t0
-    test_img, test_mask = labelled_scans([0, 1] if quick else [0, 1, 2, 3, 4], px)
+    test_seeds = [0, 1] if quick else [0, 1, 2, 3, 4]
+    test_img, test_mask = twin_training_scans(test_seeds, px, jitter=False)
     scores: dict[str, list[float]] = {}
     unc_in, flags_in = [], []
     for img, mask in zip(test_img, test_mask, strict=True):

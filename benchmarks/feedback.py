@@ -33,7 +33,6 @@ from policies.control import (
     VirtualPotentialConfig,
     make_control_policy,
 )
-from policies.control.closed_loop import LoopSim, LoopSimConfig, LoopSimResult
 from policies.control.potentials import DoubleWell
 from policies.control.theory import (
     LoopTiming,
@@ -42,6 +41,7 @@ from policies.control.theory import (
     position_variance,
 )
 from policies.feedback import ProportionalTrap, ProportionalTrapConfig
+from simulators.closed_loop import LoopSim, LoopSimConfig, LoopSimResult
 from simulators.particles import ParticleTwinConfig
 
 PERIOD_S = 0.03

@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from agent.training.rl import RlTrainConfig, load_train_config, make_env, train_sb3
 from policies.rl.agents import Sb3Agent, save_qtable, save_sb3
 from policies.rl.qlearning import QAgent, train_qtable
 from policies.rl.rollout import evaluate
-from policies.rl.train import RlTrainConfig, load_train_config, make_env, train_sb3
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

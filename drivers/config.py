@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from simulators.camera import CameraConfig
 from simulators.particles import ParticleTwinConfig
+from simulators.sparse_field import SparseFieldConfig
 
 Range = tuple[float, float]
 
@@ -97,12 +98,21 @@ class ClientAuth(StrictModel):
     server_public_key: str | None = None  # the driver node's public NAME.key
 
 
+ENDPOINT_PATTERN = r"^(tcp://[^:/\s]+:[0-9]{1,5}|ipc://\S+)$"
+
+
 class DriverConfig(StrictModel):
-    # twin: the particle twin as pure-Python devices; mmcore: a Micro-Manager hardware
+    # twin: the particle twin as pure-Python devices; sparse-field: the sparse-field twin
+    # (camera, XY stage, lamp) for smart acquisition; mmcore: a Micro-Manager hardware
     # configuration file, or "demo" for the C++ demo adapters (mm-test-adapters wheel);
     # pycromanager: the same through pycromanager (its Python backend, in-process).
-    kind: Literal["twin", "mmcore", "pycromanager"] = "twin"
+    kind: Literal["twin", "sparse-field", "mmcore", "pycromanager"] = "twin"
     mm_config: str = "demo"
+    # Attach to a driver node already running at this command endpoint instead of
+    # starting one (its stream endpoint is asked from the node); None: start one here.
+    connect: str | None = Field(None, pattern=ENDPOINT_PATTERN)
+    # CURVE keys for `connect` off loopback (filled in by the transport-security issue).
+    keys: dict[str, str] | None = None
     stream_endpoint: str = "auto"  # "auto": a private ipc:// path chosen at start
     command_endpoint: str = "auto"
     watchdog_ms: int = Field(500, ge=20, le=600_000)
@@ -119,6 +129,7 @@ class DriverConfig(StrictModel):
     limits: Limits = Limits()
     devices: DeviceNames = DeviceNames()
     twin: TwinSettings = TwinSettings()
+    field: SparseFieldConfig = SparseFieldConfig()  # kind sparse-field
     # Agent logic run on the node's own thread for each event frame (drivers/event_hooks.py):
     # "package.module:factory", called once with event_hook_args.
     event_hook: str | None = None

@@ -86,6 +86,7 @@ class InstrumentNode:
         self._last_heartbeat_ns = 0
         self.handlers: dict[str, Handler] = {
             "get_state": self._cmd_get_state,
+            "get_capabilities": self._cmd_get_capabilities,
             "heartbeat": lambda _args: {},
             "shutdown": self._cmd_shutdown,
         }
@@ -210,6 +211,15 @@ class InstrumentNode:
             "commands_rejected": self.commands_rejected,
             "watchdog_tripped": self.watchdog_tripped,
             **self.status(),
+        }
+
+    def _cmd_get_capabilities(self, _args: dict[str, Any]) -> dict[str, Any]:
+        """What this node serves, so a plan can refuse a node it cannot use before
+        anything moves, and where its stream is, so a client needs one endpoint."""
+        return {
+            "commands": sorted(self.handlers),
+            "stream_endpoint": self.publisher.endpoint,
+            "truth": getattr(self, "truth_source", None) is not None,  # a twin's truth topic
         }
 
     def _cmd_shutdown(self, _args: dict[str, Any]) -> dict[str, Any]:

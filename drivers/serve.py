@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -66,6 +67,8 @@ def build_node(
     `event_hook` (else the one `config.event_hook` names) answers each event frame."""
     if config.kind == "mmcore":
         return DriverNode(load_mmcore(config), config, ctx=ctx, event_hook=event_hook)
+    if config.kind == "sparse-field":
+        return _sparse_field_node(config, ctx, event_hook)
     if config.kind == "pycromanager":
         from drivers.pycromanager_node import PycromanagerNode, start_python_backend
 
@@ -85,6 +88,36 @@ def build_node(
         truth_source=truth,
         field_um=config.twin.camera.field_um,
         event_hook=event_hook,
+    )
+
+
+TRUTH_PERIOD_NS = 250_000_000
+
+
+def _sparse_field_node(
+    config: DriverConfig, ctx: zmq.Context | None, event_hook: EventHook | None
+) -> DriverNode:
+    """The sparse-field twin; its objects go out on the truth topic (twice a second, on
+    live frames) for evaluation, never in a frame header."""
+    from drivers.field_devices import build_field_core
+
+    field = config.field
+    core, rig = build_field_core(field, config.seed, config.exposure_ms)
+    last_ns = [0]
+
+    def truth(_meta: object) -> dict | None:
+        t = time.monotonic_ns()
+        if t - last_ns[0] < TRUTH_PERIOD_NS:
+            return None
+        last_ns[0] = t
+        return {
+            "objects_um": rig.field.objects_um.round(4).tolist(),
+            "view_um": list(field.view_um),
+            "object_sigma_um": field.object_sigma_um,
+        }
+
+    return DriverNode(
+        core, config, ctx=ctx, truth_source=truth, field_um=field.view_um, event_hook=event_hook
     )
 
 

@@ -27,7 +27,7 @@ from pymmcore_plus.experimental.unicore import (
 )
 
 from drivers.config import DeviceNames, TwinSettings
-from policies.contract import LaserSpot
+from simulators.particles import LaserSpot  # the twin's input: where light falls
 from simulators.scene import ParticleScene
 
 # The twin laser's own physical ceiling; the driver's configured limit is stricter.

@@ -8,8 +8,9 @@ y along image rows, origin at the centre of pixel (0, 0).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -37,6 +38,36 @@ class Observation:
     laser: tuple[LaserSpot, ...] = ()
     field_um: tuple[float, float] = (0.0, 0.0)  # width, height of the camera field
     track_ids: np.ndarray | None = None  # (N,) identity of each detection across frames
+
+    @staticmethod
+    def from_wire(
+        seq: int,
+        t_exposure_end_ns: int,
+        exposure_s: float,
+        detections_um: Any,
+        target_um: Iterable[float],
+        laser: Iterable[Mapping[str, Any]] | None,
+        field_um: Iterable[float],
+        track_ids: Any = None,
+    ) -> Observation:
+        """An observation from what a frame header or a recorded step holds (laser spots as
+        `{x_um, y_um, power_mw}` maps): the live loop and replay build it here, the same way."""
+        tx, ty = (float(v) for v in target_um)
+        fx, fy = (float(v) for v in field_um)
+        spots = tuple(
+            LaserSpot(float(s["x_um"]), float(s["y_um"]), float(s["power_mw"])) for s in laser or ()
+        )
+        ids = None if track_ids is None else np.asarray(track_ids, dtype=np.int64)
+        return Observation(
+            seq=int(seq),
+            t_s=int(t_exposure_end_ns) / 1e9,
+            detections_um=np.asarray(detections_um, dtype=float).reshape(-1, 2),
+            target_um=(tx, ty),
+            exposure_s=float(exposure_s),
+            laser=spots,
+            field_um=(fx, fy),
+            track_ids=ids,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from agent.spm_experiment import run_spm_active
-from agent.spm_train import SegmenterTrainConfig, train_segmenter, twin_training_scans
+from agent.plans.spm_active import run_spm_active
+from agent.training.spm_segmenter import SegmenterTrainConfig, train_segmenter, twin_training_scans
 from policies.active.grid import pfm_channels
 from policies.active.segment import OodCalibration, WallSegmenter
 from simulators.spm import FerroelectricSample, PFMScanner, ScanConfig

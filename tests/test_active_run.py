@@ -9,7 +9,7 @@ import pytest
 from rich.console import Console
 
 from agent.config import ConfigError
-from agent.spm_experiment import run_spm_active
+from agent.plans.spm_active import run_spm_active
 
 pytestmark = pytest.mark.timeout(180)
 

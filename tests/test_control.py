@@ -25,10 +25,10 @@ from policies.control import (
     make_control_policy,
 )
 from policies.control.actuation import Actuator
-from policies.control.closed_loop import LoopSim, LoopSimConfig
 from policies.control.config import ActuatorSettings
 from policies.control.estimation import BlurKalman, CommandHistory, SmithPredictor
 from policies.control.potentials import PotentialSpec
+from simulators.closed_loop import LoopSim, LoopSimConfig
 from simulators.particles import ParticleTwin, ParticleTwinConfig
 
 KT = KB_FN_UM_PER_K * 296.0

@@ -144,3 +144,15 @@ def test_cli_report_and_replay_refuse_bad_input(tmp_path: Path) -> None:
     assert len(not_a_run.stderr.strip().splitlines()) == 1
     replay = scopeloop("replay", str(tmp_path))
     assert replay.returncode == 2 and str(tmp_path) in replay.stderr
+
+
+def test_replay_reruns_any_registered_policy(
+    short_run: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    """Replay shares run's policy registry: a PID controller re-runs on a P-trap run."""
+    run_dir = _copy(short_run[0], tmp_path)
+    pid = {"kind": "pid", "gain_per_s": 20.0, "max_power_mw": 3.0}
+    result = replay_run(run_dir, policy=pid, name="pid")
+    assert result["steps"] == short_run[1]["steps"] and result["policy"]["kind"] == "pid"
+    with pytest.raises(ValueError, match=r"policy\.kind"):
+        replay_run(run_dir, policy={"kind": "magic"}, name="bad")

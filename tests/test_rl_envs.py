@@ -221,9 +221,9 @@ def test_gated_push_heuristic_gathers_on_the_twin() -> None:
 def test_straight_line_bound_is_never_beaten_on_the_same_episodes() -> None:
     """The bench's bound on steps to goal: no agent reaches the goal cell faster than the
     swimmer driven straight at its twin's top speed without noise, episode by episode."""
+    from agent.training.rl import load_train_config, make_env
     from benchmarks.rl import CONFIGS, _BearingOracle, straight_line_frames
     from policies.rl.rollout import evaluate
-    from policies.rl.train import load_train_config, make_env
 
     config, _env_cfg, held_cfg = load_train_config(CONFIGS / "rl-microswimmer.yaml", [])
     held = make_env(config.task, held_cfg)

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from agent.training.rl import RlTrainConfig, train_sb3
 from policies.rl.agents import Sb3Agent, load_agent, save_sb3
 from policies.rl.qlearning import QAgent, train_qtable
 from policies.rl.rollout import evaluate
-from policies.rl.train import RlTrainConfig, train_sb3
 from simulators.particles import ParticleTwinConfig
 from simulators.rl_envs import MicroswimmerEnv, TwinEnvConfig
 

@@ -14,8 +14,8 @@ from agent.cli import app
 from agent.config import ConfigError
 from agent.experiments import RUN_KINDS, resolve
 from agent.frame_recording import FRAMES_NAME, read_recording
+from agent.plans.smart_acquisition import run_smart_acquisition
 from agent.replay import replay_frames
-from agent.smart_acquisition import run_smart_acquisition
 from simulators.sparse_field import SparseField, SparseFieldConfig
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "twin-smart-acquisition.yaml"
@@ -46,7 +46,9 @@ def test_sparse_field_dose_sets_the_signal() -> None:
 
 
 def test_screen_then_revisit_saves_dose_and_finds_the_objects(tmp_path: Path) -> None:
-    summary = _run(tmp_path, ["seed=3", "field.n_objects=10", "field.area_um=[640, 640]"])
+    summary = _run(
+        tmp_path, ["seed=3", "driver.field.n_objects=10", "driver.field.area_um=[640, 640]"]
+    )
     assert summary["positions"] == 25 and summary["frames_screen"] == 25
     # only positions where the screen found objects are revisited, as a time-lapse
     assert 0 < summary["positions_revisited"] < 25
@@ -73,7 +75,12 @@ def test_screen_then_revisit_saves_dose_and_finds_the_objects(tmp_path: Path) ->
 
 
 def test_dose_budget_limits_the_revisits(tmp_path: Path) -> None:
-    base = ["seed=3", "field.n_objects=10", "field.area_um=[640, 640]", "record_frames=false"]
+    base = [
+        "seed=3",
+        "driver.field.n_objects=10",
+        "driver.field.area_um=[640, 640]",
+        "record_frames=false",
+    ]
     screen_dose = 25 * 2.0 * 0.25
     budget = screen_dose + 2 * 20.0 * 2  # room for exactly two revisited positions
     summary = _run(tmp_path, [*base, f"dose_budget={budget}"])

@@ -1,1 +1,2 @@
-"""Trainers: they compose twins (through drivers), policies and detectors into training runs."""
+"""Trainers (`scopeloop train` kinds): they build twins' environments through the
+driver side and fit what `policies/` then runs; policies themselves never train."""

@@ -259,32 +259,9 @@ def learned_estimate(
     )
 
 
-def train_calibration(config_path: Path, overrides: list[str], console: Any) -> dict[str, Any]:
-    """TRAIN_KINDS entry "calibration-estimator" (`scopeloop train CONFIG`)."""
-    from agent.config import load_model_config
-
-    cfg = load_model_config(config_path, overrides, TrainCalibrationConfig)
-    points = f"{cfg.n_points_min}-{cfg.n_points}" if cfg.n_points_min else f"{cfg.n_points}"
-    console.print(
-        f"training {cfg.name}: {cfg.steps} steps x {cfg.batch_size} trajectories of "
-        f"{points} points, k {cfg.k_min}-{cfg.k_max} fN/um",
-        highlight=False,
-    )
-    summary = train_estimator(cfg, log=lambda m: console.print(m, highlight=False, markup=False))
-    console.print(
-        f"checkpoint saved to {summary['checkpoint']} (val MAE ln k "
-        f"{summary['val_mae_lnk']:.3f}, prior-midpoint baseline "
-        f"{summary['prior_mid_mae_lnk']:.3f})",
-        highlight=False,
-        markup=False,
-    )
-    return summary
-
-
 __all__ = [
     "TrainCalibrationConfig",
     "learned_estimate",
     "load_estimator",
-    "train_calibration",
     "train_estimator",
 ]

@@ -5,10 +5,11 @@ labelled with the twin's true walls; a minute or two on one core. The checkpoint
 cached (``runs/spm-segmenter.pt`` by default) and reused by every forward run.
 
 Each scan draws its nuisance settings (lock-in noise, height noise, phase offset,
-drift rate) from `SCAN_JITTER` so the nets, and the OOD calibration, cover a range of
-instrument conditions rather than one twin's defaults. The OOD decision is then
-calibrated on scans of further held-out seeds (`calib_seeds`) with the same jitter
-and stored in the checkpoint (see `policies.active.segment.OodCalibration`).
+drift rate) from `drivers.spm_truth.SCAN_JITTER` so the nets, and the OOD
+calibration, cover a range of instrument conditions rather than one twin's defaults.
+The OOD decision is then calibrated on scans of further held-out seeds
+(`calib_seeds`) with the same jitter and stored in the checkpoint (see
+`policies.active.segment.OodCalibration`).
 """
 
 from __future__ import annotations
@@ -34,45 +35,18 @@ from policies.active.segment import (
 
 DEFAULT_TRAIN_SEEDS = tuple(range(10_001, 10_007))
 DEFAULT_CALIB_SEEDS = tuple(range(10_101, 10_113))
-# Multiplicative (noise, drift) and additive (phase offset, deg) ranges of the scan
-# nuisances drawn per training/calibration scan; the twin defaults sit inside them.
-SCAN_JITTER = {"noise": (0.5, 2.0), "drift": (0.0, 2.0), "phase_offset_deg": (0.0, 30.0)}
-
-
-def jittered_scan_config(seed: int) -> Any:
-    """A ScanConfig with nuisances drawn from SCAN_JITTER (deterministic in seed)."""
-    from simulators.spm import ScanConfig
-
-    base = ScanConfig()
-    rng = np.random.default_rng(seed + 55_555)
-    noise = float(np.exp(rng.uniform(*np.log(SCAN_JITTER["noise"]))))
-    drift = float(rng.uniform(*SCAN_JITTER["drift"]))
-    return base.model_copy(
-        update={
-            "amplitude_noise_pm": base.amplitude_noise_pm * noise,
-            "height_noise_nm": base.height_noise_nm * noise,
-            "drift_um_s": tuple(drift * v for v in base.drift_um_s),
-            "phase_offset_deg": float(rng.uniform(*SCAN_JITTER["phase_offset_deg"])),
-        }
-    )
 
 
 def twin_training_scans(
     seeds: list[int], pixels: int, jitter: bool = True
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Full-sample twin scans (network input channels) and true wall masks, one per seed."""
-    from agent.spm_truth import wall_mask
+    """Full-sample twin scans (network input channels) and true wall masks, one per seed;
+    the twin is built on the driver side (drivers.spm_truth), the channels here."""
+    from drivers.spm_truth import labelled_scans
     from policies.active.grid import pfm_channels
-    from simulators.spm import FerroelectricSample, PFMScanner, ScanConfig
 
-    images, masks = [], []
-    for seed in seeds:
-        sample = FerroelectricSample(seed=seed)
-        cfg = jittered_scan_config(seed) if jitter else ScanConfig()
-        r = PFMScanner(sample, cfg, seed=seed).scan((0.0, 0.0, *sample.extent_um), (pixels,) * 2)
-        images.append(pfm_channels(r["amplitude_pm"], r["phase_deg"], r["height_nm"]))
-        window = (0.0, 0.0, *sample.extent_um)
-        masks.append(wall_mask(sample, window, (pixels, pixels), np.asarray(r["drift_um"])))
+    scans, masks = labelled_scans(seeds, pixels, jitter)
+    images = [pfm_channels(s["Amplitude"], s["Phase"], s["Height"]) for s in scans]
     return images, masks
 
 

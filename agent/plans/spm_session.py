@@ -1,67 +1,46 @@
-"""One SPM microscope for an experiment: Nanonis server (twin or replay) + driver node.
+"""One SPM microscope for an experiment, reached only by its driver node's endpoints.
 
-Both run in threads of this process, as ``scopeloop twin serve spm`` and
-``scopeloop driver serve-spm`` would in their own: the agent still reaches the
-instrument only through protocol v1 (scan frames and spectra over ZeroMQ, commands
-with replies), exactly as it would reach hardware. Keeping them in-process lets the
-evaluation read the twin's ground truth afterwards without a second channel.
+The node may be one the run started (`drivers.spm_host`: twin, replay grid or a real
+Nanonis controller behind it) or one already running elsewhere (`driver.connect`);
+the agent speaks protocol v1 to it either way (scan frames and spectra over ZeroMQ,
+commands with replies), exactly as it would to hardware. The sample extent is the
+travel the node allows (its `limits`), so the plan never reads the instrument's insides.
 """
 
 from __future__ import annotations
 
 import contextlib
-import shutil
-import tempfile
-import threading
 import time
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import zmq
 
-from drivers.nanonis_server import NanonisServer
+from agent.config import ConfigError
+from agent.engine.link import DriverLink, attach
 from drivers.protocol import FRAME_PREFIX, HEARTBEAT_TOPIC, Frame, decode_frame
-from drivers.spm_config import SpmDriverConfig, SpmLimits
-from drivers.spm_node import SpmNode
-from drivers.spm_twin_backend import PfmTwinBackend, ReplayBackend, spm_limits
+from drivers.spm_host import SpmHost, SpmHostConfig
+from drivers.spm_truth import ReplayTruth, TwinTruth
 from drivers.transport import CommandClient, StreamSubscriber
 
 PM_PER_UM = 1e6
+# Commands the SPM plans send: a node without them (a camera node) is refused up front.
+SPM_NEEDS = {"scan", "spectrum", "engage", "withdraw", "get_state"}
 
 
 class SpmSession:
-    """Start, use (engage / scan / spectrum) and stop one SPM behind protocol v1."""
+    """Use (engage / scan / spectrum) one SPM driver node behind protocol v1."""
 
-    def __init__(
-        self, seed: int = 0, replay: Path | None = None, watchdog_ms: int = 30_000
-    ) -> None:
-        self.backend: PfmTwinBackend | ReplayBackend = (
-            ReplayBackend(replay) if replay is not None else PfmTwinBackend(seed=seed)
-        )
-        self.extent_um = tuple(float(v) for v in self.backend.extent_um)
-        self.server = NanonisServer(self.backend, "127.0.0.1", 0, limits=spm_limits(self.backend))
-        self.server.start()
-        self._dir = Path(tempfile.mkdtemp(prefix="sl-spm-"))
-        half_x, half_y = self.extent_um[0] / 2, self.extent_um[1] / 2
-        host, port = self.server.address
-        config = SpmDriverConfig(
-            stream_endpoint=f"ipc://{self._dir}/s",
-            command_endpoint=f"ipc://{self._dir}/c",
-            nanonis_host=host,
-            nanonis_port=port,
-            watchdog_ms=watchdog_ms,
-            state_poll_ms=0,
-            limits=SpmLimits(x_um=(-half_x, half_x), y_um=(-half_y, half_y)),
-        )
-        self.ctx = zmq.Context()
-        self.node = SpmNode(config, ctx=self.ctx)
-        self._thread = threading.Thread(target=self.node.serve, daemon=True)
-        self._thread.start()
-        self.client = CommandClient(self.ctx, self.node.endpoints[1], timeout_ms=120_000)
-        self.sub = StreamSubscriber(self.ctx, self.node.endpoints[0], rcvhwm=1000)
+    def __init__(self, ctx: zmq.Context, link: DriverLink) -> None:
+        self.ctx = ctx
+        self.client = CommandClient(ctx, link.command_endpoint, timeout_ms=120_000)
+        self.sub = StreamSubscriber(ctx, link.stream_endpoint, rcvhwm=1000)
         self._await_heartbeat()
-        self.client.call("get_state")
+        limits = self.client.call("get_state").result["limits"]
+        (x0, x1), (y0, y1) = limits["x_um"], limits["y_um"]
+        self.origin_um = (float(x0), float(y0))
+        self.extent_um = (float(x1) - float(x0), float(y1) - float(y0))
 
     def _await_heartbeat(self, timeout_s: float = 10.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -98,8 +77,8 @@ class SpmSession:
             self.call("engage")
 
     def to_node_xy(self, x_um: float, y_um: float) -> tuple[float, float]:
-        """Sample coordinates (um from the corner) -> node coordinates (centred)."""
-        return x_um - self.extent_um[0] / 2, y_um - self.extent_um[1] / 2
+        """Sample coordinates (um from the corner of the allowed travel) -> node coordinates."""
+        return x_um + self.origin_um[0], y_um + self.origin_um[1]
 
     def scan(self, pixels: int, channels: list[str]) -> dict[str, np.ndarray]:
         """Scan the whole sample at pixels x pixels; one (H, W) image per channel."""
@@ -151,19 +130,38 @@ class SpmSession:
         return np.stack([waveform, np.asarray(frame.data[k], np.float64) * PM_PER_UM])
 
     def close(self) -> None:
-        # Shutting down anyway: the node's own stop makes the instrument safe.
+        """Withdraw the tip and let go; a node we started is stopped by its host."""
         with contextlib.suppress(Exception):
             self.client.call("withdraw")
         self.client.close()
         self.sub.close()
-        self.node.stop.set()
-        self._thread.join(timeout=10)
-        self.server.stop()
-        self.ctx.term()
-        shutil.rmtree(self._dir, ignore_errors=True)
 
-    def __enter__(self) -> SpmSession:
-        return self
 
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
+@contextlib.contextmanager
+def spm_driver(
+    config: SpmHostConfig, ctx: zmq.Context
+) -> Iterator[tuple[SpmSession, TwinTruth | ReplayTruth | None]]:
+    """The run's SPM session and, for a twin or replay grid it started, the truth for
+    evaluation. Attaches to `config.connect` if set, else starts the driver side; either
+    way the node is asked what it serves before anything moves."""
+    host: SpmHost | None = None
+    try:
+        if config.connect is not None:
+            link = attach(ctx, config.connect, keys=config.keys)
+        else:
+            try:
+                host = SpmHost(config, ctx)
+            except ValueError as exc:  # a bad replay file: one line naming it
+                raise ConfigError(f"config error: driver.replay: {exc}") from None
+            except ConnectionError as exc:
+                raise ConfigError(f"config error: driver.nanonis_host: {exc}") from None
+            link = attach(ctx, host.command_endpoint, "driver")
+        link.require(SPM_NEEDS, "spm-active")
+        session = SpmSession(ctx, link)
+        try:
+            yield session, host.truth if host is not None else None
+        finally:
+            session.close()
+    finally:
+        if host is not None:
+            host.close()

@@ -11,38 +11,40 @@ Workflows (``workflow``):
 
 Every step writes the model's prediction and uncertainty maps (``maps/step-NNNN.npz``)
 and an event; with a twin or replay grid the summary scores the run against truth.
+The instrument is whatever SPM driver node `driver` names (twin, replay, a real
+Nanonis controller, or a node already running), reached only by its endpoints.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+import zmq
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from rich.console import Console
 
-from agent.config import ConfigError, dump_config, load_model_config
-from agent.recorder import EventLog, new_run_dir, write_json
-from agent.spm_session import SpmSession
-from agent.telemetry import RunTelemetry
+from agent.config import ConfigError, load_model_config
+from agent.engine.run import RunEngine
+from agent.plans.spm_session import SpmSession, spm_driver
+from drivers.spm_host import SpmHostConfig
 from policies.active.grid import CandidateGrid, detrend_plane, pfm_channels, robust_normalise
 from policies.active.learners import ActivePolicyConfig, make_learner
 from policies.active.register import locate
 from policies.active.reward import parse_reward
 from policies.active.segment import pick_wall_points
 
+if TYPE_CHECKING:
+    from agent.telemetry import RunTelemetry
+    from drivers.spm_truth import ReplayTruth, TwinTruth
+
+    Truth = TwinTruth | ReplayTruth | None
+
 EVENTS_NAME = "events-spm.jsonl"
 MAPS_DIR = "maps"
 FORWARD_NAME = "forward.npz"
-
-
-class SpmDriverSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    source: Literal["twin", "replay"] = "twin"
-    replay: Path | None = None  # NPZ replay grid (source: replay)
-    watchdog_ms: int = Field(30_000, ge=100, le=600_000)
 
 
 class SpectrumSettings(BaseModel):
@@ -81,10 +83,17 @@ class SpmActiveConfig(BaseModel):
     grid: int = Field(50, ge=4, le=256)  # candidate grid side (and DKL scan pixels)
     scan_channels: list[str] = Field(default_factory=lambda: ["Amplitude", "Phase", "Height"])
     reward: str = "area"
-    driver: SpmDriverSettings = SpmDriverSettings()
+    driver: SpmHostConfig = SpmHostConfig()
     spectrum: SpectrumSettings = SpectrumSettings()
     policy: ActivePolicyConfig = ActivePolicyConfig()
     forward: ForwardSettings = ForwardSettings()
+
+    @model_validator(mode="after")
+    def _one_seed(self) -> SpmActiveConfig:
+        """The run's seed is the twin's sample seed (a single knob)."""
+        if self.driver.seed != self.seed:
+            self.driver = self.driver.model_copy(update={"seed": self.seed})
+        return self
 
     @field_validator("reward")
     @classmethod
@@ -103,9 +112,14 @@ class SpmActiveConfig(BaseModel):
 def load_spm_config(path: Path, overrides: list[str]) -> SpmActiveConfig:
     """Read, override and validate; ConfigError with one line per problem."""
     config = load_model_config(path, overrides, SpmActiveConfig)
-    replay = config.driver.replay
-    if config.driver.source == "replay" and replay is None:
+    replay, attached = config.driver.replay, config.driver.connect is not None
+    if config.driver.source == "replay" and replay is None and not attached:
         raise ConfigError("config error: driver.replay: required with driver.source=replay")
+    if config.driver.source == "nanonis" and config.driver.limits is None and not attached:
+        raise ConfigError(
+            "config error: driver.limits: required with driver.source=nanonis (the "
+            "controller's safe x_um, y_um and bias_v ranges)"
+        )
     if config.driver.source == "twin" and replay is not None:
         config.driver.source = "replay"
     if replay is not None and not Path(replay).is_file():
@@ -166,30 +180,12 @@ def score_against_truth(
     return out
 
 
-def _truth_rewards(config: SpmActiveConfig, spm: SpmSession, grid: CandidateGrid) -> np.ndarray:
-    from drivers.spm_twin_backend import ReplayBackend
-
+def _truth_rewards(config: SpmActiveConfig, truth: Truth, grid: CandidateGrid) -> np.ndarray:
+    """The true reward at every candidate, from the spectra the driver side says are true."""
     reward = parse_reward(config.reward)
-    if isinstance(spm.backend, ReplayBackend):
-        from agent.spm_truth import replay_reward_map
-
-        return replay_reward_map(spm.backend.grid, grid.xy_um, reward)
-    from agent.spm_truth import twin_reward_map
-    from simulators.spm import triangular_waveform
-
-    v = triangular_waveform(config.spectrum.bias_v, config.spectrum.points)
-    return twin_reward_map(config.seed, grid.xy_um, reward, v)
-
-
-def _wait_while_paused(telemetry: RunTelemetry | None) -> bool:
-    """Serve the dashboard's control channel between steps; False once a stop came."""
-    if telemetry is None:
-        return True
-    telemetry.poll_control()
-    while telemetry.paused:
-        time.sleep(0.05)
-        telemetry.poll_control()
-    return not telemetry.stop_requested
+    assert truth is not None
+    v, spectra = truth.true_spectra(grid.xy_um, config.spectrum.bias_v, config.spectrum.points)
+    return np.array([reward.of_spectrum(v, s) for s in spectra])
 
 
 def _publish_step(
@@ -226,15 +222,15 @@ def _publish_step(
 def run_active(
     config: SpmActiveConfig,
     spm: SpmSession,
-    run_dir: Path,
-    events: EventLog,
+    run: RunEngine,
     console: Console,
-    telemetry: RunTelemetry | None = None,
+    truth: Truth = None,
 ) -> dict[str, Any]:
     """Inverse (DKL) or sparse-sampling loop: propose -> spectra -> observe -> log maps.
 
-    With telemetry, each step goes to the dashboard, which may pause or stop the run
-    between steps (a stop ends the loop; the session's close makes the tip safe)."""
+    Each step goes to the dashboard, which may pause or stop the run between steps (a
+    stop ends the loop; the session's close makes the tip safe)."""
+    run_dir, events, telemetry = run.run_dir, run.events, run.telemetry
     reward = parse_reward(config.reward)
     images = spm.scan(config.grid, config.scan_channels)
     struct = structure_channels(images)
@@ -246,7 +242,7 @@ def run_active(
     step, decisions, fits = 0, [], []
     spm_time = 0.0
     model_based = config.policy.kind in ("dkl", "gp")
-    while not learner.done and _wait_while_paused(telemetry):
+    while not learner.done and run.checkpoint():
         t0 = time.perf_counter()
         batch = learner.propose()
         decision_s = time.perf_counter() - t0
@@ -293,25 +289,33 @@ def run_active(
         "max_decision_s": float(np.max(decisions)) if decisions else 0.0,
         "spectroscopy_wall_s": spm_time,
     }
-    truth = _truth_rewards(config, spm, grid)
-    summary.update(score_against_truth(truth, learner.measured, pred))
-    np.savez_compressed(run_dir / "truth-reward.npz", reward=grid.to_map(truth))
+    if truth is not None:
+        true_reward = _truth_rewards(config, truth, grid)
+        summary.update(score_against_truth(true_reward, learner.measured, pred))
+        np.savez_compressed(run_dir / "truth-reward.npz", reward=grid.to_map(true_reward))
     return summary
 
 
 def run_forward(
-    config: SpmActiveConfig, spm: SpmSession, run_dir: Path, events: EventLog, console: Console
+    config: SpmActiveConfig,
+    spm: SpmSession,
+    run: RunEngine,
+    console: Console,
+    truth: Truth = None,
 ) -> dict[str, Any]:
-    """Segment walls in a live scan; spectra on confident wall points unless OOD."""
-    from agent.spm_train import load_or_train_segmenter
-    from drivers.spm_twin_backend import PfmTwinBackend
+    """Segment walls in a live scan; spectra on confident wall points unless OOD; the
+    dashboard may pause or stop it between spectra."""
+    run_dir, events = run.run_dir, run.events
+    from agent.training.spm_segmenter import load_or_train_segmenter
 
     fwd = config.forward
     checkpoint = fwd.checkpoint or Path(config.runs_dir) / "spm-segmenter.pt"
     segmenter = load_or_train_segmenter(checkpoint, console)
     n = fwd.scan_pixels
-    backend = spm.backend
-    t_scan = getattr(backend, "clock_s", 0.0)
+    # Walls as scanned: spectra switch the live sample and move its walls, so the truth
+    # is the twin's unperturbed sample, seen with the scanner's drift (driver side).
+    walls = truth if truth is not None and hasattr(truth, "tip_on_wall") else None
+    t_scan = walls.clock_s() if walls is not None else 0.0
     images = spm.scan(n, config.scan_channels)
     struct = structure_channels(images)
     t0 = time.perf_counter()
@@ -340,14 +344,9 @@ def run_forward(
     reward = parse_reward(config.reward)
     values, on_wall, on_wall_raw, offsets = [], [], [], []
     offset = (0.0, 0.0)
-    # Walls as scanned: spectra switch the live sample and move its walls, so the truth
-    # is an unperturbed copy of the twin's sample.
-    truth_sample = None
-    if isinstance(backend, PfmTwinBackend):
-        from simulators.spm import FerroelectricSample
-
-        truth_sample = FerroelectricSample(seed=config.seed)
     for k, (r, c) in enumerate(points):
+        if not run.checkpoint():
+            break
         if fwd.drift_correction and k % fwd.register_every == 0:
             group = np.asarray(points[k : k + fwd.register_every], dtype=float)
             found = register_drift(spm, struct, group.mean(0), fwd, config.scan_channels)
@@ -358,17 +357,14 @@ def run_forward(
         x = float(np.clip((c - offset[1] + 0.5) * ex / n, 0.0, ex * (1 - 1e-6)))
         y = float(np.clip((r - offset[0] + 0.5) * ey / n, 0.0, ey * (1 - 1e-6)))
         spm.ensure_engaged()
-        t_spec = getattr(backend, "clock_s", 0.0)
+        t_spec = walls.clock_s() if walls is not None else 0.0
         curves = spm.spectrum(x, y, config.spectrum.bias_v, config.spectrum.points)
         values.append(reward.of_spectrum(curves[0], curves[1]))
-        if truth_sample is not None:  # truth: where the tip really was
-            dx, dy = (float(v) for v in backend.scanner.drift_um(t_spec))
-            for xt, yt, out in (
-                (x, y, on_wall),
-                ((c + 0.5) * ex / n, (r + 0.5) * ey / n, on_wall_raw),
-            ):
-                i, j = truth_sample.index_of(xt + dx, yt + dy)
-                out.append(float(truth_sample.wall_distance_um[i, j]) <= 1.0 * ex / n)
+        if walls is not None:  # truth: where the tip really was
+            aimed = [(x, y), ((c + 0.5) * ex / n, (r + 0.5) * ey / n)]
+            corrected, uncorrected = walls.tip_on_wall(aimed, t_spec, 1.0 * ex / n)
+            on_wall.append(corrected)
+            on_wall_raw.append(uncorrected)
         events.write("spectrum", index=k, x_um=x, y_um=y, reward=values[-1])
     if ood:
         why = "; ".join(decision.reasons[:3])
@@ -382,10 +378,8 @@ def run_forward(
         "decision_s": decision_s,
     }
     truth_mask = None
-    if isinstance(backend, PfmTwinBackend):
-        from agent.spm_truth import fresh_wall_mask
-
-        truth_mask = fresh_wall_mask(config.seed, n, t_scan, backend.scanner)
+    if walls is not None:
+        truth_mask = walls.wall_mask_of_scan(n, t_scan)
         summary.update(forward_scores(truth_mask, prob, points))
         summary["tip_on_wall_fraction"] = float(np.mean(on_wall)) if on_wall else float("nan")
         summary["tip_on_wall_fraction_uncorrected"] = (
@@ -461,37 +455,18 @@ def forward_scores(
 def run_spm_active(config_path: Path, overrides: list[str], console: Console) -> dict[str, Any]:
     """Entry point for RUN_KINDS['spm-active']."""
     config = load_spm_config(config_path, overrides)
-    run_dir = new_run_dir(config.runs_dir, config.name)
-    dump_config(config, run_dir / "config.yaml")
-    t0 = time.perf_counter()
+    ctx = zmq.Context()
     try:
-        spm = SpmSession(config.seed, config.driver.replay, config.driver.watchdog_ms)
-    except ValueError as exc:  # a bad replay file: one line naming it
-        raise ConfigError(f"config error: driver.replay: {exc}") from None
-    try:
-        with EventLog(run_dir / EVENTS_NAME) as events, RunTelemetry(run_dir.name) as telemetry:
-            telemetry.write_info(run_dir)
-            telemetry.set_phase(config.workflow)
-            telemetry.set_state("running")
+        with (
+            RunEngine(config, EVENTS_NAME) as run,
+            spm_driver(config.driver, ctx) as (spm, truth),
+        ):
+            run.phase(config.workflow)
             if config.workflow == "forward":
-                result = run_forward(config, spm, run_dir, events, console)
+                result = run_forward(config, spm, run, console, truth)
             else:
-                result = run_active(config, spm, run_dir, events, console, telemetry)
-            result["stopped"] = telemetry.stop_requested
+                result = run_active(config, spm, run, console, truth)
     finally:
-        spm.close()
-    summary = {
-        "name": config.name,
-        "kind": config.kind,
-        "workflow": config.workflow,
-        "policy": config.policy.kind,
-        "seed": config.seed,
-        "run_dir": str(run_dir),
-        **result,
-        "wall_s": time.perf_counter() - t0,
-    }
-    write_json(run_dir / "summary.json", summary)
-    from agent.report import write_report
-
-    write_report(run_dir)
-    return summary
+        ctx.term()
+    head = {"name": config.name, "kind": config.kind, "workflow": config.workflow}
+    return run.finish({**head, "policy": config.policy.kind, "seed": config.seed, **result})

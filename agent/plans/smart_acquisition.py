@@ -1,19 +1,19 @@
 """Smart acquisition: screen a stage grid at low dose, revisit only what holds objects.
 
-The agent drives the driver node over protocol v1 with event-driven acquisition
+The agent drives a driver node over protocol v1, by endpoint: the sparse-field twin
+(`driver.kind: sparse-field`, the default), Micro-Manager's demo adapters or a user's
+config (`kind: mmcore`), or a node already running (`driver.connect`), with event-driven acquisition
 (`submit_events`): one low-exposure, low-intensity frame per grid position; detection
 on each; then high-exposure time-lapse frames only at positions where objects were
 found, as many as the light-dose budget allows (dose per frame = exposure x
 illumination intensity, in ms at full intensity). Every frame is recorded to OME-Zarr
 with the decision that asked for it. The summary compares frames and dose with imaging
-every position at high quality, and the detections with the twin's truth.
+every position at high quality, and, on a twin, the detections with the truth the
+driver publishes on its truth topic.
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,18 +25,22 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rich.console import Console
 from scipy.optimize import linear_sum_assignment
 
-from agent.config import dump_config, load_model_config
+from agent.config import load_model_config
 from agent.detect import DetectorConfig, ParticleDetector
+from agent.engine.link import DriverLink, driver_for
+from agent.engine.run import RunEngine
+from agent.evaluate import TruthRecorder
 from agent.frame_recording import FRAMES_NAME, FrameRecorder
-from agent.recorder import EventLog, new_run_dir, write_json
+from agent.recorder import EventLog
 from drivers.config import DriverConfig
-from drivers.field_devices import build_field_core
-from drivers.mmcore_node import DriverNode
 from drivers.protocol import FRAME_PREFIX, Frame, decode_frame, now_ns
 from drivers.transport import CommandClient
-from simulators.sparse_field import SparseFieldConfig
 
-LAMP = ("Lamp", "intensity")
+EVENTS_NAME = "events-smart.jsonl"
+# Commands the plan sends: a node without them (an SPM node) is refused before anything moves.
+NEEDS = {"submit_events", "stop_events", "get_state"}
+TRUTH_WAIT_S = 5.0
+DRIVER_DEFAULTS = {"kind": "sparse-field", "watchdog_ms": 60_000, "stream_hwm": 10_000}
 
 
 class Strict(BaseModel):
@@ -72,7 +76,11 @@ class SmartAcquisitionConfig(Strict):
     name: str = Field("smart-acquisition", pattern=r"^[A-Za-z0-9_.-]+$")
     runs_dir: str = "runs"
     seed: int = Field(0, ge=0)
-    field: SparseFieldConfig = SparseFieldConfig()
+    # The instrument: the sparse-field twin unless the config says otherwise.
+    driver: DriverConfig = DriverConfig(**DRIVER_DEFAULTS)  # type: ignore[arg-type]
+    # Illumination intensity (device, property), set per event; None: no such device
+    # (a camera-only rig or the demo adapters), then both intensities must be 1.
+    lamp: tuple[str, str] | None = ("Lamp", "intensity")
     grid: GridConfig = GridConfig()
     screen: Illumination = Illumination(exposure_ms=2.0, intensity=0.25)
     revisit: RevisitConfig = RevisitConfig(exposure_ms=20.0, intensity=1.0)
@@ -83,6 +91,25 @@ class SmartAcquisitionConfig(Strict):
     match_radius_um: float = Field(2.0, gt=0.0, le=1000.0)
     record_frames: bool = True
     timeout_s: float = Field(120.0, gt=0.0, le=86_400.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _smart_driver_defaults(cls, data: Any) -> Any:
+        """Driver fields the YAML leaves out take the plan's defaults (not the feedback
+        trap's) and the run's seed, so `seed=` reseeds the twin's sample too."""
+        if isinstance(data, dict) and isinstance(data.get("driver", {}), dict):
+            seed = {"seed": data["seed"]} if "seed" in data else {}
+            data = {**data, "driver": {**DRIVER_DEFAULTS, **seed, **data.get("driver", {})}}
+        return data
+
+    @model_validator(mode="after")
+    def _lamp_or_full_intensity(self) -> SmartAcquisitionConfig:
+        if self.lamp is None and (self.screen.intensity, self.revisit.intensity) != (1.0, 1.0):
+            raise ValueError(
+                "lamp: none set, so screen.intensity and revisit.intensity must be 1 "
+                "(the dose is then exposure only)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _screen_below_revisit(self) -> SmartAcquisitionConfig:
@@ -103,16 +130,20 @@ def run_smart_acquisition(
 ) -> dict[str, Any]:
     """The `smart-acquisition` run kind."""
     config = load_smart_config(config_path, overrides)
-    run_dir = new_run_dir(config.runs_dir, config.name)
-    dump_config(config, run_dir / "config.yaml")
-    summary = SmartAcquisition(config, run_dir).run()
-    write_json(run_dir / "summary.json", summary)
+    with RunEngine(config, EVENTS_NAME) as run:
+        summary = SmartAcquisition(config, run).run()
+    summary = run.finish(summary)
+    run_dir = run.run_dir
+    found = (
+        f"objects found {summary['objects_found']}/{summary['objects_in_grid']}; "
+        if summary["objects_in_grid"] is not None
+        else ""
+    )
     console.print(
         f"smart acquisition: {summary['frames_total']} frames (all-high: "
         f"{summary['frames_all_high']}), dose {summary['dose_used']:.1f} vs "
         f"{summary['dose_all_high']:.1f} ({100 * summary['dose_saved_fraction']:.0f}% saved); "
-        f"objects found {summary['objects_found']}/{summary['objects_in_grid']}; "
-        f"run dir {run_dir}",
+        f"{found}run dir {run_dir}",
         markup=False,
         highlight=False,
     )
@@ -120,61 +151,66 @@ def run_smart_acquisition(
 
 
 class SmartAcquisition:
-    """One run on the sparse-field twin behind a DriverNode."""
+    """One run on whatever driver node the config names, over protocol v1 only."""
 
-    def __init__(self, config: SmartAcquisitionConfig, run_dir: Path) -> None:
+    def __init__(self, config: SmartAcquisitionConfig, run: RunEngine) -> None:
         self.config = config
-        self.run_dir = run_dir
-        field = config.field
-        step = config.grid.step_um or field.view_um[0]
-        ox, oy = config.grid.origin_um
-        self.positions = [
-            (ox + i * step, oy + j * step)
-            for j in range(config.grid.ny)
-            for i in range(config.grid.nx)
-        ]
+        self.engine = run
+        self.run_dir = run.run_dir
+        self.positions: list[tuple[float, float]] = []
+        self.pixel_um = 1.0
+        self.chosen: list[int] = []
+        self.first_look: dict[int, np.ndarray] = {}
         self.detector = ParticleDetector(config.detector)
+
+    def _layout(self, state: dict[str, Any]) -> None:
+        """Grid positions and pixel size from what the instrument reports."""
+        self.pixel_um = float(state["pixel_size_um"])
+        step = self.config.grid.step_um or float(state["field_um"][0])
+        ox, oy = self.config.grid.origin_um
+        grid = self.config.grid
+        self.positions = [
+            (ox + i * step, oy + j * step) for j in range(grid.ny) for i in range(grid.nx)
+        ]
 
     # --- plumbing ----------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        cfg = self.config
-        folder = Path(tempfile.mkdtemp(prefix="sl-smart-"))
         ctx = zmq.Context()
-        core, rig = build_field_core(cfg.field, cfg.seed, cfg.screen.exposure_ms)
-        driver = DriverConfig(
-            kind="mmcore",
-            stream_endpoint=f"ipc://{folder}/stream",
-            command_endpoint=f"ipc://{folder}/command",
-            exposure_ms=cfg.screen.exposure_ms,
-            watchdog_ms=60_000,
-            stream_hwm=10_000,
-        )
-        node = DriverNode(core, driver, ctx=ctx, field_um=cfg.field.view_um)
-        thread = threading.Thread(target=node.serve, daemon=True)
-        thread.start()
+        try:
+            with driver_for(self.config.driver, self.run_dir, "smart", ctx) as link:
+                link.require(NEEDS, self.config.kind)
+                summary = self._run_on(ctx, link)
+        finally:
+            ctx.term()
+        return summary
+
+    def _run_on(self, ctx: zmq.Context, link: DriverLink) -> dict[str, Any]:
+        cfg = self.config
         sub = ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.RCVHWM, 100_000)
         sub.setsockopt(zmq.SUBSCRIBE, FRAME_PREFIX)
-        sub.connect(node.endpoints[0])
-        client = CommandClient(ctx, node.endpoints[1], timeout_ms=10_000)
+        sub.connect(link.stream_endpoint)
+        truth = TruthRecorder(ctx, link.stream_endpoint, self.run_dir / "objects-truth.jsonl")
+        truth.start()
+        client = CommandClient(ctx, link.command_endpoint, timeout_ms=10_000)
         recorder = FrameRecorder(self.run_dir / FRAMES_NAME) if cfg.record_frames else None
-        log = EventLog(self.run_dir / "events-smart.jsonl")
+        log = self.engine.events
         try:
+            self._layout(client.call("get_state").result)
             self._frames_before_events(sub)
-            summary = self._acquire(client, sub, recorder, log, rig.field)
+            if link.truth:  # the twin's objects, before it moves, for the evaluation
+                truth.received.wait(TRUTH_WAIT_S)
+            summary = self._acquire(client, sub, recorder, log)
         finally:
-            log.close()
             if recorder is not None:
                 recorder.close()
-            node.stop.set()
-            thread.join(10)
             client.close()
             sub.close()
-            ctx.term()
-            shutil.rmtree(folder, ignore_errors=True)
-        summary["run_dir"] = str(self.run_dir)
+            records = truth.stop()
+        summary.update(self._truth_scores(records[-1] if records else None, summary))
+
         summary["frames_recorded"] = recorder.count if recorder is not None else 0
         return summary
 
@@ -215,19 +251,19 @@ class SmartAcquisition:
             "x_pos": x,
             "y_pos": y,
             "exposure": light.exposure_ms,
-            "properties": [[LAMP[0], LAMP[1], light.intensity]],
+            "properties": [[*self.config.lamp, light.intensity]] if self.config.lamp else [],
             "index": index,
             "metadata": metadata,
         }
 
     def _detect_um(self, frame: Frame) -> tuple[np.ndarray, np.ndarray]:
         """Detections in stage coordinates (um) and their scores."""
-        px, scores = self.detector.detect_with_scores(np.asarray(frame.data))
-        field = self.config.field
+        image = np.asarray(frame.data)
+        px, scores = self.detector.detect_with_scores(image)
         event = frame.header.state["event"]
         stage = np.array([event["x_pos"], event["y_pos"]], dtype=float)
-        centre = np.array([field.width_px, field.height_px]) / 2
-        xy = (np.asarray(px, dtype=float).reshape(-1, 2) + 0.5 - centre) * field.pixel_um
+        centre = np.array([image.shape[1], image.shape[0]]) / 2
+        xy = (np.asarray(px, dtype=float).reshape(-1, 2) + 0.5 - centre) * self.pixel_um
         return xy + stage, np.asarray(scores, dtype=float)
 
     # --- the experiment ------------------------------------------------------------------
@@ -238,10 +274,10 @@ class SmartAcquisition:
         sub: zmq.Socket,
         recorder: FrameRecorder | None,
         log: EventLog,
-        field: Any,
     ) -> dict[str, Any]:
         cfg = self.config
         n = len(self.positions)
+        self.engine.phase("screen")
         screen_events = [
             self._event(k, cfg.screen, {"p": k}, {"reason": "screen", "position": k})
             for k in range(n)
@@ -259,7 +295,7 @@ class SmartAcquisition:
 
         # Decide: positions with objects, best first, within the dose budget.
         candidates = [k for k in range(n) if len(found[k][0]) >= cfg.min_objects]
-        candidates.sort(key=lambda k: -float(found[k][1].max()))
+        candidates.sort(key=lambda k: -float(found[k][1].max(initial=0.0)))
         dose_screen = n * cfg.screen.dose
         per_position = cfg.revisit.timepoints * cfg.revisit.dose
         budget_left = None if cfg.dose_budget is None else cfg.dose_budget - dose_screen
@@ -269,6 +305,9 @@ class SmartAcquisition:
                 break
             chosen.append(k)
         skipped_budget = len(candidates[: cfg.revisit.max_positions]) - len(chosen)
+        if chosen and not self.engine.checkpoint():  # stopped from the dashboard: no revisits
+            log.write("stopped", before="revisit", positions_not_revisited=len(chosen))
+            chosen = []
         log.write(
             "decision",
             candidates=candidates,
@@ -291,13 +330,14 @@ class SmartAcquisition:
             self._record(recorder, log, frame, cfg.revisit, xy, meta["decision"])
 
         if chosen:
+            self.engine.phase("revisit")
             t0 = now_ns() + 50_000_000
             events = []
             for t in range(cfg.revisit.timepoints):
                 for i, k in enumerate(chosen):
                     why = (
                         f"screen found {len(found[k][0])} objects at grid position {k} "
-                        f"(best score {float(found[k][1].max()):.1f})"
+                        f"(best score {float(found[k][1].max(initial=0.0)):.1f})"
                     )
                     event = self._event(
                         k,
@@ -311,7 +351,9 @@ class SmartAcquisition:
             ids = client.call("submit_events", {"events": events}).result["ids"]
             revisit = self._collect(sub, set(ids), on_revisit)
         client.call("stop_events")
-        return self._summary(field, found, chosen, first_look, len(revisit), start_errors)
+        self.first_look = first_look
+        self.chosen = chosen
+        return self._summary(chosen, len(revisit), start_errors)
 
     def _record(
         self,
@@ -330,7 +372,7 @@ class SmartAcquisition:
             "reason": event["metadata"]["reason"],
             "decision": decision,
             "stage_um": [event["x_pos"], event["y_pos"]],
-            "pixel_size_um": self.config.field.pixel_um,
+            "pixel_size_um": self.pixel_um,
             "exposure_ms": light.exposure_ms,
             "intensity": light.intensity,
             "dose": light.dose,
@@ -339,38 +381,27 @@ class SmartAcquisition:
             "detections_um": np.round(detections_um, 4).tolist(),
         }
         log.write("frame", **meta)
+        image = np.asarray(frame.data)
         if recorder is not None:
-            recorder.append(np.asarray(frame.data), meta)
+            recorder.append(image, meta)
+        # the dashboard draws detections in the view's frame (um from its corner)
+        corner = np.asarray(meta["stage_um"]) - np.array(image.shape[::-1]) * self.pixel_um / 2
+        self.engine.telemetry.frame(
+            image, frame.header.seq, self.pixel_um, detections_um - corner, info={"why": decision}
+        )
 
     def _summary(
-        self,
-        field: Any,
-        found: dict[int, tuple[np.ndarray, np.ndarray]],
-        chosen: list[int],
-        first_look: dict[int, np.ndarray],
-        n_revisit: int,
-        start_errors: list[float],
+        self, chosen: list[int], n_revisit: int, start_errors: list[float]
     ) -> dict[str, Any]:
         cfg = self.config
         n = len(self.positions)
-        margin = cfg.field.object_sigma_um  # an object cut by the view edge barely shows
-        truth_tiles = {k for k, p in enumerate(self.positions) if len(field.in_view(p, margin))}
-        in_grid = sorted({int(i) for p in self.positions for i in field.in_view(p, margin)})
-        flagged = set(chosen)
-        detections = [first_look[k] for k in chosen if k in first_look]
-        all_found = np.concatenate(detections) if detections else np.zeros((0, 2))
-        truth_xy = field.objects_um[in_grid] if in_grid else np.zeros((0, 2))
-        matched = _match(all_found, truth_xy, cfg.match_radius_um)
         frames_total = n + n_revisit
         frames_all = n * cfg.revisit.timepoints
         dose_used = n * cfg.screen.dose + n_revisit * cfg.revisit.dose
         dose_all = frames_all * cfg.revisit.dose
         return {
             "positions": n,
-            "positions_with_objects_truth": len(truth_tiles),
             "positions_revisited": len(chosen),
-            "positions_revisited_with_objects": len(flagged & truth_tiles),
-            "positions_with_objects_missed": len(truth_tiles - flagged),
             "frames_screen": n,
             "frames_revisit": n_revisit,
             "frames_total": frames_total,
@@ -382,15 +413,51 @@ class SmartAcquisition:
             "dose_saved": dose_all - dose_used,
             "dose_saved_fraction": (dose_all - dose_used) / dose_all,
             "dose_budget": cfg.dose_budget,
+            "match_radius_um": cfg.match_radius_um,
+            "timing_error_p99_ms": float(np.percentile(np.abs(start_errors), 99))
+            if start_errors
+            else None,
+        }
+
+    def _truth_scores(
+        self, truth: dict[str, Any] | None, summary: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Recall and precision against the twin's objects (its truth topic); None on an
+        instrument that publishes no truth."""
+        keys = (
+            "positions_with_objects_truth",
+            "positions_revisited_with_objects",
+            "positions_with_objects_missed",
+            "objects_in_grid",
+            "objects_found",
+            "object_recall",
+            "detections_revisit_t0",
+            "detection_precision",
+        )
+        if truth is None:
+            return dict.fromkeys(keys)
+        objects = np.asarray(truth["objects_um"], dtype=float).reshape(-1, 2)
+        half = np.asarray(truth["view_um"], dtype=float) / 2 - float(truth["object_sigma_um"])
+        # an object cut by the view edge barely shows: only those a sigma inside count
+        in_view = [
+            np.flatnonzero(np.all(np.abs(objects - np.asarray(p)) < half, axis=1))
+            for p in self.positions
+        ]
+        truth_tiles = {k for k, inside in enumerate(in_view) if len(inside)}
+        in_grid = sorted({int(i) for inside in in_view for i in inside})
+        flagged = set(self.chosen)
+        detections = [self.first_look[k] for k in self.chosen if k in self.first_look]
+        all_found = np.concatenate(detections) if detections else np.zeros((0, 2))
+        matched = _match(all_found, objects[in_grid], self.config.match_radius_um)
+        return {
+            "positions_with_objects_truth": len(truth_tiles),
+            "positions_revisited_with_objects": len(flagged & truth_tiles),
+            "positions_with_objects_missed": len(truth_tiles - flagged),
             "objects_in_grid": len(in_grid),
             "objects_found": matched,
             "object_recall": matched / len(in_grid) if in_grid else None,
             "detections_revisit_t0": len(all_found),
             "detection_precision": matched / len(all_found) if len(all_found) else None,
-            "match_radius_um": cfg.match_radius_um,
-            "timing_error_p99_ms": float(np.percentile(np.abs(start_errors), 99))
-            if start_errors
-            else None,
         }
 
 

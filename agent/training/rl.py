@@ -1,9 +1,10 @@
 """`scopeloop train configs/rl-*.yaml`: train on randomised twins, save a checkpoint,
 score it on held-out twin parameters.
 
-The env is reached by its gymnasium id (`simulators.rl_envs:scopeloop/...`), so the
-policy package imports no simulator code; torch and stable-baselines3 are imported
-only when a deep agent is trained.
+The env is reached by its gymnasium id (`simulators.rl_envs:scopeloop/...`) and its
+settings are validated through the driver side (`drivers.gym_envs`), so the agent
+imports no simulator code; torch and stable-baselines3 are imported only when a deep
+agent is trained. (Moved here from `policies/rl/train.py`: policies do not train.)
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 def load_train_config(path: Path, overrides: list[str]) -> tuple[RlTrainConfig, Any, Any]:
     """(config, training env config, held-out env config); ConfigError on bad input."""
     from agent.config import ConfigError, format_validation_error, load_model_config
-    from simulators.rl_envs import TwinEnvConfig
+    from drivers.gym_envs import TwinEnvConfig
 
     config = load_model_config(path, overrides, RlTrainConfig)
     envs = []

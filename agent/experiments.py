@@ -28,8 +28,8 @@ RUN_KINDS: dict[str, str] = {
 # so a caller can check a config before running it (`scopeloop sweep` checks every point).
 RUN_CONFIG_LOADERS: dict[str, str] = {
     "feedback-trap": "agent.config:load_config",
-    "smart-acquisition": "agent.smart_acquisition:load_smart_config",
-    "spm-active": "agent.spm_experiment:load_spm_config",
+    "smart-acquisition": "agent.plans.smart_acquisition:load_smart_config",
+    "spm-active": "agent.plans.spm_active:load_spm_config",
 }
 
 TRAIN_KINDS: dict[str, str] = {

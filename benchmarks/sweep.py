@@ -73,7 +73,7 @@ def run(quick: bool, log: Log) -> dict[str, float | int | str]:
 
 def _env_steps_per_s(vec: str, n_envs: int, workers: int, seconds: float) -> float:
     """Random-action env steps per second through a vec env of the steering twin env."""
-    from policies.rl.train import load_train_config, make_vec_env
+    from agent.training.rl import load_train_config, make_vec_env
 
     config, env, _ = load_train_config(RL_CONFIG, [])
     vec_env = make_vec_env(config.task, env, n_envs, vec, 0, workers)

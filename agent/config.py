@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from agent.detectors import DetectorSettings
 from agent.tracking import TrackerConfig
-from drivers.config import ClientAuth, DriverConfig
+from drivers.config import DriverConfig
 from policies.feedback import ProportionalTrapConfig
 from policies.registry import PolicyConfig
 
@@ -37,7 +37,6 @@ class AgentSettings(BaseModel):
     # A driver that dies or restarts mid-run: wait this long (no actuation) for it to
     # answer again, then end the run (agent/driver_faults.py); 0: end at once.
     driver_reconnect_s: float = Field(30.0, ge=0.0, le=3600.0)
-    auth: ClientAuth = ClientAuth()  # CURVE keys for a driver on tcp:// (drivers/auth.py)
 
 
 class ExperimentConfig(BaseModel):

@@ -18,6 +18,7 @@ import zmq
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent.detect import DetectorConfig, ParticleDetector
+from drivers.auth import ClientKeys
 from drivers.transport import StreamSubscriber
 
 Detector = Callable[[np.ndarray], np.ndarray]
@@ -41,10 +42,10 @@ class DetectorSettings(BaseModel):
 
 
 def collect_frames(
-    ctx: zmq.Context, endpoint: str, count: int, timeout_s: float
+    ctx: zmq.Context, endpoint: str, count: int, timeout_s: float, keys: ClientKeys | None = None
 ) -> list[np.ndarray]:
     """The next `count` frames of a stream (copies), or an error after `timeout_s`."""
-    subscriber = StreamSubscriber(ctx, endpoint)
+    subscriber = StreamSubscriber(ctx, endpoint, keys=keys)
     frames: list[np.ndarray] = []
     deadline = time.monotonic() + timeout_s
     try:
@@ -84,12 +85,13 @@ def train_on_stream(
     stream_endpoint: str,
     log: Log = lambda _m: None,
     on_loss: Callable[[int, float], None] | None = None,
+    keys: ClientKeys | None = None,
 ) -> dict[str, float]:
     """Self-supervised training on unlabeled crops of the next frames of a live stream;
     `on_loss(step, loss)` sees every training step (for the report's learning curve)."""
     lodestar = _lodestar()
     deep = settings.lodestar
-    frames = collect_frames(ctx, stream_endpoint, deep.train_frames, deep.frame_timeout_s)
+    frames = collect_frames(ctx, stream_endpoint, deep.train_frames, deep.frame_timeout_s, keys)
     config = lodestar.LodeStarConfig(seed=deep.seed)
     rng = np.random.default_rng(deep.seed)
     crops = lodestar.crops_from_frames(frames, config.crop_px, deep.crops, rng)

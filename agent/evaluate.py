@@ -12,19 +12,20 @@ import numpy as np
 import zmq
 
 from agent.recorder import EventLog, read_events
+from drivers.auth import ClientKeys
 from drivers.protocol import TRUTH_PREFIX, unpack_map
+from drivers.transport import raw_subscriber
 
 
 class TruthRecorder(threading.Thread):
     """Background subscriber that logs every ground-truth message to a JSONL file."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, path: Path) -> None:
+    def __init__(
+        self, ctx: zmq.Context, endpoint: str, path: Path, keys: ClientKeys | None = None
+    ) -> None:
         super().__init__(daemon=True, name="truth-recorder")
-        self._socket = ctx.socket(zmq.SUB)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.setsockopt(zmq.RCVHWM, 100_000)  # evaluation must not lose records
-        self._socket.setsockopt(zmq.SUBSCRIBE, TRUTH_PREFIX)
-        self._socket.connect(endpoint)
+        # Evaluation must not lose records: a deep queue.
+        self._socket = raw_subscriber(ctx, endpoint, [TRUTH_PREFIX], 100_000, keys)
         self._log = EventLog(path)
         self._stop_event = threading.Event()
         self.received = threading.Event()  # set once the first record is logged

@@ -27,6 +27,7 @@ from agent.recorder import EventLog
 from agent.safety import LaserLimits
 from agent.telemetry import RunTelemetry
 from agent.tracking import Tracker
+from drivers.auth import ClientKeys
 from drivers.protocol import EVENT_TOPIC, Frame, now_ns
 from drivers.transport import (
     CommandClient,
@@ -56,6 +57,7 @@ class LoopResult:
 class LoopEndpoints:
     stream: str
     command: str
+    keys: ClientKeys | None = None  # CURVE keys for a tcp:// node
 
 
 def _spots_wire(spots: tuple[LaserSpot, ...]) -> list[dict[str, float]]:
@@ -119,8 +121,9 @@ class AgentLoop:
         on_step: Callable[[int, float], None] | None = None,
     ) -> LoopResult:
         stop = stop or threading.Event()
-        client = CommandClient(self.ctx, self.endpoints.command, self.command_timeout_ms)
-        subscriber = StreamSubscriber(self.ctx, self.endpoints.stream)
+        keys = self.endpoints.keys
+        client = CommandClient(self.ctx, self.endpoints.command, self.command_timeout_ms, keys=keys)
+        subscriber = StreamSubscriber(self.ctx, self.endpoints.stream, keys=keys)
         result = LoopResult()
         try:
             state = self.wait_for_driver(client, startup_timeout_s)

@@ -25,7 +25,7 @@ import zmq
 from agent.config import ExperimentConfig, dump_config
 from agent.detectors import build_detector, needs_training, train_on_stream
 from agent.driver_faults import DriverFaults, process_probe
-from agent.engine.link import FEEDBACK_NEEDS, AttachedDriver, attach_configured
+from agent.engine.link import FEEDBACK_NEEDS, AttachedDriver, attach_configured, client_keys
 from agent.engine.run import RunEngine
 from agent.evaluate import TruthRecorder, controlled_track, detection_rmse_um, rms_distance
 from agent.loop import AgentLoop, DriverSilent, LoopEndpoints, LoopResult
@@ -101,14 +101,19 @@ def run_phase(
         config_path = run_dir / f"driver-{name}.yaml"
         dump_config(phase_config, config_path)
         driver = DriverProcess(config_path, run_dir / f"driver-{name}.log")
-    truth = TruthRecorder(ctx, driver_config.stream_endpoint, run_dir / f"truth-{name}.jsonl")
+    keys = client_keys(config.driver.client_auth)
+    truth = TruthRecorder(
+        ctx, driver_config.stream_endpoint, run_dir / f"truth-{name}.jsonl", keys
+    )
     truth.start()
     events_path = run_dir / f"events-{name}.jsonl"
     settings = config.agent
     try:
         with EventLog(events_path) as events:
             loop = AgentLoop(
-                LoopEndpoints(driver_config.stream_endpoint, driver_config.command_endpoint),
+                LoopEndpoints(
+                    driver_config.stream_endpoint, driver_config.command_endpoint, keys
+                ),
                 build_detector(settings.detector, run_dir / DEEP_CHECKPOINT),
                 policy,
                 events,
@@ -175,6 +180,7 @@ def train_detector_phase(config: ExperimentConfig, run_dir: Path) -> None:
                 on_loss=lambda step, loss: (
                     events.write("detector_loss", step=step, loss=loss) if step % 5 == 0 else None
                 ),
+                keys=client_keys(config.driver.client_auth),
             )
             events.write("detector_stats", **{k: float(v) for k, v in stats.items()})
     finally:

@@ -106,7 +106,7 @@ def load_server_keys(
 
 
 def load_client_keys(
-    auth: ClientAuthSettings | None, where: str = "agent.auth"
+    auth: ClientAuthSettings | None, where: str = "driver.client_auth"
 ) -> ClientKeys | None:
     """The client keys a config names, None when it names none."""
     if auth is None or auth.secret_key is None:

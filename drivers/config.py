@@ -111,8 +111,9 @@ class DriverConfig(StrictModel):
     # Attach to a driver node already running at this command endpoint instead of
     # starting one (its stream endpoint is asked from the node); None: start one here.
     connect: str | None = Field(None, pattern=ENDPOINT_PATTERN)
-    # CURVE keys for `connect` off loopback (filled in by the transport-security issue).
-    keys: dict[str, str] | None = None
+    # The agent's CURVE keys for this node's tcp:// endpoints (`connect`, or tcp endpoints
+    # of a node it starts): its own key pair and the node's public key.
+    client_auth: ClientAuth = ClientAuth()
     stream_endpoint: str = "auto"  # "auto": a private ipc:// path chosen at start
     command_endpoint: str = "auto"
     watchdog_ms: int = Field(500, ge=20, le=600_000)

@@ -18,7 +18,7 @@ from typing import Literal
 import zmq
 from pydantic import Field
 
-from drivers.config import ENDPOINT_PATTERN, StrictModel
+from drivers.config import ENDPOINT_PATTERN, ClientAuth, StrictModel
 from drivers.nanonis_server import NanonisServer
 from drivers.spm_config import SpmDriverConfig, SpmLimits
 from drivers.spm_node import SpmNode
@@ -38,7 +38,7 @@ class SpmHostConfig(StrictModel):
     watchdog_ms: int = Field(30_000, ge=100, le=600_000)
     # A node already running (`scopeloop driver serve-spm`): its command endpoint.
     connect: str | None = Field(None, pattern=ENDPOINT_PATTERN)
-    keys: dict[str, str] | None = None  # CURVE keys (transport-security issue)
+    client_auth: ClientAuth = ClientAuth()  # the agent's CURVE keys for a tcp:// `connect`
 
 
 class SpmHost:

@@ -88,6 +88,25 @@ def _connect(sock: zmq.Socket, endpoint: str, keys: ClientKeys | None) -> None:
     sock.connect(endpoint)
 
 
+def raw_subscriber(
+    ctx: zmq.Context,
+    endpoint: str,
+    topics: Iterable[bytes],
+    rcvhwm: int,
+    keys: ClientKeys | None = None,
+    max_part_bytes: int = COMMAND_MAX_BYTES,
+) -> zmq.Socket:
+    """A SUB socket for readers that take raw parts (truth, recorders): the same CURVE
+    keys and size limit as `StreamSubscriber`, without its decoding."""
+    sock = _linger(ctx.socket(zmq.SUB))
+    sock.setsockopt(zmq.RCVHWM, rcvhwm)
+    set_max_message(sock, max(max_part_bytes, COMMAND_MAX_BYTES))
+    for topic in topics:
+        sock.setsockopt(zmq.SUBSCRIBE, topic)
+    _connect(sock, endpoint, keys)
+    return sock
+
+
 # --- stream ---------------------------------------------------------------
 
 
@@ -376,7 +395,7 @@ def connect_client(
     rcvhwm: int = 32,
 ) -> DriverClient:
     """Attach to a driver node, over CURVE on tcp:// when keys are given (from
-    `drivers.auth.load_client_keys(config.agent.auth)`); ipc:// needs none."""
+    `drivers.auth.load_client_keys(config.driver.client_auth)`); ipc:// needs none."""
     return DriverClient(
         StreamSubscriber(
             ctx, stream_endpoint, rcvhwm=rcvhwm, keys=keys, max_frame_bytes=max_frame_bytes

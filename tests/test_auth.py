@@ -142,9 +142,9 @@ def test_a_missing_or_wrong_server_key_names_its_field(
 
 
 def test_a_missing_client_key_names_its_field(keyring: dict[str, Path]) -> None:
-    with pytest.raises(ValueError, match=r"^agent\.auth\.server_public_key:"):
+    with pytest.raises(ValueError, match=r"^driver\.client_auth\.server_public_key:"):
         load_client_keys(ClientAuth(secret_key=str(keyring["agent_secret"])))
-    with pytest.raises(ValueError, match=r"^agent\.auth\.secret_key:.*does not exist"):
+    with pytest.raises(ValueError, match=r"^driver\.client_auth\.secret_key:.*does not exist"):
         load_client_keys(ClientAuth(secret_key="/no/such.key_secret", server_public_key="x"))
 
 

@@ -21,7 +21,8 @@ import yaml
 import zmq
 
 from agent.config import ConfigError
-from drivers.config import DriverConfig
+from drivers.auth import ClientKeys, load_client_keys
+from drivers.config import ClientAuth, DriverConfig
 from drivers.serve import resolve_endpoints
 from drivers.transport import CommandClient, CommandError, CommandTimeout
 
@@ -38,6 +39,7 @@ class DriverLink:
     command_endpoint: str
     commands: frozenset[str]
     truth: bool = False  # the node hosts a twin that publishes ground truth
+    keys: ClientKeys | None = None  # CURVE keys every socket to this node uses (tcp://)
 
     def require(self, needed: set[str], plan: str, field: str = "driver") -> None:
         """Refuse, in one line naming the field, a node that lacks commands the plan uses."""
@@ -66,12 +68,12 @@ def attach(
     command_endpoint: str,
     field: str = "driver.connect",
     timeout_s: float = PROBE_TIMEOUT_S,
-    keys: dict[str, str] | None = None,
+    keys: ClientKeys | None = None,
 ) -> DriverLink:
     """Ask the node at `command_endpoint` for its capabilities; ConfigError naming `field`
-    if nothing answers within `timeout_s`. `keys`: CURVE keys (transport-security issue)."""
-    del keys  # plain sockets until the authenticated transport lands
-    client = CommandClient(ctx, command_endpoint, timeout_ms=int(timeout_s * 1000))
+    if nothing answers within `timeout_s` (over CURVE with `keys`: a node that does not
+    allow our key never answers, which reads the same)."""
+    client = CommandClient(ctx, command_endpoint, timeout_ms=int(timeout_s * 1000), keys=keys)
     try:
         reply = client.call("get_capabilities").result
     except CommandTimeout:
@@ -90,7 +92,16 @@ def attach(
         command_endpoint,
         frozenset(str(c) for c in reply.get("commands", [])),
         bool(reply.get("truth", False)),
+        keys,
     )
+
+
+def client_keys(auth: ClientAuth, field: str = "driver.client_auth") -> ClientKeys | None:
+    """The agent's CURVE keys a config names (None: none); ConfigError naming the field."""
+    try:
+        return load_client_keys(auth, field)
+    except ValueError as exc:
+        raise ConfigError(f"config error: {exc}") from None
 
 
 def _last_line(log: Path) -> str:
@@ -102,7 +113,9 @@ def _last_line(log: Path) -> str:
     return next((line for line in reversed(lines) if line), "no output")
 
 
-def _wait_started(ctx: zmq.Context, driver: Any, endpoint: str) -> DriverLink:
+def _wait_started(
+    ctx: zmq.Context, driver: Any, endpoint: str, keys: ClientKeys | None = None
+) -> DriverLink:
     """Probe a driver process we started until it answers (it may take seconds to import)."""
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:
@@ -114,7 +127,7 @@ def _wait_started(ctx: zmq.Context, driver: Any, endpoint: str) -> DriverLink:
                 f"(log: {driver.log_path})"
             )
         try:
-            return attach(ctx, endpoint, "driver", timeout_s=1.0)
+            return attach(ctx, endpoint, "driver", timeout_s=1.0, keys=keys)
         except ConfigError:
             if time.monotonic() > deadline:
                 raise
@@ -146,7 +159,8 @@ def attach_configured(
     """For a config with `driver.connect`: the node's endpoints filled in, and a handle
     that leaves it running, once the node said it can serve `plan`."""
     assert config.connect is not None
-    link = attach(ctx or zmq.Context.instance(), config.connect, keys=config.keys)
+    keys = client_keys(config.client_auth)
+    link = attach(ctx or zmq.Context.instance(), config.connect, keys=keys)
     link.require(needs, plan)
     endpoints = {"stream_endpoint": link.stream_endpoint, "command_endpoint": config.connect}
     return config.model_copy(update=endpoints), AttachedDriver(link)
@@ -160,7 +174,7 @@ def driver_for(
     `config.connect` names one, else started as `scopeloop driver serve` (and stopped)."""
     ctx = ctx or zmq.Context.instance()
     if config.connect is not None:
-        yield attach(ctx, config.connect, keys=config.keys)
+        yield attach(ctx, config.connect, keys=client_keys(config.client_auth))
         return
     from agent.runner import DriverProcess
 
@@ -169,6 +183,6 @@ def driver_for(
     path.write_text(yaml.safe_dump({"kind": "driver", "driver": resolved.model_dump(mode="json")}))
     driver = DriverProcess(path, run_dir / f"driver-{name}.log")
     try:
-        yield _wait_started(ctx, driver, resolved.command_endpoint)
+        yield _wait_started(ctx, driver, resolved.command_endpoint, client_keys(config.client_auth))
     finally:
         driver.stop()

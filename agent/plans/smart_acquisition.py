@@ -34,7 +34,7 @@ from agent.frame_recording import FRAMES_NAME, FrameRecorder
 from agent.recorder import EventLog
 from drivers.config import DriverConfig
 from drivers.protocol import FRAME_PREFIX, Frame, decode_frame, now_ns
-from drivers.transport import CommandClient
+from drivers.transport import DEFAULT_FRAME_MAX_BYTES, CommandClient, raw_subscriber
 
 EVENTS_NAME = "events-smart.jsonl"
 # Commands the plan sends: a node without them (an SPM node) is refused before anything moves.
@@ -187,14 +187,14 @@ class SmartAcquisition:
 
     def _run_on(self, ctx: zmq.Context, link: DriverLink) -> dict[str, Any]:
         cfg = self.config
-        sub = ctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.LINGER, 0)
-        sub.setsockopt(zmq.RCVHWM, 100_000)
-        sub.setsockopt(zmq.SUBSCRIBE, FRAME_PREFIX)
-        sub.connect(link.stream_endpoint)
-        truth = TruthRecorder(ctx, link.stream_endpoint, self.run_dir / "objects-truth.jsonl")
+        sub = raw_subscriber(
+            ctx, link.stream_endpoint, [FRAME_PREFIX], 100_000, link.keys, DEFAULT_FRAME_MAX_BYTES
+        )
+        truth = TruthRecorder(
+            ctx, link.stream_endpoint, self.run_dir / "objects-truth.jsonl", link.keys
+        )
         truth.start()
-        client = CommandClient(ctx, link.command_endpoint, timeout_ms=10_000)
+        client = CommandClient(ctx, link.command_endpoint, timeout_ms=10_000, keys=link.keys)
         recorder = FrameRecorder(self.run_dir / FRAMES_NAME) if cfg.record_frames else None
         log = self.engine.events
         try:

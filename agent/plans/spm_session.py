@@ -18,7 +18,7 @@ import numpy as np
 import zmq
 
 from agent.config import ConfigError
-from agent.engine.link import DriverLink, attach
+from agent.engine.link import DriverLink, attach, client_keys
 from drivers.protocol import FRAME_PREFIX, HEARTBEAT_TOPIC, Frame, decode_frame
 from drivers.spm_host import SpmHost, SpmHostConfig
 from drivers.spm_truth import ReplayTruth, TwinTruth
@@ -34,8 +34,8 @@ class SpmSession:
 
     def __init__(self, ctx: zmq.Context, link: DriverLink) -> None:
         self.ctx = ctx
-        self.client = CommandClient(ctx, link.command_endpoint, timeout_ms=120_000)
-        self.sub = StreamSubscriber(ctx, link.stream_endpoint, rcvhwm=1000)
+        self.client = CommandClient(ctx, link.command_endpoint, timeout_ms=120_000, keys=link.keys)
+        self.sub = StreamSubscriber(ctx, link.stream_endpoint, rcvhwm=1000, keys=link.keys)
         self._await_heartbeat()
         limits = self.client.call("get_state").result["limits"]
         (x0, x1), (y0, y1) = limits["x_um"], limits["y_um"]
@@ -147,7 +147,7 @@ def spm_driver(
     host: SpmHost | None = None
     try:
         if config.connect is not None:
-            link = attach(ctx, config.connect, keys=config.keys)
+            link = attach(ctx, config.connect, keys=client_keys(config.client_auth))
         else:
             try:
                 host = SpmHost(config, ctx)

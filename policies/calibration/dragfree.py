@@ -64,6 +64,7 @@ class DragFreePosterior:
     noise_ratio: float  # posterior-weighted sigma_n^2 / var
     lam_edge_mass: tuple[float, float]  # posterior mass in the lowest / highest lambda cell
     record_s: float  # length of the record, n dt
+    restoring_lr: float = math.inf  # max log-likelihood minus its value at the slowest rate
 
     @property
     def k_weights(self) -> NDArray[np.float64]:
@@ -122,6 +123,18 @@ def _sums(
     return -0.5 * (s.log_s + np.log(s.s11)), s.syy - s.sy1**2 / s.s11
 
 
+def _envelope(ll: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Max over the lambda axis (0) of ll[lambda, k], refined by a parabola through the
+    best cell and its neighbours, so the profile does not step with the lambda grid."""
+    j = np.clip(np.argmax(ll, axis=0), 1, ll.shape[0] - 2)
+    cols = np.arange(ll.shape[1])
+    l0, l1, l2 = ll[j - 1, cols], ll[j, cols], ll[j + 1, cols]
+    curv = l0 - 2.0 * l1 + l2
+    ok = (curv < 0.0) & (l1 >= l0) & (l1 >= l2)
+    peak = np.where(ok, l1 - 0.125 * (l0 - l2) ** 2 / np.where(ok, curv, -1.0), l1)
+    return np.maximum(peak, ll.max(axis=0))
+
+
 def _cells(lo: float, hi: float, n: int) -> NDArray[np.float64]:
     h = (hi - lo) / n
     return lo + h * (np.arange(n) + 0.5)
@@ -173,7 +186,10 @@ def drag_free_posterior(
         return half_logdet + gammaln(alpha) - alpha * np.log(0.5 * q / kt), half_logdet, q
 
     coarse = _cells(lo, hi, _COARSE_LAM)
-    ev_c, _, _ = cell_logev(np.exp(coarse))
+    ev_c, hl_c, q_c = cell_logev(np.exp(coarse))
+    # profile over k in closed form (k = alpha / rate): the evidence for a restoring force
+    ll_c = np.max(hl_c - alpha * np.log(0.5 * q_c / alpha), axis=1)
+    restoring_lr = float(ll_c.max() - ll_c[0])
     ev_lam = np.max(ev_c, axis=1)
     keep = np.nonzero(ev_lam >= ev_lam.max() - _DROP)[0]
     h = (hi - lo) / _COARSE_LAM
@@ -205,7 +221,7 @@ def drag_free_posterior(
         + alpha * (ln_k - math.log(kt))[None, None, :]
         - rate[..., None] * kk[None, None, :]
     )  # (lam, r, k): the log-likelihood itself, up to a constant
-    profile = (log_dens - log_prior[:, None, None]).max(axis=(0, 1))
+    profile = _envelope((log_dens - log_prior[:, None, None]).max(axis=1))
     top = float(log_dens.max())
     joint_lr = np.exp(log_dens - top)
     joint = joint_lr.sum(axis=1)
@@ -218,7 +234,9 @@ def drag_free_posterior(
     lam_mass = joint.sum(axis=1)
     at_low = float(lam_mass[0]) if f_lo <= lo + 1e-12 else 0.0
     at_high = float(lam_mass[-1]) if f_hi >= hi - 1e-12 else 0.0
-    return DragFreePosterior(lam, ln_k, joint, profile, kt, noise_ratio, (at_low, at_high), n * dt)
+    return DragFreePosterior(
+        lam, ln_k, joint, profile, kt, noise_ratio, (at_low, at_high), n * dt, restoring_lr
+    )
 
 
 def known_noise_posterior(
@@ -269,7 +287,15 @@ def known_noise_posterior(
     joint = np.exp(post - post.max())
     joint /= joint.sum()
     return DragFreePosterior(
-        lam, ln_k, joint, ll.max(axis=0), kt, math.nan, guide.lam_edge_mass, z.size * dt
+        lam,
+        ln_k,
+        joint,
+        ll.max(axis=0),
+        kt,
+        math.nan,
+        guide.lam_edge_mass,
+        z.size * dt,
+        guide.restoring_lr,
     )
 
 

@@ -93,10 +93,13 @@ def _scales(meta: dict[str, float]) -> tuple[float, float]:
     return math.sqrt(kt / k_mid), math.sqrt(2.0 * kt / gamma * meta["dt"])
 
 
-def _features(xs: np.ndarray, meta: dict[str, float]) -> np.ndarray:
-    """(B, T) positions -> (B, T, 3): centred position, step, squared centred position."""
+def _features(xs: np.ndarray, meta: dict[str, float], center_um: float | None = None) -> np.ndarray:
+    """(B, T) positions -> (B, T, 3): centred position, step, squared centred position.
+
+    Centred on ``center_um`` when the trap centre is known, else on each record's mean."""
     s_pos, s_step = _scales(meta)
-    z = (xs - xs.mean(axis=1, keepdims=True)) / s_pos
+    centre = xs.mean(axis=1, keepdims=True) if center_um is None else center_um
+    z = (xs - centre) / s_pos
     step = np.diff(xs, axis=1, prepend=xs[:, :1]) / s_step
     return np.stack([np.arcsinh(z), step, np.log1p(z * z)], axis=-1).astype(np.float32)
 
@@ -235,8 +238,13 @@ def learned_estimate(
     temperature_k: float = 300.0,
     radius_um: float = 0.1,
     viscosity_pa_s: float = WATER_VISCOSITY_PA_S,
+    center_um: float | None = None,
 ) -> Estimate:
-    """k (fN/um) with stderr and 95 % interval from the network's Gaussian head."""
+    """k (fN/um) with stderr and 95 % interval from the network's Gaussian head.
+
+    ``center_um``: the known trap centre, used instead of the record's own mean (which
+    on a short record sits closer to the path than the centre does, so the variance,
+    hence k, comes out biased high). The network sees the same features either way."""
     import torch
 
     arr = check_series(x, "x", min_len=max(10, 1))
@@ -251,7 +259,8 @@ def learned_estimate(
     if arr.size < int(meta["stride"]):
         raise ValueError(f"x needs at least {meta['stride']} samples for this checkpoint")
     with torch.no_grad():
-        out = net(torch.from_numpy(_features(arr[None, :], meta)))[0].numpy()
+        feats = _features(arr[None, :], meta, center_um)
+        out = net(torch.from_numpy(feats))[0].numpy()
     ln_k, sd = float(out[0]), float(math.exp(0.5 * float(np.clip(out[1], -10.0, 6.0))))
     k = math.exp(ln_k)
     return Estimate(

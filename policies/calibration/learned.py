@@ -48,6 +48,11 @@ class TrainCalibrationConfig(BaseModel):
     viscosity_pa_s: float = Field(WATER_VISCOSITY_PA_S, gt=0.0)
     noise_um: float = Field(0.0, ge=0.0, le=1.0)
     blur: bool = False
+    # D unknown: each trajectory's drag is the configured one times a log-uniform factor
+    # in [1/diffusion_spread, diffusion_spread] (1 = D known, DeepCalib's protocol).
+    diffusion_spread: float = Field(1.0, ge=1.0, le=100.0)
+    # Train (and then require) the trap centre known at 0 instead of each record's mean.
+    known_center: bool = False
     hidden: int = Field(48, ge=4, le=512)
     stride: int = Field(4, ge=1, le=64)
     steps: int = Field(400, ge=1, le=1_000_000)
@@ -113,6 +118,8 @@ def _length(cfg: TrainCalibrationConfig, rng: np.random.Generator) -> int:
 
 def _batch(cfg: TrainCalibrationConfig, rng: np.random.Generator, size: int, n: int):
     ln_k = rng.uniform(math.log(cfg.k_min), math.log(cfg.k_max), size)
+    spread = math.log(cfg.diffusion_spread)
+    visc = cfg.viscosity_pa_s * np.exp(rng.uniform(-spread, spread, size))
     xs = np.stack(
         [
             simulate_ou(
@@ -124,9 +131,9 @@ def _batch(cfg: TrainCalibrationConfig, rng: np.random.Generator, size: int, n: 
                 rng,
                 noise_um=float(rng.uniform(0.0, cfg.noise_um)) if cfg.noise_um else 0.0,
                 blur=cfg.blur,
-                viscosity_pa_s=cfg.viscosity_pa_s,
+                viscosity_pa_s=float(eta),
             )
-            for v in ln_k
+            for v, eta in zip(ln_k, visc, strict=True)
         ]
     )
     return xs, ln_k
@@ -144,6 +151,8 @@ def _meta(cfg: TrainCalibrationConfig) -> dict[str, Any]:
         "viscosity_pa_s",
         "noise_um",
         "blur",
+        "diffusion_spread",
+        "known_center",
         "hidden",
         "stride",
     )
@@ -165,12 +174,13 @@ def train_estimator(cfg: TrainCalibrationConfig, log: Any = print) -> dict[str, 
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
     val_x, val_y = _batch(cfg, np.random.default_rng(cfg.seed + 10_000), 128, cfg.n_points)
-    val_f = torch.from_numpy(_features(val_x, meta))
+    centre = 0.0 if cfg.known_center else None
+    val_f = torch.from_numpy(_features(val_x, meta, centre))
     t0 = time.perf_counter()
     loss_v = math.nan
     for step in range(1, cfg.steps + 1):
         xs, ln_k = _batch(cfg, rng, cfg.batch_size, _length(cfg, rng))
-        out = net(torch.from_numpy(_features(xs, meta)))
+        out = net(torch.from_numpy(_features(xs, meta, centre)))
         target = torch.from_numpy(ln_k.astype(np.float32))
         mean, log_var = out[:, 0], out[:, 1].clamp(-10.0, 6.0)
         loss = 0.5 * (log_var + (target - mean) ** 2 / log_var.exp()).mean()
@@ -244,18 +254,31 @@ def learned_estimate(
 
     ``center_um``: the known trap centre, used instead of the record's own mean (which
     on a short record sits closer to the path than the centre does, so the variance,
-    hence k, comes out biased high). The network sees the same features either way."""
+    hence k, comes out biased high); only for a checkpoint trained with
+    ``known_center``, which requires it. A checkpoint trained with ``diffusion_spread``
+    > 1 does not assume the drag (D unknown within that factor)."""
     import torch
 
     arr = check_series(x, "x", min_len=max(10, 1))
     dt = check_positive(dt, "dt")
     net, meta = load_estimator(checkpoint)
-    for name, value in (("dt", dt), ("temperature_k", temperature_k), ("radius_um", radius_um)):
+    checked = [("dt", dt), ("temperature_k", temperature_k)]
+    if float(meta.get("diffusion_spread", 1.0)) == 1.0:  # trained for one drag only
+        checked.append(("radius_um", radius_um))
+    for name, value in checked:
         if abs(value / float(meta[name]) - 1.0) > 0.01:
             raise ValueError(
                 f"{name}={value} differs from the checkpoint's {meta[name]} "
                 "(train one for these settings)"
             )
+    trained_centre = bool(meta.get("known_center", False))
+    if trained_centre and center_um is None:
+        raise ValueError("this checkpoint was trained with the trap centre known: pass center_um")
+    if center_um is not None and not trained_centre:
+        raise ValueError(
+            "center_um given but this checkpoint centres each record on its mean "
+            "(train with known_center: true to use a known centre)"
+        )
     if arr.size < int(meta["stride"]):
         raise ValueError(f"x needs at least {meta['stride']} samples for this checkpoint")
     with torch.no_grad():

@@ -33,6 +33,7 @@ from drivers.transport import (
     CommandTimeout,
     StreamSubscriber,
 )
+from policies.calibration.online import LiveCalibration, LiveEstimate
 from policies.contract import Action, LaserSpot, Observation, Policy
 
 
@@ -49,6 +50,7 @@ class LoopResult:
     actions_clipped: int = 0
     latency_count: int = 0  # per-step latencies live in the event log, not in memory
     driver_events: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=100))
+    trap_calibration: dict[str, float | None] = field(default_factory=dict)  # LiveEstimate
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,7 @@ class AgentLoop:
         self.heartbeat_ms = heartbeat_ms
         self.driver_silence_ms = driver_silence_ms
         self.telemetry = telemetry
+        self.live_calibration = LiveCalibration()  # set one with the run's temperature
 
     def wait_for_driver(self, client: CommandClient, timeout_s: float) -> dict[str, Any]:
         """Poll `get_state` until the driver answers (it may still be starting)."""
@@ -260,6 +263,7 @@ class AgentLoop:
             field_um=field_um,
             track_ids=track_ids,
         )
+        live = self._live_trap(detections_um, target, obs.t_s, result)
         action, clipped = limits.clip(self.policy.act(obs))
         result.actions_clipped += int(clipped)
         latency_ms = None
@@ -284,8 +288,11 @@ class AgentLoop:
                     "tracking_error_um": action.info.get("error_um"),
                     "reward": action.info.get("reward"),
                     "laser_power_mw": sum(s.power_mw for s in action.laser),
+                    **result.trap_calibration,
                 }
             )
+            if live is not None and live.changed:
+                self.telemetry.event(f"trap stiffness changed: k = {live.k[0].value:.3g} fN/um")
             if error is not None:
                 self.telemetry.event(f"command failed: {error}", "warning")
         self.events.write(
@@ -306,6 +313,19 @@ class AgentLoop:
             skipped_total=skipped_total,
             error=error,
         )
+
+    def _live_trap(
+        self, dets: np.ndarray, target: tuple[float, float], t_s: float, result: LoopResult
+    ) -> LiveEstimate | None:
+        """Feed the controlled particle (detection nearest the target) to the live calibration."""
+        if not len(dets):
+            return None
+        live = self.live_calibration.update(
+            dets[np.argmin(np.hypot(*(dets - np.asarray(target)).T))], t_s
+        )
+        if live is not None:
+            result.trap_calibration = live.as_metrics()
+        return live
 
     def _publish_step(
         self,

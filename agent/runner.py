@@ -196,6 +196,7 @@ def summarize(config: ExperimentConfig, phases: dict[str, PhaseResult]) -> dict[
         "latency_max_ms": max(latencies, default=float("nan")),
         "detection_rmse_um": detection_rmse_um(feedback.steps, feedback.truth),
         "driver_events": list(feedback.loop.driver_events),
+        "trap_calibration": feedback.loop.trap_calibration,  # live drag-free k, D, changes
     }
     if "free" in phases:
         free = phases["free"]

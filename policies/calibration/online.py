@@ -131,13 +131,15 @@ class LiveEstimate:
     changes: int
     t_s: float
 
-    def as_metrics(self) -> dict[str, float]:
-        """Flat numbers for telemetry and the run summary (axes x, y, z in order)."""
-        out: dict[str, float] = {"trap_changes": float(self.changes)}
+    def as_metrics(self) -> dict[str, float | None]:
+        """Flat numbers for telemetry and the run summary (axes x, y, z in order); None
+        where a bound is unknown, so the dict stays strict JSON."""
+        out: dict[str, float | None] = {"trap_changes": float(self.changes)}
         for axis, k, d in zip("xyz", self.k, self.diffusion, strict=False):
-            out[f"trap_k_{axis}"] = k.value
-            out[f"trap_k_{axis}_lo"], out[f"trap_k_{axis}_hi"] = k.interval or (0.0, math.inf)
-            out[f"trap_d_{axis}"] = d.value
+            lo, hi = k.interval or (0.0, math.inf)
+            for key, v in (("", k.value), ("_lo", lo), ("_hi", hi)):
+                out[f"trap_k_{axis}{key}"] = v if math.isfinite(v) else None
+            out[f"trap_d_{axis}"] = d.value if math.isfinite(d.value) else None
         return out
 
 
@@ -262,7 +264,9 @@ class LiveCalibration:
         ln_k, sd_k, ln_d, sd_d = self._recent.estimate(dt, self._kt)
 
         def est(v: float, sd: float, unit: str) -> Estimate:
-            value = math.exp(v)
+            value = math.exp(min(v, 700.0))
+            if not sd < 50.0:  # nothing learnt (e.g. lag-1 correlation at 0 or 1)
+                return Estimate(value, math.inf, unit, (0.0, math.inf), "live_ar1")
             iv = (value * math.exp(-Z95 * sd), value * math.exp(Z95 * sd))
             return Estimate(value, value * sd, unit, iv, "live_ar1")
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from scipy.special import gammaln
+from scipy.special import gammaln, logsumexp
 
 from .likelihood import blurred_ou_rate, kalman_sums
 from .physics import check_positive, check_series, thermal_energy
@@ -197,6 +197,19 @@ def drag_free_posterior(
     ln_lam = _cells(f_lo, f_hi, _FINE_LAM)
     lam = np.exp(ln_lam)
     ev, half_logdet, q = cell_logev(lam)
+    for _ in range(2):  # narrow onto the mass: the k mixture over lambda cells stays smooth
+        m_lam = logsumexp(ev, axis=1) + prior_power * np.log(0.5 * lam * n * dt + 0.5)
+        cdf = np.cumsum(np.exp(m_lam - m_lam.max()))
+        cdf /= cdf[-1]
+        i0 = max(int(np.searchsorted(cdf, 1e-7)) - 1, 0)
+        i1 = min(int(np.searchsorted(cdf, 1.0 - 1e-7)) + 1, lam.size - 1)
+        if i1 - i0 > _FINE_LAM // 2:
+            break
+        step = float(ln_lam[1] - ln_lam[0])
+        f_lo, f_hi = float(ln_lam[i0]) - 0.5 * step, float(ln_lam[i1]) + 0.5 * step
+        ln_lam = _cells(f_lo, f_hi, _FINE_LAM)
+        lam = np.exp(ln_lam)
+        ev, half_logdet, q = cell_logev(lam)
     # Prior mass of each lambda cell: fine cells are narrower than the coarse ones they
     # refine, but all fine cells have the same width, so equal prior per cell.
     w_cell = np.exp(ev - ev.max())

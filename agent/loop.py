@@ -35,6 +35,7 @@ from drivers.transport import (
     CommandTimeout,
     StreamSubscriber,
 )
+from policies.calibration.online import LiveCalibration, LiveEstimate
 from policies.contract import Action, LaserSpot, Observation, Policy
 
 __all__ = ["AgentLoop", "DriverSilent", "LoopEndpoints", "LoopResult"]
@@ -51,6 +52,7 @@ class LoopResult:
     driver_events: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=100))
     driver_sessions: int = 1  # one more each time the driver came back after a fault
     end_reason: str | None = None  # why the phase ended early (a driver lost), else None
+    trap_calibration: dict[str, float | None] = field(default_factory=dict)  # LiveEstimate
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,7 @@ class AgentLoop:
         self.heartbeat_ms = heartbeat_ms
         self.driver_silence_ms = driver_silence_ms
         self.telemetry = telemetry
+        self.live_calibration = LiveCalibration()  # set one with the run's temperature
 
     def wait_for_driver(self, client: CommandClient, timeout_s: float) -> dict[str, Any]:
         """Poll `get_state` until the driver answers (it may still be starting)."""
@@ -288,6 +291,7 @@ class AgentLoop:
             field_um,
             track_ids,
         )
+        live = self._live_trap(detections_um, target, obs.t_s, result)
         action, clipped = limits.clip(self.policy.act(obs))
         result.actions_clipped += int(clipped)
         latency_ms = None
@@ -312,8 +316,11 @@ class AgentLoop:
                     "tracking_error_um": action.info.get("error_um"),
                     "reward": action.info.get("reward"),
                     "laser_power_mw": sum(s.power_mw for s in action.laser),
+                    **result.trap_calibration,
                 }
             )
+            if live is not None and live.changed:
+                self.telemetry.event(f"trap stiffness changed: k = {live.k[0].value:.3g} fN/um")
             if error is not None:
                 self.telemetry.event(f"command failed: {error}", "warning")
         self.events.write(
@@ -335,6 +342,19 @@ class AgentLoop:
             error=error,
             session=self.faults.session,
         )
+
+    def _live_trap(
+        self, dets: np.ndarray, target: tuple[float, float], t_s: float, result: LoopResult
+    ) -> LiveEstimate | None:
+        """Feed the controlled particle (detection nearest the target) to the live calibration."""
+        if not len(dets):
+            return None
+        live = self.live_calibration.update(
+            dets[np.argmin(np.hypot(*(dets - np.asarray(target)).T))], t_s
+        )
+        if live is not None:
+            result.trap_calibration = live.as_metrics()
+        return live
 
     def _publish_step(
         self,

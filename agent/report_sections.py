@@ -3,8 +3,9 @@
 Kept apart from `agent.report` (which lays out the page) so each piece has one job.
 The trap calibration reads the controlled particle's positions around the target in the
 feedback phase (ground truth when the run has it, else the detections the loop acted
-on) and states the effective stiffness per axis with the finite-length uncertainty of
-`policies.calibration` (equipartition needs only the temperature).
+on) and states the effective stiffness per axis with the live loop's own estimator
+(`policies.calibration.online.LiveCalibration`, drag free, memory = the whole phase) at
+the run's temperature (the twin's ground truth, else the config, else 300 K, said so).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from agent.evaluate import controlled_track
 if TYPE_CHECKING:
     from agent.report import RunData
 
-TEMPERATURE_K = 300.0
-MIN_SAMPLES = 20
+TEMPERATURE_K = 300.0  # only when the run does not say
+MIN_SAMPLES = 60
 
 
 def _detected_track(steps: list[dict[str, Any]], target: tuple[float, float]) -> np.ndarray:
@@ -34,9 +35,23 @@ def _detected_track(steps: list[dict[str, Any]], target: tuple[float, float]) ->
     return np.array(out).reshape(-1, 2)
 
 
+def run_temperature_k(run: RunData, phase: str) -> tuple[float, str]:
+    """(temperature, where it came from): truth records, then config.yaml, then a default."""
+    temps = [t for r in run.truth.get(phase, []) for t in r.get("temperatures_k") or []]
+    if temps:
+        return float(np.median(temps)), "twin ground truth"
+    if run.config_text:
+        import re
+
+        found = re.findall(r"^\s*temperature_k:\s*([0-9.eE+-]+)", run.config_text, re.M)
+        if found:
+            return float(found[0]), "run config"
+    return TEMPERATURE_K, "assumed (the run does not record it)"
+
+
 def trap_calibration(run: RunData, phase: str = "feedback") -> dict[str, Any] | None:
     """Stiffness per axis of the trap the feedback made, or None without enough data."""
-    from policies.calibration.harmonic import equipartition
+    from policies.calibration.online import LiveCalibration
 
     target = run.target_um()
     if target is None or phase not in run.phases:
@@ -53,16 +68,32 @@ def trap_calibration(run: RunData, phase: str = "feedback") -> dict[str, Any] | 
     dt = float(np.median(np.diff(t))) if np.all(np.diff(t) > 0) else 0.0
     if not dt > 0:
         return None
+    temperature, t_source = run_temperature_k(run, phase)
+    live = LiveCalibration(temperature_k=temperature, half_life_frames=max(len(track), 5))
+    est_all = live.update(track, np.arange(len(track)) * dt)
+    if est_all is None:
+        return None
     axes = {}
     for i, axis in enumerate("xy"):
-        est = equipartition(track[:, i], dt, temperature_k=TEMPERATURE_K)
+        est = est_all.k[i]
         axes[axis] = {
             "k_fn_per_um": est.value,
             "stderr": est.stderr,
+            "interval_95": est.interval,
+            "diffusion_um2_s": est_all.diffusion[i].value,
             "offset_um": float(track[:, i].mean() - target[i]),
             "sd_um": float(track[:, i].std()),
         }
-    return {"phase": phase, "source": source, "samples": len(track), "dt_s": dt, "axes": axes}
+    return {
+        "phase": phase,
+        "source": source,
+        "samples": len(track),
+        "dt_s": dt,
+        "axes": axes,
+        "temperature_k": temperature,
+        "temperature_source": t_source,
+        "changes": est_all.changes,
+    }
 
 
 def calibration_html(result: dict[str, Any] | None) -> str:
@@ -72,12 +103,14 @@ def calibration_html(result: dict[str, Any] | None) -> str:
             f"{MIN_SAMPLES} positions of the controlled particle in the feedback phase</p>"
         )
     rows = "".join(
-        f"<tr><td>{axis}</td><td>{a['k_fn_per_um']:.3g} &plusmn; {a['stderr']:.2g}</td>"
+        f"<tr><td>{axis}</td><td>{a['k_fn_per_um']:.3g} &plusmn; {a['stderr']:.2g} "
+        f"[{a['interval_95'][0]:.3g}, {a['interval_95'][1]:.3g}]</td>"  # inf prints as inf
         f"<td>{a['offset_um']:+.3f}</td><td>{a['sd_um']:.3f}</td></tr>"
         for axis, a in result["axes"].items()
     )
     note = (
-        f"Equipartition (k = kT / Var, T = {TEMPERATURE_K:g} K, finite-length stderr) on "
+        f"Drag-free AR(1) estimate (the live loop's, k = kT / Var with 95 % interval; T = "
+        f"{result['temperature_k']:g} K, {html.escape(result['temperature_source'])}) on "
         f"{result['samples']} positions from {html.escape(result['source'])}, "
         f"dt = {1000 * result['dt_s']:.1f} ms. The effective stiffness of the feedback "
         "trap includes the loop's delay and the localisation noise."

@@ -214,6 +214,7 @@ def summarize(config: ExperimentConfig, phases: dict[str, PhaseResult]) -> dict[
         "driver_events": list(feedback.loop.driver_events),
         "driver_sessions": feedback.loop.driver_sessions,
         "end_reason": next((p.loop.end_reason for p in phases.values() if p.loop.end_reason), None),
+        "trap_calibration": feedback.loop.trap_calibration,  # live drag-free k, D, changes
     }
     if "free" in phases:
         free = phases["free"]

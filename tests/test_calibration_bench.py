@@ -31,4 +31,13 @@ def test_quick_bench_metrics_are_consistent() -> None:
     assert 0.7 <= m["coverage_95_learned"] <= 1.0
     assert m["dw_exact_mae_barrier_kt"] < m["dw_forma_mae_barrier_kt"]
     assert m["rot_exact_mae_lnk"] < m["rot_forma_mae_lnk"]
+    # drag unknown: ours against the noise-known limit, tweezepy on the same records
+    for tag in ("", "_noisy"):
+        ours, lim = m[f"mae_lnk_n1000_drag_free{tag}"], m[f"bayes_mae_lnk_n1000_drag_free{tag}"]
+        assert m[f"ratio_n1000_drag_free{tag}"] == ours / lim and 0.05 < lim < 0.6
+    best_peer = min(m["mae_lnk_short_tweezepy_psd"], m["mae_lnk_short_tweezepy_av"])
+    assert m["mae_ratio_vs_tweezepy"] == m["mae_lnk_short"] / best_peer
+    assert 0.0 <= m["coverage_95_short"] <= 1.0 and m["median_bias_short"] >= 0.0
+    assert m["mae_lnk_short"] < 1.2  # the prior range spans ~8 in ln k
+    assert 0.0 < m["mae_lnk_n1000_drag_free_learned"] < 0.8
     assert all(math.isfinite(v) for v in m.values() if isinstance(v, float))

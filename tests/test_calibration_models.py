@@ -167,3 +167,29 @@ def test_learned_estimator_trains_on_variable_lengths(tmp_path) -> None:
     for n in (40, 120):
         est = learned_estimate(simulate_ou(30.0, n, DT, rng=n), DT, ck)
         assert math.isfinite(est.value) and est.value > 0 and est.stderr > 0
+
+
+def test_learned_estimator_with_known_centre_and_unknown_drag(tmp_path) -> None:
+    from policies.calibration.learned import (
+        TrainCalibrationConfig,
+        learned_estimate,
+        train_estimator,
+    )
+
+    ck = tmp_path / "free.pt"
+    cfg = TrainCalibrationConfig(
+        checkpoint=str(ck),
+        n_points=120,
+        steps=10,
+        batch_size=8,
+        hidden=8,
+        diffusion_spread=3.0,
+        known_center=True,
+    )
+    train_estimator(cfg, log=lambda _m: None)
+    x = simulate_ou(30.0, 120, DT, rng=1, radius_um=0.25)
+    # trained over D within x/3: another bead size is not refused
+    est = learned_estimate(x, DT, ck, center_um=0.0, radius_um=0.25)
+    assert math.isfinite(est.value) and est.interval[0] < est.value < est.interval[1]
+    with pytest.raises(ValueError, match="center_um"):
+        learned_estimate(x, DT, ck)

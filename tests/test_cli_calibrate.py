@@ -42,6 +42,12 @@ def traj(tmp_path_factory) -> Path:
     np.savetxt(d / "short.csv", np.zeros(5), delimiter=",")
     (d / "noheader_y.csv").write_text("t,pos\n" + "\n".join(f"{i},{i}" for i in range(50)))
     (d / "junk.npy").write_bytes(b"not numpy")
+    np.savetxt(d / "const.csv", np.full(200, 0.7), delimiter=",")
+    drifting = simulate_ou(20.0, 1500, 0.01, rng=6) + np.linspace(0.0, 30.0, 1500)
+    np.savetxt(d / "drift.csv", drifting, delimiter=",")
+    t = np.arange(1500) * 0.005
+    timed = np.c_[t, simulate_ou(20.0, 1500, 0.005, rng=7)]
+    np.savetxt(d / "timed.csv", timed, delimiter=",", header="t,x", comments="")
     return d
 
 
@@ -54,6 +60,12 @@ def test_json_is_one_object_with_k_near_truth(traj: Path, name: str) -> None:
     assert {"equipartition", "forma", "ou_mle", "bayes_ou"} <= set(out["estimates"])
     k = out["estimates"]["bayes_ou"]["k"]
     assert k["unit"] == "fN/um" and k["stderr"] > 0
+    assert out["drag"] == "fit" and out["reason"].startswith("bayes_ou: ")
+    assert out["estimates"]["bayes_ou"]["D"]["unit"] == "um^2/s"
+    for params in out["estimates"].values():  # every estimate carries its interval
+        for e in params.values():
+            lo, hi = e["interval_95"]
+            assert lo <= e["value"] <= (math.inf if hi is None else hi)
     assert abs(math.log(k["value"] / 20.0)) < 0.35
     assert ("k_y" in out["estimates"]["bayes_ou"]) == (name == "h.csv")
 
@@ -94,6 +106,11 @@ def test_table_output(traj: Path) -> None:
         ("plain.csv", ["--method", "magic"], "--method"),
         ("plain.csv", ["--method", "learned"], "--checkpoint"),
         ("plain.csv", ["--exposure", "0.5"], "--exposure"),
+        ("plain.csv", ["--drag", "guess"], "--drag"),
+        ("plain.csv", ["--surface-distance-um", "0.05"], "--surface-distance-um"),
+        ("const.csv", [], "constant"),
+        ("drift.csv", [], "no restoring force"),
+        ("timed.csv", [], "contradicts the file's time column"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(traj: Path, file: str, extra: list[str], needle: str) -> None:
@@ -108,3 +125,22 @@ def test_bad_input_is_one_line_exit_2(traj: Path, file: str, extra: list[str], n
 def test_non_positive_dt(traj: Path, dt: str) -> None:
     res = _run(str(traj / "plain.csv"), "--dt", dt)
     assert res.exit_code == 2 and "--dt" in res.stderr
+
+
+def test_time_column_gives_dt_and_json_has_the_regime(traj: Path) -> None:
+    res = _run(str(traj / "timed.csv"), "--method", "bayes_ou", "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    diag = out["diagnostics"]["x"]
+    assert diag["relaxations_spanned"] == pytest.approx(1500 * 0.005 * 20.0 / 1.885, rel=0.3)
+    assert out["estimates"]["bayes_ou"]["k"]["interval_95"][0] < 20.0
+
+
+def test_fixed_stokes_drag_that_disagrees_with_the_data_is_warned(traj: Path) -> None:
+    # the data were made with a 100 nm bead; claim 1 um: D 10x too small
+    res = _run(str(traj / "plain.csv"), "--dt", DT, "--drag", "stokes", "--radius-nm", "1000")
+    assert res.exit_code == 0, res.output
+    warnings = [ln for ln in res.stderr.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and "--drag fit" in warnings[0]
+    right = _run(str(traj / "plain.csv"), "--dt", DT, "--drag", "stokes", "--json")
+    assert json.loads(right.stdout)["warnings"] == []

@@ -90,7 +90,7 @@ def test_one_sweep_drives_two_curve_authenticated_microscopes(
         link = attach(ctx, scope["driver.connect"], timeout_s=60.0, keys=client_keys(auth))
         assert link.stream_endpoint.startswith("tcp://127.0.0.1:") and link.keys is not None
     # Without keys, a node never answers: named as unreachable, and nothing moved.
-    with pytest.raises(ConfigError, match="driver.connect: no driver node answered"):
+    with pytest.raises(ConfigError, match=r"driver\.connect: no driver node answered"):
         attach(ctx, two_scopes[0]["driver.connect"], timeout_s=2.0)
 
     listed = tmp_path / "scopes.yaml"

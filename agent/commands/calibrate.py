@@ -24,15 +24,34 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def calibrate(
         traj: Annotated[Path, typer.Argument(help="Positions in um: .csv, .npy or .mat.")],
-        dt: Annotated[float, typer.Option("--dt", help="Frame interval in seconds (> 0).")],
+        dt: Annotated[
+            float | None,
+            typer.Option("--dt", help="Frame interval, s (> 0); default: the file's time column."),
+        ] = None,
         model: Annotated[
             str, typer.Option("--model", help="harmonic | rotational | double-well | switching.")
         ] = "harmonic",
         method: Annotated[str, typer.Option("--method", help="An estimator name, or all.")] = "all",
+        drag: Annotated[
+            str,
+            typer.Option(
+                "--drag", help="fit: drag from the data (default) | stokes: from radius etc."
+            ),
+        ] = "fit",
         temperature: Annotated[float, typer.Option("--temperature", help="Kelvin (> 0).")] = 300.0,
         radius_nm: Annotated[
-            float, typer.Option("--radius-nm", help="Particle radius in nm (> 0).")
+            float, typer.Option("--radius-nm", help="Particle radius in nm (> 0), --drag stokes.")
         ] = 100.0,
+        viscosity: Annotated[
+            float, typer.Option("--viscosity", help="mPa s (> 0; water 1.0), --drag stokes.")
+        ] = 1.0,
+        surface_um: Annotated[
+            float | None,
+            typer.Option(
+                "--surface-distance-um",
+                help="Bead centre to the cover glass, um (> radius): Faxen correction.",
+            ),
+        ] = None,
         exposure: Annotated[
             float, typer.Option("--exposure", help="Camera exposure per frame, s (0..dt).")
         ] = 0.0,
@@ -52,7 +71,17 @@ def register(app: typer.Typer) -> None:
         from policies.calibration.cli_core import calibrate as run_calibration
 
         checks = [
-            (math.isfinite(dt) and dt > 0, f"--dt must be > 0 seconds, got {dt}"),
+            (dt is None or (math.isfinite(dt) and dt > 0), f"--dt must be > 0 seconds, got {dt}"),
+            (drag in ("fit", "stokes"), f"--drag must be fit or stokes, got {drag!r}"),
+            (
+                math.isfinite(viscosity) and viscosity > 0,
+                f"--viscosity must be > 0 mPa s, got {viscosity}",
+            ),
+            (
+                surface_um is None or (math.isfinite(surface_um) and surface_um > radius_nm / 1e3),
+                f"--surface-distance-um must exceed the radius ({radius_nm / 1e3:g} um), "
+                f"got {surface_um}",
+            ),
             (model in MODELS, f"--model must be one of {', '.join(MODELS)}, got {model!r}"),
             (
                 math.isfinite(temperature) and temperature > 0,
@@ -63,7 +92,7 @@ def register(app: typer.Typer) -> None:
                 f"--radius-nm must be > 0, got {radius_nm}",
             ),
             (
-                math.isfinite(exposure) and 0 <= exposure <= dt,
+                math.isfinite(exposure) and 0 <= exposure <= (dt or math.inf),
                 f"--exposure must be in [0, dt={dt}] s, got {exposure}",
             ),
             (
@@ -85,8 +114,11 @@ def register(app: typer.Typer) -> None:
                 model,
                 method,
                 dt=dt,
+                drag=drag,
                 temperature_k=temperature,
                 radius_um=radius_nm / 1000.0,
+                viscosity_pa_s=viscosity * 1e-3,
+                surface_distance_um=surface_um,
                 exposure_s=exposure,
                 noise_um=None if noise_nm is None else noise_nm / 1000.0,
                 k_min=k_min,
@@ -99,16 +131,34 @@ def register(app: typer.Typer) -> None:
         if as_json:
             print(json.dumps(result))
             return
-        table = Table(title=f"{traj.name}: {model} (recommended: {result['recommended']})")
-        for col in ("method", "parameter", "value", "stderr", "unit"):
-            table.add_column(col, justify="right" if col in ("value", "stderr") else "left")
+        table = Table(
+            title=f"{traj.name}: {model}, drag {result['drag']} "
+            f"(recommended: {result['recommended']})"
+        )
+        for col in ("method", "parameter", "value", "stderr", "95 % interval", "unit"):
+            table.add_column(col, justify="left" if col in ("method", "parameter") else "right")
         for name, params in result["estimates"].items():
             for param, e in params.items():
                 table.add_row(
                     name,
                     param,
-                    "n/a" if e["value"] is None else f"{e['value']:.4g}",
-                    "inf" if e["stderr"] is None else f"{e['stderr']:.2g}",
+                    _num(e["value"], ".4g"),
+                    _num(e["stderr"], ".2g"),
+                    _interval(e["interval_95"]),
                     e["unit"],
                 )
         console.print(table)
+        console.print(f"why: {result['reason']}", markup=False, highlight=False)
+        for warning in result["warnings"]:
+            err_console.print(f"warning: {warning}", markup=False, highlight=False)
+
+
+def _num(v: float | None, fmt: str) -> str:
+    return "n/a" if v is None else format(v, fmt)
+
+
+def _interval(iv: list[float | None] | None) -> str:
+    if iv is None:
+        return "n/a"
+    lo, hi = iv
+    return f"[{_num(lo, '.3g')}, {'inf' if hi is None else format(hi, '.3g')}]"

@@ -98,11 +98,17 @@ def forma_double_well(
     temperature_k: float = 300.0,
     radius_um: float = 0.1,
     viscosity_pa_s: float = WATER_VISCOSITY_PA_S,
+    free_drag: bool = False,
 ) -> dict[str, Estimate]:
-    """FORMA: gamma (x_{t+1} - x_t)/dt = b0 + b1 x + b2 x^2 + b3 x^3, mapped to (L, dU, c)."""
+    """FORMA: gamma (x_{t+1} - x_t)/dt = b0 + b1 x + b2 x^2 + b3 x^3, mapped to (L, dU, c).
+
+    With ``free_drag`` gamma = kT / D, D from the variance of the drift residuals (2 D / dt).
+    """
     arr = check_series(x, "x", min_len=20)
     dt = check_positive(dt, "dt")
     kt, gamma = physics(temperature_k, radius_um, viscosity_pa_s)
+    if free_drag:
+        gamma = kt / _increment_diffusion(arr, dt)
     shift, scale = float(arr.mean()), float(arr.std()) or 1.0
     u = (arr[:-1] - shift) / scale
     basis = np.stack([np.ones_like(u), u, u**2, u**3], axis=1)
@@ -133,6 +139,16 @@ def forma_double_well(
     sd = np.sqrt(np.clip(np.diag(jac @ cov @ jac.T), 0.0, None))
     values = dict(zip(PARAMS, (float(v) for v in est), strict=True))
     return _estimates(values, dict(zip(PARAMS, (float(v) for v in sd), strict=True)), "forma")
+
+
+def _increment_diffusion(arr: NDArray[np.float64], dt: float) -> float:
+    """D from the drift-corrected frame-to-frame steps (cubic drift regressed out)."""
+    u = (arr[:-1] - arr.mean()) / (float(arr.std()) or 1.0)
+    basis = np.stack([np.ones_like(u), u, u**2, u**3], axis=1)
+    steps = np.diff(arr)
+    coef, *_ = np.linalg.lstsq(basis, steps, rcond=None)
+    resid = steps - basis @ coef
+    return float(np.einsum("i,i->", resid, resid)) / max(resid.size - 4, 1) / (2.0 * dt)
 
 
 def _fp_nll(
@@ -182,6 +198,7 @@ def exact_double_well(
     radius_um: float = 0.1,
     viscosity_pa_s: float = WATER_VISCOSITY_PA_S,
     n_grid: int = 120,
+    free_drag: bool = False,
 ) -> dict[str, Estimate]:
     """Maximum likelihood of (L, dU, c) with the exact transition density, known D.
 
@@ -190,14 +207,21 @@ def exact_double_well(
     process, so it has the Boltzmann distribution exactly), via a symmetric tridiagonal
     eigendecomposition: no short-time (Euler/Ozaki) approximation, so no bias when the
     well relaxation time is near or below dt. Starts from FORMA; stderr from the
-    observed information.
+    observed information. With ``free_drag`` ln D is a fourth parameter (reported as D).
     """
     arr = check_series(x, "x", min_len=20)
     dt = check_positive(dt, "dt")
     kt, gamma = physics(temperature_k, radius_um, viscosity_pa_s)
     start = forma_double_well(
-        arr, dt, temperature_k=temperature_k, radius_um=radius_um, viscosity_pa_s=viscosity_pa_s
+        arr,
+        dt,
+        temperature_k=temperature_k,
+        radius_um=radius_um,
+        viscosity_pa_s=viscosity_pa_s,
+        free_drag=free_drag,
     )
+    if free_drag:
+        gamma = kt / _increment_diffusion(arr, dt)
     length0, barrier0, c0 = (start[p].value for p in PARAMS)
     spread = float(np.ptp(arr))
     if not all(math.isfinite(v) for v in (length0, barrier0, c0)) or not (
@@ -209,9 +233,12 @@ def exact_double_well(
     x0, x1 = arr[:-1], arr[1:]
 
     def nll(t: NDArray[np.float64]) -> float:
-        return _fp_nll(t, x0, x1, grid, dt, kt, gamma)
+        g = kt / math.exp(t[3]) if free_drag else gamma
+        return _fp_nll(t, x0, x1, grid, dt, kt, g)
 
     theta0 = np.array([math.log(length0), math.log(max(barrier0, 0.05) * kt), c0])
+    if free_drag:
+        theta0 = np.append(theta0, math.log(kt / gamma))
     res = minimize(
         nll, theta0, method="Nelder-Mead", options={"xatol": 1e-4, "fatol": 1e-3, "maxiter": 2000}
     )
@@ -220,13 +247,18 @@ def exact_double_well(
     try:
         cov = np.linalg.inv(hess)
         diag = np.diag(cov)
-        sd = np.sqrt(diag) if np.all(diag > 0) else np.full(3, math.inf)
+        sd = np.sqrt(diag) if np.all(diag > 0) else np.full(theta.size, math.inf)
     except np.linalg.LinAlgError:
-        sd = np.full(3, math.inf)
+        sd = np.full(theta.size, math.inf)
     length, barrier = math.exp(theta[0]), math.exp(theta[1]) / kt
     values = {"L": length, "barrier": barrier, "center": float(theta[2])}
     sds = {"L": length * float(sd[0]), "barrier": barrier * float(sd[1]), "center": float(sd[2])}
-    return _estimates(values, sds, "exact_mle")
+    out = _estimates(values, sds, "exact_mle")
+    if free_drag:
+        d, rel = math.exp(theta[3]), float(sd[3])
+        interval = (d * math.exp(-Z95 * rel), d * math.exp(Z95 * rel))
+        out["D"] = Estimate(d, d * rel, "um^2/s", interval, "exact_mle")
+    return out
 
 
 __all__ = ["double_well_force", "exact_double_well", "forma_double_well", "simulate_double_well"]

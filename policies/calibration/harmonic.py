@@ -117,8 +117,12 @@ def autocorrelation_fit(
     radius_um: float = 0.1,
     viscosity_pa_s: float = WATER_VISCOSITY_PA_S,
     max_lag: int | None = None,
+    free_drag: bool = False,
 ) -> Estimate:
     """Fit C(j dt) = A exp(-k j dt / gamma) to the autocorrelation, lags >= 1.
+
+    With ``free_drag`` the drag is not assumed: k = kT / A (the amplitude is the
+    stationary variance, freed of the noise at lag 0), and the decay rate gives D.
 
     Lag 0 is left out so that white localisation noise does not bias the decay; the
     fit runs to where C falls below e^-2 of C(1) (at least 3 lags, at most n/10 unless
@@ -127,7 +131,7 @@ def autocorrelation_fit(
     AR(1) coefficient, var(phi) = (1 - phi^2) / n, carried to ln k: conservative (on
     the DeepCalib protocol at n = 1000 about twice the observed spread of ln k).
     """
-    arr, dt, _, gamma = _prepare(x, dt, temperature_k, radius_um, viscosity_pa_s)
+    arr, dt, kt, gamma = _prepare(x, dt, temperature_k, radius_um, viscosity_pa_s)
     n = arr.size
     cap = max(4, n // 10) if max_lag is None else int(max_lag)
     if cap < 3 or cap >= n:
@@ -145,8 +149,16 @@ def autocorrelation_fit(
     try:
         popt, pcov = curve_fit(model, lags, vals, p0=(max(c[1], 1e-12), math.log(rate0)))
         log_rate, sd = float(popt[1]), float(math.sqrt(max(pcov[1, 1], 0.0)))
+        amp, sd_amp = float(popt[0]), float(math.sqrt(max(pcov[0, 0], 0.0)))
     except (RuntimeError, ValueError):
         log_rate, sd = math.log(rate0), math.inf
+        amp, sd_amp = float(c[1]), math.inf
+    if free_drag:
+        if amp <= 0.0:
+            return Estimate(math.inf, math.inf, UNIT, (0.0, math.inf), "autocorrelation")
+        _, var_factor = _ar1_corr_sums(_lag1(arr), n)
+        rel = max(sd_amp / amp, math.sqrt(2.0 * var_factor / n))  # never below equipartition's
+        return _make(kt / amp, rel, "autocorrelation")
     if not math.isfinite(sd):
         sd = math.inf
     phi = math.exp(-math.exp(log_rate) * dt)
@@ -191,6 +203,7 @@ def power_spectrum_fit(
     viscosity_pa_s: float = WATER_VISCOSITY_PA_S,
     known_diffusion: bool = False,
     noise_um: float | None = 0.0,
+    free_drag: bool = False,
 ) -> Estimate:
     """Maximum-likelihood (Whittle) fit of the aliased Lorentzian to the periodogram.
 
@@ -200,7 +213,8 @@ def power_spectrum_fit(
     it removes the bias of a plain Lorentzian when f_c nears the Nyquist frequency.
     Periodogram ordinates are exponential around S, hence the Whittle likelihood rather
     than least squares. D is free unless ``known_diffusion``; ``noise_um=None`` fits a
-    white localisation-noise floor sigma_n^2 dt.
+    white localisation-noise floor sigma_n^2 dt. With ``free_drag`` the fitted pair is
+    (corner, plateau) without any drag: k = kT / (fitted stationary variance).
     """
     arr, dt, kt, gamma = _prepare(x, dt, temperature_k, radius_um, viscosity_pa_s)
     noise = _check_noise(noise_um, allow_none=True)
@@ -220,12 +234,17 @@ def power_spectrum_fit(
         a = k * dt / gamma
         phi = math.exp(-a)
         var = d * gamma / k
+        if free_drag:  # theta = (ln lambda dt, ln var[, ln noise var])
+            a, var = min(math.exp(theta[0]), 50.0), math.exp(theta[1])
+            phi = math.exp(-a)
         s = var * -math.expm1(-2.0 * a) * dt / (1.0 + phi * phi - 2.0 * phi * cosw) + nv * dt
         return float(np.sum(np.log(s) + per / s))
 
     k0 = float(np.clip(-gamma * math.log(max(_lag1(arr), 1e-3)) / dt, 1e-3, 1e5))
     theta0 = [math.log(k0)]
-    if not known_diffusion:
+    if free_drag:
+        theta0 = [math.log(-math.log(max(_lag1(arr), 1e-3))), math.log(float(arr.var()))]
+    elif not known_diffusion:
         theta0.append(math.log(d0))
     if noise is None:
         theta0.append(math.log(max(1e-4 * float(arr.var()), 1e-12)))
@@ -233,8 +252,16 @@ def power_spectrum_fit(
         nll, np.array(theta0), method="Nelder-Mead", options={"xatol": 1e-5, "fatol": 1e-6}
     )
     theta = np.asarray(res.x, dtype=float)
-    sd = _log_sd_from_hessian(_numeric_hessian(nll, theta))
-    return _make(math.exp(min(float(theta[0]), 30.0)), sd, "power_spectrum")
+    hess = _numeric_hessian(nll, theta)
+    first = 1 if free_drag else 0  # free drag: ln k = ln kT - ln var, the second parameter
+    perm = [first, *(i for i in range(theta.size) if i != first)]
+    hess = hess[np.ix_(perm, perm)]
+    sd = _log_sd_from_hessian(hess)
+    if not math.isfinite(sd) and noise is None:
+        # a noise floor fitted to ~0 leaves its direction flat: condition on it instead
+        sd = _log_sd_from_hessian(hess[:-1, :-1])
+    k = kt * math.exp(-float(theta[1])) if free_drag else math.exp(min(float(theta[0]), 30.0))
+    return _make(k, sd, "power_spectrum")
 
 
 def forma(
@@ -245,14 +272,17 @@ def forma(
     radius_um: float = 0.1,
     viscosity_pa_s: float = WATER_VISCOSITY_PA_S,
     noise_um: float = 0.0,
+    free_drag: bool = False,
 ) -> Estimate:
     """FORMA: least squares of the drift (x_{t+1} - x_t)/dt on x_t (with intercept).
 
     It linearises exp(-k dt / gamma), so it underestimates k once the relaxation time
     nears dt (DeepCalib protocol MAE ~0.36 mostly from there). A known localisation
-    noise is corrected for (errors-in-variables: n sigma_n^2 in both moments).
+    noise is corrected for (errors-in-variables: n sigma_n^2 in both moments). With
+    ``free_drag`` the drag comes from the residual variance of the drift, 2 D / dt (as
+    in FORMA's own D estimate), so gamma = kT / D.
     """
-    arr, dt, _, gamma = _prepare(x, dt, temperature_k, radius_um, viscosity_pa_s)
+    arr, dt, kt, gamma = _prepare(x, dt, temperature_k, radius_um, viscosity_pa_s)
     noise = _check_noise(noise_um, allow_none=False) or 0.0
     pos = arr[:-1] - arr[:-1].mean()
     drift = np.diff(arr) / dt
@@ -263,9 +293,16 @@ def forma(
         return Estimate(K_FLOOR, math.inf, UNIT, (0.0, math.inf), "forma")
     slope = sxy / sxx
     resid = drift - drift.mean() - slope * pos
-    se = math.sqrt(float(resid @ resid) / max(m - 2, 1) / sxx)
+    resid_var = float(np.einsum("i,i->", resid, resid)) / max(m - 2, 1)
+    se = math.sqrt(resid_var / sxx)
+    rel_d = 0.0
+    if free_drag:
+        d_hat = 0.5 * dt * resid_var - noise**2 / dt
+        if d_hat <= 0.0:
+            return Estimate(K_FLOOR, math.inf, UNIT, (0.0, math.inf), "forma")
+        gamma, rel_d = kt / d_hat, math.sqrt(2.0 / max(m - 2, 1))
     k = -gamma * slope
-    rel = gamma * se / k if k > 0 else math.inf
+    rel = math.hypot(gamma * se / k, rel_d) if k > 0 else math.inf
     return _make(k, rel, "forma")
 
 

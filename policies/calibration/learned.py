@@ -48,6 +48,11 @@ class TrainCalibrationConfig(BaseModel):
     viscosity_pa_s: float = Field(WATER_VISCOSITY_PA_S, gt=0.0)
     noise_um: float = Field(0.0, ge=0.0, le=1.0)
     blur: bool = False
+    # D unknown: each trajectory's drag is the configured one times a log-uniform factor
+    # in [1/diffusion_spread, diffusion_spread] (1 = D known, DeepCalib's protocol).
+    diffusion_spread: float = Field(1.0, ge=1.0, le=100.0)
+    # Train (and then require) the trap centre known at 0 instead of each record's mean.
+    known_center: bool = False
     hidden: int = Field(48, ge=4, le=512)
     stride: int = Field(4, ge=1, le=64)
     steps: int = Field(400, ge=1, le=1_000_000)
@@ -93,10 +98,13 @@ def _scales(meta: dict[str, float]) -> tuple[float, float]:
     return math.sqrt(kt / k_mid), math.sqrt(2.0 * kt / gamma * meta["dt"])
 
 
-def _features(xs: np.ndarray, meta: dict[str, float]) -> np.ndarray:
-    """(B, T) positions -> (B, T, 3): centred position, step, squared centred position."""
+def _features(xs: np.ndarray, meta: dict[str, float], center_um: float | None = None) -> np.ndarray:
+    """(B, T) positions -> (B, T, 3): centred position, step, squared centred position.
+
+    Centred on ``center_um`` when the trap centre is known, else on each record's mean."""
     s_pos, s_step = _scales(meta)
-    z = (xs - xs.mean(axis=1, keepdims=True)) / s_pos
+    centre = xs.mean(axis=1, keepdims=True) if center_um is None else center_um
+    z = (xs - centre) / s_pos
     step = np.diff(xs, axis=1, prepend=xs[:, :1]) / s_step
     return np.stack([np.arcsinh(z), step, np.log1p(z * z)], axis=-1).astype(np.float32)
 
@@ -110,6 +118,8 @@ def _length(cfg: TrainCalibrationConfig, rng: np.random.Generator) -> int:
 
 def _batch(cfg: TrainCalibrationConfig, rng: np.random.Generator, size: int, n: int):
     ln_k = rng.uniform(math.log(cfg.k_min), math.log(cfg.k_max), size)
+    spread = math.log(cfg.diffusion_spread)
+    visc = cfg.viscosity_pa_s * np.exp(rng.uniform(-spread, spread, size))
     xs = np.stack(
         [
             simulate_ou(
@@ -121,9 +131,9 @@ def _batch(cfg: TrainCalibrationConfig, rng: np.random.Generator, size: int, n: 
                 rng,
                 noise_um=float(rng.uniform(0.0, cfg.noise_um)) if cfg.noise_um else 0.0,
                 blur=cfg.blur,
-                viscosity_pa_s=cfg.viscosity_pa_s,
+                viscosity_pa_s=float(eta),
             )
-            for v in ln_k
+            for v, eta in zip(ln_k, visc, strict=True)
         ]
     )
     return xs, ln_k
@@ -141,6 +151,8 @@ def _meta(cfg: TrainCalibrationConfig) -> dict[str, Any]:
         "viscosity_pa_s",
         "noise_um",
         "blur",
+        "diffusion_spread",
+        "known_center",
         "hidden",
         "stride",
     )
@@ -162,12 +174,13 @@ def train_estimator(cfg: TrainCalibrationConfig, log: Any = print) -> dict[str, 
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
     val_x, val_y = _batch(cfg, np.random.default_rng(cfg.seed + 10_000), 128, cfg.n_points)
-    val_f = torch.from_numpy(_features(val_x, meta))
+    centre = 0.0 if cfg.known_center else None
+    val_f = torch.from_numpy(_features(val_x, meta, centre))
     t0 = time.perf_counter()
     loss_v = math.nan
     for step in range(1, cfg.steps + 1):
         xs, ln_k = _batch(cfg, rng, cfg.batch_size, _length(cfg, rng))
-        out = net(torch.from_numpy(_features(xs, meta)))
+        out = net(torch.from_numpy(_features(xs, meta, centre)))
         target = torch.from_numpy(ln_k.astype(np.float32))
         mean, log_var = out[:, 0], out[:, 1].clamp(-10.0, 6.0)
         loss = 0.5 * (log_var + (target - mean) ** 2 / log_var.exp()).mean()
@@ -235,23 +248,42 @@ def learned_estimate(
     temperature_k: float = 300.0,
     radius_um: float = 0.1,
     viscosity_pa_s: float = WATER_VISCOSITY_PA_S,
+    center_um: float | None = None,
 ) -> Estimate:
-    """k (fN/um) with stderr and 95 % interval from the network's Gaussian head."""
+    """k (fN/um) with stderr and 95 % interval from the network's Gaussian head.
+
+    ``center_um``: the known trap centre, used instead of the record's own mean (which
+    on a short record sits closer to the path than the centre does, so the variance,
+    hence k, comes out biased high); only for a checkpoint trained with
+    ``known_center``, which requires it. A checkpoint trained with ``diffusion_spread``
+    > 1 does not assume the drag (D unknown within that factor)."""
     import torch
 
     arr = check_series(x, "x", min_len=max(10, 1))
     dt = check_positive(dt, "dt")
     net, meta = load_estimator(checkpoint)
-    for name, value in (("dt", dt), ("temperature_k", temperature_k), ("radius_um", radius_um)):
+    checked = [("dt", dt), ("temperature_k", temperature_k)]
+    if float(meta.get("diffusion_spread", 1.0)) == 1.0:  # trained for one drag only
+        checked.append(("radius_um", radius_um))
+    for name, value in checked:
         if abs(value / float(meta[name]) - 1.0) > 0.01:
             raise ValueError(
                 f"{name}={value} differs from the checkpoint's {meta[name]} "
                 "(train one for these settings)"
             )
+    trained_centre = bool(meta.get("known_center", False))
+    if trained_centre and center_um is None:
+        raise ValueError("this checkpoint was trained with the trap centre known: pass center_um")
+    if center_um is not None and not trained_centre:
+        raise ValueError(
+            "center_um given but this checkpoint centres each record on its mean "
+            "(train with known_center: true to use a known centre)"
+        )
     if arr.size < int(meta["stride"]):
         raise ValueError(f"x needs at least {meta['stride']} samples for this checkpoint")
     with torch.no_grad():
-        out = net(torch.from_numpy(_features(arr[None, :], meta)))[0].numpy()
+        feats = _features(arr[None, :], meta, center_um)
+        out = net(torch.from_numpy(feats))[0].numpy()
     ln_k, sd = float(out[0]), float(math.exp(0.5 * float(np.clip(out[1], -10.0, 6.0))))
     k = math.exp(ln_k)
     return Estimate(

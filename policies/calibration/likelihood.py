@@ -65,12 +65,18 @@ class BlurredOU:
 
 def blurred_ou(k: ArrayLike, dt: float, kt: float, gamma: float, exposure_s: float) -> BlurredOU:
     """Exact transition of the blurred OU (``0 <= exposure_s <= dt``), any stiffness."""
+    k = np.asarray(k, dtype=float)
+    return blurred_ou_rate(k / gamma, kt / k, dt, exposure_s)
+
+
+def blurred_ou_rate(lam: ArrayLike, var: ArrayLike, dt: float, exposure_s: float) -> BlurredOU:
+    """The same transition in the drag-free parameters: relaxation rate k/gamma (1/s) and
+    stationary variance kT/k (um^2). D = var * lam; only these two enter the data."""
     if not 0.0 <= exposure_s <= dt * (1.0 + 1e-9):
         raise ValueError(f"exposure_s must be in [0, dt={dt}], got {exposure_s!r}")
     exposure_s = min(exposure_s, dt)
-    k = np.asarray(k, dtype=float)
-    lam = k / gamma
-    var = kt / k
+    lam = np.asarray(lam, dtype=float)
+    var = np.asarray(var, dtype=float)
     a_x = np.exp(-lam * dt)
     q_xx = var * -np.expm1(-2.0 * lam * dt)
     if exposure_s <= 0.0:
@@ -113,19 +119,60 @@ def ar1_loglik(
     return ll - 0.5 * np.log(a) if marginal_center else ll
 
 
-def state_space_loglik(
-    y: NDArray[np.float64],
-    model: BlurredOU,
-    noise_var: ArrayLike,
-    center_um: float | None = None,
-    marginal_center: bool = True,
-) -> NDArray[np.float64]:
-    """Exact log-likelihood of blurred OU + white noise by a vectorised scalar Kalman filter.
+@dataclass(frozen=True)
+class KalmanSums:
+    """What the Gaussian likelihood needs from one filter pass (arrays over parameters).
+
+    ``log_s`` sum of log innovation variances, ``syy``/``sy1``/``s11`` the weighted sums
+    of innovations of the data, of the data with a column of ones (the centre), of ones.
+    """
+
+    log_s: NDArray[np.float64]
+    syy: NDArray[np.float64]
+    sy1: NDArray[np.float64]
+    s11: NDArray[np.float64]
+
+
+_STEADY_RTOL = 1e-12  # relative change of the state variance below which the gain is fixed
+
+
+def _steady_tail(
+    rest: NDArray[np.float64],
+    a_x: float,
+    a_b: float,
+    c: float,
+    m_y: float,
+    m_1: float,
+    s: float,
+) -> tuple[float, float, float, float]:
+    """Sums over the rest of the record once the gain g is fixed.
+
+    With m_{i+1} = c m_i + g y_i (c = a_x - g a_b) the innovations e_i = y_i - a_b m_i
+    are the ARMA filter (1 - a_x z^-1) / (1 - c z^-1) of y, started from -a_b m.
+    (einsum, not BLAS dot: the dot of one long vector is slow on a loaded machine.)
+    """
+    from scipy.signal import lfilter
+
+    e_y = lfilter([1.0, -a_x], [1.0, -c], rest, zi=[-a_b * m_y])[0]
+    e_1 = lfilter([1.0, -a_x], [1.0, -c], np.ones_like(rest), zi=[-a_b * m_1])[0]
+    return (
+        rest.size * math.log(s),
+        float(np.einsum("i,i->", e_y, e_y)) / s,
+        float(np.einsum("i,i->", e_y, e_1)) / s,
+        float(np.einsum("i,i->", e_1, e_1)) / s,
+    )
+
+
+def kalman_sums(y: NDArray[np.float64], model: BlurredOU, noise_var: ArrayLike) -> KalmanSums:
+    """Scalar Kalman filter of blurred OU + white noise, vectorised over parameter arrays.
 
     The gains do not depend on the data, so the centre is handled by also filtering a
-    column of ones: innovations of y - mu are e_y - mu * e_1.
+    column of ones: innovations of y - mu are e_y - mu * e_1. Once a parameter's gain
+    has converged the rest of its record is a fixed first-order recursion, run by
+    ``scipy.signal.lfilter``, and it leaves the vectorised loop (long records cost
+    little more than short ones).
     """
-    a_x, a_b, q_xx, q_xb, q_bb, p, r = np.broadcast_arrays(
+    arrays = np.broadcast_arrays(
         *(
             np.asarray(v, dtype=float)
             for v in (
@@ -139,34 +186,72 @@ def state_space_loglik(
             )
         )
     )
-    z = y - (0.0 if center_um is None else center_um)
-    p = p.copy()
-    m_y = np.zeros_like(p)
-    m_1 = np.zeros_like(p)
-    log_s = np.zeros_like(p)
-    syy = np.zeros_like(p)
-    sy1 = np.zeros_like(p)
-    s11 = np.zeros_like(p)
+    shape = arrays[0].shape
+    a_x, a_b, q_xx, q_xb, q_bb, p, r = (np.ravel(v).copy() for v in arrays)
+    size = a_x.size
+    sums = np.zeros((4, size))  # log_s, syy, sy1, s11
+    idx = np.arange(size)
+    m_y = np.zeros(size)
+    m_1 = np.zeros(size)
+    acc = np.zeros((4, size))
     ab2, ax2, axab = a_b * a_b, a_x * a_x, a_x * a_b
     q_obs = q_bb + r
-    for obs in z:
+    n = y.size
+    t = 0
+    while t < n and idx.size:
+        obs = y[t]
         s = ab2 * p + q_obs
         inv_s = 1.0 / s
         e_y = obs - a_b * m_y
         e_1 = 1.0 - a_b * m_1
-        log_s += np.log(s)
-        syy += e_y * e_y * inv_s
-        sy1 += e_y * e_1 * inv_s
-        s11 += e_1 * e_1 * inv_s
+        acc[0] += np.log(s)
+        acc[1] += e_y * e_y * inv_s
+        acc[2] += e_y * e_1 * inv_s
+        acc[3] += e_1 * e_1 * inv_s
         gain = (axab * p + q_xb) * inv_s
         m_y = a_x * m_y + gain * e_y
         m_1 = a_x * m_1 + gain * e_1
-        p = ax2 * p + q_xx - gain * gain * s
-    ll = -0.5 * (z.size * _LOG_2PI + log_s + syy)
+        p_new = ax2 * p + q_xx - gain * gain * s
+        t += 1
+        done = None
+        if t % 32 == 0 and n - t > 128:
+            done = np.abs(p_new - p) <= _STEADY_RTOL * p
+        p = p_new
+        if done is not None and done.any():
+            rest = y[t:]
+            for j in np.nonzero(done)[0]:
+                s_j = float(ab2[j] * p[j] + q_obs[j])
+                g_j = float((axab[j] * p[j] + q_xb[j]) / s_j)
+                c_j = float(a_x[j] - g_j * a_b[j])
+                tail = _steady_tail(
+                    rest, float(a_x[j]), float(a_b[j]), c_j, float(m_y[j]), float(m_1[j]), s_j
+                )
+                sums[:, idx[j]] = acc[:, j] + np.array(tail)
+            keep = ~done
+            idx = idx[keep]
+            a_x, a_b, q_xx, q_xb, p = a_x[keep], a_b[keep], q_xx[keep], q_xb[keep], p[keep]
+            ab2, ax2, axab, q_obs = ab2[keep], ax2[keep], axab[keep], q_obs[keep]
+            m_y, m_1, acc = m_y[keep], m_1[keep], acc[:, keep]
+    sums[:, idx] = acc
+    log_s, syy, sy1, s11 = (v.reshape(shape) for v in sums)
+    return KalmanSums(log_s, syy, sy1, s11)
+
+
+def state_space_loglik(
+    y: NDArray[np.float64],
+    model: BlurredOU,
+    noise_var: ArrayLike,
+    center_um: float | None = None,
+    marginal_center: bool = True,
+) -> NDArray[np.float64]:
+    """Exact log-likelihood of blurred OU + white noise (:func:`kalman_sums`)."""
+    z = y - (0.0 if center_um is None else center_um)
+    k = kalman_sums(z, model, noise_var)
+    ll = -0.5 * (z.size * _LOG_2PI + k.log_s + k.syy)
     if center_um is not None:
         return ll
-    ll = ll + 0.5 * sy1**2 / s11
-    return ll - 0.5 * np.log(s11) if marginal_center else ll
+    ll = ll + 0.5 * k.sy1**2 / k.s11
+    return ll - 0.5 * np.log(k.s11) if marginal_center else ll
 
 
 def kalman_loglik(

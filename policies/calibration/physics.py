@@ -29,6 +29,35 @@ def stokes_friction(radius_um: float, viscosity_pa_s: float = WATER_VISCOSITY_PA
     return 6.0 * math.pi * eta * a_m * _NS_PER_M_TO_FNS_PER_UM
 
 
+def faxen_lateral_factor(radius_um: float, surface_distance_um: float) -> float:
+    """Faxen's correction to the drag parallel to a wall, gamma / gamma_Stokes.
+
+    1 / (1 - 9/16 x + 1/8 x^3 - 45/256 x^4 - 1/16 x^5), x = radius / distance from the
+    wall to the sphere's centre; accurate to ~1 % for x < 0.5, and refused where the
+    sphere would touch the wall.
+    """
+    a = check_positive(radius_um, "radius_um")
+    h = check_positive(surface_distance_um, "surface_distance_um")
+    if h <= a:
+        raise ValueError(
+            f"surface_distance_um (centre to wall) must exceed the radius {a} um, got {h}"
+        )
+    x = a / h
+    return 1.0 / (1.0 - 9.0 / 16.0 * x + x**3 / 8.0 - 45.0 / 256.0 * x**4 - x**5 / 16.0)
+
+
+def drag_coefficient(
+    radius_um: float,
+    viscosity_pa_s: float = WATER_VISCOSITY_PA_S,
+    surface_distance_um: float | None = None,
+) -> float:
+    """Stokes drag in fN*s/um, Faxen-corrected for a nearby wall when its distance is given."""
+    gamma = stokes_friction(radius_um, viscosity_pa_s)
+    if surface_distance_um is None:
+        return gamma
+    return gamma * faxen_lateral_factor(radius_um, surface_distance_um)
+
+
 def physics(temperature_k: float, radius_um: float, viscosity_pa_s: float) -> tuple[float, float]:
     """(kT, gamma) for the particle; diffusion D = kT / gamma."""
     return thermal_energy(temperature_k), stokes_friction(radius_um, viscosity_pa_s)

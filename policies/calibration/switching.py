@@ -106,6 +106,7 @@ def estimate_switching(
     viscosity_pa_s: float = WATER_VISCOSITY_PA_S,
     min_period_s: float | None = None,
     max_period_s: float | None = None,
+    free_drag: bool = False,
 ) -> dict[str, Estimate]:
     """(k_low, k_high, period) by profile maximum likelihood, trap centre = mean position.
 
@@ -113,10 +114,16 @@ def estimate_switching(
     (stiff vs soft), between ``min_period_s`` (default 4 dt) and ``max_period_s``
     (default half the record), because the profile likelihood is far too sharp in
     period and phase for a blind grid; then period and phase are refined jointly.
+    With ``free_drag`` the drag starts from the frame-to-frame steps and is then fitted
+    jointly with both stiffnesses once the period and phase are known (k_low, k_high
+    stderrs are conditional on it).
     """
     arr = check_series(x, "x", min_len=40)
     dt = check_positive(dt, "dt")
     kt, gamma = physics(temperature_k, radius_um, viscosity_pa_s)
+    if free_drag:
+        steps = np.diff(arr)
+        gamma = kt * 2.0 * dt / float(np.einsum("i,i->", steps, steps) / steps.size)
     n = arr.size
     p_lo = 4.0 * dt if min_period_s is None else check_positive(min_period_s, "min_period_s")
     p_hi = n * dt / 2.0 if max_period_s is None else check_positive(max_period_s, "max_period_s")
@@ -181,6 +188,8 @@ def estimate_switching(
     s_hi = feats @ high
     s_lo = feats.sum(axis=1) - s_hi
     out: dict[str, Estimate] = {}
+    if free_drag:
+        gamma, lo_f, hi_f = _fit_gamma(s_lo, s_hi, gamma, dt, kt)
     ests = []
     for s, guess in ((s_lo, float(lo_f[jp, jf])), (s_hi, float(hi_f[jp, jf]))):
         grid = np.linspace(guess - 0.3, guess + 0.3, 121)
@@ -200,6 +209,23 @@ def estimate_switching(
         "switching_mle",
     )
     return out
+
+
+def _fit_gamma(
+    s_lo: NDArray, s_hi: NDArray, gamma0: float, dt: float, kt: float
+) -> tuple[float, NDArray, NDArray]:
+    """Drag maximising both classes' profile likelihood; (gamma, best ln k low, high)."""
+    best = (-math.inf, gamma0, np.zeros((1, 1)), np.zeros((1, 1)))
+    for g in gamma0 * np.exp(np.linspace(-2.0, 2.0, 81)):
+        peaks, args = [], []
+        for s in (s_lo, s_hi):
+            ll = _class_ll(*(np.array(v) for v in s), dt, kt, float(g), _LN_K)
+            peak, arg = _parabolic_max(ll)
+            peaks.append(float(peak))
+            args.append(np.array([[float(arg)]]))
+        if sum(peaks) > best[0]:
+            best = (sum(peaks), float(g), args[0], args[1])
+    return best[1], best[2], best[3]
 
 
 __all__ = ["estimate_switching", "simulate_switching", "switching_stiffness"]

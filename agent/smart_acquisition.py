@@ -28,7 +28,7 @@ from agent.config import dump_config, load_model_config
 from agent.detect import DetectorConfig, ParticleDetector
 from agent.frame_recording import FRAMES_NAME, FrameRecorder
 from agent.recorder import EventLog, new_run_dir, write_json
-from drivers.config import DriverConfig
+from drivers.config import DriverConfig, Limits
 from drivers.field_devices import build_field_core
 from drivers.mmcore_node import DriverNode
 from drivers.protocol import FRAME_PREFIX, Frame, decode_frame, now_ns
@@ -148,6 +148,7 @@ class SmartAcquisition:
             exposure_ms=cfg.screen.exposure_ms,
             watchdog_ms=60_000,
             stream_hwm=10_000,
+            limits=Limits(properties={f"{LAMP[0]}.{LAMP[1]}": (0.0, 1.0)}),  # the gate's allow-list
         )
         node = DriverNode(core, driver, ctx=ctx, field_um=cfg.field.view_um)
         thread = threading.Thread(target=node.serve, daemon=True)

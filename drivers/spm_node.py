@@ -353,6 +353,12 @@ class SpmNode(InstrumentNode):
     def actuators_live(self) -> bool:
         return self.bias_v != 0.0 or self.scan_running or self.z_on
 
+    def watchdog_paused(self) -> bool:
+        """A scan or sweep the agent waits on: each is bounded by its own timeout, and
+        ``withdraw`` aborts it. Safe-off needs the one Nanonis link, so it runs here,
+        on the node thread, at the next tick (the link cannot be shared mid-call)."""
+        return bool(self._busy)
+
     def safe_state(self, reason: str) -> None:
         """Stop the scan, withdraw the tip, then bias 0; every step tried even if one fails."""
         if self._busy:
@@ -613,7 +619,7 @@ class SpmNode(InstrumentNode):
         finally:
             self._settle()  # replies of grabs after a failed one
         self.scans_done += 1
-        self.last_agent_ns = now_ns()  # grabbing large frames takes a while, too
+        self.agent_waiting()  # grabbing large frames takes a while, too
         return {
             "seqs": seqs,
             "streams": streams,
@@ -629,7 +635,7 @@ class SpmNode(InstrumentNode):
         wait_ms = 0  # first status read at once: a short (or simulated) scan is done already
         while True:
             # The controlling agent is blocked on our reply: that is not silence.
-            self.last_agent_ns = now_ns()
+            self.agent_waiting()
             self._serve_while_busy(wait_ms)
             if self._abort:
                 raise RuntimeError(f"aborted by {self._abort}; no frames published")
@@ -784,7 +790,7 @@ class SpmNode(InstrumentNode):
                 self.tip_um = xy
                 started = self._read_reply("BiasSpectr.Start", timeout)
                 t_end = now_ns()
-                self.last_agent_ns = t_end  # the agent is blocked on our reply, not silent
+                self.agent_waiting()  # the agent is blocked on our reply, not silent
                 self.watchdog_tripped = False
                 send_next(i + 1)  # before publishing: the controller must not wait for us
                 done.append(self._publish_spectrum(started, xy, settings, t_start, t_end))

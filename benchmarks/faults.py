@@ -230,24 +230,30 @@ def measure_fuzz(quick: bool, log: Log, driver: Driver) -> dict[str, Any]:
     elapsed = time.perf_counter() - t0
     sock.close()
     probe.close()
+    streaming = _streaming(driver)
+    log(f"fuzz: {n} malformed messages in {elapsed:.1f} s, {hangs} hangs, streaming: {streaming}")
+    return {
+        "fuzz_messages": n,
+        "fuzz_crashes": 0 if driver.alive() else 1,
+        "fuzz_hangs": hangs,
+        "streaming_after_fuzz": streaming,
+    }
+
+
+def _streaming(driver: Driver, frames_wanted: int = 3) -> bool:
+    """Whether camera frames still arrive (a few within 3 s)."""
     frames = driver.ctx.socket(zmq.SUB)
     frames.setsockopt(zmq.LINGER, 0)
     frames.setsockopt(zmq.SUBSCRIBE, FRAME_PREFIX)
     frames.connect(driver.config.stream_endpoint)
     got = 0
     deadline = time.monotonic() + 3
-    while got < 3 and time.monotonic() < deadline:
+    while got < frames_wanted and time.monotonic() < deadline:
         if frames.poll(100):
             frames.recv_multipart()
             got += 1
     frames.close()
-    log(f"fuzz: {n} malformed messages in {elapsed:.1f} s, {hangs} hangs, frames after: {got}")
-    return {
-        "fuzz_messages": n,
-        "fuzz_crashes": 0 if driver.alive() else 1,
-        "fuzz_hangs": hangs,
-        "streaming_after_fuzz": got >= 3,
-    }
+    return got >= frames_wanted
 
 
 def _random_command(rng: np.random.Generator, field: tuple[float, float], i: int) -> Any:
@@ -351,6 +357,7 @@ def measure_random_commands(quick: bool, log: Log, driver: Driver) -> dict[str, 
         "random_commands_refused": refused,
         "light_changes_on_sample": changes,
         "out_of_limit_on_sample": violations,
+        "streaming_after_random_commands": _streaming(driver),
     }
 
 

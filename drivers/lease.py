@@ -91,8 +91,9 @@ class SharedCommandServer:
         return self._server.socket
 
     def poll(self, timeout_ms: int) -> list[IncomingRequest]:
-        queued = self._take_inbox()
+        # Inbox and socket are read under one lock hold: requests keep their arrival order.
         with self._lock:
+            queued = self._take_inbox()
             read = self._server.poll(0 if queued else timeout_ms)
         for incoming in read:
             self._on_read(incoming)
@@ -103,12 +104,11 @@ class SharedCommandServer:
         if len(self._inbox) >= INBOX_MAX or not self._lock.acquire(blocking=False):
             return
         try:
-            read = self._server.poll(0)
+            for incoming in self._server.poll(0):
+                self._on_read(incoming)
+                self._inbox.append(incoming)
         finally:
             self._lock.release()
-        for incoming in read:
-            self._on_read(incoming)
-            self._inbox.append(incoming)
 
     def waiting(self) -> bool:
         if self._inbox:

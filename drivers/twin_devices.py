@@ -72,6 +72,9 @@ class TwinRig:
         # What was commanded when: light reaches the sample actuation_delay_ms later.
         self._commands: deque[tuple[float, tuple[LaserSpot, ...]]] = deque(maxlen=4096)
         self._commands.append((0.0, ()))
+        # Commands are recorded on the node thread (and the watchdog's), read on the
+        # camera's sequence thread: a deque must not change while it is iterated.
+        self._commands_lock = threading.Lock()
         # Every change of the light on the sample, for the truth/light topic: what the
         # sample really got and when, whatever the driver believes it applied.
         self._light_log: deque[dict[str, Any]] = deque(maxlen=LIGHT_LOG_MAX)
@@ -93,7 +96,8 @@ class TwinRig:
     def record_command(self) -> None:
         t = time.monotonic()
         spots = self.commanded_spots()
-        self._commands.append((t, spots))
+        with self._commands_lock:
+            self._commands.append((t, spots))
         delay_s = self.settings.actuation_delay_ms / 1000.0 if self.settings.realtime else 0.0
         self._light_log.append(
             {
@@ -124,10 +128,11 @@ class TwinRig:
         if self.settings.realtime:
             cutoff = now_s - self.settings.actuation_delay_ms / 1000.0
             spots: tuple[LaserSpot, ...] = ()
-            for t, commanded in reversed(self._commands):
-                if t <= cutoff:
-                    spots = commanded
-                    break
+            with self._commands_lock:
+                for t, commanded in reversed(self._commands):
+                    if t <= cutoff:
+                        spots = commanded
+                        break
         else:
             spots = self.commanded_spots()
         sx, sy = self.stage_um  # field -> sample coordinates

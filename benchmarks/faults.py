@@ -297,11 +297,12 @@ def _random_command(rng: np.random.Generator, field: tuple[float, float], i: int
     return "heartbeat", {}
 
 
-def _beyond_limits(change: dict[str, Any], limits: LightLimits) -> bool:
+def _beyond_limits(change: dict[str, Any], limits: LightLimits, log: Log) -> bool:
     spots = [LaserState(*s) for s in change["spots"]]
     try:
         limits.check("truth", "sample", spots)
-    except ValueError:
+    except ValueError as exc:
+        log(f"beyond the limits on the sample: {exc}")
         return True
     return False
 
@@ -347,13 +348,13 @@ def measure_random_commands(quick: bool, log: Log, driver: Driver) -> dict[str, 
         if i % 256 == 0:
             for change in driver.light_changes():
                 changes += 1
-                violations += _beyond_limits(change, driver.light_limits)
+                violations += _beyond_limits(change, driver.light_limits, log)
     settle(0)
     client.call("stop_events", {"cancel": True})
     client.call("laser_off")
     for change in driver.light_changes(500):
         changes += 1
-        violations += _beyond_limits(change, driver.light_limits)
+        violations += _beyond_limits(change, driver.light_limits, log)
     elapsed = time.perf_counter() - t0
     log(
         f"random commands: {n} in {elapsed:.1f} s ({refused} refused), {changes} light "

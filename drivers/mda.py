@@ -97,11 +97,13 @@ _PRIVATE = frozenset({TARGET_KEY, ID_KEY, "runner_t0"})
 @dataclass(frozen=True)
 class LightGuard:
     """How the engine shows an event's SLM image: under the node's actuation lock, only
-    while the node allows light (not after the watchdog tripped), and reported back so
-    frame headers say what is on the sample."""
+    if the node allows that light at that moment (the whole light on the sample within
+    the limits, the watchdog not tripped), and reported back so frame headers say what
+    is on the sample. Checked when the image is applied, not only when submitted: other
+    light may have changed in between."""
 
     lock: threading.RLock
-    allowed: Callable[[], bool]
+    allowed: Callable[[str, np.ndarray], bool]
     shown: Callable[[str, np.ndarray], None]
 
 
@@ -123,8 +125,10 @@ class TimedEngine(MDAEngine):
         if guard is None:
             super()._set_event_slm_image(event)
             return
+        assert event.slm_image is not None
+        device = event.slm_image.device or self.mmcore.getSLMDevice()
         with guard.lock:
-            if guard.allowed():
+            if guard.allowed(device, np.asarray(event.slm_image.data)):
                 super()._set_event_slm_image(event)
 
     def _exec_event_slm_image(self, img: SLMImage) -> None:
@@ -132,10 +136,12 @@ class TimedEngine(MDAEngine):
         if guard is None:
             super()._exec_event_slm_image(img)
             return
+        device = img.device or self.mmcore.getSLMDevice()
+        image = np.asarray(img.data)
         with guard.lock:
-            if guard.allowed():
+            if guard.allowed(device, image):
                 super()._exec_event_slm_image(img)
-                guard.shown(img.device or self.mmcore.getSLMDevice(), np.asarray(img.data))
+                guard.shown(device, image)
 
     def setup_event(self, event: MDAEvent) -> None:
         if isinstance(event, SequencedEvent) or event.keep_shutter_open or event.roi:

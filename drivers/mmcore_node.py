@@ -121,6 +121,7 @@ class DriverNode(InstrumentNode):
         self.events: EventSession | None = None
         self._events_light = False  # an event of the session drives the laser SLM
         self.event_frames_published = 0
+        self.event_light_refused = 0  # event SLM images the light limits kept off
         self.event_hook = event_hook
         self.hook_calls = 0
         self.hook_refusals = 0
@@ -399,9 +400,21 @@ class DriverNode(InstrumentNode):
         light = self.gate.event(cmd, i, event, self._galvo)
         return light is not None and bool(light[1])
 
-    def _light_allowed(self) -> bool:
-        """Whether the MDA engine may show an event's SLM image (not after a trip)."""
-        return self._trip_silent_ms is None and not self.stop.is_set()
+    def _light_allowed(self, device: str, image: np.ndarray) -> bool:
+        """Whether the MDA engine may show an event's SLM image now: not after a trip,
+        and only if the whole light on the sample stays within the limits."""
+        if self._trip_silent_ms is not None or self.stop.is_set():
+            return False
+        spots = (
+            slm_image_spots(image, self.gate.slm_calibration) if device == self.slm_device else []
+        )
+        try:
+            self.gate.check_light("submit_events", "slm_image", self._galvo + spots)
+        except ProtocolError as exc:
+            self.event_light_refused += 1
+            log.warning("event SLM image not shown: %s", exc)
+            return False
+        return True
 
     def _slm_shown(self, device: str, image: np.ndarray) -> None:
         if device == self.slm_device:
@@ -522,6 +535,7 @@ class DriverNode(InstrumentNode):
             "event_hook": self.event_hook is not None,
             "hook_calls": self.hook_calls,
             "hook_refusals": self.hook_refusals,
+            "event_light_refused": self.event_light_refused,
             "laser_kind": self.config.devices.laser_kind,
             "safe_verified": self.safe_verified,
             "limits": self.config.limits.model_dump(),

@@ -280,3 +280,23 @@ def test_safe_state_is_read_back_from_the_devices(
         assert galvo_node._light_read_back() == ["Laser.Power_mW reads 2"]
     finally:
         client.close()
+
+
+def test_an_event_slm_image_is_checked_again_when_it_is_shown(
+    galvo_node: DriverNode, zmq_ctx: zmq.Context
+) -> None:
+    """Allowed when submitted (galvo off), then the galvo lit: showing the event's SLM
+    spot would put two spots on a one-spot galvo config, so it is not shown."""
+    client = _client(galvo_node, zmq_ctx)
+    try:
+        image = np.zeros((128, 128), dtype=np.uint8)
+        image[30, 30] = 100
+        event = {"slm_image": {"data": image.tolist()}, "t_start_ns": now_ns() + 400_000_000}
+        client.call("submit_events", {"events": [event]})
+        client.call("set_laser", {"spots": [SPOT]})
+        # get_state from the holder feeds the watchdog while the event waits its turn
+        assert _wait(lambda: client.call("get_state").result["event_frames_published"] == 1)
+        assert _slm_lit(galvo_node) == 0 and _galvo_mw(galvo_node) == SPOT["power_mw"]
+        assert client.call("get_state").result["event_light_refused"] >= 1
+    finally:
+        client.close()

@@ -31,8 +31,9 @@ scalars = (
 )
 values = st.recursive(
     scalars,
-    lambda children: st.lists(children, max_size=5)
-    | st.dictionaries(st.text(max_size=8), children, max_size=5),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5)
+    ),
     max_leaves=8,
 )
 keys = st.sampled_from(["v", "id", "cmd", "args", "t_sent_ns", "reply", "ok", "result", "error"])

@@ -130,6 +130,8 @@ class AgentLoop:
         result = LoopResult()
         try:
             state = self.wait_for_driver(client, startup_timeout_s)
+            # The driver's control lease: only its holder's messages feed the watchdog.
+            self.events.write("control", **client.call("acquire_control").result)
             limits = LaserLimits.from_driver_state(state)
             field_um = tuple(state["field_um"])
             target = self.target_um or (field_um[0] / 2, field_um[1] / 2)

@@ -16,4 +16,5 @@ BENCHMARKS: dict[str, str] = {
     "feedback": "benchmarks.feedback",
     "sweep": "benchmarks.sweep",
     "engine": "benchmarks.engine",
+    "faults": "benchmarks.faults",
 }

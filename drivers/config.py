@@ -7,6 +7,7 @@ before any hardware moves.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -16,12 +17,14 @@ from simulators.particles import ParticleTwinConfig
 from simulators.sparse_field import SparseFieldConfig
 
 Range = tuple[float, float]
+# A writable device property: a numeric range, or the values it may take.
+PropertyRule = Range | list[str]
 
 
 class StrictModel(BaseModel):
     """Unknown fields are errors: a misspelt limit must never be silently ignored."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def _ordered(name: str, rng: Range | None) -> None:
@@ -40,11 +43,26 @@ class Limits(StrictModel):
     stage_y_um: Range = (-10_000.0, 10_000.0)
     z_um: Range = (-1_000.0, 1_000.0)
     exposure_ms: Range = (0.1, 10_000.0)
+    # None: max_laser_power_mw x the spots the laser kind allows.
+    max_total_power_mw: float | None = Field(None, ge=0.0, le=10_000.0)
+    # The only device properties set_property and MDA events may write ("Device.Property":
+    # rule); the device's own limits and allowed values apply as well. Empty: none.
+    properties: dict[str, PropertyRule] = {}
+    # Config groups whose presets set_config and MDA channels may apply.
+    config_groups: list[str] = []
 
     @model_validator(mode="after")
     def _check_order(self) -> Limits:
         for name in ("laser_x_um", "laser_y_um", "stage_x_um", "stage_y_um", "z_um", "exposure_ms"):
             _ordered(f"limits.{name}", getattr(self, name))
+        for key, rule in self.properties.items():
+            device, _, prop = key.partition(".")
+            if not device or not prop:
+                raise ValueError(f"limits.properties: key {key!r} must be 'Device.Property'")
+            if isinstance(rule, tuple):
+                if not all(math.isfinite(b) for b in rule):
+                    raise ValueError(f"limits.properties.{key}: bounds must be finite")
+                _ordered(f"limits.properties.{key}", rule)
         return self
 
 

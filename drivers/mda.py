@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -31,7 +32,7 @@ from pydantic import ValidationError
 from pymmcore_plus import CMMCorePlus
 from pymmcore_plus.core import SequencedEvent
 from pymmcore_plus.mda import MDAEngine
-from useq import AcquireImage, MDAEvent
+from useq import AcquireImage, MDAEvent, SLMImage
 
 from drivers.protocol import ProtocolError, now_ns
 
@@ -93,6 +94,19 @@ class EventFrame:
 _PRIVATE = frozenset({TARGET_KEY, ID_KEY, "runner_t0"})
 
 
+@dataclass(frozen=True)
+class LightGuard:
+    """How the engine shows an event's SLM image: under the node's actuation lock, only
+    if the node allows that light at that moment (the whole light on the sample within
+    the limits, the watchdog not tripped), and reported back so frame headers say what
+    is on the sample. Checked when the image is applied, not only when submitted: other
+    light may have changed in between."""
+
+    lock: threading.RLock
+    allowed: Callable[[str, np.ndarray], bool]
+    shown: Callable[[str, np.ndarray], None]
+
+
 class TimedEngine(MDAEngine):
     """A slim MDAEngine for agent events: each exposure starts at its absolute target.
 
@@ -103,6 +117,31 @@ class TimedEngine(MDAEngine):
     was set, and a frame carries its event plus exposure timing. Anything unusual
     (sequenced events, ROI, keep_shutter_open, non-image actions) goes the stock way.
     """
+
+    light_guard: LightGuard | None = None
+
+    def _set_event_slm_image(self, event: MDAEvent) -> None:
+        guard = self.light_guard
+        if guard is None:
+            super()._set_event_slm_image(event)
+            return
+        assert event.slm_image is not None
+        device = event.slm_image.device or self.mmcore.getSLMDevice()
+        with guard.lock:
+            if guard.allowed(device, np.asarray(event.slm_image.data)):
+                super()._set_event_slm_image(event)
+
+    def _exec_event_slm_image(self, img: SLMImage) -> None:
+        guard = self.light_guard
+        if guard is None:
+            super()._exec_event_slm_image(img)
+            return
+        device = img.device or self.mmcore.getSLMDevice()
+        image = np.asarray(img.data)
+        with guard.lock:
+            if guard.allowed(device, image):
+                super()._exec_event_slm_image(img)
+                guard.shown(device, image)
 
     def setup_event(self, event: MDAEvent) -> None:
         if isinstance(event, SequencedEvent) or event.keep_shutter_open or event.roi:
@@ -221,7 +260,12 @@ class EventSession:
     only while an event executes (its moves, then its exposure), as with any camera.
     """
 
-    def __init__(self, core: CMMCorePlus, on_frame: Callable[[EventFrame], None]) -> None:
+    def __init__(
+        self,
+        core: CMMCorePlus,
+        on_frame: Callable[[EventFrame], None],
+        light_guard: LightGuard | None = None,
+    ) -> None:
         self.core = core
         self.on_frame = on_frame
         self.t0_ns = now_ns()
@@ -232,7 +276,9 @@ class EventSession:
         self._previous_engine = core.mda.engine
         # XY moves only when an event's position differs from the last commanded one
         # (as pycromanager does); every move_stage also goes through this core.
-        core.mda.set_engine(TimedEngine(core, force_set_xy_position=False))
+        engine = TimedEngine(core, force_set_xy_position=False)
+        engine.light_guard = light_guard
+        core.mda.set_engine(engine)
         core.mda.events.frameReady.connect(self._frame_ready)
 
     @property

@@ -1,9 +1,17 @@
 """Micro-Manager driver node: streams camera frames, executes commands, keeps the rig safe.
 
 Works on any `CMMCorePlus`: a user's hardware config, the C++ demo adapters, or the
-twin's pure-Python devices in `UniMMCore`. Limits are enforced here, on every
-command, whoever sent it; if the controlling agent goes silent for `watchdog_ms`
-while the laser is on, the laser goes off (see `drivers/node.py`).
+twin's pure-Python devices in `UniMMCore`. Every command is checked by the node's one
+gate (drivers/gate.py) before it touches a device, whoever sent it; if the controlling
+agent goes silent for `watchdog_ms` while light is on, the watchdog thread switches it
+off even while this thread is blocked in a snap (see `drivers/node.py`).
+
+Thread safety of the off path: the watchdog thread touches only the light devices
+(galvo power, SLM, shutter), never the camera, and always under `actuation_lock`, which
+this thread holds around each of its own light changes (and the MDA engine around
+showing an event's SLM image). pymmcore-plus's Python devices lock per device and the
+C++ MMCore per device adapter module, so these calls may run beside a snap on this
+thread; a shutter in the camera's own adapter module waits for the snap to end.
 """
 
 from __future__ import annotations
@@ -11,7 +19,6 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,29 +27,43 @@ from pymmcore_plus import CMMCorePlus
 
 from drivers.config import DriverConfig
 from drivers.event_hooks import EventHook, HookGuard, load_event_hook
-from drivers.mda import EventFrame, EventSession, parse_events
-from drivers.node import InstrumentNode, check_within, number_arg
+from drivers.gate import MicroscopeGate
+from drivers.light import LaserState, slm_image_spots
+from drivers.mda import EventFrame, EventSession, LightGuard, parse_events
+from drivers.node import InstrumentNode
 from drivers.protocol import EVENT_TOPIC, TRUTH_PREFIX, ProtocolError, now_ns
 
 log = logging.getLogger(__name__)
 
 TruthSource = Callable[[Any], dict[str, Any] | None]
+LightTruth = Callable[[], list[dict[str, Any]]]  # light changes on the sample since last call
 STREAM = "camera"
+# The twin's record of light on the sample: beside truth/ (whose records are per-frame
+# scene truth), so subscribers of either get only the records they expect.
+LIGHT_TRUTH_TOPIC = b"light-truth"
 PUBLISHED_RING = 512
 POSITION_REFRESH_NS = 200_000_000
-
-
-@dataclass(frozen=True)
-class LaserState:
-    x_um: float
-    y_um: float
-    power_mw: float
 
 
 class DriverNode(InstrumentNode):
     """Serves one Micro-Manager core over protocol v1 until `stop` is set."""
 
-    ACTUATING = frozenset({"set_laser", "move_stage", "move_z", "set_slm_image", "submit_events"})
+    # Everything that can light the sample, move hardware or change acquisition needs
+    # the control lease; laser_off and stop_events are open to every peer.
+    ACTUATING = frozenset(
+        {
+            "set_laser",
+            "move_stage",
+            "move_z",
+            "set_slm_image",
+            "submit_events",
+            "set_property",
+            "set_config",
+            "set_shutter",
+            "set_exposure",
+            "snap",
+        }
+    )
 
     def __init__(
         self,
@@ -52,6 +73,7 @@ class DriverNode(InstrumentNode):
         truth_source: TruthSource | None = None,
         field_um: tuple[float, float] | None = None,
         event_hook: EventHook | None = None,
+        light_truth: LightTruth | None = None,
     ) -> None:
         if event_hook is None and config.event_hook is not None:
             event_hook = load_event_hook(config.event_hook, config.event_hook_args)
@@ -59,21 +81,23 @@ class DriverNode(InstrumentNode):
         self.core = core
         self.config = config
         self.truth_source = truth_source
+        self.light_truth = light_truth
         self.field_um = field_um or self._field_from_core()
-        limits = config.limits
-        self.laser_x_range = limits.laser_x_um or (0.0, self.field_um[0])
-        self.laser_y_range = limits.laser_y_um or (0.0, self.field_um[1])
-        self.laser: list[LaserState] = []  # lit spots as applied
+        self.gate = MicroscopeGate(core, config, self.field_um)
         loaded = set(core.getLoadedDevices())
         names = config.devices
-        laser_device = names.slm if names.laser_kind == "slm" else names.laser
-        self.laser_device = laser_device if laser_device in loaded else None
+        self.galvo_device = names.laser if names.laser in loaded else None
+        self.slm_device = names.slm if names.slm in loaded else None
         self._slm_shape: tuple[int, int] = (0, 0)
-        if names.laser_kind == "slm" and self.laser_device:
-            self._slm_shape = (
-                core.getSLMHeight(config.devices.slm),
-                core.getSLMWidth(config.devices.slm),
-            )
+        if self.slm_device:
+            self._slm_shape = (core.getSLMHeight(names.slm), core.getSLMWidth(names.slm))
+        laser_device = self.slm_device if names.laser_kind == "slm" else self.galvo_device
+        self.laser_device = laser_device  # the device set_laser drives, if loaded
+        # What is on the sample, as applied: the galvo spot and the SLM's spots.
+        self._galvo: list[LaserState] = []
+        self._slm_light: list[LaserState] = []
+        self._shutter_opened = False  # opened by command: the safe state closes it
+        self.safe_verified = True
         self.frames_published = 0
         self._published_ns: OrderedDict[int, int] = OrderedDict()
         self._position_cache: dict[str, Any] | None = None
@@ -97,6 +121,7 @@ class DriverNode(InstrumentNode):
         self.events: EventSession | None = None
         self._events_light = False  # an event of the session drives the laser SLM
         self.event_frames_published = 0
+        self.event_light_refused = 0  # event SLM images the light limits kept off
         self.event_hook = event_hook
         self.hook_calls = 0
         self.hook_refusals = 0
@@ -117,8 +142,27 @@ class DriverNode(InstrumentNode):
         if self._hook_guard is not None:
             self._hook_guard.close()
 
+    @property
+    def laser(self) -> list[LaserState]:
+        """Every lit spot on the sample (galvo and SLM), as applied."""
+        return self._galvo + self._slm_light
+
     def actuators_live(self) -> bool:
-        return bool(self.laser) or (self.events is not None and self._events_light)
+        return bool(self._galvo or self._slm_light or self._shutter_opened) or (
+            self.events is not None and self._events_light
+        )
+
+    def _tick(self) -> None:
+        self._publish_light_truth()
+        super()._tick()
+
+    def _publish_light_truth(self) -> None:
+        """The twin's record of light changes on the sample, on its own truth topic."""
+        if self.light_truth is None:
+            return
+        changes = self.light_truth()
+        if changes:
+            self.publisher.publish(LIGHT_TRUTH_TOPIC, {"changes": changes})
 
     def pump(self) -> None:
         if self.events is not None:
@@ -139,20 +183,8 @@ class DriverNode(InstrumentNode):
                     self.publisher.publish(TRUTH_PREFIX + STREAM.encode(), {"seq": seq, **truth})
 
     def _cmd_set_laser(self, args: dict[str, Any]) -> dict[str, Any]:
-        spots = args.get("spots")
-        if not isinstance(spots, list):
-            raise ProtocolError(
-                "bad_args", f"set_laser: field 'spots' must be a list, got {spots!r}"
-            )
         names = self.config.devices
-        allowed = self.config.limits.max_laser_spots if names.laser_kind == "slm" else 1
-        if len(spots) > allowed:
-            raise ProtocolError(
-                "out_of_limits",
-                f"set_laser: field 'spots' has {len(spots)} spots, the allowed range is "
-                f"[0, {allowed}] ({names.laser_kind} laser)",
-            )
-        wanted = [self._checked_spot(i, spot) for i, spot in enumerate(spots)]
+        wanted = self.gate.laser_spots("set_laser", args.get("spots"))
         if not wanted:
             return self._cmd_laser_off(args)
         if self.laser_device is None:
@@ -162,70 +194,46 @@ class DriverNode(InstrumentNode):
                 f"set_laser: this configuration has no {names.laser_kind} device {device!r} "
                 f"(driver.devices)",
             )
-        if names.laser_kind == "galvo":
-            x, y, p = wanted[0]
-            # Move first, then power: the spot never lights up at the previous position.
-            self.core.setProperty(names.laser, names.laser_x_property, x)
-            self.core.setProperty(names.laser, names.laser_y_property, y)
-            self.core.setProperty(names.laser, names.laser_power_property, p)
-            self.laser = [LaserState(x, y, p)]
-        else:
-            image, applied = self._slm_pattern(wanted)
-            self.core.setSLMImage(names.slm, image)
-            self.core.displaySLMImage(names.slm)
-            self.laser = applied
-        self.watchdog_tripped = False
+        with self.actuation_lock:
+            if names.laser_kind == "galvo":
+                x, y, p = wanted[0].x_um, wanted[0].y_um, wanted[0].power_mw
+                self.gate.check_light("set_laser", "spots", wanted + self._slm_light)
+                # Move first, then power: the spot never lights up at the previous position.
+                self.core.setProperty(names.laser, names.laser_x_property, x)
+                self.core.setProperty(names.laser, names.laser_y_property, y)
+                self.core.setProperty(names.laser, names.laser_power_property, p)
+                self._galvo = [LaserState(x, y, p)] if p > 0 else []
+            else:
+                image = self._slm_pattern(wanted)
+                applied = slm_image_spots(image, self.gate.slm_calibration)
+                self.gate.check_light("set_laser", "spots", self._galvo + applied)
+                self.core.setSLMImage(names.slm, image)
+                self.core.displaySLMImage(names.slm)
+                self._slm_light = applied
+            self.watchdog_tripped = False
         return self._applied(args)
 
-    def _checked_spot(self, index: int, spot: Any) -> tuple[float, float, float]:
-        where = f"spots[{index}]"
-        if not isinstance(spot, dict):
-            raise ProtocolError("bad_args", f"set_laser: field '{where}' must be a map")
-        x = number_arg("set_laser", spot, "x_um", where)
-        y = number_arg("set_laser", spot, "y_um", where)
-        p = number_arg("set_laser", spot, "power_mw", where)
-        check_within("set_laser", f"{where}.x_um", x, self.laser_x_range, "um")
-        check_within("set_laser", f"{where}.y_um", y, self.laser_y_range, "um")
-        ceiling = self.config.limits.max_laser_power_mw
-        if self.config.devices.laser_kind == "slm":
-            ceiling = min(ceiling, self.config.devices.slm_max_power_mw)
-        check_within("set_laser", f"{where}.power_mw", p, (0.0, ceiling), "mW")
-        return x, y, p
-
-    def _slm_pattern(
-        self, spots: list[tuple[float, float, float]]
-    ) -> tuple[np.ndarray, list[LaserState]]:
-        """Draw spots into an SLM image; report them as quantised to its pixels and levels."""
-        names = self.config.devices
+    def _slm_pattern(self, spots: list[LaserState]) -> np.ndarray:
+        """Draw spots into an SLM image (the inverse of the SLM's calibration)."""
+        cal = self.gate.slm_calibration
         height, width = self._slm_shape
         image = np.zeros((height, width), dtype=np.uint8)
-        applied: list[LaserState] = []
-        x0, y0 = names.slm_origin_um
-        for i, (x, y, p) in enumerate(spots):
-            col = round((x - x0) / names.slm_pixel_um)
-            row = round((y - y0) / names.slm_pixel_um)
+        x0, y0 = cal.origin_um
+        for i, spot in enumerate(spots):
+            col = round((spot.x_um - x0) / cal.pixel_um)
+            row = round((spot.y_um - y0) / cal.pixel_um)
             if not (0 <= row < height and 0 <= col < width):
                 raise ProtocolError(
                     "out_of_limits",
-                    f"set_laser: field 'spots[{i}]' at ({x:g}, {y:g}) um is outside the SLM "
-                    f"pattern area",
+                    f"set_laser: field 'spots[{i}]' at ({spot.x_um:g}, {spot.y_um:g}) um is "
+                    f"outside the SLM pattern area",
                 )
             if image[row, col]:
                 raise ProtocolError(
                     "bad_args", f"set_laser: field 'spots[{i}]' falls on an SLM pixel already used"
                 )
-            level = round(p / names.slm_max_power_mw * 255)
-            if level == 0:
-                continue
-            image[row, col] = level
-            applied.append(
-                LaserState(
-                    x0 + col * names.slm_pixel_um,
-                    y0 + row * names.slm_pixel_um,
-                    level / 255 * names.slm_max_power_mw,
-                )
-            )
-        return image, applied
+            image[row, col] = round(spot.power_mw / cal.max_power_mw * 255)
+        return image
 
     def _cmd_laser_off(self, args: dict[str, Any]) -> dict[str, Any]:
         self.safe_state("command")
@@ -240,19 +248,18 @@ class DriverNode(InstrumentNode):
         return result
 
     def _cmd_move_stage(self, args: dict[str, Any]) -> dict[str, Any]:
-        x = number_arg("move_stage", args, "x_um")
-        y = number_arg("move_stage", args, "y_um")
-        check_within("move_stage", "x_um", x, self.config.limits.stage_x_um, "um")
-        check_within("move_stage", "y_um", y, self.config.limits.stage_y_um, "um")
+        x, y = self.gate.stage("move_stage", args)
+        wait = self.gate.wait_flag("move_stage", args)
+        if not self.core.getXYStageDevice():
+            raise ProtocolError("device_error", "move_stage: this configuration has no XY stage")
         self.core.setXYPosition(x, y)
         self._forget_positions()
-        if args.get("wait") is True:  # blocks the stream while moving: opt-in only
+        if wait:  # blocks the stream while moving: opt-in only
             self.core.waitForDevice(self.core.getXYStageDevice())
         return {"stage_um": [x, y]}
 
     def _cmd_set_exposure(self, args: dict[str, Any]) -> dict[str, Any]:
-        exposure = number_arg("set_exposure", args, "exposure_ms")
-        check_within("set_exposure", "exposure_ms", exposure, self.config.limits.exposure_ms, "ms")
+        exposure = self.gate.exposure("set_exposure", args)
         self._camera_paused(True, lambda: self.core.setExposure(exposure))
         return {"exposure_ms": exposure}
 
@@ -274,81 +281,39 @@ class DriverNode(InstrumentNode):
                 self.core.startContinuousSequenceAcquisition(0)
 
     def _cmd_move_z(self, args: dict[str, Any]) -> dict[str, Any]:
-        z = number_arg("move_z", args, "z_um")
-        check_within("move_z", "z_um", z, self.config.limits.z_um, "um")
+        z = self.gate.z("move_z", args)
+        wait = self.gate.wait_flag("move_z", args)
         if not self.core.getFocusDevice():
             raise ProtocolError("device_error", "move_z: this configuration has no focus device")
         self.core.setPosition(z)
         self._forget_positions()
-        if args.get("wait") is True:
+        if wait:
             self.core.waitForDevice(self.core.getFocusDevice())
         return {"z_um": z}
 
     def _cmd_set_property(self, args: dict[str, Any]) -> dict[str, Any]:
-        """Any device property, within its own limits; light sources only via set_laser."""
-        device, prop, value = args.get("device"), args.get("property"), args.get("value")
-        if not isinstance(device, str) or device not in self.core.getLoadedDevices():
-            raise ProtocolError(
-                "bad_args", f"set_property: field 'device' = {device!r} is not a loaded device"
-            )
-        if device in {self.config.devices.laser, self.config.devices.slm}:
-            raise ProtocolError(
-                "out_of_limits",
-                f"set_property: device {device!r} is the laser; use set_laser, which enforces "
-                f"the power and position limits",
-            )
-        if not isinstance(prop, str) or not self.core.hasProperty(device, prop):
-            raise ProtocolError(
-                "bad_args",
-                f"set_property: field 'property' = {prop!r} is not a property of {device}",
-            )
-        if self.core.isPropertyReadOnly(device, prop):
-            raise ProtocolError("bad_args", f"set_property: {device}.{prop} is read-only")
-        if not isinstance(value, str | int | float) or isinstance(value, bool):
-            raise ProtocolError(
-                "bad_args", f"set_property: field 'value' = {value!r} is not a value"
-            )
-        allowed = self.core.getAllowedPropertyValues(device, prop)
-        if allowed and str(value) not in allowed:
-            raise ProtocolError(
-                "out_of_limits",
-                f"set_property: {device}.{prop} = {value!r} is not one of {list(allowed)}",
-            )
-        if self.core.hasPropertyLimits(device, prop):
-            lo = self.core.getPropertyLowerLimit(device, prop)
-            hi = self.core.getPropertyUpperLimit(device, prop)
-            number = number_arg("set_property", args, "value")
-            check_within("set_property", f"{device}.{prop}", number, (lo, hi), "")
+        """An allow-listed device property, within its rule and the device's own limits."""
+        device, prop = args.get("device"), args.get("property")
+        value = self.gate.property_value("set_property", "", device, prop, args.get("value"))
         camera = device == self.core.getCameraDevice()
         self._camera_paused(camera, lambda: self.core.setProperty(device, prop, value))
         return {"value": self.core.getProperty(device, prop)}
 
     def _cmd_set_config(self, args: dict[str, Any]) -> dict[str, Any]:
         group, preset = args.get("group"), args.get("preset")
-        groups = list(self.core.getAvailableConfigGroups())
-        if group not in groups:
-            raise ProtocolError(
-                "bad_args", f"set_config: field 'group' = {group!r} is not one of {groups}"
-            )
-        presets = list(self.core.getAvailableConfigs(group))
-        if preset not in presets:
-            raise ProtocolError(
-                "bad_args", f"set_config: field 'preset' = {preset!r} is not one of {presets}"
-            )
-        devices = {setting[0] for setting in self.core.getConfigData(group, preset)}
-        camera = self.core.getCameraDevice() in devices
+        camera = self.gate.preset("set_config", "", group, preset)
         self._camera_paused(camera, lambda: self.core.setConfig(group, preset))
         return {"group": group, "preset": preset}
 
     def _cmd_set_shutter(self, args: dict[str, Any]) -> dict[str, Any]:
-        state = args.get("open")
-        if not isinstance(state, bool):
-            raise ProtocolError(
-                "bad_args", f"set_shutter: field 'open' must be true or false, got {state!r}"
-            )
+        state = self.gate.shutter("set_shutter", args)
         if not self.core.getShutterDevice():
             raise ProtocolError("device_error", "set_shutter: this configuration has no shutter")
-        self.core.setShutterOpen(state)
+        with self.actuation_lock:
+            self.core.setShutterOpen(state)
+            self._shutter_opened = state
+            if state:
+                self.watchdog_tripped = False
         return {"open": state}
 
     # --- snap, SLM images, event-driven acquisition --------------------------------
@@ -388,68 +353,19 @@ class DriverNode(InstrumentNode):
         return {"seq": seq, "shape": list(image.shape), "dtype": str(image.dtype)}
 
     def _cmd_set_slm_image(self, args: dict[str, Any]) -> dict[str, Any]:
-        """Show an 8-bit image on an SLM; on the laser SLM only within the laser limits."""
+        """Show an 8-bit image on the calibrated SLM, within the light limits (any laser
+        kind: the SLM lights the sample whatever steers the main laser)."""
+        cmd = "set_slm_image"
         device = args.get("device") or self.core.getSLMDevice()
-        if not isinstance(device, str) or device not in self.core.getLoadedDevices():
-            raise ProtocolError(
-                "bad_args", f"set_slm_image: field 'device' = {device!r} is not a loaded device"
-            )
-        image = self._slm_image_arg("set_slm_image", "image", device, args.get("image"))
-        light = self._check_slm_light("set_slm_image", "image", device, image)
-        self.core.setSLMImage(device, image)
-        self.core.displaySLMImage(device)
-        if light is not None:
-            self.laser = light
-            self.watchdog_tripped = False
+        image, spots = self.gate.slm_image(cmd, "image", device, args.get("image"))
+        with self.actuation_lock:
+            self.gate.check_light(cmd, "image", self._galvo + spots)
+            self.core.setSLMImage(device, image)
+            self.core.displaySLMImage(device)
+            self._slm_light = spots
+            if spots:
+                self.watchdog_tripped = False
         return {"device": device, "lit_pixels": int(np.count_nonzero(image))}
-
-    def _slm_image_arg(self, cmd: str, field: str, device: str, raw: Any) -> np.ndarray:
-        try:
-            shape = (self.core.getSLMHeight(device), self.core.getSLMWidth(device))
-        except Exception:
-            raise ProtocolError("bad_args", f"{cmd}: device {device!r} is not an SLM") from None
-        try:
-            image = np.asarray(raw)
-        except (TypeError, ValueError):
-            image = np.zeros(0)
-        if image.shape != shape or not np.issubdtype(image.dtype, np.integer):
-            raise ProtocolError(
-                "bad_args",
-                f"{cmd}: field '{field}' must be a {shape[0]}x{shape[1]} array of integers "
-                f"0-255 for {device}",
-            )
-        if image.size and (image.min() < 0 or image.max() > 255):
-            raise ProtocolError(
-                "out_of_limits",
-                f"{cmd}: field '{field}' values must be in the allowed range [0, 255]",
-            )
-        return image.astype(np.uint8)
-
-    def _check_slm_light(
-        self, cmd: str, field: str, device: str, image: np.ndarray
-    ) -> list[LaserState] | None:
-        """The spots an image on the laser SLM lights, refused beyond the limits."""
-        names = self.config.devices
-        if names.laser_kind != "slm" or device != names.slm:
-            return None
-        rows, cols = np.nonzero(image)
-        if len(rows) > self.config.limits.max_laser_spots:
-            raise ProtocolError(
-                "out_of_limits",
-                f"{cmd}: field '{field}' lights {len(rows)} pixels, the allowed range is "
-                f"[0, {self.config.limits.max_laser_spots}] (limits.max_laser_spots)",
-            )
-        x0, y0 = names.slm_origin_um
-        spots = []
-        for row, col in zip(rows, cols, strict=True):
-            spot = {
-                "x_um": x0 + col * names.slm_pixel_um,
-                "y_um": y0 + row * names.slm_pixel_um,
-                "power_mw": image[row, col] / 255 * names.slm_max_power_mw,
-            }
-            x, y, p = self._checked_spot(len(spots), spot)
-            spots.append(LaserState(x, y, p))
-        return spots
 
     def _cmd_submit_events(self, args: dict[str, Any]) -> dict[str, Any]:
         """Queue MDAEvents on the running event-driven MDA (started on first use)."""
@@ -470,7 +386,8 @@ class DriverNode(InstrumentNode):
             self._drop_pending_sequence_frames()
             if not self.core.getShutterDevice():
                 self.core.setAutoShutter(False)  # MDA needs a shutter label otherwise
-            self.events = EventSession(self.core, on_frame=self._publish_event_frame)
+            guard = LightGuard(self.actuation_lock, self._light_allowed, self._slm_shown)
+            self.events = EventSession(self.core, self._publish_event_frame, guard)
             self._events_light = False
         self._events_light = self._events_light or any(lights)
         if any(lights):
@@ -478,42 +395,30 @@ class DriverNode(InstrumentNode):
         return self.events.submit(events)
 
     def _check_event(self, i: int, event: Any, cmd: str = "submit_events") -> bool:
-        """Limits on every event, as on the matching command; True if it lights the laser."""
-        where = f"events[{i}]"
-        limits = self.config.limits
-        if event.x_pos is not None:
-            check_within(cmd, f"{where}.x_pos", event.x_pos, limits.stage_x_um, "um")
-        if event.y_pos is not None:
-            check_within(cmd, f"{where}.y_pos", event.y_pos, limits.stage_y_um, "um")
-        if event.z_pos is not None:
-            check_within(cmd, f"{where}.z_pos", event.z_pos, limits.z_um, "um")
-        if event.exposure is not None:
-            check_within(cmd, f"{where}.exposure", event.exposure, limits.exposure_ms, "ms")
-        if event.channel is not None:
-            group, preset = event.channel.group, event.channel.config
-            if group not in self.core.getAvailableConfigGroups() or preset not in (
-                self.core.getAvailableConfigs(group)
-            ):
-                raise ProtocolError(
-                    "bad_args", f"{cmd}: field '{where}.channel' = {group}/{preset} is not a preset"
-                )
-        lasers = {self.config.devices.laser, self.config.devices.slm}
-        loaded = set(self.core.getLoadedDevices()) if event.properties else set()
-        for device, prop, _value in event.properties or []:
-            if device in lasers:
-                raise ProtocolError(
-                    "out_of_limits",
-                    f"{cmd}: field '{where}.properties' sets the laser {device!r}; use set_laser",
-                )
-            if device not in loaded or not self.core.hasProperty(device, prop):
-                raise ProtocolError(
-                    "bad_args", f"{cmd}: field '{where}.properties' has no {device}.{prop}"
-                )
-        if event.slm_image is None:
+        """The gate's limits on every event, as on the matching command; True if the
+        event puts light on the sample (its SLM image lights a pixel)."""
+        light = self.gate.event(cmd, i, event, self._galvo)
+        return light is not None and bool(light[1])
+
+    def _light_allowed(self, device: str, image: np.ndarray) -> bool:
+        """Whether the MDA engine may show an event's SLM image now: not after a trip,
+        and only if the whole light on the sample stays within the limits."""
+        if self._trip_silent_ms is not None or self.stop.is_set():
             return False
-        device = event.slm_image.device or self.core.getSLMDevice()
-        image = self._slm_image_arg(cmd, f"{where}.slm_image.data", device, event.slm_image.data)
-        return bool(self._check_slm_light(cmd, f"{where}.slm_image.data", device, image))
+        spots = (
+            slm_image_spots(image, self.gate.slm_calibration) if device == self.slm_device else []
+        )
+        try:
+            self.gate.check_light("submit_events", "slm_image", self._galvo + spots)
+        except ProtocolError as exc:
+            self.event_light_refused += 1
+            log.warning("event SLM image not shown: %s", exc)
+            return False
+        return True
+
+    def _slm_shown(self, device: str, image: np.ndarray) -> None:
+        if device == self.slm_device:
+            self._slm_light = slm_image_spots(image, self.gate.slm_calibration)
 
     def _cmd_stop_events(self, args: dict[str, Any]) -> dict[str, Any]:
         """End the event session: after the queued events, or at once with cancel: true."""
@@ -597,8 +502,9 @@ class DriverNode(InstrumentNode):
         """Guard thread: the node thread is stuck in the hook; switch the light off now."""
         log.error("event hook running for %.0f ms: actuators made safe", running_ms)
         self._hook_overrun_ms = running_ms
-        if self.actuators_live():
-            self.safe_state("event hook overran")
+        with self.actuation_lock:
+            if self.actuators_live():
+                self.emergency_off("event hook overran")
 
     def _publish_hook_event(self, kind: str, message: str) -> None:
         self.publisher.publish(EVENT_TOPIC, {"event": kind, "message": message, "t_ns": now_ns()})
@@ -629,30 +535,81 @@ class DriverNode(InstrumentNode):
             "event_hook": self.event_hook is not None,
             "hook_calls": self.hook_calls,
             "hook_refusals": self.hook_refusals,
+            "event_light_refused": self.event_light_refused,
             "laser_kind": self.config.devices.laser_kind,
+            "safe_verified": self.safe_verified,
             "limits": self.config.limits.model_dump(),
         }
 
     # --- state ----------------------------------------------------------------
 
     def safe_state(self, reason: str) -> None:
-        """All light off through the devices themselves (galvo power 0, SLM blank)."""
-        names = self.config.devices
+        """All light off through the devices themselves, read back (node thread)."""
         if self.events is not None and self._events_light:
             self.events.stop(cancel=True)  # queued events would light the laser again
-        if self.laser_device is None:
-            self.laser = []
-            return
-        try:
-            if names.laser_kind == "galvo":
-                self.core.setProperty(names.laser, names.laser_power_property, 0.0)
-            else:
-                self.core.setSLMImage(names.slm, np.zeros(self._slm_shape, dtype=np.uint8))
-                self.core.displaySLMImage(names.slm)
-        except Exception:  # keep trying to be safe even if the device misbehaves
-            log.exception("could not switch the laser off (%s)", reason)
-            raise
-        self.laser = []
+        with self.actuation_lock:
+            self.emergency_off(reason)
+        problems = self._light_read_back()
+        self.safe_verified = not problems
+        if problems:
+            message = f"safe state ({reason}) not confirmed by the devices: " + "; ".join(problems)
+            log.error(message)
+            raise RuntimeError(message)
+
+    def emergency_off(self, reason: str) -> bool:
+        """Galvo power 0, SLM blank, shutter closed: light devices only, any thread."""
+        names = self.config.devices
+        failures = []
+        steps: list[tuple[str, Callable[[], None]]] = []
+        if self.galvo_device:
+            steps.append(
+                (
+                    "galvo",
+                    lambda: self.core.setProperty(names.laser, names.laser_power_property, 0.0),
+                )
+            )
+        if self.slm_device:
+            steps.append(("slm", self._blank_slm))
+        if self.core.getShutterDevice() and (
+            self._shutter_opened or reason in ("start", "watchdog")
+        ):
+            steps.append(("shutter", lambda: self.core.setShutterOpen(False)))
+        for name, step in steps:
+            try:  # every step tried even if one fails
+                step()
+            except Exception:
+                log.exception("could not make the %s safe (%s)", name, reason)
+                failures.append(name)
+        if "galvo" not in failures:
+            self._galvo = []
+        if "slm" not in failures:
+            self._slm_light = []
+        if "shutter" not in failures:
+            self._shutter_opened = False
+        if failures:
+            raise RuntimeError(f"safe state ({reason}): {', '.join(failures)} not made safe")
+        return True
+
+    def _blank_slm(self) -> None:
+        self.core.setSLMImage(self.config.devices.slm, np.zeros(self._slm_shape, dtype=np.uint8))
+        self.core.displaySLMImage(self.config.devices.slm)
+
+    def _light_read_back(self) -> list[str]:
+        """What the devices say after the safe state; a list of what is still lit."""
+        names = self.config.devices
+        problems = []
+        if self.galvo_device:
+            power = float(self.core.getProperty(names.laser, names.laser_power_property))
+            if power != 0.0:
+                problems.append(f"{names.laser}.{names.laser_power_property} reads {power:g}")
+        if self.slm_device and hasattr(self.core, "getSLMImage"):  # UniMMCore reads it back
+            try:
+                lit = int(np.count_nonzero(self.core.getSLMImage(names.slm)))
+            except Exception:  # a C++ SLM adapter cannot be read back
+                lit = 0
+            if lit:
+                problems.append(f"{names.slm} shows {lit} lit pixels")
+        return problems
 
     def _laser_list(self) -> list[dict[str, float]]:
         return [{"x_um": s.x_um, "y_um": s.y_um, "power_mw": s.power_mw} for s in self.laser]
@@ -663,6 +620,7 @@ class DriverNode(InstrumentNode):
             "pixel_size_um": self._pixel_size_um(),
             "field_um": list(self.field_um),
             "laser": self._laser_list(),
+            "shutter_open": self._shutter_opened,
             **self._positions(),
             "watchdog_tripped": self.watchdog_tripped,
         }

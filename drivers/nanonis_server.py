@@ -9,6 +9,12 @@ outside the construction-time limits, backend exception) get the protocol's erro
 response and the connection keeps going; only a header whose body size cannot be
 trusted ends a connection, since the byte stream can no longer be framed.
 
+Bounded resources (``NanonisLimits``): at most ``max_connections`` clients at once (one
+more is answered by a close), a connection idle for ``idle_timeout_s`` is dropped, every
+numeric setting has a range, and a request whose estimated run time exceeds
+``max_request_s`` is refused (a sweep holds the backend lock while it runs: 2**31 sweeps
+would hold it for years).
+
 The backend is any object implementing ``SpmBackend``; all quantities are SI (m, V, s)
 like Nanonis itself, angles in degrees.
 """
@@ -163,6 +169,27 @@ class NanonisLimits:
     xy_m: tuple[float, float] = (-5e-6, 5e-6)
     max_pixels: int = 4096
     max_spectrum_points: int = 100_000
+    max_spectrum_sweeps: int = 10_000
+    z_offset_m: tuple[float, float] = (-1e-6, 1e-6)
+    max_withdraw_timeout_ms: int = 600_000
+    # Longest a single request may keep the backend busy, and the time the estimates
+    # assume per sweep point (settling + integration) and per scan pixel.
+    max_request_s: float = 600.0
+    spectrum_point_s: float = 1e-3
+    scan_pixel_s: float = 1e-5
+    max_connections: int = 8
+    idle_timeout_s: float = 300.0
+
+    def sweep_s(self, points: int, sweeps: int, backward: bool) -> float:
+        """Estimated run time of one BiasSpectr.Start with these settings."""
+        return max(points, 1) * max(sweeps, 1) * (2 if backward else 1) * self.spectrum_point_s
+
+    def check_duration(self, command: str, what: str, seconds: float) -> None:
+        if seconds > self.max_request_s:
+            raise CommandError(
+                f"{command}: {what} would run about {_fmt(seconds)} s, the allowed range is "
+                f"[0, {_fmt(self.max_request_s)}] s (max_request_s)"
+            )
 
 
 class CommandError(Exception):
@@ -329,8 +356,18 @@ class NanonisServer:
         a slow command's reply (a sweep, a scan) leaves at once.
         """
         with self._conns_lock:
-            self._conns.add(conn)
+            full = len(self._conns) >= self.limits.max_connections
+            if not full:
+                self._conns.add(conn)
         peer = conn.getpeername()
+        if full:
+            log.warning(
+                "nanonis: refused %s: %d connections open (max_connections)",
+                peer,
+                self.limits.max_connections,
+            )
+            return  # socketserver closes the socket
+        conn.settimeout(self.limits.idle_timeout_s)  # a stalled client is dropped
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # replies leave at once
         log.debug("nanonis: client %s connected", peer)
         buffer = bytearray()
@@ -481,6 +518,9 @@ class NanonisServer:
             lines = max(1, round(pixels * cur.lines / cur.pixels))
         if not 1 <= lines <= top:
             raise CommandError(f"{cmd}: lines={lines} is outside the allowed range [1, {top}]")
+        self.limits.check_duration(
+            cmd, f"a {pixels}x{lines} scan", 2 * pixels * lines * self.limits.scan_pixel_s
+        )
         signals = tuple(self.slots[int(i)] for i in indexes)
         self.backend.set_scan_buffer(ScanBuffer(signals, pixels, lines))
         return ()
@@ -509,6 +549,12 @@ class NanonisServer:
         return ()
 
     def _spectr_start(self, get_data: int, save_base_name: str) -> tuple[Any, ...]:
+        p = self.backend.get_spectroscopy_props()
+        self.limits.check_duration(
+            "BiasSpectr.Start",
+            f"{p.num_sweeps} sweep(s) of {p.num_points} points",
+            self.limits.sweep_s(p.num_points, p.num_sweeps, p.backward_sweep),
+        )
         res = self.backend.run_bias_spectroscopy(save_base_name)
         if not get_data:
             return ([], np.zeros((0, 0), np.float32), np.zeros(0, np.float32))
@@ -532,14 +578,17 @@ class NanonisServer:
     ) -> tuple[()]:
         cmd = "BiasSpectr.PropsSet"
         top = self.limits.max_spectrum_points
-        if num_sweeps < 0:
-            raise CommandError(f"{cmd}: num_sweeps={num_sweeps} must be >= 0 (0 = no change)")
+        sweeps_top = self.limits.max_spectrum_sweeps
+        if not 0 <= num_sweeps <= sweeps_top:
+            raise CommandError(
+                f"{cmd}: num_sweeps={num_sweeps} is outside the allowed range [0, {sweeps_top}] "
+                f"(0 = no change)"
+            )
         if not 0 <= num_points <= top:
             raise CommandError(
                 f"{cmd}: num_points={num_points} is outside the allowed range [0, {top}]"
             )
-        if not math.isfinite(z_offset_m):
-            raise CommandError(f"{cmd}: z_offset_m={z_offset_m} must be finite")
+        _check_range(cmd, "z_offset_m", z_offset_m, *self.limits.z_offset_m, "m")
         flags = {
             name: _tri_state(cmd, name, code)
             for name, code in (
@@ -556,7 +605,13 @@ class NanonisServer:
             changes["num_points"] = num_points
         changes["z_offset_m"] = z_offset_m
         current = self.backend.get_spectroscopy_props()
-        self.backend.set_spectroscopy_props(replace(current, **changes))
+        wanted = replace(current, **changes)
+        self.limits.check_duration(
+            cmd,
+            f"num_sweeps={wanted.num_sweeps} x num_points={wanted.num_points}",
+            self.limits.sweep_s(wanted.num_points, wanted.num_sweeps, wanted.backward_sweep),
+        )
+        self.backend.set_spectroscopy_props(wanted)
         return ()
 
     def _props_get(self) -> tuple[Any, ...]:
@@ -591,7 +646,10 @@ class NanonisServer:
         return ()
 
     def _withdraw(self, wait: int, timeout_ms: int) -> tuple[()]:
-        self.backend.withdraw(bool(wait), None if timeout_ms < 0 else timeout_ms / 1000.0)
+        # Clamped, not refused: a withdraw is the safe state and must always run.
+        top = self.limits.max_withdraw_timeout_ms
+        timeout_ms = top if timeout_ms < 0 or timeout_ms > top else timeout_ms
+        self.backend.withdraw(bool(wait), timeout_ms / 1000.0)
         return ()
 
 

@@ -134,7 +134,8 @@ def encode_frame(header: FrameHeader, array: np.ndarray) -> list[Any]:
     if not array.flags.c_contiguous:
         array = np.ascontiguousarray(array)
     topic = FRAME_PREFIX + header.stream.encode()
-    return [topic, pack(header.to_wire()), memoryview(array).cast("B")]
+    # Flat bytes view, no copy; reshape first: memoryview cannot cast an empty 2-D shape.
+    return [topic, pack(header.to_wire()), memoryview(array.reshape(-1).view(np.uint8))]
 
 
 def decode_frame(parts: Sequence[Any]) -> Frame:

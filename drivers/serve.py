@@ -88,6 +88,7 @@ def build_node(
         truth_source=truth,
         field_um=config.twin.camera.field_um,
         event_hook=event_hook,
+        light_truth=rig.take_light_log,
     )
 
 

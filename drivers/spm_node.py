@@ -42,13 +42,11 @@ the cache is dropped with the link), and hot-path calls use ``nanonis_fast``.
 from __future__ import annotations
 
 import logging
-import math
 import re
 import socket
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -56,9 +54,10 @@ import zmq
 from nanonis_spm import Nanonis
 
 from drivers import nanonis_wire as wire
-from drivers.node import InstrumentNode, check_within, number_arg
+from drivers.node import InstrumentNode
 from drivers.protocol import ProtocolError, now_ns
 from drivers.spm_config import SpmDriverConfig
+from drivers.spm_gate import SpectrumSettings, SpmGate
 
 log = logging.getLogger(__name__)
 
@@ -119,34 +118,7 @@ def to_our_units(data: np.ndarray, unit: str) -> tuple[np.ndarray, str]:
     return np.ascontiguousarray(data, np.float32), unit
 
 
-def _int_arg(cmd: str, args: dict[str, Any], name: str, default: int | None = None) -> int:
-    value = args.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ProtocolError("bad_args", f"{cmd}: field '{name}' must be an integer, got {value!r}")
-    return value
-
-
-def _bool_arg(cmd: str, args: dict[str, Any], name: str, default: bool) -> bool:
-    value = args.get(name, default)
-    if not isinstance(value, bool):
-        raise ProtocolError(
-            "bad_args", f"{cmd}: field '{name}' must be true or false, got {value!r}"
-        )
-    return value
-
-
 QUICKACK: int | None = None  # getattr(socket, "TCP_QUICKACK", None)  # Linux only
-
-
-@dataclass(frozen=True)
-class SpectrumSettings:
-    """One bias sweep's settings, as sent to BiasSpectr.PropsSet/LimitsSet."""
-
-    start_v: float
-    end_v: float
-    points: int
-    sweeps: int
-    backward: bool
 
 
 class SpmNode(InstrumentNode):
@@ -156,6 +128,7 @@ class SpmNode(InstrumentNode):
 
     def __init__(self, config: SpmDriverConfig, ctx: zmq.Context | None = None) -> None:
         self.config = config
+        self.gate = SpmGate(config.limits)
         self.address = f"{config.nanonis_host}:{config.nanonis_port}"
         self._sock: socket.socket | None = None
         self._client: Nanonis | None = None
@@ -353,6 +326,12 @@ class SpmNode(InstrumentNode):
     def actuators_live(self) -> bool:
         return self.bias_v != 0.0 or self.scan_running or self.z_on
 
+    def watchdog_paused(self) -> bool:
+        """A scan or sweep the agent waits on: each is bounded by its own timeout, and
+        ``withdraw`` aborts it. Safe-off needs the one Nanonis link, so it runs here,
+        on the node thread, at the next tick (the link cannot be shared mid-call)."""
+        return bool(self._busy)
+
     def safe_state(self, reason: str) -> None:
         """Stop the scan, withdraw the tip, then bias 0; every step tried even if one fails."""
         if self._busy:
@@ -436,27 +415,19 @@ class SpmNode(InstrumentNode):
         self._refresh()
         return self._cmd_get_state(args)
 
-    def _tip_arg(self, cmd: str, args: dict[str, Any]) -> tuple[float, float]:
-        x = number_arg(cmd, args, "x_um")
-        y = number_arg(cmd, args, "y_um")
-        check_within(cmd, "x_um", x, self.config.limits.x_um, "um")
-        check_within(cmd, "y_um", y, self.config.limits.y_um, "um")
-        return x, y
-
     def _move_tip(self, x_um: float, y_um: float) -> None:
         self.nanonis_fast("FolMe.XYPosSet", *self._tip_m(x_um, y_um))
         self.tip_um = (x_um, y_um)
 
     def _cmd_move_tip(self, args: dict[str, Any]) -> dict[str, Any]:
-        x, y = self._tip_arg("move_tip", args)
+        x, y = self.gate.tip("move_tip", args)
         self._not_busy("move_tip")
         self._move_tip(x, y)
         self.watchdog_tripped = False
         return {"tip_um": [x, y]}
 
     def _cmd_set_bias(self, args: dict[str, Any]) -> dict[str, Any]:
-        bias = number_arg("set_bias", args, "bias_v")
-        check_within("set_bias", "bias_v", bias, self.config.limits.bias_v, "V")
+        bias = self.gate.bias("set_bias", args)
         self._not_busy("set_bias")
         if bias != 0.0:
             self.bias_v = bias  # live from the moment we ask: a failed reply may have applied it
@@ -479,45 +450,8 @@ class SpmNode(InstrumentNode):
 
     # --- scan --------------------------------------------------------------------------
 
-    def _scan_window(self, args: dict[str, Any]) -> dict[str, float]:
-        cmd = "scan"
-        x, y = self._tip_arg(cmd, args)
-        width = number_arg(cmd, args, "width_um")
-        height = number_arg(cmd, args, "height_um")
-        angle = number_arg(cmd, {"angle_deg": 0.0, **args}, "angle_deg")
-        for name, size in (("width_um", width), ("height_um", height)):
-            if size <= 0:
-                raise ProtocolError("bad_args", f"{cmd}: field '{name}' = {size:g} um must be > 0")
-        check_within(cmd, "angle_deg", angle, (-360.0, 360.0), "deg")
-        a = math.radians(angle)
-        half_x = 0.5 * (width * abs(math.cos(a)) + height * abs(math.sin(a)))
-        half_y = 0.5 * (width * abs(math.sin(a)) + height * abs(math.cos(a)))
-        limits = self.config.limits
-        for axis, centre, half, (lo, hi) in (
-            ("x", x, half_x, limits.x_um),
-            ("y", y, half_y, limits.y_um),
-        ):
-            if centre - half < lo or centre + half > hi:
-                raise ProtocolError(
-                    "out_of_limits",
-                    f"{cmd}: frame {axis} span [{centre - half:g}, {centre + half:g}] um "
-                    f"(fields '{axis}_um', 'width_um', 'height_um', 'angle_deg') is outside "
-                    f"the allowed range [{lo:g}, {hi:g}] um",
-                )
-        return {"x_um": x, "y_um": y, "width_um": width, "height_um": height, "angle_deg": angle}
-
-    def _scan_channels(self, args: dict[str, Any]) -> list[tuple[int, str]]:
+    def _scan_channels(self, wanted: list[str]) -> list[tuple[int, str]]:
         """Requested channels as (slot index, Nanonis name); bare names ('Z') accepted."""
-        wanted = args.get("channels")
-        if (
-            not isinstance(wanted, list)
-            or not wanted
-            or not all(isinstance(c, str) and c for c in wanted)
-        ):
-            raise ProtocolError(
-                "bad_args",
-                f"scan: field 'channels' must be a non-empty list of names, got {wanted!r}",
-            )
         names = self.slot_names()
         out: list[tuple[int, str]] = []
         for i, channel in enumerate(wanted):
@@ -538,14 +472,10 @@ class SpmNode(InstrumentNode):
 
     def _cmd_scan(self, args: dict[str, Any]) -> dict[str, Any]:
         cmd = "scan"
-        window = self._scan_window(args)
-        pixels = _int_arg(cmd, args, "pixels")
-        lines = _int_arg(cmd, args, "lines")
-        top = self.config.limits.max_scan_pixels
-        check_within(cmd, "pixels", pixels, (1, top), "pixels")
-        check_within(cmd, "lines", lines, (1, top), "lines")
+        request = self.gate.scan(args)
+        window, pixels, lines = request.window, request.pixels, request.lines
         self._not_busy(cmd)
-        channels = self._scan_channels(args)  # reads the signal list: after the limits
+        channels = self._scan_channels(request.channels)  # reads the signal list: after the limits
 
         frame = (
             window["x_um"] / M_TO_UM,
@@ -613,7 +543,7 @@ class SpmNode(InstrumentNode):
         finally:
             self._settle()  # replies of grabs after a failed one
         self.scans_done += 1
-        self.last_agent_ns = now_ns()  # grabbing large frames takes a while, too
+        self.agent_waiting()  # grabbing large frames takes a while, too
         return {
             "seqs": seqs,
             "streams": streams,
@@ -629,7 +559,7 @@ class SpmNode(InstrumentNode):
         wait_ms = 0  # first status read at once: a short (or simulated) scan is done already
         while True:
             # The controlling agent is blocked on our reply: that is not silence.
-            self.last_agent_ns = now_ns()
+            self.agent_waiting()
             self._serve_while_busy(wait_ms)
             if self._abort:
                 raise RuntimeError(f"aborted by {self._abort}; no frames published")
@@ -647,45 +577,18 @@ class SpmNode(InstrumentNode):
 
     # --- spectrum ----------------------------------------------------------------------
 
-    def _spectrum_settings(self, cmd: str, args: dict[str, Any]) -> SpectrumSettings:
-        start = number_arg(cmd, args, "bias_from_v")
-        end = number_arg(cmd, args, "bias_to_v")
-        limits = self.config.limits
-        check_within(cmd, "bias_from_v", start, limits.bias_v, "V")
-        check_within(cmd, "bias_to_v", end, limits.bias_v, "V")
-        points = _int_arg(cmd, args, "points")
-        sweeps = _int_arg(cmd, args, "sweeps", 1)
-        backward = _bool_arg(cmd, args, "backward", True)
-        check_within(cmd, "points", points, (2, limits.max_spectrum_points), "points")
-        check_within(cmd, "sweeps", sweeps, (1, limits.max_spectrum_sweeps), "sweeps")
-        return SpectrumSettings(start, end, points, sweeps, backward)
-
     def _cmd_spectrum(self, args: dict[str, Any]) -> dict[str, Any]:
         cmd = "spectrum"
-        xy = self._tip_arg(cmd, args)
-        settings = self._spectrum_settings(cmd, args)
+        xy = self.gate.tip(cmd, args)
+        settings = self.gate.spectrum(cmd, args)
         self._not_busy(cmd)
         return self._run_spectra(cmd, [xy], settings)[0]
 
     def _cmd_spectra(self, args: dict[str, Any]) -> dict[str, Any]:
         """A batch of spectra: one frame each, the controller never idle between them."""
         cmd = "spectra"
-        raw = args.get("positions_um")
-        top = self.config.limits.max_spectra_per_batch
-        if not isinstance(raw, list) or not 1 <= len(raw) <= top:
-            raise ProtocolError(
-                "bad_args",
-                f"{cmd}: field 'positions_um' must be a list of 1 to {top} [x_um, y_um] pairs",
-            )
-        positions = []
-        for i, item in enumerate(raw):
-            if not isinstance(item, list | tuple) or len(item) != 2:
-                raise ProtocolError(
-                    "bad_args", f"{cmd}: positions_um[{i}] must be [x_um, y_um], got {item!r}"
-                )
-            pair = {"x_um": item[0], "y_um": item[1]}
-            positions.append(self._tip_arg(f"{cmd}: positions_um[{i}]", pair))
-        settings = self._spectrum_settings(cmd, args)
+        positions = self.gate.positions(cmd, args.get("positions_um"))
+        settings = self.gate.spectrum(cmd, args)
         self._not_busy(cmd)
         done = self._run_spectra(cmd, positions, settings)
         return {
@@ -784,7 +687,7 @@ class SpmNode(InstrumentNode):
                 self.tip_um = xy
                 started = self._read_reply("BiasSpectr.Start", timeout)
                 t_end = now_ns()
-                self.last_agent_ns = t_end  # the agent is blocked on our reply, not silent
+                self.agent_waiting()  # the agent is blocked on our reply, not silent
                 self.watchdog_tripped = False
                 send_next(i + 1)  # before publishing: the controller must not wait for us
                 done.append(self._publish_spectrum(started, xy, settings, t_start, t_end))

@@ -27,12 +27,14 @@ from pymmcore_plus.experimental.unicore import (
 )
 
 from drivers.config import DeviceNames, TwinSettings
+from drivers.light import SlmCalibration, slm_image_spots
 from simulators.particles import LaserSpot  # the twin's input: where light falls
 from simulators.scene import ParticleScene
 
 # The twin laser's own physical ceiling; the driver's configured limit is stricter.
 TWIN_LASER_MAX_MW = 1000.0
 TRUTH_RING = 256
+LIGHT_LOG_MAX = 100_000  # light changes kept until the node publishes them
 
 
 def _sleep_until(deadline_s: float) -> None:
@@ -70,6 +72,12 @@ class TwinRig:
         # What was commanded when: light reaches the sample actuation_delay_ms later.
         self._commands: deque[tuple[float, tuple[LaserSpot, ...]]] = deque(maxlen=4096)
         self._commands.append((0.0, ()))
+        # Commands are recorded on the node thread (and the watchdog's), read on the
+        # camera's sequence thread: a deque must not change while it is iterated.
+        self._commands_lock = threading.Lock()
+        # Every change of the light on the sample, for the truth/light topic: what the
+        # sample really got and when, whatever the driver believes it applied.
+        self._light_log: deque[dict[str, Any]] = deque(maxlen=LIGHT_LOG_MAX)
         self.frame_index = 0
         self._truth: OrderedDict[int, dict[str, Any]] = OrderedDict()
         self._lock = threading.Lock()
@@ -86,21 +94,32 @@ class TwinRig:
         return galvo + self.slm_spots
 
     def record_command(self) -> None:
-        self._commands.append((time.monotonic(), self.commanded_spots()))
+        t = time.monotonic()
+        spots = self.commanded_spots()
+        with self._commands_lock:
+            self._commands.append((t, spots))
+        delay_s = self.settings.actuation_delay_ms / 1000.0 if self.settings.realtime else 0.0
+        self._light_log.append(
+            {
+                "t_ns": int((t + delay_s) * 1e9),  # on the sample (CLOCK_MONOTONIC)
+                "spots": [[s.x_um, s.y_um, s.power_mw] for s in spots],  # camera field
+                "stage_um": list(self.stage_um),
+            }
+        )
+
+    def take_light_log(self) -> list[dict[str, Any]]:
+        """Light changes since the last call (any thread may record; one takes)."""
+        out = []
+        while self._light_log:
+            out.append(self._light_log.popleft())
+        return out
 
     def display_slm(self, image: np.ndarray) -> None:
         """Lit SLM pixels become spots at their calibrated sample positions."""
         self.slm_image = image.copy()
-        rows, cols = np.nonzero(image)
-        names = self.names
-        x0, y0 = names.slm_origin_um
+        calibration = SlmCalibration.from_devices(self.names)
         self.slm_spots = tuple(
-            LaserSpot(
-                x0 + float(c) * names.slm_pixel_um,
-                y0 + float(r) * names.slm_pixel_um,
-                float(image[r, c]) / 255.0 * names.slm_max_power_mw,
-            )
-            for r, c in zip(rows, cols, strict=True)
+            LaserSpot(s.x_um, s.y_um, s.power_mw) for s in slm_image_spots(image, calibration)
         )
         self.record_command()
 
@@ -109,10 +128,11 @@ class TwinRig:
         if self.settings.realtime:
             cutoff = now_s - self.settings.actuation_delay_ms / 1000.0
             spots: tuple[LaserSpot, ...] = ()
-            for t, commanded in reversed(self._commands):
-                if t <= cutoff:
-                    spots = commanded
-                    break
+            with self._commands_lock:
+                for t, commanded in reversed(self._commands):
+                    if t <= cutoff:
+                        spots = commanded
+                        break
         else:
             spots = self.commanded_spots()
         sx, sy = self.stage_um  # field -> sample coordinates

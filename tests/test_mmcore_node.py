@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import zmq
 
-from drivers.config import DriverConfig
+from drivers.config import DriverConfig, Limits
 from drivers.mmcore_node import DriverNode
 from drivers.serve import load_mmcore
 from drivers.transport import CommandClient, CommandError, StreamSubscriber
@@ -17,7 +17,11 @@ from drivers.transport import CommandClient, CommandError, StreamSubscriber
 
 @pytest.fixture
 def demo_node(make_node: Callable[[DriverConfig], DriverNode]) -> DriverNode:
-    return make_node(DriverConfig(kind="mmcore", mm_config="demo", exposure_ms=5.0))
+    limits = Limits(
+        properties={"Camera.Mode": ["Noise", "Artificial Waves"]},
+        config_groups=["Camera", "Channel"],
+    )
+    return make_node(DriverConfig(kind="mmcore", mm_config="demo", exposure_ms=5.0, limits=limits))
 
 
 def _client(node: DriverNode, ctx: zmq.Context) -> CommandClient:

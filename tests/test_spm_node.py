@@ -366,7 +366,11 @@ def test_watchdog_withdraws_and_zeroes_bias(
         events: list[dict[str, Any]] = []
         while time.monotonic() < deadline and not (events and backend.bias_v == 0.0):
             sub.recv_newest(20)
-            events += [m for t, m in sub.take_messages() if t == EVENT_TOPIC]
+            events += [
+                m
+                for t, m in sub.take_messages()
+                if t == EVENT_TOPIC and m["event"] == "watchdog"  # not "control"
+            ]
         elapsed = time.monotonic() - t_last
         assert backend.bias_v == 0.0 and not backend.z_on
         assert backend.z_m == pytest.approx(backend.z_withdrawn_m)

@@ -32,6 +32,7 @@ def field_node(tmp_path: Path) -> Iterator[str]:
         watchdog_ms=60_000,
         stream_hwm=10_000,
         seed=3,
+        limits={"properties": {"Lamp.intensity": (0.0, 1.0)}},  # the plan sets the lamp
     )
     config.field.n_objects = 10
     config.field.area_um = (640.0, 640.0)

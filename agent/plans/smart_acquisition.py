@@ -164,7 +164,16 @@ class SmartAcquisition:
         self.detector = ParticleDetector(config.detector)
 
     def _layout(self, state: dict[str, Any]) -> None:
-        """Grid positions and pixel size from what the instrument reports."""
+        """Grid positions and pixel size from what the instrument reports; a lamp the
+        driver does not let us set is refused here, before anything moves."""
+        if self.config.lamp is not None:
+            lamp = ".".join(self.config.lamp)
+            allowed = state.get("limits", {}).get("properties", {})
+            if lamp not in allowed:
+                raise ConfigError(
+                    f"config error: driver.limits.properties: the driver does not allow {lamp} "
+                    f"(it allows {sorted(allowed) or 'none'}); allow it there, or set lamp: null"
+                )
         self.pixel_um = float(state["pixel_size_um"])
         step = self.config.grid.step_um or float(state["field_um"][0])
         ox, oy = self.config.grid.origin_um

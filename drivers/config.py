@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from drivers.slm_optics import PhaseSlmSettings
 from simulators.camera import CameraConfig
 from simulators.particles import ParticleTwinConfig
 
@@ -78,6 +79,7 @@ class TwinSettings(StrictModel):
     stage_drift_um_s: tuple[float, float] = (0.0, 0.0)  # slow thermal drift of the view
     actuation_delay_ms: float = Field(0.0, ge=0.0, le=10_000.0)  # command -> light on sample
     slm_px: int = Field(128, ge=8, le=4096)  # the twin SLM is slm_px x slm_px
+    slm_phase: PhaseSlmSettings | None = None  # set: a phase SLM showing holograms
     realtime: bool = True  # pace exposures on the wall clock, as real hardware does
 
 

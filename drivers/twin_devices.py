@@ -27,6 +27,7 @@ from pymmcore_plus.experimental.unicore import (
 )
 
 from drivers.config import DeviceNames, TwinSettings
+from drivers.slm_optics import phase_image_traps
 from policies.contract import LaserSpot
 from simulators.scene import ParticleScene
 
@@ -66,6 +67,11 @@ class TwinRig:
         self.laser_y_um = 0.0
         self.laser_power_mw = 0.0
         self.slm_image = np.zeros((settings.slm_px, settings.slm_px), dtype=np.uint8)
+        phase = settings.slm_phase
+        if phase is not None and phase.calibration.slm_px != settings.slm_px:
+            raise ValueError(
+                f"twin.slm_phase.calibration.slm_px must equal twin.slm_px ({settings.slm_px})"
+            )
         self.slm_spots: tuple[LaserSpot, ...] = ()
         # What was commanded when: light reaches the sample actuation_delay_ms later.
         self._commands: deque[tuple[float, tuple[LaserSpot, ...]]] = deque(maxlen=4096)
@@ -89,8 +95,14 @@ class TwinRig:
         self._commands.append((time.monotonic(), self.commanded_spots()))
 
     def display_slm(self, image: np.ndarray) -> None:
-        """Lit SLM pixels become spots at their calibrated sample positions."""
+        """Lit SLM pixels become spots at their calibrated sample positions; on a phase
+        SLM the image is a hologram and the spots are its Fourier-plane traps."""
         self.slm_image = image.copy()
+        if self.settings.slm_phase is not None:
+            traps = phase_image_traps(image, self.settings.slm_phase)
+            self.slm_spots = tuple(LaserSpot(x, y, p) for x, y, p in traps)
+            self.record_command()
+            return
         rows, cols = np.nonzero(image)
         names = self.names
         x0, y0 = names.slm_origin_um

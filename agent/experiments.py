@@ -28,6 +28,7 @@ TRAIN_KINDS: dict[str, str] = {
     "spm-segmenter": "agent.spm_train:train_spm_segmenter",
     "rl": "policies.rl.train:train_entry",
     "calibration-estimator": "policies.calibration.learned:train_calibration",
+    "optical-force": "agent.train_optics:train_optical_force",
 }
 
 EntryFn = Callable[..., dict[str, Any]]

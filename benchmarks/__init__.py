@@ -14,4 +14,5 @@ BENCHMARKS: dict[str, str] = {
     "mmcore": "benchmarks.mmcore",
     "calibration": "benchmarks.calibration",
     "feedback": "benchmarks.feedback",
+    "optics": "benchmarks.optics",
 }

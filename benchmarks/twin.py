@@ -3,6 +3,9 @@
 - speed: `ParticleScene.expose` for a 512x512 camera, 100 particles, 5 sub-steps and a
   30 ms exposure (default noise), Gaussian and Airy PSF; best of several timed runs,
   since the machine is shared. Run with OMP_NUM_THREADS=1 to measure one core.
+- tweezers: the same frames with 10 optical-tweezers spots on, harmonic trap vs the
+  learned Mie-force surrogate (`trap_model: surrogate`), timed in interleaved rounds;
+  `tweezers_surrogate_fps_ratio` is surrogate frames/s over harmonic frames/s.
 - statistics: large flat frames (read noise 0, gain 1, offset 0) at 2, 20 and 200
   expected electrons per pixel; mean and variance must both equal λ (Poisson), which
   the fast table sampler must not trade away for speed.
@@ -15,6 +18,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from policies.contract import LaserSpot
 from simulators.camera import CameraConfig, CameraModel
 from simulators.particles import ParticleTwinConfig
 from simulators.scene import ParticleScene
@@ -41,6 +45,43 @@ def _expose_ms(psf: str, frames: int, repeats: int) -> float:
             scene.expose(EXPOSURE_S, out=out)
         best = min(best, (time.perf_counter() - t0) / frames)
     return best * 1e3
+
+
+def _tweezers_scene(trap_model: str) -> ParticleScene:
+    scene = ParticleScene(
+        ParticleTwinConfig(
+            n_particles=100,
+            initial="random",
+            actuator="tweezers",
+            trap_model=trap_model,  # type: ignore[arg-type]
+            particle_radius_um=0.5,
+        ),
+        CameraConfig(width_px=512, height_px=512),
+        seed=0,
+        substeps=5,
+    )
+    ring = np.linspace(0.0, 2.0 * np.pi, 10, endpoint=False)
+    scene.twin.set_laser(
+        [LaserSpot(25.0 + 10.0 * np.cos(a), 25.0 + 10.0 * np.sin(a), 5.0) for a in ring]
+    )
+    return scene
+
+
+def _tweezers_ms(frames: int, repeats: int) -> tuple[float, float]:
+    """Best per-frame ms (harmonic, surrogate), measured in alternating rounds."""
+    scenes = {m: _tweezers_scene(m) for m in ("harmonic", "surrogate")}
+    out = np.empty((512, 512), np.uint16)
+    best = dict.fromkeys(scenes, float("inf"))
+    for scene in scenes.values():
+        for _ in range(5):
+            scene.expose(EXPOSURE_S, out=out)
+    for _ in range(repeats):
+        for model, scene in scenes.items():
+            t0 = time.perf_counter()
+            for _ in range(frames):
+                scene.expose(EXPOSURE_S, out=out)
+            best[model] = min(best[model], (time.perf_counter() - t0) / frames)
+    return best["harmonic"] * 1e3, best["surrogate"] * 1e3
 
 
 def _noise_errors(mean_e: float, frames: int, lit: bool = False) -> tuple[float, float]:
@@ -81,6 +122,14 @@ def run(quick: bool = False, log: Log = print) -> dict[str, float]:
     metrics["ms_per_frame_512_100p_airy"] = airy_ms
     metrics["frames_per_s_512_100p_airy"] = 1e3 / airy_ms
     log(f"expose 512x512, 100 particles x 5 sub-steps, airy: {airy_ms:.2f} ms/frame")
+    harmonic_ms, surrogate_ms = _tweezers_ms(frames // 2, repeats)
+    metrics["ms_per_frame_512_100p_tweezers_harmonic"] = harmonic_ms
+    metrics["ms_per_frame_512_100p_tweezers_surrogate"] = surrogate_ms
+    metrics["tweezers_surrogate_fps_ratio"] = harmonic_ms / surrogate_ms
+    log(
+        f"tweezers, 10 spots: harmonic {harmonic_ms:.2f} ms/frame, surrogate "
+        f"{surrogate_ms:.2f} ms/frame (fps ratio {harmonic_ms / surrogate_ms:.3f})"
+    )
     worst = worst_lit = 0.0
     for mean_e in (2.0, 20.0, 200.0):
         err_mean, err_var = _noise_errors(mean_e, 2 if quick else 8)

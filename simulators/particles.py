@@ -14,18 +14,26 @@ Einstein for a sphere unless given). Janus particles ("janus") self-propel along
 v0 = swim_speed * (laser power falling on them), as light-absorbing-cap swimmers do
 (Muinos-Landin et al.); passive ones only rotate. Orientation kicks come from a third
 stream, so switching propulsion on never changes the translational noise.
+
+Tweezers come in two models (`trap_model`): `harmonic`, a Gaussian-cut spring, or
+`surrogate`, the learned surrogate of the exact Mie force of a focused beam
+(`simulators.optics.surrogate`): anharmonic away from the centre, with a finite escape
+force, set by the particle's radius. The twin is 2-D, so a particle is taken to sit
+at its trap's axial equilibrium (where the scattering and gradient forces balance).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from policies.contract import KB_FN_UM_PER_K, LaserSpot
+from simulators.optics.surrogate import ForceSurrogate
 
 #: Boltzmann constant in fN*um/K (1 fN*um = 1e-21 J), so kB*T(296 K) ~ 4.09 fN*um.
 #: Viscosity of water in fN*s/um^2 (1 fN*s/um^2 = 1 mPa*s).
@@ -46,6 +54,10 @@ class ParticleTwinConfig(BaseModel):
     # 20 fN/um per mW = 20 pN/um per W, typical for a 1 um bead in a high-NA trap.
     trap_stiffness_fn_per_um_per_mw: float = Field(20.0, ge=0.0, le=1e6)
     trap_range_um: float = Field(1.0, gt=0.0, le=1e6)
+    # harmonic: the two fields above; surrogate: the learned Mie force for
+    # particle_radius_um (trap_surrogate: its .npz, None for the shipped one).
+    trap_model: Literal["harmonic", "surrogate"] = "harmonic"
+    trap_surrogate: str | None = None
     temperature_k: float = Field(296.0, gt=0.0, le=1000.0)
     max_internal_step_s: float = Field(0.002, gt=0.0, le=1.0)
     initial: Literal["center", "random"] = "center"
@@ -75,6 +87,47 @@ def _reflect(v: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return lo + np.where(y > span, 2.0 * span - y, y)
 
 
+@lru_cache(maxsize=8)
+def _load_surrogate(path: str | None) -> ForceSurrogate:
+    """One loaded surrogate per file, shared by every twin that uses it (read-only)."""
+    return ForceSurrogate(path)
+
+
+class SurrogateTrap:
+    """A tweezers spot's in-plane force from the surrogate, at the axial equilibrium."""
+
+    def __init__(self, config: ParticleTwinConfig) -> None:
+        self.surrogate = _load_surrogate(config.trap_surrogate)
+        radius = config.particle_radius_um
+        self.surrogate.check_radius(radius, "particles.particle_radius_um")
+        self.radius_um = radius
+        self.z_um = self.surrogate.axial_equilibrium_um(radius)
+        self.rho_max_um = self.surrogate.domain.rho_max_um
+        self.fn_per_mw = self.surrogate.optics.fn_per_mw
+        # Lateral stiffness at the trap centre per mW of spot power.
+        self.stiffness_fn_per_um_per_mw = self.surrogate.lateral_stiffness_fn_per_um_per_mw(
+            radius, self.z_um
+        )
+
+    def force_fn(self, d: np.ndarray, r2: np.ndarray, power_mw: np.ndarray) -> np.ndarray:
+        """(N, 2) summed force, fN, from spots at offsets d (N, M, 2) = particle - spot."""
+        out = np.zeros((d.shape[0], 2))
+        n_idx, m_idx = np.nonzero(r2 < self.rho_max_um**2)
+        if n_idx.size == 0:
+            return out
+        rho = np.sqrt(r2[n_idx, m_idx])
+        q = self.surrogate.cylindrical(
+            np.column_stack((rho, np.full(rho.size, self.z_um), np.full(rho.size, self.radius_um)))
+        )
+        e_rho = np.divide(
+            d[n_idx, m_idx], rho[:, None], out=np.zeros((rho.size, 2)), where=rho[:, None] > 0
+        )
+        e_phi = np.column_stack((-e_rho[:, 1], e_rho[:, 0]))
+        f = (q[:, :1] * e_rho + q[:, 1:2] * e_phi) * (self.fn_per_mw * power_mw[m_idx])[:, None]
+        np.add.at(out, n_idx, f)
+        return out
+
+
 class ParticleTwin:
     """N independent Brownian particles in a box with reflecting walls, pushed by laser spots."""
 
@@ -86,6 +139,9 @@ class ParticleTwin:
             raise ValueError(f"box_um must satisfy xmin < xmax and ymin < ymax, got {box_um}")
         self.config = config
         self.box_um = (xmin, xmax, ymin, ymax)
+        self.trap: SurrogateTrap | None = None
+        if config.actuator == "tweezers" and config.trap_model == "surrogate":
+            self.trap = SurrogateTrap(config)
         self._spots = np.zeros((0, 3))
         self._laser: tuple[LaserSpot, ...] = ()
         self.reset(seed)
@@ -196,6 +252,9 @@ class ParticleTwin:
             w = cfg.heating_width_um
             coef = cfg.thermodiffusion_um2_per_k_s * power * cfg.heating_k_per_mw * w
             scale = coef / (r2 + w * w) ** 1.5
+        elif self.trap is not None:
+            mobility = cfg.diffusion_um2_s / (KB_FN_UM_PER_K * cfg.temperature_k)
+            return v + mobility * self.trap.force_fn(d, r2, power)
         else:
             # Stokes–Einstein mobility D / kB T times a Gaussian-cut harmonic force.
             k = cfg.trap_stiffness_fn_per_um_per_mw * power
@@ -204,6 +263,20 @@ class ParticleTwin:
             scale = -mobility * k * cut
         v += np.einsum("nm,nmk->nk", scale, d)
         return v
+
+    def _drift_pieces(self, h: float) -> int:
+        """Drift sub-steps per internal step keeping mobility * k * h / pieces <= 0.25."""
+        cfg = self.config
+        if cfg.actuator != "tweezers" or len(self._spots) == 0:
+            return 1
+        k_per_mw = (
+            self.trap.stiffness_fn_per_um_per_mw
+            if self.trap is not None
+            else cfg.trap_stiffness_fn_per_um_per_mw
+        )
+        mobility = cfg.diffusion_um2_s / (KB_FN_UM_PER_K * cfg.temperature_k)
+        rate = mobility * k_per_mw * float(self._spots[:, 2].max())
+        return max(1, math.ceil(rate * h / 0.25))
 
     def n_internal_steps(self, dt_s: float) -> int:
         """Pieces a step(dt) is split into; depends on dt only so noise draws never vary."""
@@ -232,11 +305,15 @@ class ParticleTwin:
         xmin, xmax, ymin, ymax = self.box_um
         xy = self._xy
         theta = self._theta
+        # A stiff trap (relaxation time ~ h) would make explicit Euler overshoot: the
+        # drift is then sub-cycled, each piece taking its share of the same kick.
+        pieces = self._drift_pieces(h)
         for i in range(n):
-            v = self.drift_velocity_um_s(xy)
-            if swims:
-                v += self.swim_velocity_um_s(xy, theta)
-            xy = xy + v * h + kicks[i]
+            for _ in range(pieces):
+                v = self.drift_velocity_um_s(xy)
+                if swims:
+                    v += self.swim_velocity_um_s(xy, theta)
+                xy = xy + v * (h / pieces) + kicks[i] / pieces
             theta = theta + turns[i]
             x, y = xy[:, 0], xy[:, 1]
             if x.min() < xmin or x.max() > xmax:

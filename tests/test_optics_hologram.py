@@ -92,7 +92,5 @@ def test_twin_phase_slm_shows_the_hologram_traps() -> None:
     assert (spot.x_um, spot.y_um, spot.power_mw) == pytest.approx(expected)
     assert abs(spot.x_um) < CAL.bin_um and spot.y_um > 5.0
     assert spot.power_mw == pytest.approx(8.0, rel=0.1)
-    with pytest.raises(ValueError, match="slm_phase.calibration.slm_px"):
-        build_twin_core(
-            TwinSettings(slm_px=64, slm_phase=slm, realtime=False), 0, 10.0, names
-        )
+    with pytest.raises(ValueError, match=r"slm_phase\.calibration\.slm_px"):
+        build_twin_core(TwinSettings(slm_px=64, slm_phase=slm, realtime=False), 0, 10.0, names)

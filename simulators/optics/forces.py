@@ -25,53 +25,17 @@ from __future__ import annotations
 
 import math
 from functools import cached_property
-from typing import Literal
 
-import miepython
 import numpy as np
 from numpy.typing import ArrayLike
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy import sparse
 
 from simulators.optics import vsh
+from simulators.optics.optics import TrapOptics
 
-SPEED_OF_LIGHT_M_S = 299_792_458.0
-#: n P / c for P = 1 mW, per unit medium index, in fN.
-FN_PER_MW = 1e-3 / SPEED_OF_LIGHT_M_S * 1e15
+__all__ = ["ExactForceModel", "TrapOptics", "multipole_order"]
+
 _CHUNK = 512
-
-
-class TrapOptics(BaseModel):
-    """The optical trap: laser, objective and materials (defaults: 1064 nm, NA 1.2 water
-    immersion, polystyrene in water)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    wavelength_um: float = Field(1.064, gt=0.2, le=3.0)  # in vacuum
-    numerical_aperture: float = Field(1.2, gt=0.0, le=1.7)
-    n_medium: float = Field(1.33, ge=1.0, le=2.0)
-    n_particle: float = Field(1.59, gt=0.0, le=4.0)
-    filling_factor: float = Field(1.0, gt=0.05, le=20.0)  # Gaussian 1/e^2 radius / pupil radius
-    polarization: Literal["circular", "x"] = "circular"
-
-    @model_validator(mode="after")
-    def _na_below_medium(self) -> TrapOptics:
-        if self.numerical_aperture >= self.n_medium:
-            raise ValueError(
-                f"numerical_aperture must be below n_medium ({self.n_medium}), "
-                f"got {self.numerical_aperture}"
-            )
-        return self
-
-    @property
-    def wavenumber_per_um(self) -> float:
-        """k in the medium, 1/um."""
-        return 2.0 * math.pi * self.n_medium / self.wavelength_um
-
-    @property
-    def fn_per_mw(self) -> float:
-        """Force unit n_m P / c for 1 mW, fN."""
-        return self.n_medium * FN_PER_MW
 
 
 def multipole_order(size_parameter: float) -> int:
@@ -181,6 +145,8 @@ class ExactForceModel:
     # ------------------------------------------------------------------ Mie
     def mie_t(self, radius_um: ArrayLike) -> np.ndarray:
         """(R, K) diagonal of the sphere's scattering operator per radius (zero at n_beam)."""
+        import miepython  # numba-compiled; imported only when exact forces are needed
+
         radius = np.atleast_1d(np.asarray(radius_um, dtype=float))
         if radius.min() <= 0.0 or radius.max() > self.radius_max_um * (1 + 1e-9):
             raise ValueError(
@@ -209,9 +175,7 @@ class ExactForceModel:
         radius = np.asarray(radius_um, dtype=float)
         per_point = radius.ndim > 0 and radius.size > 1
         if per_point and radius.shape != (len(r),):
-            raise ValueError(
-                f"radius_um must be a scalar or shape ({len(r)},), got {radius.shape}"
-            )
+            raise ValueError(f"radius_um must be a scalar or shape ({len(r)},), got {radius.shape}")
         if np.any(np.linalg.norm(r, axis=1) > self.reach_um * (1 + 1e-9)):
             raise ValueError(
                 f"positions must lie within reach_um = {self.reach_um:g} um of the focus"

@@ -26,11 +26,13 @@ def _stokes_d(radius_um: float) -> float:
     return KB_FN_UM_PER_K * T_K / (6 * math.pi * WATER_VISCOSITY_FN_S_PER_UM2 * radius_um)
 
 
-def _twin(radius_um: float = 0.5, n: int = 1, **extra) -> ParticleTwin:
+def _twin(
+    radius_um: float = 0.5, n: int = 1, trap_model: str = "surrogate", **extra
+) -> ParticleTwin:
     cfg = ParticleTwinConfig(
         n_particles=n,
         actuator="tweezers",
-        trap_model="surrogate",
+        trap_model=trap_model,  # type: ignore[arg-type]
         particle_radius_um=radius_um,
         diffusion_um2_s=_stokes_d(radius_um),
         temperature_k=T_K,
@@ -158,3 +160,18 @@ def test_ten_trap_hologram_holds_ten_particles() -> None:
         twin.step(0.1)
     dist = np.linalg.norm(twin.positions_um - centres, axis=1)
     assert dist.max() < 0.5
+
+
+@pytest.mark.parametrize("trap_model", ["surrogate", "harmonic"])
+def test_stiff_trap_keeps_the_boltzmann_variance(trap_model: str) -> None:
+    """A 5 mW trap relaxes in ~0.5 ms, under the twin's 2 ms step: the exponential
+    integrator must still give <x^2> = kT / k (explicit Euler would blow it up)."""
+    extra = {} if trap_model == "surrogate" else {"trap_stiffness_fn_per_um_per_mw": 4000.0}
+    twin = _twin(trap_model=trap_model, **extra)
+    k_per_mw = twin.trap.stiffness_fn_per_um_per_mw if twin.trap else 4000.0
+    power = 5.0
+    twin.set_laser([LaserSpot(0.0, 0.0, power)])
+    assert twin._is_stiff(twin.config.max_internal_step_s)
+    xy = np.array([twin.step(0.004)[0] for _ in range(3000)])
+    k_seen = KB_FN_UM_PER_K * T_K / xy.var(axis=0).mean()
+    assert abs(math.log(k_seen / (k_per_mw * power))) < 0.12

@@ -25,7 +25,6 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.typing import ArrayLike
 from pydantic import BaseModel, ConfigDict, Field
-from scipy import ndimage
 
 Trap = tuple[float, float, float]  # (x_um, y_um, power_mw)
 
@@ -101,6 +100,7 @@ def sample_intensity(phase: np.ndarray, calibration: SlmCalibration) -> np.ndarr
 def _assigned_power(intensity: np.ndarray, seeds_rc: np.ndarray, radius_bins: float) -> np.ndarray:
     """(N,) power of every bin within radius_bins, given to its nearest seed (row, col):
     a spot's side lobes are its light too, so a gate never under-counts a trap."""
+    from scipy import ndimage  # imported when used: drivers.config loads this module
     mask = np.ones(intensity.shape, dtype=bool)
     mask[seeds_rc[:, 0], seeds_rc[:, 1]] = False
     dist, (near_r, near_c) = ndimage.distance_transform_edt(mask, return_indices=True)
@@ -135,6 +135,8 @@ def hologram_trap_powers(
         raise ValueError(f"total_power_mw: must be finite and >= 0, got {total_power_mw}")
     if not (0.0 < min_fraction < 1.0):
         raise ValueError(f"min_fraction: must be in (0, 1), got {min_fraction}")
+    from scipy import ndimage
+
     intensity = sample_intensity(phase, calibration)
     half = _window(calibration)
     size = 2 * half + 1

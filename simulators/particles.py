@@ -154,8 +154,9 @@ class SurrogateTrap:
         k *= power_mw[m_idx]
         k_phi *= power_mw[m_idx]
         dd = d[n_idx, m_idx]
-        f = np.column_stack((-k * dd[:, 0] - k_phi * dd[:, 1], -k * dd[:, 1] + k_phi * dd[:, 0]))
-        np.add.at(out, n_idx, f)
+        n = d.shape[0]
+        out[:, 0] = np.bincount(n_idx, -k * dd[:, 0] - k_phi * dd[:, 1], minlength=n)
+        out[:, 1] = np.bincount(n_idx, -k * dd[:, 1] + k_phi * dd[:, 0], minlength=n)
         return out
 
 

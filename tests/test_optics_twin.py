@@ -78,7 +78,7 @@ def test_surrogate_trap_is_anharmonic_escapable_and_size_dependent() -> None:
     assert 0.15 < x[peak] < 1.0  # the restoring force peaks, then falls: escape force
     assert abs(force[-1]) < 0.1 * abs(force[peak])
     assert abs(force[peak]) < 0.8 * k0 * x[peak]  # softer than the spring it starts as
-    bigger = _twin(radius_um=0.75)
+    bigger = _twin(radius_um=0.65)
     assert bigger.trap is not None
     assert bigger.trap.stiffness_fn_per_um_per_mw != pytest.approx(k0, rel=0.1)
 

@@ -17,4 +17,5 @@ BENCHMARKS: dict[str, str] = {
     "sweep": "benchmarks.sweep",
     "engine": "benchmarks.engine",
     "faults": "benchmarks.faults",
+    "optics": "benchmarks.optics",
 }

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from drivers.slm_optics import PhaseSlmSettings
 from simulators.camera import CameraConfig
 from simulators.particles import ParticleTwinConfig
 from simulators.sparse_field import SparseFieldConfig
@@ -72,7 +73,8 @@ class DeviceNames(StrictModel):
     `galvo`: one spot set through position/power properties (scanning mirrors, AOD).
     `slm`: a pattern of spots drawn into an SLM image (Micro-Manager SLM API); the SLM
     is calibrated by its pixel pitch on the sample, the sample position of its pixel
-    (0, 0) and the power a pixel value of 255 delivers.
+    (0, 0) and the power a pixel value of 255 delivers; or, with `slm_phase`, it is a
+    phase SLM in a Fourier plane and its image is a hologram.
     """
 
     laser_kind: Literal["galvo", "slm"] = "galvo"
@@ -84,6 +86,10 @@ class DeviceNames(StrictModel):
     slm_pixel_um: float = Field(0.2, gt=0.0, le=1000.0)
     slm_origin_um: tuple[float, float] = (0.0, 0.0)
     slm_max_power_mw: float = Field(5.0, gt=0.0, le=10_000.0)
+    # Set: a Fourier-plane phase SLM (holographic tweezers). Its images are holograms, and
+    # the traps they make are computed from them (drivers/slm_optics.py) by the gate, the
+    # frame headers and the twin alike; the three fields above are then unused.
+    slm_phase: PhaseSlmSettings | None = None
 
 
 class TwinSettings(StrictModel):

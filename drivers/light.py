@@ -15,6 +15,7 @@ import numpy as np
 
 from drivers.config import DeviceNames, Limits
 from drivers.protocol import ProtocolError
+from drivers.slm_optics import PhaseSlmSettings, phase_image_traps
 
 SLM_FULL_SCALE = 255  # 8-bit SLM images: 255 delivers the calibrated full power
 
@@ -35,19 +36,27 @@ class SlmCalibration:
     pixel_um: float
     origin_um: tuple[float, float]
     max_power_mw: float
+    phase: PhaseSlmSettings | None = None  # a phase SLM: the image is a hologram
 
     @staticmethod
     def from_devices(names: DeviceNames) -> SlmCalibration:
-        return SlmCalibration(names.slm_pixel_um, names.slm_origin_um, names.slm_max_power_mw)
+        return SlmCalibration(
+            names.slm_pixel_um, names.slm_origin_um, names.slm_max_power_mw, names.slm_phase
+        )
 
 
 def slm_image_spots(image: np.ndarray, calibration: SlmCalibration) -> list[LaserState]:
-    """The spots an 8-bit SLM image puts on the sample (one per lit pixel, imaged SLM).
+    """The spots an 8-bit SLM image puts on the sample: one per lit pixel for an imaged
+    SLM; for a phase SLM, the traps its hologram forms at the sample (Fourier optics),
+    with the light no trap claims charged to the brightest one, so the power limits
+    see all the laser power a phase-only SLM passes on.
 
     Why one function: the gate, the frame headers and the twin all ask "what is on the
     sample"; a second model of the SLM anywhere would let an image pass the gate that
     lights the sample differently.
     """
+    if calibration.phase is not None:
+        return hologram_spots(image, calibration.phase)
     rows, cols = np.nonzero(image)
     x0, y0 = calibration.origin_um
     return [
@@ -60,8 +69,25 @@ def slm_image_spots(image: np.ndarray, calibration: SlmCalibration) -> list[Lase
     ]
 
 
+def hologram_spots(image: np.ndarray, phase: PhaseSlmSettings) -> list[LaserState]:
+    """A phase image's traps as spots, every milliwatt of the laser accounted for."""
+    traps = phase_image_traps(image, phase)
+    total = phase.laser_power_mw
+    if not traps:  # light too diffuse for any trap: still light, at the zero order
+        x0, y0 = phase.calibration.zero_order_um
+        return [LaserState(x0, y0, total)] if total > 0.0 else []
+    spots = [LaserState(x, y, p) for x, y, p in traps]
+    unclaimed = total - sum(s.power_mw for s in spots)
+    if unclaimed > 0.0:
+        brightest = spots[0]
+        spots[0] = LaserState(brightest.x_um, brightest.y_um, brightest.power_mw + unclaimed)
+    return spots
+
+
 def spot_power_ceiling_mw(limits: Limits, names: DeviceNames) -> float:
     """Most power one spot may carry: the limit, and for an SLM laser its full scale."""
+    if names.laser_kind == "slm" and names.slm_phase is not None:  # all of it in one trap
+        return min(limits.max_laser_power_mw, names.slm_phase.laser_power_mw)
     if names.laser_kind == "slm":
         return min(limits.max_laser_power_mw, names.slm_max_power_mw)
     return limits.max_laser_power_mw

@@ -68,6 +68,11 @@ class TwinRig:
         self.laser_y_um = 0.0
         self.laser_power_mw = 0.0
         self.slm_image = np.zeros((settings.slm_px, settings.slm_px), dtype=np.uint8)
+        phase = names.slm_phase
+        if phase is not None and phase.calibration.slm_px != settings.slm_px:
+            raise ValueError(
+                f"devices.slm_phase.calibration.slm_px must equal twin.slm_px ({settings.slm_px})"
+            )
         self.slm_spots: tuple[LaserSpot, ...] = ()
         # What was commanded when: light reaches the sample actuation_delay_ms later.
         self._commands: deque[tuple[float, tuple[LaserSpot, ...]]] = deque(maxlen=4096)
@@ -115,7 +120,8 @@ class TwinRig:
         return out
 
     def display_slm(self, image: np.ndarray) -> None:
-        """Lit SLM pixels become spots at their calibrated sample positions."""
+        """Lit SLM pixels become spots at their calibrated sample positions; on a phase
+        SLM the image is a hologram and the spots are its Fourier-plane traps."""
         self.slm_image = image.copy()
         calibration = SlmCalibration.from_devices(self.names)
         self.slm_spots = tuple(

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rich.console import Console
 from scipy.optimize import linear_sum_assignment
 
-from agent.config import load_model_config
+from agent.config import ConfigError, load_model_config
 from agent.detect import DetectorConfig, ParticleDetector
 from agent.engine.link import DriverLink, driver_for
 from agent.engine.run import RunEngine

@@ -36,7 +36,7 @@ TRAIN_KINDS: dict[str, str] = {
     "spm-segmenter": "agent.training.spm_segmenter:train_spm_segmenter",
     "rl": "agent.training.rl:train_entry",
     "calibration-estimator": "agent.training.calibration:train_calibration",
-    "optical-force": "agent.train_optics:train_optical_force",
+    "optical-force": "agent.training.optics:train_optical_force",
 }
 
 EntryFn = Callable[..., dict[str, Any]]

@@ -88,8 +88,11 @@ def test_twin_phase_slm_shows_the_hologram_traps() -> None:
     core.displaySLMImage(names.slm)
     assert len(rig.slm_spots) >= 1
     spot = rig.slm_spots[0]
-    expected = phase_image_traps(image, slm)[0]
-    assert (spot.x_um, spot.y_um, spot.power_mw) == pytest.approx(expected)
+    # The trap the hologram makes, with the light no trap claims charged to it (the gate's
+    # model of the same image: drivers.light.slm_image_spots).
+    x, y, p = phase_image_traps(image, slm)[0]
+    assert (spot.x_um, spot.y_um) == pytest.approx((x, y))
+    assert p <= spot.power_mw == pytest.approx(8.0)
     assert abs(spot.x_um) < CAL.bin_um and spot.y_um > 5.0
     assert spot.power_mw == pytest.approx(8.0, rel=0.1)
     with pytest.raises(ValueError, match=r"slm_phase\.calibration\.slm_px"):

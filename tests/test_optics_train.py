@@ -8,7 +8,7 @@ import numpy as np
 from typer.testing import CliRunner
 
 from agent.cli import app
-from agent.train_optics import TrainOpticalForceConfig, train_surrogate
+from agent.training.optics import TrainOpticalForceConfig, train_surrogate
 from simulators.optics.surrogate import ForceSurrogate
 
 CONFIG = "configs/train-optical-force.yaml"

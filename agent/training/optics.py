@@ -8,8 +8,8 @@ domain so the net is not judged on its own boundary. The weights are exported to
 .npz that `simulators.optics.surrogate.ForceSurrogate` evaluates in numpy, so the twin
 needs no torch; the shipped file is what `configs/train-optical-force.yaml` makes.
 
-Like the other trainers (agent/spm_train.py) it builds its data from the simulators,
-imported only inside the entry point.
+Like the other trainers it reaches the twin's model through the driver side
+(`drivers/optics_model.py`), imported only inside the entry point.
 """
 
 from __future__ import annotations
@@ -114,8 +114,13 @@ def train_surrogate(cfg: TrainOpticalForceConfig, log: Any = print) -> dict[str,
     """Build the exact training set, fit, export, and measure error and speed."""
     import torch
 
-    from simulators.optics.forces import ExactForceModel, TrapOptics
-    from simulators.optics.surrogate import ForceSurrogate, SurrogateDomain, exact_samples
+    from drivers.optics_model import (
+        ExactForceModel,
+        ForceSurrogate,
+        SurrogateDomain,
+        TrapOptics,
+        exact_samples,
+    )
 
     optics = TrapOptics.model_validate(cfg.optics)
     domain = SurrogateDomain.model_validate(cfg.domain)
@@ -233,8 +238,7 @@ def train_optical_force(config_path: Path, overrides: list[str], console: Any) -
     from pydantic import ValidationError
 
     from agent.config import ConfigError, format_validation_error
-    from simulators.optics.forces import TrapOptics
-    from simulators.optics.surrogate import SurrogateDomain
+    from drivers.optics_model import SurrogateDomain, TrapOptics
 
     cfg = load_model_config(config_path, overrides, TrainOpticalForceConfig)
     for section, model in (("optics", TrapOptics), ("domain", SurrogateDomain)):

@@ -44,6 +44,7 @@ _MAX_RADIUS_PX = 40  # radial profile extent
 _RING_DEPTH = 0.1  # a dip below -this x peak (and > 4 noise) after the core is a ring
 _SATURATED_FRACTION = 0.5  # frames with more pixels than this at the maximum: saturated
 _THRESHOLD_SIGMA = 5.0
+_QUIET_FRACTION = 1 / 3  # share of pixels far from features needed to measure texture
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,26 @@ def _robust_sigma(a: np.ndarray) -> float:
     return _background(np.ascontiguousarray(a, dtype=np.float32))[1]
 
 
+def _clipped_sigma(img: np.ndarray, radius: int, floor: float, rounds: int = 10) -> float:
+    """Robust sigma of img away from features: pixels within radius of anything beyond
+    4 sigma (either sign) are dropped and sigma re-measured until it settles. A field
+    too crowded to leave a third of its pixels quiet gets `floor` (white noise alone):
+    there the structure is the particles themselves, not background texture."""
+    sub = img[::2, ::2]
+    level, sigma = _background(np.ascontiguousarray(sub))
+    size = 2 * max(1, radius // 2) + 1
+    for _ in range(rounds):
+        near = ndimage.maximum_filter(np.abs(sub - level) > 4.0 * sigma, size=size)
+        quiet = sub[~near]
+        if quiet.size < _QUIET_FRACTION * sub.size:
+            return floor
+        q1, level, q3 = np.percentile(quiet, (25, 50, 75))
+        previous, sigma = sigma, max(float(q3 - q1) / 1.34898, 1e-12)
+        if sigma > 0.95 * previous:
+            break
+    return max(sigma, floor)
+
+
 def _pixel_sigma(frame: np.ndarray) -> float:
     """White pixel noise from neighbour differences: blind to smooth structure."""
     d = np.diff(frame.astype(np.float32), axis=1) / math.sqrt(2.0)
@@ -169,6 +190,44 @@ def _crossing(r: np.ndarray, profile: np.ndarray, level: float, start: int = 0) 
             t = (a - level) / (a - b) if a != b else 1.0
             return float(r[i - 1] + t * (r[i] - r[i - 1]))
     return float(r[-1])
+
+
+def _shape(
+    flats: list[np.ndarray],
+    seeds: list[tuple[np.ndarray, np.ndarray]],
+    sign: float,
+    pix_sigma: float,
+    radius: int,
+) -> tuple[np.ndarray, np.ndarray, float, float, float]:
+    """(radii, median profile, core half width at half maximum, ring radius, ring outer
+    edge) of the particles at seeds; ring radius 0 where no dark ring follows the core."""
+    profiles = []
+    where = np.arange(2.0)
+    for f, (rc, _) in zip(flats, seeds, strict=True):
+        where, prof = _radial_profile(sign * f, rc[:_PROFILE_PEAKS], radius)
+        if prof.size:
+            profiles.append(prof)
+    if not profiles:
+        return where, np.zeros(where.size), 1.5, 0.0, 0.0
+    prof = np.median(profiles, axis=0)
+    peak = float(prof[0])
+    hwhm = _crossing(where, prof, 0.5 * peak)
+    core = math.ceil(hwhm)
+    after = prof[core:]
+    # 4 sigma of a profile bin: each averages >= 8 pixels of every seed.
+    n_seeds = sum(min(len(rc), _PROFILE_PEAKS) for rc, _ in seeds)
+    noise = 4.0 * pix_sigma / math.sqrt(8.0 * max(n_seeds, 1))
+    if after.size <= 2 or -after.min() <= max(_RING_DEPTH * peak, noise):
+        return where, prof, hwhm, 0.0, 0.0
+    k = core + int(np.argmin(after))
+    # Sub-pixel ring radius: parabola through the minimum and its neighbours.
+    ring_r = float(where[k])
+    if 0 < k < prof.size - 1:
+        a, b, c = prof[k - 1], prof[k], prof[k + 1]
+        curv = a - 2 * b + c
+        ring_r += 0.5 * (a - c) / curv if curv > 0 else 0.0
+    outer = _crossing(where, -prof, 0.25 * float(-prof[k]), start=k + 1)
+    return where, prof, hwhm, ring_r, outer
 
 
 def _describe(est: dict[str, float | str], cfg: DetectorConfig) -> str:
@@ -238,7 +297,6 @@ def estimate_config(
         sign = -1.0 if base.polarity == "dark" else 1.0
     else:
         sign = 1.0 if amp_b >= amp_d else -1.0
-    seeds = bright if sign > 0 else dark
     why_empty = ""
     if max(amp_b, amp_d) == 0.0:
         why_empty = (
@@ -246,36 +304,21 @@ def estimate_config(
             f"smoothed background ({sm_sigma:.3g}) in the frames examined"
         )
 
-    # Size and shape from the median radial profile of the strongest particles.
+    # Size and shape from the median radial profile of the strongest particles. Bright
+    # peaks inside a dark annulus are brightfield rings, even where the dark side's
+    # extremes (pieces of the rings) are the stronger ones.
     radius = int(min(_MAX_RADIUS_PX, min(frame.shape) // 2 - 1))
-    profiles = []
-    for f, (rc, _) in zip(flats, seeds, strict=True):
-        where, prof = _radial_profile(sign * f, rc[:_PROFILE_PEAKS], radius)
-        if prof.size:
-            profiles.append(prof)
-    contrast = "dark" if sign < 0 else "bright"
-    ring_r = 0.0
-    outer = 0.0
-    if profiles:
-        prof = np.median(profiles, axis=0)
-        peak = float(prof[0])
-        hwhm = _crossing(where, prof, 0.5 * peak)
-        core = math.ceil(hwhm)
-        after = prof[core:]
-        noise = 4.0 * pix_sigma / math.sqrt(max(len(profiles) * 3, 1))
-        if sign > 0 and after.size > 2 and -after.min() > max(_RING_DEPTH * peak, noise):
-            contrast = "ring"
-            k = core + int(np.argmin(after))
-            # Sub-pixel ring radius: parabola through the minimum and its neighbours.
-            ring_r = float(where[k])
-            if 0 < k < prof.size - 1:
-                a, b, c = prof[k - 1], prof[k], prof[k + 1]
-                curv = a - 2 * b + c
-                ring_r += 0.5 * (a - c) / curv if curv > 0 else 0.0
-            outer = _crossing(where, -prof, 0.25 * float(-prof[k]), start=k + 1)
+    shape = _shape(flats, bright, 1.0, pix_sigma, radius)
+    if (shape[3] > 0 and base.polarity != "dark") or ("polarity" in given and sign > 0):
+        contrast = "ring" if shape[3] > 0 else "bright"
     else:
-        hwhm = 1.5
-        where = np.arange(2.0)
+        contrast = "dark" if sign < 0 else "bright"
+        if sign < 0:
+            shape = _shape(flats, dark, -1.0, pix_sigma, radius)
+            shape = (*shape[:3], 0.0, 0.0)
+    _, _, hwhm, ring_r, outer = shape
+    if contrast != "ring":
+        ring_r = outer = 0.0
     sigma_core = max(hwhm / 1.1774, 0.5)
     if diameter_px is not None:
         sigma_core = max(diameter_px / 4.0, 0.5)
@@ -300,7 +343,9 @@ def estimate_config(
         put("polarity", "ring")
         put("ring_radius_px", float(min(max(ring_r, 1.0), 100.0)))
         put("window_px", int(min(max(round(0.85 * ring_r), 2), 50)))
-        put("separation_px", float(min(1.5 * ring_r, 200.0)))
+        # Touching spheres sit one diameter apart, inside each other's rings: only
+        # their bright centres are separate, so separation follows the centre's width.
+        put("separation_px", float(min(max(2.0 * hwhm, 1.0), 200.0)))
     else:
         put("polarity", contrast)
         put("window_px", int(min(max(round(2.5 * sigma_core), 2), 50)))
@@ -311,17 +356,20 @@ def estimate_config(
     else:
         put("background_px", 0)
 
-    # Threshold: scale by how much the measured smoothed background noise exceeds
-    # what white pixel noise alone would give (texture, debris, fixed pattern).
+    # Threshold: 5 sigma of the smoothed background's noise as measured (texture,
+    # debris and fixed pattern count; particles do not: they are clipped out), in the
+    # detector's units (its sigma is the frame's pixel IQR, inflated in dense fields).
     cfg = base.model_copy(update=updates)
     gain = float(_noise_gain_1d(cfg.smooth_sigma_px, 64)[32] ** 2)
     probe = ParticleDetector(cfg.model_copy(update={"segment_bin_px": 1, "adapt": False}))
     work = probe._preprocess(frame)
     smooth_bg = ndimage.gaussian_filter(work.astype(np.float32), cfg.smooth_sigma_px)
-    measured = _robust_sigma(smooth_bg)
-    white = _background(work)[1] * gain
-    texture = max(1.0, measured / max(white, 1e-12))
-    put("threshold_sigma", float(min(_THRESHOLD_SIGMA * texture, 100.0)))
+    white = _pixel_sigma(work) * gain
+    measured = _clipped_sigma(smooth_bg, max(1, round(0.5 * extent)), white)
+    detector_sigma = _background(work)[1] * gain
+    put(
+        "threshold_sigma", float(min(max(_THRESHOLD_SIGMA * measured / detector_sigma, 1.0), 100.0))
+    )
     cfg = base.model_copy(update=updates)
     est = {"contrast": contrast, "diameter": diameter, "spread": spread}
     return Estimate(

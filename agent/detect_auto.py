@@ -84,8 +84,6 @@ def check_frames(frames: Sequence[np.ndarray]) -> None:
 def _frame_problem(frame: np.ndarray, index: int) -> str:
     """Why a frame cannot hold detectable particles ('' if it can)."""
     lo, hi = float(frame.min()), float(frame.max())
-    if lo == hi:
-        return f"frame {index} is empty: every pixel is {lo:g}"
     if np.issubdtype(frame.dtype, np.integer):
         top = float(np.iinfo(frame.dtype).max)
         if np.mean(frame == top) > _SATURATED_FRACTION:
@@ -93,11 +91,13 @@ def _frame_problem(frame: np.ndarray, index: int) -> str:
                 f"frame {index} is saturated: {np.mean(frame == top):.0%} of pixels at "
                 f"{top:g} (shorten the exposure or lower the illumination)"
             )
+    if lo == hi:
+        return f"frame {index} is empty: every pixel is {lo:g}"
     return ""
 
 
 def _block_side(shape: tuple[int, ...]) -> int:
-    return max(4, min(shape) // _BLOCKS)
+    return max(16, min(shape) // _BLOCKS)
 
 
 def _illumination(frame: np.ndarray) -> np.ndarray:
@@ -165,7 +165,8 @@ def _radial_profile(
     The abscissa is each bin's mean pixel distance, not its integer label: the bin "1"
     holds pixels at 1 and 1.41 px, and labelling it 1 would shrink every width by ~15 %.
     """
-    h, w = img.shape
+    # Reflect-padded, so particles near the edge count too (small frames have few).
+    img = np.pad(img, radius, mode="reflect")
     yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
     exact = np.hypot(yy, xx).ravel()
     dist = np.rint(exact).astype(np.intp)
@@ -173,9 +174,7 @@ def _radial_profile(
     where = np.bincount(dist, exact)[: radius + 1] / counts
     profiles = []
     for r, c in seeds:
-        if r < radius or c < radius or r >= h - radius or c >= w - radius:
-            continue
-        patch = img[r - radius : r + radius + 1, c - radius : c + radius + 1].ravel()
+        patch = img[r : r + 2 * radius + 1, c : c + 2 * radius + 1].ravel()
         profiles.append(np.bincount(dist, patch)[: radius + 1] / counts)
     if not profiles:
         return where, np.zeros(0)
@@ -308,6 +307,7 @@ def estimate_config(
     # peaks inside a dark annulus are brightfield rings, even where the dark side's
     # extremes (pieces of the rings) are the stronger ones.
     radius = int(min(_MAX_RADIUS_PX, min(frame.shape) // 2 - 1))
+    radius = max(radius, 2)
     shape = _shape(flats, bright, 1.0, pix_sigma, radius)
     if (shape[3] > 0 and base.polarity != "dark") or ("polarity" in given and sign > 0):
         contrast = "ring" if shape[3] > 0 else "bright"

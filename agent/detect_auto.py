@@ -44,6 +44,7 @@ _MAX_RADIUS_PX = 40  # radial profile extent
 _RING_DEPTH = 0.1  # a dip below -this x peak (and > 4 noise) after the core is a ring
 _SATURATED_FRACTION = 0.5  # frames with more pixels than this at the maximum: saturated
 _THRESHOLD_SIGMA = 5.0
+_MIN_PEAK_FRACTION = 0.25  # of the typical particle's smoothed peak: weaker is not one
 _QUIET_FRACTION = 1 / 3  # share of pixels far from features needed to measure texture
 
 
@@ -367,9 +368,14 @@ def estimate_config(
     white = _pixel_sigma(work) * gain
     measured = _clipped_sigma(smooth_bg, max(1, round(0.5 * extent)), white)
     detector_sigma = _background(work)[1] * gain
-    put(
-        "threshold_sigma", float(min(max(_THRESHOLD_SIGMA * measured / detector_sigma, 1.0), 100.0))
-    )
+    # The minimum mass, relative: a monodisperse sample's particles image alike, so a
+    # peak under _MIN_PEAK_FRACTION of the typical particle's is a halo, an interference
+    # fringe between neighbours or debris, however far above the noise it stands.
+    level = float(np.median(smooth_bg))
+    top = (bright if contrast != "dark" else dark)[0][0][:_PROFILE_PEAKS]
+    typical = float(np.median(smooth_bg[top[:, 0], top[:, 1]])) - level if len(top) else 0.0
+    floor = max(_THRESHOLD_SIGMA * measured, _MIN_PEAK_FRACTION * typical)
+    put("threshold_sigma", float(min(max(floor / detector_sigma, 1.0), 100.0)))
     cfg = base.model_copy(update=updates)
     est = {"contrast": contrast, "diameter": diameter, "spread": spread}
     return Estimate(

@@ -1,9 +1,11 @@
 """Build the live detector a config asks for.
 
-Classical detectors need nothing but their settings. The deep (LodeSTAR-style)
-detector is self-supervised: without a checkpoint it learns from unlabeled crops of
-the first frames of the live stream, then saves its weights in the run directory so
-later phases of the same run (and replays) use the very same model.
+Classical detectors need nothing but their settings (``adapt: true`` estimates them
+from the first frame). The deep (LodeSTAR-style) detector is self-supervised: without
+a checkpoint it learns from unlabeled crops of the first frames of the live stream (or
+of the files given to ``scopeloop detect``), cut around the adaptive detector's hits
+and around fainter blobs of the estimated size, then saves its weights (in the run
+directory, or beside the CSV) so later phases and replays use the very same model.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import zmq
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent.detect import DetectorConfig, ParticleDetector
+from agent.detect_auto import Estimate, blob_candidates, check_frames, estimate_config
 from drivers.transport import StreamSubscriber
 
 Detector = Callable[[np.ndarray], np.ndarray]
@@ -92,7 +95,8 @@ def train_on_stream(
     frames = collect_frames(ctx, stream_endpoint, deep.train_frames, deep.frame_timeout_s)
     config = lodestar.LodeStarConfig(seed=deep.seed)
     rng = np.random.default_rng(deep.seed)
-    crops = lodestar.crops_from_frames(frames, config.crop_px, deep.crops, rng)
+    seeds = training_seeds(estimate_config(frames))
+    crops = lodestar.crops_from_frames(frames, config.crop_px, deep.crops, rng, seeds=seeds)
     model = lodestar.LodeStarDetector(config)
     stats = model.fit(crops, progress=on_loss)
     model.save(checkpoint)
@@ -116,6 +120,22 @@ def build_detector(settings: DetectorSettings, trained_checkpoint: Path | None =
     return _lodestar().LodeStarDetector.load(path)
 
 
+def training_seeds(estimate: Estimate) -> Callable[[np.ndarray], np.ndarray]:
+    """Where to cut self-supervised training crops: the adaptive detector's hits plus
+    every blob of the estimated size above 3 sigma that it did not accept."""
+    classical = ParticleDetector(estimate.config)
+    merge = max(3.0, 0.5 * estimate.diameter_px)
+
+    def seeds(frame: np.ndarray) -> np.ndarray:
+        hits, blobs = classical(frame), blob_candidates(frame, estimate)
+        if len(hits) and len(blobs):
+            d = np.hypot(*(blobs[:, None, :] - hits[None, :, :]).transpose(2, 0, 1))
+            blobs = blobs[d.min(axis=1) > merge]
+        return np.vstack([hits, blobs])
+
+    return seeds
+
+
 class _SameFrames:
     """Wraps an offline detector so that every frame must match the first in size and type."""
 
@@ -125,8 +145,6 @@ class _SameFrames:
         self.index = 0
 
     def __call__(self, frame: np.ndarray) -> tuple[np.ndarray, ...]:
-        from agent.detect_auto import check_frames
-
         try:
             check_frames([self.first, frame])
         except ValueError as exc:
@@ -147,7 +165,6 @@ def run_detect(
     """`scopeloop detect`: estimate what was not given, say so, detect, say why if empty."""
     from itertools import islice
 
-    from agent.detect_auto import check_frames, estimate_config
     from agent.offline import detect_files, iter_frames
 
     frames = [frame for _, _, frame in islice(iter_frames(images), 64)]
@@ -191,8 +208,6 @@ def _offline_lodestar(
     so a later `--checkpoint` run gives exactly the same detections.
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from agent.detect_auto import blob_candidates
 
     lodestar = _lodestar()
     if checkpoint is not None:

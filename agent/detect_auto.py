@@ -15,8 +15,10 @@ works on what the previous one cleaned:
    maximum gives the core width (smoothing, window, separation of touching particles);
    a significant dip below the background after the core is a brightfield ring, whose
    radius and outer edge set the ring fit and the refinement window.
-5. Threshold: the noise of the smoothed background is measured, not assumed white:
-   texture and out-of-focus debris raise it, and the threshold with it.
+5. Threshold: the noise of the smoothed background is measured where no particle is,
+   not assumed white: texture and out-of-focus debris raise it, and the threshold with
+   it. A relative minimum mass (a quarter of the typical particle's peak) drops halos,
+   fringes between neighbours and debris that stand far above the noise.
 
 Parameters the caller set explicitly (fields in ``base.model_fields_set``, or a given
 ``diameter_px``) are kept. ``Estimate.summary`` is the one line ``scopeloop detect``
@@ -122,24 +124,20 @@ def _robust_sigma(a: np.ndarray) -> float:
     return _background(np.ascontiguousarray(a, dtype=np.float32))[1]
 
 
-def _clipped_sigma(img: np.ndarray, radius: int, floor: float, rounds: int = 10) -> float:
-    """Robust sigma of img away from features: pixels within radius of anything beyond
-    4 sigma (either sign) are dropped and sigma re-measured until it settles. A field
-    too crowded to leave a third of its pixels quiet gets `floor` (white noise alone):
-    there the structure is the particles themselves, not background texture."""
-    sub = img[::2, ::2]
-    level, sigma = _background(np.ascontiguousarray(sub))
-    size = 2 * max(1, radius // 2) + 1
-    for _ in range(rounds):
-        near = ndimage.maximum_filter(np.abs(sub - level) > 4.0 * sigma, size=size)
-        quiet = sub[~near]
-        if quiet.size < _QUIET_FRACTION * sub.size:
-            return floor
-        q1, level, q3 = np.percentile(quiet, (25, 50, 75))
-        previous, sigma = sigma, max(float(q3 - q1) / 1.34898, 1e-12)
-        if sigma > 0.95 * previous:
-            break
-    return max(sigma, floor)
+def _texture_sigma(img: np.ndarray, xy: np.ndarray, radius: int, floor: float) -> float:
+    """Robust sigma of img outside discs of radius around the particles xy (>= floor);
+    floor alone when under a third of the pixels is left."""
+    mask = np.zeros(img.shape, dtype=bool)
+    rc = np.rint(xy[:, ::-1]).astype(np.intp).reshape(-1, 2)
+    rc = np.clip(rc, 0, np.array(img.shape) - 1)
+    mask[rc[:, 0], rc[:, 1]] = True
+    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+    mask = ndimage.binary_dilation(mask, structure=yy**2 + xx**2 <= radius**2)
+    quiet = img[~mask]
+    if quiet.size < _QUIET_FRACTION * img.size:
+        return floor
+    q1, q3 = np.percentile(quiet[:: max(1, quiet.size // 65536)], (25, 75))
+    return max(float(q3 - q1) / 1.34898, floor)
 
 
 def _pixel_sigma(frame: np.ndarray) -> float:
@@ -366,14 +364,23 @@ def estimate_config(
     work = probe._preprocess(frame)
     smooth_bg = ndimage.gaussian_filter(work.astype(np.float32), cfg.smooth_sigma_px)
     white = _pixel_sigma(work) * gain
-    measured = _clipped_sigma(smooth_bg, max(1, round(0.5 * extent)), white)
     detector_sigma = _background(work)[1] * gain
     # The minimum mass, relative: a monodisperse sample's particles image alike, so a
     # peak under _MIN_PEAK_FRACTION of the typical particle's is a halo, an interference
-    # fringe between neighbours or debris, however far above the noise it stands.
+    # fringe between neighbours or debris, however far above the noise it stands. The
+    # typical particle is the median of all extremes (the strongest are pairs whose
+    # light adds).
     level = float(np.median(smooth_bg))
-    top = (bright if contrast != "dark" else dark)[0][0][:_PROFILE_PEAKS]
+    top = (bright if contrast != "dark" else dark)[0][0]
     typical = float(np.median(smooth_bg[top[:, 0], top[:, 1]])) - level if len(top) else 0.0
+    # Texture: the smoothed background's noise where no particle is. Particles are
+    # found provisionally (white-noise threshold and the relative floor), masked, and
+    # the rest measured; crowded fields leave too little and get white noise alone.
+    provisional = max(_THRESHOLD_SIGMA * white, _MIN_PEAK_FRACTION * typical)
+    probe.config = probe.config.model_copy(
+        update={"threshold_sigma": float(min(max(provisional / detector_sigma, 1.0), 100.0))}
+    )
+    measured = _texture_sigma(smooth_bg, probe(frame), max(1, round(0.5 * extent)), white)
     floor = max(_THRESHOLD_SIGMA * measured, _MIN_PEAK_FRACTION * typical)
     put("threshold_sigma", float(min(max(floor / detector_sigma, 1.0), 100.0)))
     cfg = base.model_copy(update=updates)

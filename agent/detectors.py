@@ -181,7 +181,7 @@ def run_detect(
         if not why:
             why = "the trained network found no spot as bright as its training crops"
     else:
-        console.print(estimate.summary, markup=False, highlight=False)
+        console.print(estimate.summary, markup=False, highlight=False, soft_wrap=True)
         find = ParticleDetector(estimate.config).detect_with_confidence
         if not why:
             why = (
@@ -191,7 +191,9 @@ def run_detect(
             )
     count = detect_files(images, _SameFrames(find, frames[0]), out)
     if count == 0:
-        console.print(f"0 detections written to {out}: {why}", markup=False, highlight=False)
+        console.print(
+            f"0 detections written to {out}: {why}", markup=False, highlight=False, soft_wrap=True
+        )
     else:
         console.print(f"{count} detections written to {out}", markup=False, highlight=False)
     return count

@@ -141,9 +141,13 @@ def _twin(n_frames: int, log: Log) -> dict[str, float]:
         det = ParticleDetector(estimate.config.model_copy(update={"method": method}))
         tp = n_true = n_found = 0
         errs = []
-        for frame, truth in zip(frames, truths, strict=True):
+        per_dz: dict[float, list[int]] = {}
+        for k, (frame, truth) in enumerate(zip(frames, truths, strict=True)):
             found = det(frame)
             ti, fi = _match(truth, found, MATCH_PX)
+            hits = per_dz.setdefault(DEFOCUS_UM[k % len(DEFOCUS_UM)], [0, 0])
+            hits[0] += len(ti)
+            hits[1] += len(truth)
             tp += len(ti)
             n_true += len(truth)
             n_found += len(found)
@@ -154,6 +158,8 @@ def _twin(n_frames: int, log: Log) -> dict[str, float]:
         metrics[f"precision_brightfield_{name}"] = tp / n_found if n_found else math.nan
         metrics[f"rmse_px_brightfield_{name}"] = rmse
         metrics[f"rmse_over_crb_brightfield_{name}"] = rmse / metrics["crb_px_brightfield"]
+        for dz, (hit, total) in per_dz.items():
+            metrics[f"recall_brightfield_{name}_defocus{dz:g}um"] = hit / total
         log(
             f"twin brightfield ({N_PARTICLES} spheres/512^2, defocus {DEFOCUS_UM} um): {name}"
             f" recall {tp / n_true:.3f}, precision {metrics[f'precision_brightfield_{name}']:.3f},"

@@ -226,7 +226,7 @@ def _offline_lodestar(
         return np.vstack([hits, blobs])
 
     crop = int(min(128, max(32, 2 * round(1.25 * estimate.diameter_px))))
-    config = lodestar.LodeStarConfig(crop_px=crop, train_steps=600)
+    config = lodestar.LodeStarConfig(crop_px=crop)
     rng = np.random.default_rng(config.seed)
     try:
         crops = lodestar.crops_from_frames(frames, config.crop_px, 256, rng, seeds=seeds)

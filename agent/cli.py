@@ -347,14 +347,21 @@ def detect(
         "radial_symmetry"
     ),
     diameter: Annotated[
-        float | None, typer.Option("--diameter", help="Feature diameter in pixels.")
+        float | None, typer.Option("--diameter", help="Feature diameter in pixels (auto).")
+    ] = None,
+    polarity: Annotated[
+        str | None, typer.Option("--polarity", help="bright, dark or ring (auto).")
     ] = None,
     checkpoint: Annotated[
         Path | None, typer.Option("--checkpoint", help="lodestar: trained weights to load.")
     ] = None,
 ) -> None:
-    """Detect particles in recorded images; x, y in pixels (x = column)."""
-    from agent.offline import ImageReadError, detect_files
+    """Detect particles in recorded images; x, y in pixels (x = column).
+
+    Settings not given are estimated from the images and printed first.
+    """
+    from agent.detectors import run_detect
+    from agent.offline import ImageReadError
 
     if detector not in DETECTORS:
         err_console.print(f"detect: --detector must be one of {list(DETECTORS)}, got {detector!r}")
@@ -362,47 +369,14 @@ def detect(
     if diameter is not None and not 1.0 <= diameter <= 200.0:
         err_console.print(f"detect: --diameter must be within [1, 200] px, got {diameter:g}")
         raise typer.Exit(2)
+    if polarity is not None and polarity not in ("bright", "dark", "ring"):
+        err_console.print(f"detect: --polarity must be bright, dark or ring, got {polarity!r}")
+        raise typer.Exit(2)
     try:
-        find = _offline_detector(detector, diameter, checkpoint, images)
-        count = detect_files(images, find, out)
+        run_detect(images, out, detector, diameter, polarity, checkpoint, console)
     except (ImageReadError, FileNotFoundError, ValueError) as exc:
         err_console.print(f"detect: {exc}", markup=False, highlight=False)
         raise typer.Exit(2) from None
-    console.print(f"{count} detections written to {out}")
-
-
-def _offline_detector(
-    name: str, diameter: float | None, checkpoint: Path | None, images: list[Path]
-) -> Any:
-    """The detection callable `(frame) -> (xy_px, score)` for `scopeloop detect`."""
-    if name == "lodestar":
-        from itertools import islice
-
-        import numpy as np
-
-        from agent.lodestar import LodeStarConfig, LodeStarDetector, crops_from_frames
-        from agent.offline import iter_frames
-
-        if checkpoint is not None:
-            model = LodeStarDetector.load(checkpoint)
-        else:  # self-supervised: learn from unlabeled crops of these very images
-            frames = [frame for _, _, frame in islice(iter_frames(images), 64)]
-            config = LodeStarConfig()
-            rng = np.random.default_rng(config.seed)
-            model = LodeStarDetector(config)
-            stats = model.fit(crops_from_frames(frames, config.crop_px, 256, rng))
-            console.print(
-                f"lodestar trained in {stats.get('seconds', float('nan')):.1f} s "
-                f"(converged: {stats.get('converged')})"
-            )
-        return model.predict_with_scores
-    from agent.detect import DetectorConfig, ParticleDetector
-
-    settings: dict[str, Any] = {"method": name}
-    if diameter is not None:
-        settings["smooth_sigma_px"] = min(max(diameter / 4.0, 0.5), 10.0)
-        settings["window_px"] = max(2, min(50, round(diameter / 2) + 1))
-    return ParticleDetector(DetectorConfig(**settings)).detect_with_scores
 
 
 @driver_app.command("serve-spm")

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from scipy import ndimage
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
+from scipy.spatial import cKDTree
 
 __all__ = [
     "DetectorConfig",
@@ -51,6 +52,7 @@ _MIN_BINNED_SIGMA = 0.7
 # applies the real threshold. 0.75 covers the worst-case binned SNR loss for a PSF as
 # sharp as smooth_sigma_px (about 0.72 of full-resolution SNR at 2 x 2).
 _CANDIDATE_FRACTION = 0.75
+_BG_BLOCK = 4  # local background: block side of the coarse grid it is computed on
 _BOX_LABEL_FACTOR = 64  # label in the bounding box while it holds <= this many px per candidate.
 # 4-connectivity within each (H, W) slice of an (N, H, W) stack, none across slices.
 _CROSS_2D = np.zeros((3, 3, 3), dtype=bool)
@@ -70,6 +72,29 @@ class DetectorConfig(BaseModel):
     max_objects: int = Field(default=1000, ge=1, le=100000)
     # Segmentation binning: 0 picks it from the frame size and smooth_sigma_px, 1 never bins.
     segment_bin_px: int = Field(default=0, ge=0, le=8)
+    # Contrast of the particles: "bright" spots (fluorescence, darkfield), "dark" spots
+    # (absorbing, inverted brightfield) or "ring": a bright centre inside a dark ring
+    # (brightfield near focus), seeded on the centre and refined by radial symmetry over
+    # the centre and the inner flank of the ring (0.85 x ring_radius_px, when set; on the
+    # real frames in shared/data/brightfield this agrees best with trackpy's ring fit).
+    polarity: Literal["bright", "dark", "ring"] = "bright"
+    ring_radius_px: float = Field(default=0.0, ge=0, le=100)
+
+    # > 0: every local maximum of the smoothed frame is a seed, and of detections closer
+    # than this the dimmer goes: touching particles stay apart. 0: one per blob.
+    separation_px: float = Field(default=0.0, ge=0, le=200)
+    # > 0: subtract a local background (box mean of this side, px) first, for uneven
+    # illumination; 0: one flat level per frame (cheapest).
+    background_px: int = Field(default=0, ge=0, le=2001)
+    # Estimate every unset parameter above from the first frame seen (agent.detect_auto).
+    adapt: bool = False
+
+    @property
+    def refine_half_px(self) -> int:
+        """Half-width of the refinement window: window_px, or from the ring radius."""
+        if self.polarity == "ring" and self.ring_radius_px > 0:
+            return int(min(max(round(0.85 * self.ring_radius_px), 2), 50))
+        return self.window_px
 
 
 def _check_2d(arr: np.ndarray, name: str) -> np.ndarray:
@@ -342,6 +367,42 @@ def _gaussian_weights(sigma_px: float) -> NDArray[np.float64]:
     return ndimage.gaussian_filter1d(impulse, sigma_px, mode="constant", truncate=_TRUNCATE)
 
 
+def _subtract_local_background(work: NDArray[np.float32], box_px: int) -> None:
+    """Subtract, in place, the box mean of side box_px around each pixel.
+
+    Illumination varies slowly, so the box mean is taken on 4 x 4 block means and
+    subtracted block-wise (a broadcast into a view: no full-size temporary); a 4 px
+    step of a smooth background is far below the noise. Small boxes or frames use
+    the exact full-resolution filter.
+    """
+    h, w = work.shape
+    b = _BG_BLOCK
+    hb, wb = h // b, w // b
+    if box_px < 4 * b or hb < 2 or wb < 2:
+        work -= ndimage.uniform_filter(work, min(box_px, h, w))
+        return
+    blocks = work[: hb * b, : wb * b].reshape(hb, b, wb, b)
+    small = ndimage.uniform_filter(blocks.mean(axis=(1, 3)), min(round(box_px / b), hb, wb))
+    blocks -= small[:, None, :, None]
+    if h > hb * b:  # leftover bottom rows and right columns take the nearest block
+        work[hb * b :, : wb * b] -= np.repeat(small[-1], b)[None, :]
+    if w > wb * b:
+        col = np.repeat(small[:, -1], b)
+        col = np.concatenate((col, np.full(h - col.size, col[-1], dtype=col.dtype)))
+        work[:, wb * b :] -= col[:, None]
+
+
+def _isolated(xy: FloatArray, radius: float) -> NDArray[np.intp]:
+    """Indices of xy (strongest first) kept when each suppresses weaker ones within radius."""
+    keep = np.ones(len(xy), dtype=bool)
+    if len(xy) > 1:
+        pairs = cKDTree(xy).query_pairs(radius, output_type="ndarray")
+        for i, j in pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]:
+            if keep[i]:
+                keep[j] = False
+    return np.flatnonzero(keep)
+
+
 class _SegPlan:
     """Per-frame-shape segmentation state: bin factor, kernel, threshold gains and buffers.
 
@@ -437,7 +498,9 @@ class ParticleDetector:
         self._plan_shape: tuple[int, ...] = ()
         self._plan: _SegPlan | None = None
         # Fixed offsets of the refinement window, reused for every frame.
-        self._offsets = np.arange(-self.config.window_px, self.config.window_px + 1)
+        self._offsets = np.arange(-self.config.refine_half_px, self.config.refine_half_px + 1)
+        self._last_confidence = np.zeros(0)
+        self.adapted: object | None = None  # the estimate, when adapt=True has run
 
     def __call__(self, frame: np.ndarray) -> FloatArray:
         """Detect particles, brightest (window-integrated, background-subtracted) first."""
@@ -452,18 +515,34 @@ class ParticleDetector:
         """
         return self._detect(frame)
 
+    def detect_with_confidence(
+        self, frame: np.ndarray
+    ) -> tuple[FloatArray, FloatArray, FloatArray]:
+        """Positions, scores and a confidence in [0, 1] per detection.
+
+        Confidence is how far the seed's smoothed peak stands above the detection
+        threshold, in units of that threshold: 0 for one just at it, 1 at twice it or
+        more. Policies can drop weak detections without knowing any camera units.
+        """
+        xy, score = self._detect(frame)
+        return xy, score, self._last_confidence
+
     def _detect(self, frame: np.ndarray) -> tuple[FloatArray, FloatArray]:
         """Shared detection path: (N, 2) positions and (N,) scores, brightest first."""
         frame = _check_2d(frame, "frame")
+        if self.config.adapt:
+            self._adapt(frame)
+        self._last_confidence = np.zeros(0)
         cfg = self.config
-        plan = self._get_plan(frame.shape)
-        level, sigma = _background(frame)
-        binned = plan.load(frame)
+        work = self._preprocess(frame)
+        plan = self._get_plan(work.shape)
+        level, sigma = _background(work)
+        binned = plan.load(work)
         if plan.b > 1:
             # Threshold from the binned image's own noise: exact, and immune to any
             # pixel-to-pixel correlation that would break a sqrt(b**2) scaling.
             seg_level, seg_sigma = _background(
-                binned, integer=bool(np.issubdtype(frame.dtype, np.integer))
+                binned, integer=bool(np.issubdtype(work.dtype, np.integer))
             )
         else:
             seg_level, seg_sigma = level, sigma
@@ -491,7 +570,12 @@ class ParticleDetector:
         last = np.flatnonzero(np.diff(lab_sorted, append=lab_sorted[-1] + 1))
         seeds = idx[order[last]]
         if plan.b == 1:
-            seeds = seeds[np.bincount(lab)[lab_sorted[last]] >= cfg.min_area_px]
+            area = np.bincount(lab)
+            seeds = seeds[area[lab_sorted[last]] >= cfg.min_area_px]
+            if cfg.separation_px > 0:
+                # Touching particles share one blob: each local maximum seeds its own.
+                peaks = _local_maxima(seg, idx, vals) & (area[lab] >= cfg.min_area_px)
+                seeds = np.union1d(seeds, idx[peaks])
             rows, cols = np.divmod(seeds, plan.shape[1])
         else:
             # The coarser, lower-threshold binned mask merges close neighbours that are
@@ -501,20 +585,64 @@ class ParticleDetector:
             extra = idx[_local_maxima(seg, idx, vals) & ~is_max]
             rows, cols = np.divmod(np.concatenate((seeds, extra)), plan.shape[1])
             primary = np.arange(rows.size) < seeds.size
-            rows, cols = self._confirm(frame, rows, cols, primary, plan, level, sigma)
+            rows, cols = self._confirm(work, rows, cols, primary, plan, level, sigma)
         if rows.size == 0:
             return _empty()
-        xy, brightness = self._refine(frame, rows, cols, level)
+        xy, brightness = self._refine(work, rows, cols, level)
 
-        keep = np.argsort(-brightness, kind="stable")[: cfg.max_objects]
+        keep = np.argsort(-brightness, kind="stable")
+        if cfg.separation_px > 0:
+            keep = keep[_isolated(xy[keep], cfg.separation_px)]
+        keep = keep[: cfg.max_objects]
         # Noise of a window sum is sigma * sqrt(pixels); edge windows are clipped, as in _refine.
-        half, (n_rows, n_cols) = cfg.window_px, frame.shape
+        half, (n_rows, n_cols) = cfg.refine_half_px, work.shape
         r, c = rows[keep], cols[keep]
         n_pix = (np.minimum(r + half + 1, n_rows) - np.maximum(r - half, 0)) * (
             np.minimum(c + half + 1, n_cols) - np.maximum(c - half, 0)
         )
         noise = max(sigma, np.finfo(np.float64).tiny) * np.sqrt(n_pix.astype(np.float64))
+        self._last_confidence = self._confidence(seg, r, c, plan, seg_level, seg_sigma)
         return xy[keep], brightness[keep] / noise
+
+    def _confidence(
+        self,
+        seg: NDArray[np.float32],
+        rows: NDArray[np.intp],
+        cols: NDArray[np.intp],
+        plan: _SegPlan,
+        seg_level: float,
+        seg_sigma: float,
+    ) -> FloatArray:
+        """(z - k) / k clipped to [0, 1]: z the seed's smoothed SNR, k the threshold."""
+        b, (h, w) = plan.b, plan.shape
+        flat = np.minimum(rows // b, h - 1) * w + np.minimum(cols // b, w - 1)
+        z = (seg.ravel()[flat] - seg_level) / (
+            max(seg_sigma, np.finfo(np.float64).tiny) * plan.scale[flat]
+        )
+        k = self.config.threshold_sigma
+        return np.clip((z - k) / k, 0.0, 1.0).astype(np.float64)
+
+    def _adapt(self, frame: np.ndarray) -> None:
+        """Replace unset parameters by ones estimated from this frame (once)."""
+        from agent.detect_auto import estimate_config
+
+        estimate = estimate_config([frame], base=self.config)
+        self.config = estimate.config.model_copy(update={"adapt": False})
+        self.adapted = estimate
+        self._plan = None
+        self._offsets = np.arange(-self.config.refine_half_px, self.config.refine_half_px + 1)
+
+    def _preprocess(self, frame: np.ndarray) -> np.ndarray:
+        """Polarity flip and local background removal, only when asked (they cost a pass)."""
+        cfg = self.config
+        if cfg.polarity != "dark" and cfg.background_px == 0:
+            return frame
+        work = frame.astype(np.float32)
+        if cfg.polarity == "dark":
+            np.negative(work, out=work)
+        if cfg.background_px:
+            _subtract_local_background(work, cfg.background_px)
+        return work
 
     def _get_plan(self, shape: tuple[int, ...]) -> _SegPlan:
         """Segmentation plan for this frame shape; cached as the shape rarely changes."""
@@ -602,7 +730,7 @@ class ParticleDetector:
         self, frame: np.ndarray, rows: NDArray[np.intp], cols: NDArray[np.intp], level: float
     ) -> tuple[FloatArray, FloatArray]:
         """Sub-pixel positions and window brightness for each seed."""
-        half = self.config.window_px
+        half = self.config.refine_half_px
         n_rows, n_cols = frame.shape
         xy = np.empty((rows.size, 2), dtype=np.float64)
         brightness = np.empty(rows.size, dtype=np.float64)

@@ -478,10 +478,12 @@ def crops_from_frames(
     crop_px: int,
     n: int,
     rng: np.random.Generator | int | None = None,
+    seeds: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> np.ndarray:
     """Up to n unlabeled (crop_px, crop_px) crops, each around one isolated bright spot.
 
-    Seeds come from the classical ParticleDetector; spots with another detection inside
+    Seeds come from `seeds(frame) -> (N, 2) xy` (default: the classical ParticleDetector
+    with its default settings); spots with another seed inside
     the crop (which would give the equivariance loss two valid answers) or too close to
     the frame edge are skipped. Crops keep the frame's dtype (raw ADU): fit normalises
     each by its own border ring, just as detection normalises a frame by its background.
@@ -491,14 +493,14 @@ def crops_from_frames(
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-    det = ParticleDetector(DetectorConfig())
+    find = seeds if seeds is not None else ParticleDetector(DetectorConfig())
     half = crop_px // 2
     found: list[np.ndarray] = []
     for i, frame in enumerate(frames):
         arr = np.asarray(frame)
         if arr.ndim != 2:
             raise ValueError(f"frames[{i}] must be a 2-D array, got shape {arr.shape}")
-        xy = det(arr)
+        xy = np.asarray(find(arr), dtype=np.float64).reshape(-1, 2)
         if len(xy) == 0:
             continue
         d = np.hypot(xy[:, None, 0] - xy[None, :, 0], xy[:, None, 1] - xy[None, :, 1])

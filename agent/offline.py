@@ -27,9 +27,10 @@ _PILLOW = frozenset({".png", ".jpg", ".jpeg"})
 # Pillow modes that are already single-channel numbers; everything else goes through "L".
 _GRAY_MODES = frozenset({"L", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
 _LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601-2, Pillow's own RGB -> L weights.
-CSV_HEADER = ("frame", "file", "x", "y", "score")
+CSV_HEADER = ("frame", "file", "x", "y", "score", "confidence")
 
-Detector = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+# (N, 2) positions, (N,) scores and optionally (N,) confidences in [0, 1].
+Detector = Callable[[np.ndarray], tuple[np.ndarray, ...]]
 
 
 class ImageReadError(ValueError):
@@ -142,7 +143,7 @@ def detect_files(
     out_csv: Path,
     progress: Callable[[int], None] | None = None,
 ) -> int:
-    """Detect in every frame of paths and write ``frame,file,x,y,score`` rows to out_csv.
+    """Detect in every frame of paths and write ``frame,file,x,y,score,confidence`` rows.
 
     detector maps a frame to ((N, 2) x/y positions in pixels, (N,) scores), e.g.
     ``ParticleDetector().detect_with_scores``. Rows are flushed after each frame, so an
@@ -159,8 +160,9 @@ def detect_files(
         writer.writerow(CSV_HEADER)
         fh.flush()
         for index, path, frame in iter_frames(files):
-            xy, score = detector(frame)
-            xy, score = np.asarray(xy, dtype=np.float64), np.asarray(score, dtype=np.float64)
+            found = detector(frame)
+            xy, score = np.asarray(found[0], dtype=np.float64), np.asarray(found[1], np.float64)
+            conf = np.asarray(found[2] if len(found) > 2 else np.full(len(score), np.nan))
             if xy.ndim != 2 or xy.shape[1] != 2 or score.shape != (xy.shape[0],):
                 raise ValueError(
                     f"detector must return (N, 2) positions and (N,) scores, "
@@ -168,8 +170,8 @@ def detect_files(
                 )
             name = str(path)
             writer.writerows(
-                (index, name, f"{x:.4f}", f"{y:.4f}", f"{s:.6g}")
-                for (x, y), s in zip(xy.tolist(), score.tolist(), strict=True)
+                (index, name, f"{x:.4f}", f"{y:.4f}", f"{s:.6g}", f"{c:.3f}")
+                for (x, y), s, c in zip(xy.tolist(), score.tolist(), conf.tolist(), strict=True)
             )
             fh.flush()
             total += xy.shape[0]

@@ -38,6 +38,7 @@ class Observation:
     laser: tuple[LaserSpot, ...] = ()
     field_um: tuple[float, float] = (0.0, 0.0)  # width, height of the camera field
     track_ids: np.ndarray | None = None  # (N,) identity of each detection across frames
+    confidences: np.ndarray | None = None  # (N,) in [0, 1]: 0 barely above threshold
 
     @staticmethod
     def from_wire(

@@ -66,6 +66,19 @@ class CameraConfig(BaseModel):
     # Fixed pixels (chosen once from the seed) with extra dark current every frame.
     hot_pixel_fraction: float = Field(0.0, ge=0.0, le=0.1)
     hot_pixel_e_per_ms: float = Field(50.0, ge=0.0, le=1e6)
+    # Image formation: "fluorescence" (the PSF above, photons_per_particle), or the
+    # scattering contrasts of dielectric spheres under transmitted illumination
+    # (simulators.brightfield): "brightfield" (background_photons_per_px_per_ms is the
+    # illumination; spheres show a bright centre in a dark ring that changes with
+    # defocus_um) or "darkfield" (only scattered light: bright rings on a dark field).
+    contrast: Literal["fluorescence", "brightfield", "darkfield"] = "fluorescence"
+    particle_radius_um: float = Field(0.5, gt=0.0, le=20.0)
+    particle_refractive_index: float = Field(1.59, ge=1.0, le=3.0)  # polystyrene
+    condenser_na: float = Field(0.3, gt=0.0, le=1.4)
+    # Illumination falling off towards the corners (vignetting), as a fraction lost there.
+    illumination_falloff: float = Field(0.0, ge=0.0, le=0.9)
+    # Out-of-focus dust on optics: this many faint, wide dark blobs fixed per camera.
+    dust_count: int = Field(0, ge=0, le=1000)
 
     @model_validator(mode="after")
     def _check_defocus_optics(self) -> CameraConfig:
@@ -520,6 +533,71 @@ class CameraModel:
             e = lh + np.sqrt(lh + read_var) * rng.standard_normal(len(high))
             flat[lit[high]] = self._to_adu(e)
 
+    # ------------------------------------------------------- brightfield
+    def _illumination(self) -> np.ndarray:
+        """Relative illumination (H, W): vignetting times out-of-focus dust; cached."""
+        cfg = self.config
+        key = (cfg.height_px, cfg.width_px, cfg.illumination_falloff, cfg.dust_count)
+        if getattr(self, "_illum_key", None) != key:
+            h, w = cfg.height_px, cfg.width_px
+            yy, xx = np.mgrid[0:h, 0:w]
+            r2 = ((xx - (w - 1) / 2) ** 2 + (yy - (h - 1) / 2) ** 2) / (
+                ((w - 1) / 2) ** 2 + ((h - 1) / 2) ** 2
+            )
+            illum = 1.0 - cfg.illumination_falloff * r2
+            rng = np.random.default_rng(self._hot_rng_seed.spawn(1)[0])
+            for _ in range(cfg.dust_count):
+                x, y = rng.uniform(0, w), rng.uniform(0, h)
+                sigma, depth = rng.uniform(8.0, 30.0), rng.uniform(0.01, 0.05)
+                illum *= 1.0 - depth * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * sigma**2))
+            self._illum_map = illum.astype(np.float32)
+            self._illum_key = key
+        return self._illum_map
+
+    def _render_scattering(self, substep_positions_um: np.ndarray, exposure_s: float) -> np.ndarray:
+        """Brightfield/darkfield frame: illumination x (1 + sphere contrasts), with noise.
+
+        Particles are drawn at their mean sub-step position (transmitted-light exposures
+        are short next to the motion), and shot noise is Gaussian(λ, λ) in brightfield
+        (hundreds of e per pixel) and exact Poisson in darkfield (few e).
+        """
+        from simulators.brightfield import contrast_profile, render_contrast
+
+        cfg = self.config
+        pos = np.asarray(substep_positions_um, dtype=float)
+        if pos.ndim == 2:
+            pos = pos[None]
+        if pos.ndim != 3 or pos.shape[-1] != 2:
+            raise ValueError(f"substep_positions_um must be (S, N, 2), got {pos.shape}")
+        dark = cfg.contrast == "darkfield"
+        profile = contrast_profile(
+            cfg.particle_radius_um,
+            cfg.particle_refractive_index,
+            cfg.medium_refractive_index,
+            cfg.wavelength_um,
+            min(cfg.numerical_aperture, cfg.medium_refractive_index * 0.99),
+            cfg.defocus_um,
+            cfg.pixel_size_um,
+            darkfield=dark,
+            condenser_na=cfg.condenser_na,
+        )
+        xy = np.nanmean(pos, axis=0) / cfg.pixel_size_um if pos.shape[0] else np.zeros((0, 2))
+        c = render_contrast((cfg.height_px, cfg.width_px), xy[np.isfinite(xy).all(axis=1)], profile)
+        bg = self._bg_electrons(exposure_s)
+        illum = self._illumination()
+        # Darkfield keeps 1 % stray light so the background is not exactly zero.
+        lam = bg * illum * (c + 0.01) if dark else bg * illum * np.maximum(1.0 + c, 0.0)
+        if cfg.hot_pixel_fraction > 0.0:
+            lam.reshape(-1)[self.hot_pixels] += cfg.hot_pixel_e_per_ms * exposure_s * 1e3
+        rng = self._rng
+        if dark:
+            e = rng.poisson(np.maximum(lam, 0.0)).astype(np.float64)
+        else:
+            e = lam + np.sqrt(lam) * rng.standard_normal(lam.shape)
+        if cfg.read_noise_e > 0.0:
+            e += cfg.read_noise_e * rng.standard_normal(lam.shape)
+        return self._to_adu(e).astype(np.uint16)
+
     def render(
         self,
         substep_positions_um: np.ndarray,
@@ -540,6 +618,9 @@ class CameraModel:
             out = np.empty((h, w), dtype=np.uint16)
         elif out.shape != (h, w) or out.dtype != np.uint16:
             raise ValueError(f"out must be uint16 {(h, w)}, got {out.dtype} {out.shape}")
+        if cfg.contrast != "fluorescence":
+            out[...] = self._render_scattering(substep_positions_um, exposure_s)
+            return out
         flat = out.reshape(-1) if out.flags.c_contiguous else np.empty(h * w, np.uint16)
         lit = self._accumulate(substep_positions_um, exposure_s)
         sig = self._release(lit)

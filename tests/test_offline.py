@@ -50,7 +50,7 @@ def test_detect_files_across_tiff_stack_and_png(tmp_path: Path) -> None:
     n = detect_files([tif, png], ParticleDetector().detect_with_scores, out, seen.append)
 
     header, rows = _read_rows(out)
-    assert header == ["frame", "file", "x", "y", "score"]
+    assert header == ["frame", "file", "x", "y", "score", "confidence"]
     assert n == len(rows) == 5
     assert seen == [1, 2, 3, 4]
     for frame, spots in enumerate(truth):
@@ -117,7 +117,7 @@ def test_empty_frame_gives_header_only(tmp_path: Path) -> None:
     out = tmp_path / "blank.csv"
     assert detect_files([path], ParticleDetector().detect_with_scores, out) == 0
     header, rows = _read_rows(out)
-    assert header == ["frame", "file", "x", "y", "score"]
+    assert header == ["frame", "file", "x", "y", "score", "confidence"]
     assert rows == []
 
 

@@ -1,0 +1,416 @@
+"""Detector parameters estimated from the frames themselves, for a user's first run.
+
+A new user's images differ from the twin in every setting that matters: particle size,
+contrast (bright spots, dark spots, brightfield rings), uneven illumination and
+background texture. Each is measured here from the data, in this order, so each step
+works on what the previous one cleaned:
+
+1. Frame checks: mixed sizes or dtypes, a flat (empty) or saturated frame fail with one
+   line saying so.
+2. Illumination: medians of coarse blocks (particles barely move a block median); if
+   they vary by more than a few noise sigmas, a local background is subtracted.
+3. Polarity: the brightest and darkest local extremes of the lightly smoothed,
+   background-free frame; the stronger side is the particles' contrast.
+4. Size and shape: the median radial profile around the strongest particles. Its half
+   maximum gives the core width (smoothing, window, separation of touching particles);
+   a significant dip below the background after the core is a brightfield ring, whose
+   radius and outer edge set the ring fit and the refinement window.
+5. Threshold: the noise of the smoothed background is measured where no particle is,
+   not assumed white: texture and out-of-focus debris raise it, and the threshold with
+   it. A relative minimum mass (a quarter of the typical particle's peak) drops halos,
+   fringes between neighbours and debris that stand far above the noise.
+
+Parameters the caller set explicitly (fields in ``base.model_fields_set``, or a given
+``diameter_px``) are kept. ``Estimate.summary`` is the one line ``scopeloop detect``
+prints; ``Estimate.why_empty`` says why nothing will be found, when that is the case.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from agent.detect import DetectorConfig, ParticleDetector, _background, _noise_gain_1d
+
+__all__ = ["Estimate", "blob_candidates", "check_frames", "estimate_config"]
+
+_BLOCKS = 16  # illumination grid: blocks per short side
+_UNEVEN = 2.0  # block medians spreading over this many times their noise range: uneven
+_PEAK_SIGMAS = 6.0  # extremes weaker than this (smoothed-noise sigmas) are not particles
+_PROFILE_PEAKS = 30  # strongest particles averaged into the radial profile
+_MAX_RADIUS_PX = 40  # radial profile extent
+_RING_DEPTH = 0.1  # a dip below -this x peak (and > 4 noise) after the core is a ring
+_SATURATED_FRACTION = 0.5  # frames with more pixels than this at the maximum: saturated
+_THRESHOLD_SIGMA = 5.0
+_MIN_PEAK_FRACTION = 0.25  # of the typical particle's smoothed peak: weaker is not one
+_QUIET_FRACTION = 1 / 3  # share of pixels far from features needed to measure texture
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Parameters for a frame set and what was measured to get them."""
+
+    config: DetectorConfig
+    diameter_px: float
+    contrast: str  # "bright", "dark" or "ring"
+    ring_radius_px: float
+    illumination_spread: float  # block-median range / the range noise alone would give
+    summary: str
+    why_empty: str = ""
+    peak_snr: float = 0.0  # strongest extreme / noise of the lightly smoothed background
+
+
+def check_frames(frames: Sequence[np.ndarray]) -> None:
+    """One-line ValueError for input no detector can work on."""
+    if len(frames) == 0:
+        raise ValueError("no frames given")
+    first = np.asarray(frames[0])
+    for i, f in enumerate(frames):
+        f = np.asarray(f)
+        if f.ndim != 2:
+            raise ValueError(f"frame {i} must be 2-D, got shape {f.shape}")
+        if f.shape != first.shape:
+            raise ValueError(
+                f"frames of mixed sizes: frame 0 is {first.shape[1]}x{first.shape[0]} px, "
+                f"frame {i} is {f.shape[1]}x{f.shape[0]} px"
+            )
+        if f.dtype != first.dtype:
+            raise ValueError(
+                f"frames of mixed pixel types: frame 0 is {first.dtype}, frame {i} is {f.dtype}"
+            )
+
+
+def _frame_problem(frame: np.ndarray, index: int) -> str:
+    """Why a frame cannot hold detectable particles ('' if it can)."""
+    lo, hi = float(frame.min()), float(frame.max())
+    if np.issubdtype(frame.dtype, np.integer):
+        top = float(np.iinfo(frame.dtype).max)
+        if np.mean(frame == top) > _SATURATED_FRACTION:
+            return (
+                f"frame {index} is saturated: {np.mean(frame == top):.0%} of pixels at "
+                f"{top:g} (shorten the exposure or lower the illumination)"
+            )
+    if lo == hi:
+        return f"frame {index} is empty: every pixel is {lo:g}"
+    return ""
+
+
+def _block_side(shape: tuple[int, ...]) -> int:
+    return max(16, min(shape) // _BLOCKS)
+
+
+def _illumination(frame: np.ndarray) -> np.ndarray:
+    """Smooth background map from block medians, bilinearly resampled to the frame."""
+    h, w = frame.shape
+    block = _block_side(frame.shape)
+    nb_r, nb_c = max(1, h // block), max(1, w // block)
+    trimmed = frame[: nb_r * block, : nb_c * block].astype(np.float32)
+    med = np.median(
+        trimmed.reshape(nb_r, block, nb_c, block).transpose(0, 2, 1, 3).reshape(nb_r, nb_c, -1),
+        axis=2,
+    )
+    rows = (np.arange(h) + 0.5) / block - 0.5
+    cols = (np.arange(w) + 0.5) / block - 0.5
+    return ndimage.map_coordinates(
+        med, np.meshgrid(rows, cols, indexing="ij"), order=1, mode="nearest"
+    ).astype(np.float32)
+
+
+def _robust_sigma(a: np.ndarray) -> float:
+    return _background(np.ascontiguousarray(a, dtype=np.float32))[1]
+
+
+def _texture_sigma(img: np.ndarray, xy: np.ndarray, radius: int, floor: float) -> float:
+    """Robust sigma of img outside discs of radius around the particles xy (>= floor);
+    floor alone when under a third of the pixels is left."""
+    mask = np.zeros(img.shape, dtype=bool)
+    rc = np.rint(xy[:, ::-1]).astype(np.intp).reshape(-1, 2)
+    rc = np.clip(rc, 0, np.array(img.shape) - 1)
+    mask[rc[:, 0], rc[:, 1]] = True
+    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+    mask = ndimage.binary_dilation(mask, structure=yy**2 + xx**2 <= radius**2)
+    quiet = img[~mask]
+    if quiet.size < _QUIET_FRACTION * img.size:
+        return floor
+    q1, q3 = np.percentile(quiet[:: max(1, quiet.size // 65536)], (25, 75))
+    return max(float(q3 - q1) / 1.34898, floor)
+
+
+def _pixel_sigma(frame: np.ndarray) -> float:
+    """White pixel noise from neighbour differences: blind to smooth structure."""
+    d = np.diff(frame.astype(np.float32), axis=1) / math.sqrt(2.0)
+    return max(_robust_sigma(d), 1e-12)
+
+
+def _extremes(sm: np.ndarray, sigma: float, sign: float) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) and amplitudes of the strongest local extremes of sign, > _PEAK_SIGMAS."""
+    img = sign * sm
+    peaks = (img == ndimage.maximum_filter(img, size=5)) & (img > _PEAK_SIGMAS * sigma)
+    rc = np.argwhere(peaks)
+    amp = img[peaks]
+    order = np.argsort(-amp)
+    return rc[order], amp[order]
+
+
+def _radial_profile(
+    img: np.ndarray, seeds: np.ndarray, radius: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(mean distance, median over seeds of the mean value) per rounded distance 0..radius.
+
+    The abscissa is each bin's mean pixel distance, not its integer label: the bin "1"
+    holds pixels at 1 and 1.41 px, and labelling it 1 would shrink every width by ~15 %.
+    """
+    # Reflect-padded, so particles near the edge count too (small frames have few).
+    img = np.pad(img, radius, mode="reflect")
+    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+    exact = np.hypot(yy, xx).ravel()
+    dist = np.rint(exact).astype(np.intp)
+    counts = np.bincount(dist)[: radius + 1]
+    where = np.bincount(dist, exact)[: radius + 1] / counts
+    profiles = []
+    for r, c in seeds:
+        patch = img[r : r + 2 * radius + 1, c : c + 2 * radius + 1].ravel()
+        profiles.append(np.bincount(dist, patch)[: radius + 1] / counts)
+    if not profiles:
+        return where, np.zeros(0)
+    return where, np.median(profiles, axis=0)
+
+
+def _crossing(r: np.ndarray, profile: np.ndarray, level: float, start: int = 0) -> float:
+    """First radius (index >= start) where the profile falls to level, interpolated."""
+    for i in range(max(start, 1), profile.size):
+        if profile[i] <= level:
+            a, b = profile[i - 1], profile[i]
+            t = (a - level) / (a - b) if a != b else 1.0
+            return float(r[i - 1] + t * (r[i] - r[i - 1]))
+    return float(r[-1])
+
+
+def _shape(
+    flats: list[np.ndarray],
+    seeds: list[tuple[np.ndarray, np.ndarray]],
+    sign: float,
+    pix_sigma: float,
+    radius: int,
+) -> tuple[np.ndarray, np.ndarray, float, float, float]:
+    """(radii, median profile, core half width at half maximum, ring radius, ring outer
+    edge) of the particles at seeds; ring radius 0 where no dark ring follows the core."""
+    profiles = []
+    where = np.arange(2.0)
+    for f, (rc, _) in zip(flats, seeds, strict=True):
+        where, prof = _radial_profile(sign * f, rc[:_PROFILE_PEAKS], radius)
+        if prof.size:
+            profiles.append(prof)
+    if not profiles:
+        return where, np.zeros(where.size), 1.5, 0.0, 0.0
+    prof = np.median(profiles, axis=0)
+    peak = float(prof[0])
+    hwhm = _crossing(where, prof, 0.5 * peak)
+    core = math.ceil(hwhm)
+    after = prof[core:]
+    # 4 sigma of a profile bin: each averages >= 8 pixels of every seed.
+    n_seeds = sum(min(len(rc), _PROFILE_PEAKS) for rc, _ in seeds)
+    noise = 4.0 * pix_sigma / math.sqrt(8.0 * max(n_seeds, 1))
+    if after.size <= 2 or -after.min() <= max(_RING_DEPTH * peak, noise):
+        return where, prof, hwhm, 0.0, 0.0
+    k = core + int(np.argmin(after))
+    # Sub-pixel ring radius: parabola through the minimum and its neighbours.
+    ring_r = float(where[k])
+    if 0 < k < prof.size - 1:
+        a, b, c = prof[k - 1], prof[k], prof[k + 1]
+        curv = a - 2 * b + c
+        ring_r += 0.5 * (a - c) / curv if curv > 0 else 0.0
+    outer = _crossing(where, -prof, 0.25 * float(-prof[k]), start=k + 1)
+    return where, prof, hwhm, ring_r, outer
+
+
+def _describe(est: dict[str, float | str], cfg: DetectorConfig) -> str:
+    contrast = {
+        "bright": "bright spots",
+        "dark": "dark spots",
+        "ring": f"brightfield rings (bright centre, dark ring r={cfg.ring_radius_px:.1f} px)",
+    }[str(est["contrast"])]
+    bg = (
+        f"local {cfg.background_px} px box (illumination spread {est['spread']:.0f}x its noise)"
+        if cfg.background_px
+        else "flat"
+    )
+    return (
+        f"auto: {contrast}, diameter {est['diameter']:.0f} px, smoothing "
+        f"{cfg.smooth_sigma_px:.2f} px, window +-{cfg.window_px} px, separation "
+        f"{cfg.separation_px:.1f} px, threshold {cfg.threshold_sigma:.1f} sigma, background {bg}"
+    )
+
+
+def estimate_config(
+    frames: Sequence[np.ndarray],
+    base: DetectorConfig | None = None,
+    diameter_px: float | None = None,
+) -> Estimate:
+    """Detector settings for these frames; fields set in `base` and `diameter_px` are kept.
+
+    Uses up to the first five frames (pooled profile). Raises ValueError (one line) for
+    input no detector can use; frames that are merely particle-free give an Estimate
+    whose `why_empty` says so.
+    """
+    base = base if base is not None else DetectorConfig()
+    check_frames(frames)
+    given = base.model_fields_set
+    use = [np.asarray(f) for f in frames[:5]]
+    if diameter_px is not None and diameter_px > 0.8 * min(use[0].shape):
+        raise ValueError(
+            f"diameter {diameter_px:g} px does not fit in the {use[0].shape[1]}x"
+            f"{use[0].shape[0]} px frame (at most {0.8 * min(use[0].shape):.0f} px)"
+        )
+    problems = [p for i, f in enumerate(use) if (p := _frame_problem(f, i))]
+    if len(problems) == len(use):
+        raise ValueError(problems[0])
+    use = [f for i, f in enumerate(use) if not _frame_problem(f, i)]
+
+    frame = use[0]
+    pix_sigma = _pixel_sigma(frame)
+    illum = _illumination(frame)
+    # Spread of the block medians in units of what noise alone gives them (a median of
+    # n pixels scatters by 1.25 sigma / sqrt(n); the range of M of them ~ 2 sqrt(2 ln M)).
+    block = _block_side(frame.shape)
+    n_blocks = max(2, (frame.shape[0] // block) * (frame.shape[1] // block))
+    noise_range = 2.0 * math.sqrt(2.0 * math.log(n_blocks)) * 1.2533 * pix_sigma / block
+    spread = float(np.ptp(illum)) / noise_range
+    flats = [f.astype(np.float32) - _illumination(f) for f in use]
+    sm = [ndimage.gaussian_filter(f, 1.0) for f in flats]
+    sm_sigma = max(_robust_sigma(sm[0]), 1e-12)
+
+    # Polarity: the side whose strongest extremes stand out more.
+    bright = [_extremes(s, sm_sigma, 1.0) for s in sm]
+    dark = [_extremes(s, sm_sigma, -1.0) for s in sm]
+    top_b = np.concatenate([a[:_PROFILE_PEAKS] for _, a in bright])
+    top_d = np.concatenate([a[:_PROFILE_PEAKS] for _, a in dark])
+    amp_b = float(np.median(top_b)) if top_b.size else 0.0
+    amp_d = float(np.median(top_d)) if top_d.size else 0.0
+    if "polarity" in given:
+        sign = -1.0 if base.polarity == "dark" else 1.0
+    else:
+        sign = 1.0 if amp_b >= amp_d else -1.0
+    why_empty = ""
+    if max(amp_b, amp_d) == 0.0:
+        why_empty = (
+            f"nothing stands out: no local extreme above {_PEAK_SIGMAS:g} sigma of the "
+            f"smoothed background ({sm_sigma:.3g}) in the frames examined"
+        )
+
+    # Size and shape from the median radial profile of the strongest particles. Bright
+    # peaks inside a dark annulus are brightfield rings, even where the dark side's
+    # extremes (pieces of the rings) are the stronger ones.
+    radius = int(min(_MAX_RADIUS_PX, min(frame.shape) // 2 - 1))
+    radius = max(radius, 2)
+    shape = _shape(flats, bright, 1.0, pix_sigma, radius)
+    if (shape[3] > 0 and base.polarity != "dark") or ("polarity" in given and sign > 0):
+        contrast = "ring" if shape[3] > 0 else "bright"
+    else:
+        contrast = "dark" if sign < 0 else "bright"
+        if sign < 0:
+            shape = _shape(flats, dark, -1.0, pix_sigma, radius)
+            shape = (*shape[:3], 0.0, 0.0)
+    _, _, hwhm, ring_r, outer = shape
+    if contrast != "ring":
+        ring_r = outer = 0.0
+    sigma_core = max(hwhm / 1.1774, 0.5)
+    if diameter_px is not None:
+        sigma_core = max(diameter_px / 4.0, 0.5)
+        diameter = float(diameter_px)
+        if contrast == "ring" and ring_r > 0.5 * diameter_px:
+            ring_r = max(0.5 * (diameter_px - 1) - 1.0, 1.0)
+            outer = 0.5 * (diameter_px - 1)
+    elif contrast == "ring":
+        diameter = 2.0 * math.ceil(outer) + 1.0
+    else:
+        diameter = 2.0 * round(2.0 * sigma_core) + 1.0
+
+    updates: dict[str, object] = {}
+
+    def put(name: str, value: object) -> None:
+        if name not in given:
+            updates[name] = value
+
+    smooth = float(min(max(sigma_core, 0.5), 10.0))
+    put("smooth_sigma_px", smooth)
+    if contrast == "ring":
+        put("polarity", "ring")
+        put("ring_radius_px", float(min(max(ring_r, 1.0), 100.0)))
+        put("window_px", int(min(max(round(0.85 * ring_r), 2), 50)))
+        # Touching spheres sit one diameter apart, inside each other's rings: only
+        # their bright centres are separate, so separation follows the centre's width.
+        put("separation_px", float(min(max(2.0 * hwhm, 1.0), 200.0)))
+    else:
+        put("polarity", contrast)
+        put("window_px", int(min(max(round(2.5 * sigma_core), 2), 50)))
+        put("separation_px", float(min(max(2.0 * hwhm, 1.0), 200.0)))
+    extent = max(diameter, 2.0 * outer + 1.0)
+    if spread > _UNEVEN:
+        put("background_px", int(min(4 * extent + 1, 2001)))
+    else:
+        put("background_px", 0)
+
+    # Threshold: 5 sigma of the smoothed background's noise as measured (texture,
+    # debris and fixed pattern count; particles do not: they are clipped out), in the
+    # detector's units (its sigma is the frame's pixel IQR, inflated in dense fields).
+    cfg = base.model_copy(update=updates)
+    gain = float(_noise_gain_1d(cfg.smooth_sigma_px, 64)[32] ** 2)
+    probe = ParticleDetector(cfg.model_copy(update={"segment_bin_px": 1, "adapt": False}))
+    work = probe._preprocess(frame)
+    smooth_bg = ndimage.gaussian_filter(work.astype(np.float32), cfg.smooth_sigma_px)
+    white = _pixel_sigma(work) * gain
+    detector_sigma = _background(work)[1] * gain
+    # The minimum mass, relative: a monodisperse sample's particles image alike, so a
+    # peak under _MIN_PEAK_FRACTION of the typical particle's is a halo, an interference
+    # fringe between neighbours or debris, however far above the noise it stands. The
+    # typical particle is the median of all extremes (the strongest are pairs whose
+    # light adds).
+    level = float(np.median(smooth_bg))
+    top = (bright if contrast != "dark" else dark)[0][0]
+    typical = float(np.median(smooth_bg[top[:, 0], top[:, 1]])) - level if len(top) else 0.0
+    # Texture: the smoothed background's noise where no particle is. Particles are
+    # found provisionally (white-noise threshold and the relative floor), masked, and
+    # the rest measured; crowded fields leave too little and get white noise alone.
+    provisional = max(_THRESHOLD_SIGMA * white, _MIN_PEAK_FRACTION * typical)
+    probe.config = probe.config.model_copy(
+        update={"threshold_sigma": float(min(max(provisional / detector_sigma, 1.0), 100.0))}
+    )
+    measured = _texture_sigma(smooth_bg, probe(frame), max(1, round(0.5 * extent)), white)
+    floor = max(_THRESHOLD_SIGMA * measured, _MIN_PEAK_FRACTION * typical)
+    put("threshold_sigma", float(min(max(floor / detector_sigma, 1.0), 100.0)))
+    cfg = base.model_copy(update=updates)
+    est = {"contrast": contrast, "diameter": diameter, "spread": spread}
+    return Estimate(
+        config=cfg,
+        diameter_px=diameter,
+        contrast=contrast,
+        ring_radius_px=ring_r,
+        illumination_spread=spread,
+        summary=_describe(est, cfg),
+        why_empty=why_empty,
+        peak_snr=max(amp_b, amp_d) / sm_sigma,
+    )
+
+
+def blob_candidates(frame: np.ndarray, estimate: Estimate, sigmas: float = 3.0) -> np.ndarray:
+    """(N, 2) xy of every blob of the estimated size and contrast above `sigmas`.
+
+    A difference of Gaussians at the particle's scale, thresholded far lower than the
+    detector: candidate particles for self-supervised training that do not depend on
+    what the classical detector accepts (faint, defocused or odd-looking ones too).
+    """
+    cfg = estimate.config
+    sign = -1.0 if cfg.polarity == "dark" else 1.0
+    img = sign * np.asarray(frame, dtype=np.float32)
+    s = cfg.smooth_sigma_px
+    dog = ndimage.gaussian_filter(img, s) - ndimage.gaussian_filter(img, 3.0 * s)
+    sigma = _robust_sigma(dog)
+    size = max(3, int(2 * round(cfg.separation_px / 2) + 1))
+    peaks = (dog == ndimage.maximum_filter(dog, size=size)) & (dog > sigmas * sigma)
+    rows, cols = np.nonzero(peaks)
+    return np.column_stack([cols, rows]).astype(np.float64)

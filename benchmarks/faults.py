@@ -16,8 +16,9 @@ the devices put on the sample and when), never from the driver's replies.
   spots, SLM images, properties, stage, exposure, MDA events), pipelined;
   `out_of_limit_on_sample` counts light changes on the sample beyond any limit.
 
-`run` is a list of sections, each `measure(quick, log) -> metrics`; other fault
-sections (authentication, crash-safe records) join the list with one line each.
+`run` is a list of sections, each `measure(quick, log) -> metrics`: the above, then
+authentication and oversized messages (`benchmarks/faults_auth.py`) and crash-safe
+records and driver restarts (`benchmarks/faults_records.py`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import numpy as np
 import zmq
 
 from agent.config import ExperimentConfig, dump_config
+from benchmarks import faults_auth, faults_records
 from drivers.config import DriverConfig, Limits, TwinSettings
 from drivers.light import LaserState, LightLimits
 from drivers.mmcore_node import LIGHT_TRUTH_TOPIC
@@ -394,9 +396,12 @@ def measure_driver(quick: bool, log: Log) -> dict[str, Any]:
     return metrics
 
 
-# Each section: measure(quick, log) -> metrics. Other fault benches join with one line,
-# e.g. benchmarks.faults_auth.measure and benchmarks.faults_records.measure.
-SECTIONS: list[Section] = [measure_driver]
+# Each section: measure(quick, log) -> metrics, one line each.
+SECTIONS: list[Section] = [
+    measure_driver,  # watchdog, fuzzing, random commands (one driver process)
+    faults_auth.measure,  # unauthenticated_accepted, rss_growth_mb_oversized
+    faults_records.measure,  # records_lost_ms_max over SIGKILLs, driver_restart_resumed
+]
 
 
 def run(quick: bool = False, log: Log = print) -> dict[str, Any]:

@@ -255,15 +255,22 @@ class AgentLoop:
             self.telemetry.event(f"paused: laser off, no actuation{note}", level)
         return now_ns()
 
-    def _observe(self, frame: Frame) -> tuple[np.ndarray, np.ndarray, float]:
-        """Detections (um) and their track ids; pixel size from the frame's own state."""
+    def _observe(self, frame: Frame) -> tuple[np.ndarray, np.ndarray, float, np.ndarray | None]:
+        """Detections (um), their track ids, the pixel size from the frame's own state,
+        and each detection's confidence where the detector gives one."""
         pixel_size = float(frame.header.state.get("pixel_size_um", 1.0))
-        detections_um = self.detector(frame.data) * pixel_size
-        return detections_um, self.tracker.update(frame.header.seq, detections_um), pixel_size
+        with_confidence = getattr(self.detector, "detect_with_confidence", None)
+        if with_confidence is not None:
+            xy, _scores, confidences = with_confidence(frame.data)
+        else:
+            xy, confidences = self.detector(frame.data), None
+        detections_um = xy * pixel_size
+        ids = self.tracker.update(frame.header.seq, detections_um)
+        return detections_um, ids, pixel_size, confidences
 
     def _show_paused(self, frame: Frame, target: tuple[float, float], skipped: int) -> None:
         """While paused: keep tracking and showing frames, decide and actuate nothing."""
-        detections_um, _ids, pixel_size = self._observe(frame)
+        detections_um, _ids, pixel_size, _conf = self._observe(frame)
         telemetry = self.telemetry
         if telemetry is not None and telemetry.frame_due():
             telemetry.frame(frame.data, frame.header.seq, pixel_size, detections_um, target)
@@ -281,7 +288,7 @@ class AgentLoop:
     ) -> None:
         header = frame.header
         t_received = now_ns()
-        detections_um, track_ids, pixel_size = self._observe(frame)
+        detections_um, track_ids, pixel_size, confidences = self._observe(frame)
         t_detected = now_ns()
         obs = Observation.from_wire(
             header.seq,
@@ -292,6 +299,7 @@ class AgentLoop:
             header.state.get("laser"),
             field_um,
             track_ids,
+            confidences,
         )
         live = self._live_trap(detections_um, target, obs.t_s, result)
         action, clipped = limits.clip(self.policy.act(obs))

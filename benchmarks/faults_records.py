@@ -19,7 +19,9 @@ them as JSON. The machine may be loaded: timings are ratios within one run.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
 import signal
 import subprocess
@@ -110,6 +112,7 @@ def _kill_once(runs: Path, delay_s: float) -> dict[str, Any] | None:
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # one process group: the run and the driver it started
     )
     try:
 
@@ -122,12 +125,14 @@ def _kill_once(runs: Path, delay_s: float) -> dict[str, Any] | None:
         wait_for(lambda: started() or proc.poll() is not None, "the first record")
         time.sleep(delay_s)
         t_kill = time.time()
-        proc.send_signal(signal.SIGKILL)
+        proc.send_signal(signal.SIGKILL)  # the agent alone, as a crash would
         proc.wait(10)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # its driver, left running by the kill
     (run_dir,) = set(runs.glob("*")) - before
     if proc.returncode != -signal.SIGKILL or (run_dir / "summary.json").exists():
         return None

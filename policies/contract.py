@@ -50,6 +50,7 @@ class Observation:
         laser: Iterable[Mapping[str, Any]] | None,
         field_um: Iterable[float],
         track_ids: Any = None,
+        confidences: Any = None,
     ) -> Observation:
         """An observation from what a frame header or a recorded step holds (laser spots as
         `{x_um, y_um, power_mw}` maps): the live loop and replay build it here, the same way."""
@@ -59,6 +60,7 @@ class Observation:
             LaserSpot(float(s["x_um"]), float(s["y_um"]), float(s["power_mw"])) for s in laser or ()
         )
         ids = None if track_ids is None else np.asarray(track_ids, dtype=np.int64)
+        conf = None if confidences is None else np.asarray(confidences, dtype=float)
         return Observation(
             seq=int(seq),
             t_s=int(t_exposure_end_ns) / 1e9,
@@ -68,6 +70,7 @@ class Observation:
             laser=spots,
             field_um=(fx, fy),
             track_ids=ids,
+            confidences=conf,
         )
 
 

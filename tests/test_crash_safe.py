@@ -3,6 +3,7 @@ flagged as cut short, with every record written before the kill."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -96,6 +97,7 @@ def test_killed_recording_run_reads_back_cut_short(tmp_path: Path) -> None:
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # one process group: the run and the driver it started
     )
     try:
         deadline = time.monotonic() + 60
@@ -105,12 +107,14 @@ def test_killed_recording_run_reads_back_cut_short(tmp_path: Path) -> None:
                 break
             time.sleep(0.005)
         assert proc.poll() is None, "the run ended before it could be killed"
-        proc.send_signal(signal.SIGKILL)
+        proc.send_signal(signal.SIGKILL)  # the agent alone, at a random moment
         proc.wait(10)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # its driver, left running by the kill
     (run_dir,) = runs.iterdir()
     written = _frame_lines(run_dir / sidecar_path(Path(FRAMES_NAME)).name)
     assert not (run_dir / "summary.json").exists()

@@ -195,6 +195,7 @@ def test_embedded_sweep_table_failures_and_resume(tmp_path: Path) -> None:
 CLUSTER_SCRIPT = """
 set -e
 ip link set lo up
+unset RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER  # an embedded Ray earlier in this process sets it
 export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=token RAY_AUTH_TOKEN={token}
 {ray} start --head --port=26379 --num-cpus=1 --include-dashboard=false \
     --disable-usage-stats >/dev/null

@@ -8,7 +8,11 @@ with 2 workers, in one process, one after the other (the same `run_point` does e
 - `rl_env_steps_per_s_*`: env steps/s of the steering twin env through today's
   SubprocVecEnv (one process per env) and through Ray actors (`RayVecEnv`, 1 and 2
   workers, each stepping its slice of the envs in one call); `rl_ray_vs_subproc` is
-  2 Ray workers / SubprocVecEnv at the training default of 4 envs.
+  2 Ray workers / SubprocVecEnv at the training default of 4 envs (also 8 and 32).
+  The floor under it: `ray_actor_roundtrip_ms` (a no-op actor call) vs
+  `pipe_roundtrip_ms` (SubprocVecEnv's transport), and `rl_ray_vs_subproc_bound`, the
+  best ratio 2 actors could reach at 4 envs (a whole SubprocVecEnv step / (one actor
+  round trip + half the envs' in-process work)).
 A twin run is paced on the wall clock, as hardware is, so two runs at once on two cores
 are limited by the CPU each needs, not by their duration.
 """
@@ -19,6 +23,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -92,12 +97,63 @@ def _env_steps_per_s(vec: str, n_envs: int, workers: int, seconds: float) -> flo
         vec_env.close()
 
 
+class _Echo:
+    """A Ray actor that does nothing: its round trip is the floor of any actor step."""
+
+    def step(self, x: Any) -> Any:
+        return x
+
+
+def _echo_child(conn: Any) -> None:
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            return
+        conn.send(msg)
+
+
+def call_floors(calls: int) -> dict[str, float]:
+    """Round trip of a no-op call to a Ray actor vs a pipe to a forked process (what a
+    SubprocVecEnv step costs per env before any env work), one after the other."""
+    import multiprocessing as mp
+
+    from agent.ray_runtime import init_local_ray
+
+    payload = np.zeros(8, np.float32)
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_echo_child, args=(child,), daemon=True)
+    proc.start()
+    for _ in range(50):
+        parent.send(payload)
+        parent.recv()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        parent.send(payload)
+        parent.recv()
+    pipe_ms = (time.perf_counter() - t0) / calls * 1e3
+    parent.send(None)
+    proc.join(5)
+    ray = init_local_ray(2)
+    try:
+        echo = ray.remote(num_cpus=1)(_Echo).remote()
+        for _ in range(50):
+            ray.get(echo.step.remote(payload))
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            ray.get(echo.step.remote(payload))
+        ray_ms = (time.perf_counter() - t0) / calls * 1e3
+    finally:
+        ray.shutdown()
+    return {"pipe_roundtrip_ms": pipe_ms, "ray_actor_roundtrip_ms": ray_ms}
+
+
 def rl_rollouts(quick: bool, log: Log) -> dict[str, float | int | str]:
     """`rl_env_steps_per_s` with today's SubprocVecEnv and with 1 and 2 Ray workers, same
     env, same number of envs, measured one after the other in this run."""
     seconds = 2.0 if quick else 6.0
     metrics: dict[str, float | int | str] = {}
-    for n_envs in (RL_ENVS,) if quick else (RL_ENVS, 2 * RL_ENVS):
+    for n_envs in (RL_ENVS,) if quick else (RL_ENVS, 2 * RL_ENVS, 8 * RL_ENVS):
         tag = f"_{n_envs}envs"
         subproc = _env_steps_per_s("subproc", n_envs, 0, seconds)
         ray_1 = _env_steps_per_s("ray", n_envs, 1, seconds)
@@ -109,4 +165,17 @@ def rl_rollouts(quick: bool, log: Log) -> dict[str, float | int | str]:
         metrics[f"rl_env_steps_per_s_ray_2{tag}"] = ray_2
         metrics[f"rl_ray_vs_subproc{tag}"] = ray_2 / subproc
     metrics["rl_ray_vs_subproc"] = metrics[f"rl_ray_vs_subproc_{RL_ENVS}envs"]
+    floors = call_floors(300 if quick else 2000)
+    metrics.update(floors)
+    # The bound at RL_ENVS envs: a step served by 2 actors costs at least one actor round
+    # trip plus half the envs' own work (measured in process, no transport).
+    env_ms = 1e3 / _env_steps_per_s("dummy", 1, 0, seconds)
+    metrics["env_step_ms_in_process"] = env_ms
+    subproc_step_ms = 1e3 * RL_ENVS / float(metrics[f"rl_env_steps_per_s_subproc_{RL_ENVS}envs"])
+    best_ray_step_ms = floors["ray_actor_roundtrip_ms"] + RL_ENVS * env_ms / 2
+    metrics["rl_ray_vs_subproc_bound"] = subproc_step_ms / best_ray_step_ms
+    log(
+        f"floors: pipe {floors['pipe_roundtrip_ms']:.3f} ms, Ray actor "
+        f"{floors['ray_actor_roundtrip_ms']:.3f} ms per round trip"
+    )
     return metrics

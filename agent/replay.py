@@ -361,14 +361,16 @@ def replay_frames(
         "examples": examples,
         "recording_complete": recording.complete,
         "frames_lost": recording.frames_lost,
-        "cut_short": None if recording.complete else recording.describe(),
+        # The run's own note: a recording closed cleanly can still belong to a run that
+        # was killed before its summary (the note then says so).
+        "cut_short": load_run(run_dir).end_note(),
     }
     path = run_dir / f"replay-{name}.json"
     result["output"] = str(path)
     result["message"] = (
         f"re-ran detection on {n} recorded frames: {changed} changed, detections "
         f"{recorded_total} -> {replayed_total}; written to {path}"
-        + ("" if recording.complete else f" ({recording.describe()})")
+        + (f" ({result['cut_short']})" if result["cut_short"] else "")
     )
     write_json(path, result)
     return result

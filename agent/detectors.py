@@ -218,17 +218,7 @@ def _offline_lodestar(
     lodestar = _lodestar()
     if checkpoint is not None:
         return lodestar.LodeStarDetector.load(checkpoint)
-    classical = ParticleDetector(estimate.config)
-
-    merge = max(3.0, 0.5 * estimate.diameter_px)
-
-    def seeds(frame: np.ndarray) -> np.ndarray:
-        hits, blobs = classical(frame), blob_candidates(frame, estimate)
-        if len(hits) and len(blobs):
-            d = np.hypot(*(blobs[:, None, :] - hits[None, :, :]).transpose(2, 0, 1))
-            blobs = blobs[d.min(axis=1) > merge]
-        return np.vstack([hits, blobs])
-
+    seeds = training_seeds(estimate)
     crop = int(min(128, max(32, 2 * round(1.25 * estimate.diameter_px))))
     config = lodestar.LodeStarConfig(crop_px=crop)
     rng = np.random.default_rng(config.seed)

@@ -146,3 +146,22 @@ def test_mmcore_bench_contract() -> None:
     assert metrics["best_overhead_ratio_with_engine_over_ipc"] == pytest.approx(
         metrics["pycromanager_overhead_ms"] / with_engine, rel=2e-2
     )
+
+
+def test_optics_bench_json_contract() -> None:
+    """`scopeloop bench optics`: every named figure is there (measured, not asserted)."""
+    m = _bench_json("optics")
+    for key in (
+        "surrogate_force_error_max",
+        "surrogate_speedup",
+        "hologram_uniformity_10_traps",
+        "hologram_efficiency",
+        "hologram_ms_512",
+        "hologram_iterations",
+        "calibrated_stiffness_ratio",
+    ):
+        assert math.isfinite(m[key]) and m[key] > 0, key
+    # Correctness that does not depend on machine load:
+    assert m["surrogate_force_error_rms"] < m["surrogate_force_error_max"] < 0.1
+    assert m["hologram_traps_found"] == 10 and m["multitrap_particles_held"] == 10
+    assert 0 < m["hologram_efficiency"] <= 1

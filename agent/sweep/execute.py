@@ -22,9 +22,8 @@ from rich.console import Console
 
 from agent.config import ConfigError
 from agent.experiments import DEFAULT_RUN_KIND, RUN_KINDS, peek_kind, resolve
-from agent.sweep.grid import SweepPoint
+from agent.sweep.grid import PointResult, SweepPoint
 
-PointResult = dict[str, Any]
 ADDRESS_TIMEOUT_S = 5.0
 
 

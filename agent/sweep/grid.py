@@ -17,6 +17,8 @@ import yaml
 
 from agent.config import ConfigError
 
+PointResult = dict[str, Any]  # one finished (or failed) run: a row of the sweep's table
+
 
 @dataclass(frozen=True)
 class GridAxis:

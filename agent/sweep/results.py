@@ -16,8 +16,7 @@ import numpy as np
 from scipy import stats
 
 from agent.plots import save_figure
-
-PointResult = dict[str, Any]
+from agent.sweep.grid import PointResult
 
 
 def mean_interval(values: list[float]) -> tuple[float, float | None, float | None]:

@@ -42,8 +42,8 @@ def _load(config: Path, overrides: list[str] | None) -> ExperimentConfig:
 
 
 def _run(config: ExperimentConfig) -> dict[str, Any]:
-    from agent.loop import DriverSilent
-    from agent.runner import run_experiment
+    from agent.live.loop import DriverSilent
+    from agent.live.runner import run_experiment
 
     phases = 2 if config.compare_free_diffusion else 1
     columns = (
@@ -129,7 +129,7 @@ def run(
 
     With --dashboard the page runs in a thread of this process and attaches to the run
     this command starts, through its runs/<run>/telemetry.json (see agent.dashboard)."""
-    from agent.experiments import DEFAULT_RUN_KIND, RUN_KINDS, peek_kind, resolve
+    from agent.engine.experiments import DEFAULT_RUN_KIND, RUN_KINDS, peek_kind, resolve
 
     try:
         entry = resolve(peek_kind(config, DEFAULT_RUN_KIND), RUN_KINDS)
@@ -194,7 +194,7 @@ def train(
     overrides: SetOption = None,
 ) -> None:
     """Train a model on the twin (its `kind` picks the trainer) and save a checkpoint."""
-    from agent.experiments import TRAIN_KINDS, peek_kind, resolve
+    from agent.engine.experiments import TRAIN_KINDS, peek_kind, resolve
 
     try:
         resolve(peek_kind(config, None), TRAIN_KINDS)(config, overrides or [], console)
@@ -212,7 +212,7 @@ def driver_serve(
     `shutdown`. A feedback-trap config is read whole (its seed reaches the twin); any other
     kind contributes only its `driver` section."""
     from agent.config import load_driver_section
-    from agent.experiments import DEFAULT_RUN_KIND, peek_kind
+    from agent.engine.experiments import DEFAULT_RUN_KIND, peek_kind
     from drivers.serve import serve
 
     try:
@@ -240,7 +240,7 @@ def driver_serve(
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="A run directory under runs/.")]) -> None:
     """Write report.html with PNG plots for any finished run."""
-    from agent.report import load_run, write_report
+    from agent.records.report import load_run, write_report
 
     try:
         path = write_report(run_dir)
@@ -264,7 +264,7 @@ def replay(
     `--set policy.gain_per_s=12` (any `policy.*` override) replays another policy."""
     import yaml
 
-    from agent.replay import replay_run
+    from agent.records.replay import replay_run
 
     policy = None
     if overrides:
@@ -283,7 +283,7 @@ def replay(
     except ValueError as exc:
         err_console.print(f"replay: {exc}", markup=False, highlight=False)
         raise typer.Exit(2) from None
-    if "message" in result:  # a frames replay (agent/replay.py replay_frames)
+    if "message" in result:  # a frames replay (agent/records/replay.py replay_frames)
         console.print(result["message"], markup=False, highlight=False)
         return
     console.print(
@@ -360,8 +360,8 @@ def detect(
 
     Settings not given are estimated from the images and printed first.
     """
-    from agent.detectors import run_detect
-    from agent.offline import ImageReadError
+    from agent.detection.detectors import run_detect
+    from agent.detection.offline import ImageReadError
 
     if detector not in DETECTORS:
         err_console.print(f"detect: --detector must be one of {list(DETECTORS)}, got {detector!r}")

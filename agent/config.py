@@ -12,8 +12,8 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from agent.detectors import DetectorSettings
-from agent.tracking import TrackerConfig
+from agent.detection.detectors import DetectorSettings
+from agent.detection.tracking import TrackerConfig
 from drivers.config import DriverConfig
 from policies.feedback import ProportionalTrapConfig
 from policies.registry import PolicyConfig
@@ -35,13 +35,13 @@ class AgentSettings(BaseModel):
     driver_silence_ms: int = Field(3000, ge=100, le=600_000)
     startup_timeout_s: float = Field(30.0, gt=0.0, le=600.0)
     # A driver that dies or restarts mid-run: wait this long (no actuation) for it to
-    # answer again, then end the run (agent/driver_faults.py); 0: end at once.
+    # answer again, then end the run (agent/engine/driver_faults.py); 0: end at once.
     driver_reconnect_s: float = Field(30.0, ge=0.0, le=3600.0)
 
 
 class ExperimentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    kind: Literal["feedback-trap"] = "feedback-trap"  # see agent.experiments.RUN_KINDS
+    kind: Literal["feedback-trap"] = "feedback-trap"  # see agent.engine.experiments.RUN_KINDS
     name: str = Field("experiment", min_length=1, max_length=80, pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = Field(0, ge=0, le=2**32 - 1)
     duration_s: float = Field(20.0, gt=0.0, le=7 * 24 * 3600.0)

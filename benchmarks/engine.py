@@ -26,8 +26,8 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "twin-feedback-trap.y
 
 def _bare_round(config: Any, link: Any, duration_s: float, ctx: zmq.Context) -> list[float]:
     """Newest frame -> detect -> policy -> command; nothing else."""
-    from agent.detectors import build_detector
-    from agent.runner import make_policy
+    from agent.detection.detectors import build_detector
+    from agent.live.runner import make_policy
     from drivers.transport import CommandClient, CommandError, StreamSubscriber
     from policies.contract import Observation
 
@@ -79,12 +79,12 @@ def _engine_round(
     config: Any, link: Any, duration_s: float, ctx: zmq.Context, folder: Path, k: int
 ) -> list[float]:
     """The same detector and policy through the engine's feedback loop."""
-    from agent.detectors import build_detector
-    from agent.loop import AgentLoop, LoopEndpoints
-    from agent.recorder import EventLog, read_events
-    from agent.runner import make_policy, step_latencies_ms
-    from agent.telemetry import RunTelemetry
-    from agent.tracking import Tracker
+    from agent.detection.detectors import build_detector
+    from agent.detection.tracking import Tracker
+    from agent.engine.telemetry import RunTelemetry
+    from agent.live.loop import AgentLoop, LoopEndpoints
+    from agent.live.runner import make_policy, step_latencies_ms
+    from agent.records.recorder import EventLog, read_events
 
     settings = config.agent
     path = folder / f"events-{k}.jsonl"

@@ -30,7 +30,7 @@ from typing import Any
 import psutil
 import zmq
 
-from agent.telemetry import RunTelemetry, send_control
+from agent.engine.telemetry import RunTelemetry, send_control
 from drivers.auth import (
     ClientKeys,
     allow_client,

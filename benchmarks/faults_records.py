@@ -91,7 +91,7 @@ def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 90.0) 
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
-    from agent.recorder import read_events
+    from agent.records.recorder import read_events
 
     return read_events(path) if path.is_file() else []
 
@@ -101,9 +101,9 @@ def _records(path: Path) -> list[dict[str, Any]]:
 
 def _kill_once(runs: Path, delay_s: float) -> dict[str, Any] | None:
     """One recording run killed `delay_s` after its first record; None if it ended first."""
-    from agent.frame_recording import FRAMES_NAME, read_recording
-    from agent.replay import replay_run
-    from agent.report import load_run, write_report
+    from agent.records.frame_recording import FRAMES_NAME, read_recording
+    from agent.records.replay import replay_run
+    from agent.records.report import load_run, write_report
 
     before = set(runs.glob("*"))
     overrides = [f"--set={item}" for item in (f"runs_dir={runs}", *SMART_LONG)]
@@ -195,10 +195,10 @@ def records_lost(kills: int, log: Log, seed: int = 0) -> dict[str, Any]:
 
 
 def driver_restart(log: Log) -> dict[str, Any]:
-    from agent.detect import ParticleDetector
-    from agent.driver_faults import DriverFaults
-    from agent.loop import AgentLoop, LoopEndpoints
-    from agent.recorder import EventLog
+    from agent.detection.detect import ParticleDetector
+    from agent.engine.driver_faults import DriverFaults
+    from agent.live.loop import AgentLoop, LoopEndpoints
+    from agent.records.recorder import EventLog
     from policies.feedback import ProportionalTrap, ProportionalTrapConfig
 
     with tempfile.TemporaryDirectory(prefix="sl-rs-") as folder:
@@ -291,9 +291,9 @@ def _write_us(log_class: Any, path: Path, n: int) -> float:
 
 
 def loop_latency(quick: bool, log: Log) -> dict[str, float]:
-    from agent import runner
     from agent.config import load_config
-    from agent.recorder import EventLog
+    from agent.live import runner
+    from agent.records.recorder import EventLog
 
     rounds, duration = (2, 2.0) if quick else (4, 5.0)  # interleaved: load drifts
     latencies: dict[str, list[float]] = {"buffered": [], "unbuffered": []}

@@ -1,7 +1,7 @@
 """Localisation bench: precision against the Cramer-Rao bound, speed, recall/precision.
 
 Detectors: the classical ``ParticleDetector`` (centroid and radial symmetry), the
-self-supervised LodeSTAR-style CNN (``agent.lodestar``, trained once at the start on
+self-supervised LodeSTAR-style CNN (``agent.detection.lodestar``, trained once at the start on
 unlabeled crops of twin frames, the way a user would) and, for speed and recall,
 ``trackpy.locate`` as the community baseline. All frames come from the twin camera
 (``simulators.camera``): pixel-integrated Gaussian PSF, shot, read and ADC noise.
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from agent.detect import DetectorConfig, ParticleDetector
+from agent.detection.detect import DetectorConfig, ParticleDetector
 from benchmarks import localization_brightfield
 from benchmarks.crb import mean_position_crb_px, pixel_profile
 from simulators.camera import CameraConfig, CameraModel
@@ -137,7 +137,7 @@ def _match(truth: np.ndarray, found: np.ndarray, radius: float) -> tuple[np.ndar
 
 def _train_deep(quick: bool, log: Log, seed: int = 0) -> tuple[Detector, dict[str, float]]:
     """Train the LodeSTAR detector on unlabeled crops of twin frames, via its own API."""
-    from agent.lodestar import LodeStarConfig, LodeStarDetector, crops_from_frames
+    from agent.detection.lodestar import LodeStarConfig, LodeStarDetector, crops_from_frames
 
     rng = np.random.default_rng(7 + 1000 * seed)
     cam = _camera(128, TRAIN_SNR, seed=7)

@@ -4,7 +4,7 @@
    frames of 300 polystyrene spheres (r = 0.5 um, 0.1 um/px) as hard spheres, a sixth of
    them in touching pairs, each frame at its own defocus (1-2.5 um: the ring changes),
    vignetting and out-of-focus dust. Every detector runs with parameters estimated
-   from the first frame (``agent.detect_auto``), as a new user's first run would.
+   from the first frame (``agent.detection.detect_auto``), as a new user's first run would.
    Recall within 1.5 px; RMSE per axis of the matched detections over the Cramer-Rao
    bound of an isolated sphere (Fisher information of the expected image under
    Gaussian(λ, λ + read²) noise, position only: a lower bound).
@@ -27,8 +27,8 @@ import numpy as np
 from PIL import Image
 from scipy.optimize import linear_sum_assignment
 
-from agent.detect import ParticleDetector
-from agent.detect_auto import estimate_config
+from agent.detection.detect import ParticleDetector
+from agent.detection.detect_auto import estimate_config
 from simulators.brightfield import contrast_profile, render_contrast
 from simulators.camera import CameraConfig, CameraModel
 
@@ -245,7 +245,7 @@ def linking(n_frames: int, log: Log) -> dict[str, float]:
     import pandas as pd
     import trackpy
 
-    from agent.tracking import Tracker, TrackerConfig
+    from agent.detection.tracking import Tracker, TrackerConfig
 
     trackpy.quiet()
     rng = np.random.default_rng(77)

@@ -117,7 +117,7 @@ def call_floors(calls: int) -> dict[str, float]:
     SubprocVecEnv step costs per env before any env work), one after the other."""
     import multiprocessing as mp
 
-    from agent.ray_runtime import init_local_ray
+    from agent.engine.ray_runtime import init_local_ray
 
     payload = np.zeros(8, np.float32)
     ctx = mp.get_context("fork")

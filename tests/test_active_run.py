@@ -87,7 +87,7 @@ def test_active_run_streams_maps_to_the_dashboard_and_obeys_stop(tmp_path: Path)
     import threading
     import time
 
-    from agent.telemetry import TelemetrySubscriber, find_live_run, send_control
+    from agent.engine.telemetry import TelemetrySubscriber, find_live_run, send_control
 
     result: dict[str, object] = {}
     overrides = [f"runs_dir={tmp_path}", "grid=16", "policy.budget=200", "policy.initial=10"]

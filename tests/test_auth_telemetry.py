@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import zmq
 
-from agent.telemetry import RunTelemetry, read_telemetry_info, send_control
+from agent.engine.telemetry import RunTelemetry, read_telemetry_info, send_control
 from drivers.auth import (
     ClientKeys,
     allow_client,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from agent.detect import ParticleDetector
-from agent.detect_auto import _illumination, _radial_profile, estimate_config
+from agent.detection.detect import ParticleDetector
+from agent.detection.detect_auto import _illumination, _radial_profile, estimate_config
 from simulators.brightfield import contrast_profile
 from simulators.camera import CameraConfig, CameraModel
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from agent.cli import app
 from agent.config import read_config_mapping
-from agent.experiments import TRAIN_KINDS
+from agent.engine.experiments import TRAIN_KINDS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 FEEDBACK = ["duration_s=0.5", "compare_free_diffusion=false"]

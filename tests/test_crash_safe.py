@@ -18,15 +18,15 @@ import pytest
 from typer.testing import CliRunner
 
 from agent.cli import app
-from agent.frame_recording import (
+from agent.records.frame_recording import (
     FRAMES_NAME,
     FrameRecorder,
     read_recording,
     sidecar_path,
 )
-from agent.recorder import EventLog, read_log
-from agent.replay import replay_run
-from agent.report import load_run, write_report
+from agent.records.recorder import EventLog, read_log
+from agent.records.replay import replay_run
+from agent.records.report import load_run, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 SMART = ROOT / "configs" / "twin-smart-acquisition.yaml"
@@ -45,7 +45,7 @@ def test_event_log_keeps_every_record_written_before_a_sigkill(tmp_path: Path) -
         f"""
         import os, signal
         from pathlib import Path
-        from agent.recorder import EventLog
+        from agent.records.recorder import EventLog
         events = EventLog(Path({str(log)!r}))
         for i in range(37):
             events.write("step", seq=i)

@@ -25,8 +25,8 @@ import pytest
 import yaml
 import zmq
 
-from agent.recorder import read_events
-from agent.telemetry import RunTelemetry
+from agent.engine.telemetry import RunTelemetry
+from agent.records.recorder import read_events
 from drivers.transport import CommandClient, CommandTimeout
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -17,7 +17,7 @@ import zmq
 from agent.dashboard.attach import fixed_run, newest_live_run
 from agent.dashboard.hub import ClientCursor, TelemetryHub, block_reduce
 from agent.dashboard.server import DashboardOptions, DashboardServer, check_bind
-from agent.telemetry import RunTelemetry
+from agent.engine.telemetry import RunTelemetry
 
 
 def _decode(payload: bytes) -> tuple[dict[str, Any], bytes]:

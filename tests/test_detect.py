@@ -1,4 +1,4 @@
-"""Tests for agent.detect on synthetic camera frames with known sub-pixel truth."""
+"""Tests for agent.detection.detect on synthetic camera frames with known sub-pixel truth."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from scipy import ndimage
 from scipy.special import erf
 
-from agent.detect import (
+from agent.detection.detect import (
     DetectorConfig,
     ParticleDetector,
     _label_sparse,

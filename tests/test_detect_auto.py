@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from agent.detect import DetectorConfig, ParticleDetector
-from agent.detect_auto import check_frames, estimate_config
+from agent.detection.detect import DetectorConfig, ParticleDetector
+from agent.detection.detect_auto import check_frames, estimate_config
 
 REAL = Path("/work/shared/data/brightfield")
 REAL_FILES = sorted(REAL.glob("bf_*.png")) if REAL.is_dir() else []

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from agent import runner
 from agent.config import ConfigError, load_config
-from agent.detect import ParticleDetector
-from agent.driver_faults import DriverFaults, DriverLost, DriverSilent, cause_line
-from agent.loop import AgentLoop, LoopEndpoints, LoopResult
-from agent.recorder import EventLog, read_events
-from agent.report import load_run, write_report
+from agent.detection.detect import ParticleDetector
+from agent.engine.driver_faults import DriverFaults, DriverLost, DriverSilent, cause_line
+from agent.live import runner
+from agent.live.loop import AgentLoop, LoopEndpoints, LoopResult
+from agent.records.recorder import EventLog, read_events
+from agent.records.report import load_run, write_report
 from benchmarks.faults_records import RestartableDriver, wait_for
 from policies.feedback import ProportionalTrap, ProportionalTrapConfig
 

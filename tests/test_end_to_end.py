@@ -16,8 +16,8 @@ import yaml
 import zmq
 
 from agent.config import load_config
-from agent.recorder import read_events
-from agent.runner import run_experiment
+from agent.live.runner import run_experiment
+from agent.records.recorder import read_events
 from drivers.protocol import EVENT_TOPIC, HEARTBEAT_TOPIC, unpack_map
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,9 +59,9 @@ def test_feedback_holds_the_particle_and_writes_a_run_record(tmp_path: Path) -> 
 AGENT_SCRIPT = textwrap.dedent(
     """
     import sys, threading
-    from agent.detect import ParticleDetector
-    from agent.loop import AgentLoop, LoopEndpoints
-    from agent.recorder import EventLog
+    from agent.detection.detect import ParticleDetector
+    from agent.live.loop import AgentLoop, LoopEndpoints
+    from agent.records.recorder import EventLog
     from policies.feedback import ProportionalTrap, ProportionalTrapConfig
     from pathlib import Path
     stream, command, log = sys.argv[1:4]

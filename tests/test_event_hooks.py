@@ -200,13 +200,15 @@ def test_config_errors_name_the_hook_field() -> None:
     with pytest.raises(ValueError, match=r"driver.event_hook: cannot load 'agent.nope:x'"):
         load_event_hook("agent.nope:x", {})
     with pytest.raises(ValueError, match=r"driver.event_hook: cannot load"):
-        load_event_hook("agent.event_hooks:missing", {})
+        load_event_hook("agent.plans.event_hooks:missing", {})
     with pytest.raises(ValueError, match=r"driver.event_hook_args: .* \(exposure_ms: Field"):
-        load_event_hook("agent.event_hooks:revisit_detections", {})
+        load_event_hook("agent.plans.event_hooks:revisit_detections", {})
     with pytest.raises(ValueError, match=r"driver.event_hook_args: .* \(frames: Input should"):
-        load_event_hook("agent.event_hooks:revisit_detections", {"exposure_ms": 5, "frames": 0})
+        load_event_hook(
+            "agent.plans.event_hooks:revisit_detections", {"exposure_ms": 5, "frames": 0}
+        )
     with pytest.raises(ValidationError, match="kind 'pycromanager' has its own"):
-        DriverConfig(kind="pycromanager", event_hook="agent.event_hooks:revisit_detections")
+        DriverConfig(kind="pycromanager", event_hook="agent.plans.event_hooks:revisit_detections")
     with pytest.raises(ValidationError, match="hook_timeout_ms"):
         DriverConfig(hook_timeout_ms=0)
 
@@ -216,7 +218,7 @@ def test_the_shipped_revisit_hook_revisits_screens_that_hold_objects(
 ) -> None:
     config = DriverConfig(
         exposure_ms=10.0,
-        event_hook="agent.event_hooks:revisit_detections",
+        event_hook="agent.plans.event_hooks:revisit_detections",
         event_hook_args={"exposure_ms": 30.0, "frames": 2},
     )
     node = hooked_node(None, config)

@@ -55,3 +55,14 @@ def test_the_check_sees_lazy_imports(tmp_path: Path) -> None:
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from simulators.spm import X\n    import agent.cli\n")
     assert [m for _, m in _imports(module)] == ["simulators.spm", "agent.cli"]
+
+
+def test_agent_is_sub_packages_by_job() -> None:
+    """A newcomer reads the agent from its folder names: only the CLI and the config
+    schema live at the top; everything else sits in a sub-package named for its job."""
+    top = sorted(p.name for p in (ROOT / "agent").glob("*.py"))
+    assert top == ["__init__.py", "cli.py", "config.py"]
+    for package in (ROOT / "agent").iterdir():
+        if package.is_dir() and package.name != "__pycache__" and any(package.glob("*.py")):
+            init = package / "__init__.py"
+            assert init.exists() and ast.get_docstring(ast.parse(init.read_text())), package

@@ -1,4 +1,4 @@
-"""Tests for agent.lodestar: self-supervised training on unlabeled twin crops.
+"""Tests for agent.detection.lodestar: self-supervised training on unlabeled twin crops.
 
 Frames come from the camera twin with known positions, so accuracy is checked against
 truth the detector never saw. Training is the slow part, so trained detectors are
@@ -16,7 +16,7 @@ import torch
 from pydantic import ValidationError
 from scipy.special import erf
 
-from agent.lodestar import LodeStarConfig, LodeStarDetector, crops_from_frames
+from agent.detection.lodestar import LodeStarConfig, LodeStarDetector, crops_from_frames
 from simulators.camera import CameraConfig, CameraModel
 
 PIXEL_UM = 0.1

@@ -1,4 +1,4 @@
-"""Tests for agent.offline on synthetic TIFF/PNG/JPEG recordings with known spot positions."""
+"""Tests for agent.detection.offline on synthetic TIFF/PNG/JPEG recordings with known spots."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from agent.detect import ParticleDetector
-from agent.offline import ImageReadError, _planes, detect_files, iter_frames
+from agent.detection.detect import ParticleDetector
+from agent.detection.offline import ImageReadError, _planes, detect_files, iter_frames
 
 SHAPE = (64, 80)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agent.safety import LaserLimits
+from agent.engine.safety import LaserLimits
 from policies.contract import Action, LaserSpot, Observation
 from policies.feedback import HeatingModel, ProportionalTrap, ProportionalTrapConfig
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from stable_baselines3.common.vec_env import DummyVecEnv
 
-from agent.ray_runtime import init_local_ray
+from agent.engine.ray_runtime import init_local_ray
 from agent.training.ray_vec_env import RayVecEnv
 from agent.training.rl import RlTrainConfig, _env_factory, train_sb3
 from policies.rl.agents import Sb3Agent, load_agent, save_sb3

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from agent.config import load_config
-from agent.replay import replay_run
-from agent.report import write_report
-from agent.runner import run_experiment
+from agent.live.runner import run_experiment
+from agent.records.replay import replay_run
+from agent.records.report import write_report
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "twin-feedback-trap.yaml"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.recorder import read_events
+from agent.records.recorder import read_events
 
 ROOT = Path(__file__).resolve().parents[1]
 GOAL_CELL = (18.0, 24.0, 6.0, 12.0)  # x0, x1, y0, y1 of grid cell (row 1, col 3)

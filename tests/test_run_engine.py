@@ -11,8 +11,8 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from agent.engine.run import RunEngine
-from agent.recorder import read_events
-from agent.telemetry import send_control
+from agent.engine.telemetry import send_control
+from agent.records.recorder import read_events
 
 
 class PlanConfig(BaseModel):

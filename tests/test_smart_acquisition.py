@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 
 from agent.cli import app
 from agent.config import ConfigError
-from agent.experiments import RUN_KINDS, resolve
-from agent.frame_recording import FRAMES_NAME, read_recording
+from agent.engine.experiments import RUN_KINDS, resolve
 from agent.plans.smart_acquisition import run_smart_acquisition
-from agent.replay import replay_frames
+from agent.records.frame_recording import FRAMES_NAME, read_recording
+from agent.records.replay import replay_frames
 from simulators.sparse_field import SparseField, SparseFieldConfig
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "twin-smart-acquisition.yaml"

@@ -11,10 +11,8 @@ import numpy as np
 import pytest
 import zmq
 
-from agent.detect import ParticleDetector
-from agent.loop import AgentLoop, LoopEndpoints, LoopResult
-from agent.recorder import EventLog, read_events
-from agent.telemetry import (
+from agent.detection.detect import ParticleDetector
+from agent.engine.telemetry import (
     RunTelemetry,
     TelemetryMessage,
     TelemetrySubscriber,
@@ -22,6 +20,8 @@ from agent.telemetry import (
     read_telemetry_info,
     send_control,
 )
+from agent.live.loop import AgentLoop, LoopEndpoints, LoopResult
+from agent.records.recorder import EventLog, read_events
 from drivers.mmcore_node import DriverNode
 from drivers.transport import CommandClient
 from policies.contract import Action, LaserSpot, Observation

@@ -1,4 +1,4 @@
-"""Tests for agent.tracking on simulated Brownian particles with known identities."""
+"""Tests for agent.detection.tracking on simulated Brownian particles with known identities."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-import agent.tracking as tracking
-from agent.tracking import Tracker, TrackerConfig
+import agent.detection.tracking as tracking
+from agent.detection.tracking import Tracker, TrackerConfig
 
 
 def _brownian(

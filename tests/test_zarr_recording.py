@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.frame_recording import FrameRecorder, read_recording
+from agent.records.frame_recording import FrameRecorder, read_recording
 
 
 def test_frames_and_per_frame_decisions_round_trip(tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ def register(app: typer.Typer) -> None:
         from agent.dashboard.attach import fixed_run, newest_live_run
         from agent.dashboard.hub import TelemetryHub
         from agent.dashboard.server import DashboardOptions, DashboardServer, check_bind
-        from agent.telemetry import TELEMETRY_FILE, find_live_run
+        from agent.engine.telemetry import TELEMETRY_FILE, find_live_run
 
         options = DashboardOptions(port=port, host=host, token=token, fps=fps)
         try:

@@ -75,7 +75,7 @@ def register(app: typer.Typer) -> None:
         ] = None,
     ) -> None:
         """Run CONFIG over a grid of settings and seeds; finished runs are skipped on re-run."""
-        from agent.experiments import validate_run_config
+        from agent.engine.experiments import validate_run_config
         from agent.sweep.execute import check_address, ray_session, run_on_ray
         from agent.sweep.grid import parse_grid, read_settings_file, sweep_points
         from agent.sweep.results import write_outputs

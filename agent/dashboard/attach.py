@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from agent.dashboard.hub import Locator
-from agent.telemetry import TelemetryInfo, find_live_run, read_telemetry_info
+from agent.engine.telemetry import TelemetryInfo, find_live_run, read_telemetry_info
 
 
 def fixed_run(run_dir: Path) -> Locator:

@@ -23,7 +23,12 @@ from typing import Any
 import numpy as np
 import zmq
 
-from agent.telemetry import TelemetryInfo, TelemetryMessage, TelemetrySubscriber, send_control
+from agent.engine.telemetry import (
+    TelemetryInfo,
+    TelemetryMessage,
+    TelemetrySubscriber,
+    send_control,
+)
 from drivers.auth import ClientKeys
 
 DISPLAY_PX = 256

@@ -14,8 +14,8 @@ import zmq
 from pydantic import BaseModel
 
 from agent.config import dump_config
-from agent.recorder import EventLog, new_run_dir, write_json
-from agent.telemetry import RunTelemetry
+from agent.engine.telemetry import RunTelemetry
+from agent.records.recorder import EventLog, new_run_dir, write_json
 
 PAUSE_POLL_S = 0.05
 
@@ -85,7 +85,7 @@ class RunEngine:
         }
         write_json(self.run_dir / "summary.json", summary)
         if report:
-            from agent.report import write_report
+            from agent.records.report import write_report
 
             write_report(self.run_dir)
         return summary

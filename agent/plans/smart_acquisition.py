@@ -26,12 +26,12 @@ from rich.console import Console
 from scipy.optimize import linear_sum_assignment
 
 from agent.config import ConfigError, load_model_config
-from agent.detect import DetectorConfig, ParticleDetector
+from agent.detection.detect import DetectorConfig, ParticleDetector
 from agent.engine.link import DriverLink, driver_for
 from agent.engine.run import RunEngine
-from agent.evaluate import TruthRecorder
-from agent.frame_recording import FRAMES_NAME, FrameRecorder
-from agent.recorder import EventLog
+from agent.records.evaluate import TruthRecorder
+from agent.records.frame_recording import FRAMES_NAME, FrameRecorder
+from agent.records.recorder import EventLog
 from drivers.config import DriverConfig
 from drivers.protocol import FRAME_PREFIX, Frame, decode_frame, now_ns
 from drivers.transport import DEFAULT_FRAME_MAX_BYTES, CommandClient, raw_subscriber
@@ -236,7 +236,7 @@ class SmartAcquisition:
         self, sub: zmq.Socket, ids: set[int], on_frame: Callable[[Frame], None]
     ) -> list[Frame]:
         """Frames of the given event ids (continuous live frames are ignored), each handed
-        to `on_frame` as it arrives so it is on disk at once (agent/frame_recording.py)."""
+        to `on_frame` as it arrives so it is on disk at once (agent/records/frame_recording.py)."""
         frames: list[Frame] = []
         deadline = time.monotonic() + self.config.timeout_s
         while ids and time.monotonic() < deadline:

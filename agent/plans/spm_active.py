@@ -37,7 +37,7 @@ from policies.active.reward import parse_reward
 from policies.active.segment import pick_wall_points
 
 if TYPE_CHECKING:
-    from agent.telemetry import RunTelemetry
+    from agent.engine.telemetry import RunTelemetry
     from drivers.spm_truth import ReplayTruth, TwinTruth
 
     Truth = TwinTruth | ReplayTruth | None

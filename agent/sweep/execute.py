@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 from rich.console import Console
 
 from agent.config import ConfigError
-from agent.experiments import DEFAULT_RUN_KIND, RUN_KINDS, peek_kind, resolve
+from agent.engine.experiments import DEFAULT_RUN_KIND, RUN_KINDS, peek_kind, resolve
 from agent.sweep.grid import PointResult, SweepPoint
 
 ADDRESS_TIMEOUT_S = 5.0
@@ -135,7 +135,7 @@ def check_address(address: str) -> None:
 def ray_session(address: str | None, workers: int, cpus_per_run: float) -> Iterator[Any]:
     """Ray for the sweep: an embedded local instance (started and stopped here, bound to
     127.0.0.1) when `address` is None, else the cluster at `address`."""
-    from agent.ray_runtime import connect_ray, init_local_ray
+    from agent.engine.ray_runtime import connect_ray, init_local_ray
 
     if address is None:
         ray = init_local_ray(math.ceil(workers * cpus_per_run))

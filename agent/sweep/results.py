@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from agent.plots import save_figure
+from agent.records.plots import save_figure
 from agent.sweep.grid import PointResult
 
 
@@ -111,7 +111,7 @@ def write_outputs(sweep_dir: Path, results: list[PointResult]) -> dict[str, Path
 
 def plot_metrics(folder: Path, settings: list[dict[str, Any]], names: list[str]) -> list[Path]:
     """One errorbar plot per metric: mean and 95 % interval per setting."""
-    import matplotlib.pyplot as plt  # agent.plots has chosen the Agg backend
+    import matplotlib.pyplot as plt  # agent.records.plots has chosen the Agg backend
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []

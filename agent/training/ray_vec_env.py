@@ -56,7 +56,7 @@ class RayVecEnv(VecEnv):
     def __init__(
         self, factories: list[Callable[[], Any]], workers: int = 2, cpus_per_worker: float = 1.0
     ) -> None:
-        from agent.ray_runtime import init_local_ray
+        from agent.engine.ray_runtime import init_local_ray
 
         running = sys.modules.get("ray")
         self._owns_ray = running is None or not running.is_initialized()

@@ -19,8 +19,8 @@ import numpy as np
 import zmq
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent.detect import DetectorConfig, ParticleDetector
-from agent.detect_auto import Estimate, blob_candidates, check_frames, estimate_config
+from agent.detection.detect import DetectorConfig, ParticleDetector
+from agent.detection.detect_auto import Estimate, blob_candidates, check_frames, estimate_config
 from drivers.auth import ClientKeys
 from drivers.transport import StreamSubscriber
 
@@ -72,7 +72,7 @@ def needs_training(settings: DetectorSettings) -> bool:
 def _lodestar() -> Any:
     """The deep detector module; it needs torch, which the base install leaves out."""
     try:
-        import agent.lodestar as lodestar
+        import agent.detection.lodestar as lodestar
     except ImportError as exc:
         raise RuntimeError(
             "agent.detector.kind=lodestar needs torch: pip install torch==2.13.0 "
@@ -169,7 +169,7 @@ def run_detect(
     """`scopeloop detect`: estimate what was not given, say so, detect, say why if empty."""
     from itertools import islice
 
-    from agent.offline import detect_files, iter_frames
+    from agent.detection.offline import detect_files, iter_frames
 
     frames = [frame for _, _, frame in islice(iter_frames(images), 64)]
     check_frames(frames)

@@ -7,7 +7,7 @@ memory are fine), and the CSV is flushed after every frame so an interrupted run
 everything done so far.
 
 Frame indices run on across files in the order given. Coordinates are pixels with
-``x`` = column, ``y`` = row, as from :mod:`agent.detect`.
+``x`` = column, ``y`` = row, as from :mod:`agent.detection.detect`.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ A feedback run is compared with a control run of the same twin, seed and
 duration with the laser off (free diffusion); each phase starts a fresh driver
 process so both start from the same state.
 
-Every run publishes live telemetry (`agent.telemetry`) and writes its endpoints to
+Every run publishes live telemetry (`agent.engine.telemetry`) and writes its endpoints to
 `runs/<run>/telemetry.json`, so `scopeloop dashboard` can attach to any run going;
 a `stop` from the control channel ends the current phase and skips the rest.
 """
@@ -23,16 +23,16 @@ import numpy as np
 import zmq
 
 from agent.config import ExperimentConfig, dump_config
-from agent.detectors import build_detector, needs_training, train_on_stream
-from agent.driver_faults import DriverFaults, process_probe
+from agent.detection.detectors import build_detector, needs_training, train_on_stream
+from agent.detection.tracking import Tracker
+from agent.engine.driver_faults import DriverFaults, process_probe
 from agent.engine.link import FEEDBACK_NEEDS, AttachedDriver, attach_configured, client_keys
 from agent.engine.run import RunEngine
-from agent.evaluate import TruthRecorder, controlled_track, detection_rmse_um, rms_distance
-from agent.loop import AgentLoop, DriverSilent, LoopEndpoints, LoopResult
-from agent.plots import plot_run
-from agent.recorder import EventLog, read_events
-from agent.telemetry import RunTelemetry
-from agent.tracking import Tracker
+from agent.engine.telemetry import RunTelemetry
+from agent.live.loop import AgentLoop, DriverSilent, LoopEndpoints, LoopResult
+from agent.records.evaluate import TruthRecorder, controlled_track, detection_rmse_um, rms_distance
+from agent.records.plots import plot_run
+from agent.records.recorder import EventLog, read_events
 from drivers.serve import resolve_endpoints
 from policies import registry
 from policies.contract import Policy

@@ -86,7 +86,7 @@ class DetectorConfig(BaseModel):
     # > 0: subtract a local background (box mean of this side, px) first, for uneven
     # illumination; 0: one flat level per frame (cheapest).
     background_px: int = Field(default=0, ge=0, le=2001)
-    # Estimate every unset parameter above from the first frame seen (agent.detect_auto).
+    # Estimate every unset parameter above from the first frame seen (agent.detection.detect_auto).
     adapt: bool = False
 
     @property
@@ -624,7 +624,7 @@ class ParticleDetector:
 
     def _adapt(self, frame: np.ndarray) -> None:
         """Replace unset parameters by ones estimated from this frame (once)."""
-        from agent.detect_auto import estimate_config
+        from agent.detection.detect_auto import estimate_config
 
         estimate = estimate_config([frame], base=self.config)
         self.config = estimate.config.model_copy(update={"adapt": False})

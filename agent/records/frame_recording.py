@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.recorder import append_line
+from agent.records.recorder import append_line
 
 FRAMES_NAME = "frames.ome.zarr"
 SIDECAR_SUFFIX = ".metadata.jsonl"

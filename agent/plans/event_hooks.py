@@ -3,7 +3,7 @@
 A hook runs on the driver node's thread for every event frame (drivers/event_hooks.py)
 and answers with the next events. Name one in the driver config:
 
-    event_hook: agent.event_hooks:revisit_detections
+    event_hook: agent.plans.event_hooks:revisit_detections
     event_hook_args: {exposure_ms: 50, frames: 3}
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent.detect import DetectorConfig, ParticleDetector
+from agent.detection.detect import DetectorConfig, ParticleDetector
 from drivers.event_hooks import EventHook
 from drivers.mda import EventFrame
 

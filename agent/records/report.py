@@ -24,11 +24,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from agent.evaluate import MATCH_RADIUS_UM, controlled_track, detection_errors_um
-from agent.frame_recording import FRAMES_NAME, read_recording, recording_exists
-from agent.plots import save_figure
-from agent.recorder import read_events, read_log
-from agent.report_sections import calibration_html, plot_learning_curve, trap_calibration
+from agent.records.evaluate import MATCH_RADIUS_UM, controlled_track, detection_errors_um
+from agent.records.frame_recording import FRAMES_NAME, read_recording, recording_exists
+from agent.records.plots import save_figure
+from agent.records.recorder import read_events, read_log
+from agent.records.report_sections import calibration_html, plot_learning_curve, trap_calibration
 
 PHASE_ORDER = ("feedback", "free")
 PHASE_LABELS = {"feedback": "feedback on", "free": "laser off (free diffusion)"}
@@ -119,7 +119,7 @@ DRIVER_FAULT_KINDS = ("driver_down", "driver_resumed", "driver_lost")
 
 
 def _driver_faults_html(run: RunData) -> str:
-    """The driver going down, coming back or lost, per phase (agent/driver_faults.py)."""
+    """The driver going down, coming back or lost, per phase (agent/engine/driver_faults.py)."""
     rows = []
     for phase in run.phases:
         events = run.events[phase]

@@ -1,6 +1,6 @@
 """Report sections beyond the trajectory plots: the trap's calibration and learning curves.
 
-Kept apart from `agent.report` (which lays out the page) so each piece has one job.
+Kept apart from `agent.records.report` (which lays out the page) so each piece has one job.
 The trap calibration reads the controlled particle's positions around the target in the
 feedback phase (ground truth when the run has it, else the detections the loop acted
 on) and states the effective stiffness per axis with the live loop's own estimator
@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from agent.evaluate import controlled_track
+from agent.records.evaluate import controlled_track
 
 if TYPE_CHECKING:
-    from agent.report import RunData
+    from agent.records.report import RunData
 
 TEMPERATURE_K = 300.0  # only when the run does not say
 MIN_SAMPLES = 60
@@ -125,8 +125,8 @@ def plot_learning_curve(run_dir: Path, path: Path) -> str | None:
     """Loss vs training step of the detector trained on the live stream, if one was."""
     import matplotlib.pyplot as plt
 
-    from agent.plots import save_figure
-    from agent.recorder import read_events
+    from agent.records.plots import save_figure
+    from agent.records.recorder import read_events
 
     events_path = run_dir / "events-training.jsonl"
     if not events_path.is_file():

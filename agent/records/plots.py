@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from agent.evaluate import controlled_track
+from agent.records.evaluate import controlled_track
 
 PhaseData = tuple[list[dict[str, Any]], list[dict[str, Any]]]  # (truth records, step events)
 

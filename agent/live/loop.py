@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 import zmq
 
-from agent.driver_faults import DriverFailedToStart, DriverFaults, DriverLost, DriverSilent
-from agent.recorder import EventLog
-from agent.safety import LaserLimits
-from agent.telemetry import RunTelemetry
-from agent.tracking import Tracker
+from agent.detection.tracking import Tracker
+from agent.engine.driver_faults import DriverFailedToStart, DriverFaults, DriverLost, DriverSilent
+from agent.engine.safety import LaserLimits
+from agent.engine.telemetry import RunTelemetry
+from agent.records.recorder import EventLog
 from drivers.auth import ClientKeys
 from drivers.protocol import EVENT_TOPIC, Frame, now_ns
 from drivers.transport import (

@@ -1,6 +1,6 @@
 """Offline replay: feed a run's recorded observations back through a policy.
 
-When the run recorded its frames (`frames.ome.zarr`, see `agent/frame_recording.py`),
+When the run recorded its frames (`frames.ome.zarr`, see `agent/records/frame_recording.py`),
 `replay_frames` re-runs the detector over every recorded frame and reports how the
 detections change against the recorded ones; `replay_run` does that for a run that
 has frames but no policy phase. Without frames, replay rebuilds each step's
@@ -25,13 +25,13 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from agent.config import ExperimentConfig
-from agent.detect import DetectorConfig, ParticleDetector
-from agent.detectors import DetectorSettings
-from agent.evaluate import MATCH_RADIUS_UM, detection_errors_um
-from agent.frame_recording import FRAMES_NAME, read_recording, recording_exists
-from agent.recorder import write_json
-from agent.report import RunData, load_run
-from agent.safety import LaserLimits
+from agent.detection.detect import DetectorConfig, ParticleDetector
+from agent.detection.detectors import DetectorSettings
+from agent.engine.safety import LaserLimits
+from agent.records.evaluate import MATCH_RADIUS_UM, detection_errors_um
+from agent.records.frame_recording import FRAMES_NAME, read_recording, recording_exists
+from agent.records.recorder import write_json
+from agent.records.report import RunData, load_run
 from policies import registry
 from policies.contract import Action, LaserSpot, Observation, Policy
 from policies.feedback import LaserOffConfig

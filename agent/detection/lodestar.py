@@ -37,7 +37,7 @@ IQR-sigma (offset and gain drop out), the constants used are stored in the check
 everything runs in float32 in eval mode, and the network has no batch-norm or dropout.
 
 Coordinates are ``(x, y) = (column, row)`` in pixels, with the centre of pixel
-``(row i, col j)`` at ``(x=j, y=i)``, as in :mod:`agent.detect`.
+``(row i, col j)`` at ``(x=j, y=i)``, as in :mod:`agent.detection.detect`.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from scipy import ndimage, special
 from torch import nn
 
-from agent.detect import DetectorConfig, ParticleDetector, estimate_background
+from agent.detection.detect import DetectorConfig, ParticleDetector, estimate_background
 
 __all__ = ["LodeStarConfig", "LodeStarDetector", "crops_from_frames"]
 
@@ -280,7 +280,7 @@ def _losses(
 
 
 def _robust_stats(values: np.ndarray) -> tuple[float, float]:
-    """Median and IQR-sigma, continuous for integer data (via agent.detect)."""
+    """Median and IQR-sigma, continuous for integer data (via agent.detection.detect)."""
     arr = np.asarray(values)
     if np.issubdtype(arr.dtype, np.floating) and np.all(arr == np.round(arr)):
         arr = arr.astype(np.int64)  # whole-valued floats are camera counts

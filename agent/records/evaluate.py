@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from agent.recorder import EventLog, read_events
+from agent.records.recorder import EventLog, read_events
 from drivers.auth import ClientKeys
 from drivers.protocol import TRUTH_PREFIX, unpack_map
 from drivers.transport import raw_subscriber

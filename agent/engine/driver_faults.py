@@ -25,8 +25,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from agent.recorder import EventLog
-from agent.telemetry import RunTelemetry
+from agent.engine.telemetry import RunTelemetry
+from agent.records.recorder import EventLog
 from drivers.protocol import now_ns
 from drivers.transport import CommandClient, CommandError, CommandTimeout
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from agent.detect import DetectorConfig, ParticleDetector, _background, _noise_gain_1d
+from agent.detection.detect import DetectorConfig, ParticleDetector, _background, _noise_gain_1d
 
 __all__ = ["Estimate", "blob_candidates", "check_frames", "estimate_config"]
 

@@ -1,0 +1,1 @@
+"""Particle detection, localisation and linking: live, offline and self-supervised."""

@@ -1,0 +1,1 @@
+"""The feedback-trap loop: frames in, detections, policy, commands out."""

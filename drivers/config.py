@@ -92,6 +92,18 @@ class DeviceNames(StrictModel):
     slm_phase: PhaseSlmSettings | None = None
 
 
+class PlaybackSettings(StrictModel):
+    """A recorded run served as a live camera (kind `playback`): a scopeloop run
+    directory or its frames.ome.zarr, a TIFF stack, an image file or a folder of them."""
+
+    path: str | None = None
+    # µm per pixel; None: the recording's own (a run's frame metadata, OME-TIFF PhysicalSizeX).
+    pixel_size_um: float | None = Field(None, gt=0.0, le=1000.0)
+    # Time between served frames; None: the exposure (the rig's frame rate when recorded).
+    frame_interval_ms: float | None = Field(None, gt=0.0, le=600_000.0)
+    slm_px: int = Field(64, ge=8, le=4096)  # the stand-in SLM that takes pattern commands
+
+
 class TwinSettings(StrictModel):
     """The particle digital twin hosted as pure-Python Micro-Manager devices."""
 
@@ -129,8 +141,9 @@ class DriverConfig(StrictModel):
     # twin: the particle twin as pure-Python devices; sparse-field: the sparse-field twin
     # (camera, XY stage, lamp) for smart acquisition; mmcore: a Micro-Manager hardware
     # configuration file, or "demo" for the C++ demo adapters (mm-test-adapters wheel);
-    # pycromanager: the same through pycromanager (its Python backend, in-process).
-    kind: Literal["twin", "sparse-field", "mmcore", "pycromanager"] = "twin"
+    # pycromanager: the same through pycromanager (its Python backend, in-process);
+    # playback: a recorded run or a microscope's image files served as a live camera.
+    kind: Literal["twin", "sparse-field", "mmcore", "pycromanager", "playback"] = "twin"
     mm_config: str = "demo"
     # Attach to a driver node already running at this command endpoint instead of
     # starting one (its stream endpoint is asked from the node); None: start one here.
@@ -155,6 +168,7 @@ class DriverConfig(StrictModel):
     devices: DeviceNames = DeviceNames()
     twin: TwinSettings = TwinSettings()
     field: SparseFieldConfig = SparseFieldConfig()  # kind sparse-field
+    playback: PlaybackSettings = PlaybackSettings()  # kind playback
     # Agent logic run on the node's own thread for each event frame (drivers/event_hooks.py):
     # "package.module:factory", called once with event_hook_args.
     event_hook: str | None = None
@@ -170,6 +184,12 @@ class DriverConfig(StrictModel):
             camera = self.twin.camera
             return camera.width_px * camera.height_px * 4  # uint16 frames, 2x margin
         return 4096 * 4096 * 4
+
+    @model_validator(mode="after")
+    def _playback_needs_a_recording(self) -> DriverConfig:
+        if self.kind == "playback" and self.playback.path is None:
+            raise ValueError("playback.path: kind 'playback' needs a recording to play")
+        return self
 
     @model_validator(mode="after")
     def _hook_needs_our_engine(self) -> DriverConfig:

@@ -176,7 +176,9 @@ class DriverNode(InstrumentNode):
             t_end = int(float(meta.get("t_exp_end_ns", now_ns())))
             exposure_ns = int(self.core.getExposure() * 1e6)
             t_start = int(float(meta.get("t_exp_start_ns", t_end - exposure_ns)))
-            seq = self._publish_image(image, t_start, t_end, {})
+            played = meta.get("playback_frame")  # a recorded frame: say which, and open loop
+            extra = {"playback_frame": int(played), "open_loop": True} if played is not None else {}
+            seq = self._publish_image(image, t_start, t_end, extra)
             if self.truth_source is not None:
                 truth = self.truth_source(meta)
                 if truth is not None:

@@ -69,6 +69,20 @@ def build_node(
         return DriverNode(load_mmcore(config), config, ctx=ctx, event_hook=event_hook)
     if config.kind == "sparse-field":
         return _sparse_field_node(config, ctx, event_hook)
+    if config.kind == "playback":
+        from drivers.playback_devices import build_playback_core
+
+        core, _rig, pixel_um = build_playback_core(
+            config.playback, config.exposure_ms, config.devices
+        )
+        height, width = core.getImageHeight(), core.getImageWidth()
+        return DriverNode(
+            core,
+            config,
+            ctx=ctx,
+            field_um=(width * pixel_um, height * pixel_um),
+            event_hook=event_hook,
+        )
     if config.kind == "pycromanager":
         from drivers.pycromanager_node import PycromanagerNode, start_python_backend
 

@@ -12,7 +12,8 @@ import tifffile
 from PIL import Image
 
 from agent.detection.detect import ParticleDetector
-from agent.detection.offline import ImageReadError, _planes, detect_files, iter_frames
+from agent.detection.offline import ImageReadError, detect_files, iter_frames
+from drivers.recorded_frames import _planes
 
 SHAPE = (64, 80)
 

@@ -13,128 +13,19 @@ Frame indices run on across files in the order given. Coordinates are pixels wit
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-import tifffile
-from PIL import Image
+
+from drivers.recorded_frames import ImageReadError, check_image_paths, iter_frames, list_paths
 
 __all__ = ["ImageReadError", "detect_files", "iter_frames"]
 
-_TIFF = frozenset({".tif", ".tiff"})
-_PILLOW = frozenset({".png", ".jpg", ".jpeg"})
-# Pillow modes that are already single-channel numbers; everything else goes through "L".
-_GRAY_MODES = frozenset({"L", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
-_LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601-2, Pillow's own RGB -> L weights.
 CSV_HEADER = ("frame", "file", "x", "y", "score", "confidence")
 
 # (N, 2) positions, (N,) scores and optionally (N,) confidences in [0, 1].
 Detector = Callable[[np.ndarray], tuple[np.ndarray, ...]]
-
-
-class ImageReadError(ValueError):
-    """A file could not be turned into frames; the message is one line naming the file."""
-
-    def __init__(self, path: Path, why: str) -> None:
-        self.path = path
-        super().__init__(f"{path}: {' '.join(why.split())}")
-
-
-def _as_paths(paths: Sequence[Path] | Path | str) -> list[Path]:
-    """Accept a lone path too: iterating a str would silently yield its characters."""
-    if isinstance(paths, str | Path):
-        return [Path(paths)]
-    return [Path(p) for p in paths]
-
-
-def _check_paths(paths: list[Path]) -> None:
-    """Fail before any work on a typo or wrong file type anywhere in a long batch."""
-    for path in paths:
-        if path.suffix.lower() not in _TIFF | _PILLOW:
-            raise ImageReadError(
-                path, f"unsupported extension {path.suffix!r} (use .tif, .tiff, .png, .jpg)"
-            )
-        if not path.is_file():
-            raise ImageReadError(path, "no such file" if not path.exists() else "not a file")
-
-
-def _planes(path: Path, data: np.ndarray) -> list[np.ndarray]:
-    """Split 2-D or 3-D image data into 2-D frames (planes along the first axis)."""
-    if data.dtype == np.bool_:
-        data = data.astype(np.uint8)  # bilevel images are valid; the detector wants numbers
-    if not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating)):
-        raise ImageReadError(path, f"unsupported pixel type {data.dtype}")
-    if data.size == 0 or data.ndim not in (2, 3):
-        raise ImageReadError(path, f"expected 2-D or 3-D image data, got shape {data.shape}")
-    return [data] if data.ndim == 2 else list(data)
-
-
-def _to_gray(samples: np.ndarray) -> np.ndarray:
-    """Collapse trailing colour samples (RGB, RGBA, gray+alpha) to one grayscale value."""
-    if samples.shape[-1] >= 3:
-        return (samples[..., :3] @ _LUMA).astype(np.float32)
-    return samples[..., 0]
-
-
-def _tiff_frames(path: Path) -> Iterator[np.ndarray]:
-    """Page by page, so only one page of a large stack is in memory at a time."""
-    try:
-        tif = tifffile.TiffFile(path)
-    except Exception as exc:  # any decoder failure is a bad file, not a bug here
-        raise ImageReadError(path, f"cannot read TIFF: {exc}") from exc
-    with tif:
-        try:
-            n_pages = len(tif.pages)
-        except Exception as exc:
-            raise ImageReadError(path, f"cannot read TIFF pages: {exc}") from exc
-        for i in range(n_pages):
-            try:
-                page = tif.pages[i]
-                data = page.asarray()
-                # Interleaved samples are colour channels of one frame; separate planes
-                # (also what tifffile writes for a plain (3, H, W) stack) are frames.
-                key = page.keyframe
-                if key.planarconfig == tifffile.PLANARCONFIG.CONTIG and key.samplesperpixel > 1:
-                    data = _to_gray(data)
-            except Exception as exc:
-                raise ImageReadError(path, f"cannot read TIFF page {i}: {exc}") from exc
-            yield from _planes(path, data)
-
-
-def _pillow_frames(path: Path) -> Iterator[np.ndarray]:
-    """Every frame of the file (one, except animated PNG), converted to 2-D grayscale."""
-    try:
-        img = Image.open(path)
-    except Exception as exc:
-        raise ImageReadError(path, f"cannot read image: {exc}") from exc
-    with img:
-        for i in range(getattr(img, "n_frames", 1)):
-            try:
-                img.seek(i)
-                # Keep 16-bit and float data as they are; "L" would cut them to 8 bits.
-                frame = img if img.mode in _GRAY_MODES else img.convert("L")
-                data = np.asarray(frame)
-            except Exception as exc:
-                raise ImageReadError(path, f"cannot read image frame {i}: {exc}") from exc
-            yield from _planes(path, data)
-
-
-def iter_frames(paths: Sequence[Path]) -> Iterator[tuple[int, Path, np.ndarray]]:
-    """Yield (frame index across all files, file, 2-D frame) in file order.
-
-    TIFF pages and the planes of 3-D TIFF data are frames each; PNG/JPEG are converted
-    to grayscale. Raises ImageReadError for missing, unreadable, unsupported or
-    non-2-D/3-D files; missing files and bad extensions are found before any frame.
-    """
-    files = _as_paths(paths)
-    _check_paths(files)
-    index = 0
-    for path in files:
-        reader = _tiff_frames if path.suffix.lower() in _TIFF else _pillow_frames
-        for frame in reader(path):
-            yield index, path, frame
-            index += 1
 
 
 def detect_files(
@@ -150,8 +41,8 @@ def detect_files(
     interrupted run keeps all finished frames. progress, if given, is called with the
     number of frames done. Returns the number of detections written.
     """
-    files = _as_paths(paths)
-    _check_paths(files)  # before touching out_csv, so a typo leaves no empty output
+    files = list_paths(paths)
+    check_image_paths(files)  # before touching out_csv, so a typo leaves no empty output
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     total = 0

@@ -23,31 +23,20 @@ import json
 import os
 import threading
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from agent.records.recorder import append_line
-
-FRAMES_NAME = "frames.ome.zarr"
-SIDECAR_SUFFIX = ".metadata.jsonl"
-
-
-def sidecar_path(path: Path) -> Path:
-    """`frames.ome.zarr` -> `frames.metadata.jsonl` in the same folder."""
-    path = Path(path)
-    return path.with_name(path.name.removesuffix(".ome.zarr") + SIDECAR_SUFFIX)
-
-
-def recording_exists(path: Path) -> bool:
-    """A recording was started here (even one killed before its first frame)."""
-    return Path(path).is_dir() or sidecar_path(path).is_file()
-
-
-def _checksum(frame: np.ndarray) -> int:
-    return zlib.adler32(np.ascontiguousarray(frame).data)
+from drivers.recorded_frames import (  # the read half lives with the playback driver
+    FRAMES_NAME,
+    Recording,
+    checksum,
+    read_recording,
+    recording_exists,
+    sidecar_path,
+)
 
 
 class FrameRecorder:
@@ -80,7 +69,7 @@ class FrameRecorder:
         record = {
             "kind": "frame",
             "wall_time": time.time(),
-            "adler32": _checksum(frame),
+            "adler32": checksum(frame),
             "metadata": {**plain, "storage_index": [self.count]},
         }
         append_line(self._sidecar, record, self._lock)
@@ -134,92 +123,11 @@ def _default(value: Any) -> Any:
     raise TypeError(f"not JSON data: {type(value).__name__}")
 
 
-def _read_sidecar(path: Path) -> tuple[list[dict[str, Any]], bool]:
-    """(frame records in order, closed cleanly); a torn last line is skipped."""
-    frames: list[dict[str, Any]] = []
-    closed = False
-    if not path.is_file():
-        return frames, False
-    with path.open(encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("kind") == "frame":
-                frames.append(record)
-            closed = closed or record.get("kind") == "closed"
-    return frames, closed
-
-
-class Recording:
-    """A recorded OME-Zarr: frames read lazily by index, metadata per frame.
-
-    `complete` is False for a recording that was cut short (never closed); it then
-    holds the frames whose metadata and pixels both reached the disk, `frames_lost`
-    counts frames whose metadata was written but whose pixels were not, and
-    `last_wall_time` is when the last readable frame was recorded.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        sidecar = sidecar_path(self.path)
-        group = self.path / "zarr.json"
-        if not group.is_file() and not sidecar.is_file():
-            raise ValueError(f"{self.path}: not an OME-Zarr recording (no zarr.json)")
-        records, closed = _read_sidecar(sidecar)
-        attributes = json.loads(group.read_text()).get("attributes", {}) if group.is_file() else {}
-        closing_metadata = list(attributes.get("ome_writers", {}).get("frame_metadata", []))
-        self.complete = closed or (bool(closing_metadata) and not sidecar.is_file())
-        self._array: Any = self._open_array()
-        stored = int(self._array.shape[0]) if self._array is not None else 0
-        if self.complete:
-            self.metadata = closing_metadata or [r["metadata"] for r in records]
-            self._length = stored
-            good = records
-        else:
-            good = self._verified_prefix(records, stored)
-            self.metadata = [r["metadata"] for r in good]
-            self._length = len(good)
-        self.frames_lost = 0 if self.complete else len(records) - len(good)
-        self.last_wall_time: float | None = good[-1]["wall_time"] if good else None
-        self._by_index = {tuple(meta.get("storage_index", ())): meta for meta in self.metadata}
-
-    def _open_array(self) -> Any:
-        if not (self.path / "0" / "zarr.json").is_file():
-            return None  # cut short before the first frame
-        import tensorstore as ts
-
-        return ts.open(
-            {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(self.path / "0")}}
-        ).result()
-
-    def _verified_prefix(self, records: list[dict[str, Any]], stored: int) -> list[dict[str, Any]]:
-        """Frames from the first on whose pixels match the checksum written with them."""
-        good: list[dict[str, Any]] = []
-        for index, record in enumerate(records[:stored]):
-            if _checksum(self.frame(index)) != record.get("adler32"):
-                break
-            good.append(record)
-        return good
-
-    def __len__(self) -> int:
-        return self._length
-
-    def frame(self, index: int) -> np.ndarray:
-        return np.asarray(self._array[index].read().result())
-
-    def frame_metadata(self, index: int) -> dict[str, Any]:
-        """Metadata of frame `index` (matched by its storage index, not list order)."""
-        return self._by_index.get((index,), {})
-
-    def describe(self) -> str:
-        """One line: how many frames, and whether the recording was cut short."""
-        if self.complete:
-            return f"{self.path.name}: {len(self)} frames, closed cleanly"
-        lost = f", {self.frames_lost} more lost (pixels not on disk)" if self.frames_lost else ""
-        return f"{self.path.name}: cut short (never closed), {len(self)} frames readable{lost}"
-
-
-def read_recording(path: Path) -> Recording:
-    return Recording(path)
+__all__ = [
+    "FRAMES_NAME",
+    "FrameRecorder",
+    "Recording",
+    "read_recording",
+    "recording_exists",
+    "sidecar_path",
+]

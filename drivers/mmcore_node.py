@@ -45,6 +45,16 @@ PUBLISHED_RING = 512
 POSITION_REFRESH_NS = 200_000_000
 
 
+def _playback_extra(meta: Any) -> dict[str, Any]:
+    """A recorded frame's header says which frame it was, and that the loop is open.
+    (pymmcore's C++ Metadata raises on a missing key where a dict returns None.)"""
+    try:
+        played = meta.get("playback_frame")
+    except (KeyError, ValueError):
+        played = None
+    return {"playback_frame": int(played), "open_loop": True} if played is not None else {}
+
+
 class DriverNode(InstrumentNode):
     """Serves one Micro-Manager core over protocol v1 until `stop` is set."""
 
@@ -176,8 +186,7 @@ class DriverNode(InstrumentNode):
             t_end = int(float(meta.get("t_exp_end_ns", now_ns())))
             exposure_ns = int(self.core.getExposure() * 1e6)
             t_start = int(float(meta.get("t_exp_start_ns", t_end - exposure_ns)))
-            played = meta.get("playback_frame")  # a recorded frame: say which, and open loop
-            extra = {"playback_frame": int(played), "open_loop": True} if played is not None else {}
+            extra = _playback_extra(meta)
             seq = self._publish_image(image, t_start, t_end, extra)
             if self.truth_source is not None:
                 truth = self.truth_source(meta)
@@ -612,6 +621,18 @@ class DriverNode(InstrumentNode):
             if lit:
                 problems.append(f"{names.slm} shows {lit} lit pixels")
         return problems
+
+    def actuators(self) -> set[str]:
+        core = self.core
+        found = {
+            "laser": self.laser_device is not None,
+            "slm": self.slm_device is not None,
+            "xy_stage": bool(core.getXYStageDevice()),
+            "focus": bool(core.getFocusDevice()),
+            "shutter": bool(core.getShutterDevice()),
+            "camera": bool(core.getCameraDevice()),
+        }
+        return {name for name, present in found.items() if present}
 
     def _laser_list(self) -> list[dict[str, float]]:
         return [{"x_um": s.x_um, "y_um": s.y_um, "power_mw": s.power_mw} for s in self.laser]

@@ -339,7 +339,13 @@ class InstrumentNode:
             "commands": sorted(self.handlers),
             "stream_endpoint": self.publisher.endpoint,
             "truth": getattr(self, "truth_source", None) is not None,  # a twin's truth topic
+            "actuators": sorted(self.actuators()),
         }
+
+    def actuators(self) -> set[str]:
+        """What this node can really move or light (not just which commands it parses):
+        a rig without a laser still answers `set_laser`, with an error."""
+        return set()
 
     def _cmd_shutdown(self, _args: dict[str, Any]) -> dict[str, Any]:
         self.stop.set()

@@ -90,6 +90,8 @@ def test_the_node_serves_the_recording_in_order_and_keeps_its_limits(
     sub = StreamSubscriber(ctx, config.stream_endpoint, rcvhwm=64)
     try:
         client.call("get_state", timeout_ms=5000)
+        actuators = set(client.call("get_capabilities").result["actuators"])
+        assert actuators == {"camera", "laser", "slm", "xy_stage"}
         frames, _ = _spots(8)
         seen: list[tuple[int, np.ndarray]] = []
         deadline = time.monotonic() + 10

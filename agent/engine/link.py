@@ -40,15 +40,31 @@ class DriverLink:
     commands: frozenset[str]
     truth: bool = False  # the node hosts a twin that publishes ground truth
     keys: ClientKeys | None = None  # CURVE keys every socket to this node uses (tcp://)
+    actuators: frozenset[str] = frozenset()  # what it can move or light: laser, xy_stage...
 
-    def require(self, needed: set[str], plan: str, field: str = "driver") -> None:
-        """Refuse, in one line naming the field, a node that lacks commands the plan uses."""
+    def require(
+        self,
+        needed: set[str],
+        plan: str,
+        field: str = "driver",
+        actuators: set[str] = frozenset(),  # type: ignore[assignment]
+    ) -> None:
+        """Refuse, in one line naming the field, a node that lacks commands the plan uses
+        or the actuators those commands need (a rig without a laser parses `set_laser`)."""
         missing = sorted(needed - self.commands)
         if missing:
             raise ConfigError(
                 f"config error: {field}: the driver node at {self.command_endpoint} cannot "
                 f"serve plan {plan!r}: it has no {', '.join(missing)} command "
                 f"(it serves: {', '.join(sorted(self.commands))})"
+            )
+        absent = sorted(set(actuators) - self.actuators)
+        if absent:
+            has = ", ".join(sorted(self.actuators)) or "none"
+            raise ConfigError(
+                f"config error: {field}: the driver node at {self.command_endpoint} cannot "
+                f"serve plan {plan!r}: it has no {', '.join(absent)} (its actuators: {has}; "
+                f"device names are in driver.devices)"
             )
 
 
@@ -93,6 +109,7 @@ def attach(
         frozenset(str(c) for c in reply.get("commands", [])),
         bool(reply.get("truth", False)),
         keys,
+        frozenset(str(a) for a in reply.get("actuators", [])),
     )
 
 

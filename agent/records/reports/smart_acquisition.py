@@ -30,6 +30,7 @@ from agent.records.reports.run_data import RunData
 PHASE = "smart"
 MOSAIC_MAX_PX = 1600  # the mosaic's longer side, after block-averaging the frames
 DOSE_UNIT = "ms at full intensity"
+MAX_OUTLINES = 400  # tile outlines drawn (a larger grid is seen in its frames alone)
 
 
 class SmartRecords:
@@ -90,30 +91,41 @@ def _block_mean(image: np.ndarray, factor: int) -> np.ndarray:
     return image[:h, :w].reshape(h // factor, factor, w // factor, factor).mean(axis=(1, 3))
 
 
-def _screen_images(run: RunData) -> dict[int, np.ndarray]:
-    """The recorded screen frame of each grid position (what a killed run kept)."""
-    path = run.run_dir / FRAMES_NAME
-    if not recording_exists(path):
-        return {}
-    recording = read_recording(path)
-    images = {}
-    for index in range(len(recording)):
-        meta = recording.frame_metadata(index)
-        if meta.get("reason") == "screen":
-            images[_position(meta)] = recording.frame(index).astype(np.float32)
-    return images
+class ScreenFrames:
+    """The recorded screen frame of each grid position (what a killed run kept), read one
+    at a time: a real camera's grid need not fit in memory."""
+
+    def __init__(self, run: RunData) -> None:
+        path = run.run_dir / FRAMES_NAME
+        self.recording = read_recording(path) if recording_exists(path) else None
+        self.index: dict[int, int] = {}
+        for i in range(len(self.recording) if self.recording is not None else 0):
+            meta = self.recording.frame_metadata(i)
+            if meta.get("reason") == "screen":
+                self.index[_position(meta)] = i
+
+    def shape(self) -> tuple[int, int] | None:
+        if self.recording is None or not self.index:
+            return None
+        h, w = self.recording.frame(next(iter(self.index.values()))).shape[-2:]
+        return int(h), int(w)
+
+    def block_mean(self, position: int, factor: int) -> np.ndarray | None:
+        if self.recording is None or position not in self.index:
+            return None
+        return _block_mean(self.recording.frame(self.index[position]).astype(np.float32), factor)
 
 
 def plot_mosaic(records: SmartRecords, path: Path) -> tuple[str, str] | None:
     """(file name, scale bar label); None without a screened position."""
     if not records.screen:
         return None
-    images = _screen_images(records.run)
+    screens = ScreenFrames(records.run)
     pixel_um = float(records.screen[0].get("pixel_size_um", 1.0))
     stages = np.array([f["stage_um"] for f in records.screen], dtype=float)
-    first = next(iter(images.values()), None)
-    if first is not None:
-        view = np.array(first.shape[::-1], dtype=float) * pixel_um
+    shape = screens.shape()
+    if shape is not None:
+        view = np.array(shape[::-1], dtype=float) * pixel_um
     else:  # no frames recorded: tiles as far apart as the positions
         gaps = np.abs(np.diff(np.unique(stages[:, 0])))
         view = np.full(2, float(gaps.min()) if len(gaps) else 1.0)
@@ -124,10 +136,9 @@ def plot_mosaic(records: SmartRecords, path: Path) -> tuple[str, str] | None:
     cell = pixel_um * factor
     canvas = np.full(np.ceil(span[::-1] / cell).astype(int) + 1, np.nan, dtype=np.float32)
     for frame in records.screen:
-        image = images.get(_position(frame))
-        if image is None:
+        small = screens.block_mean(_position(frame), factor)
+        if small is None:
             continue
-        small = _block_mean(image, factor)
         corner = np.asarray(frame["stage_um"], dtype=float) - view / 2
         c0, r0 = np.round((corner - lo) / cell).astype(int)
         h, w = small.shape
@@ -138,9 +149,8 @@ def plot_mosaic(records: SmartRecords, path: Path) -> tuple[str, str] | None:
         vmin, vmax = np.nanpercentile(canvas, [1, 99.7])
         extent = (lo[0], lo[0] + canvas.shape[1] * cell, lo[1] + canvas.shape[0] * cell, lo[1])
         ax.imshow(canvas, cmap="gray", vmin=vmin, vmax=vmax, extent=extent, origin="upper")
-    for stage in stages:
-        corner = stage - view / 2
-        ax.add_patch(Rectangle(corner, *view, fill=False, ec="0.5", lw=0.5))
+    for stage in stages[:MAX_OUTLINES]:
+        ax.add_patch(Rectangle(stage - view / 2, *view, fill=False, ec="0.5", lw=0.5))
     revisited = records.revisited()
     for frames in revisited.values():
         stage = np.asarray(frames[0]["stage_um"], dtype=float)

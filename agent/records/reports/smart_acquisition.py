@@ -116,8 +116,8 @@ class ScreenFrames:
         return _block_mean(self.recording.frame(self.index[position]).astype(np.float32), factor)
 
 
-def plot_mosaic(records: SmartRecords, path: Path) -> tuple[str, str] | None:
-    """(file name, scale bar label); None without a screened position."""
+def plot_mosaic(records: SmartRecords, path: Path) -> tuple[str, str, bool] | None:
+    """(file name, scale bar label, frames drawn); None without a screened position."""
     if not records.screen:
         return None
     screens = ScreenFrames(records.run)
@@ -145,7 +145,8 @@ def plot_mosaic(records: SmartRecords, path: Path) -> tuple[str, str] | None:
         canvas[r0 : r0 + h, c0 : c0 + w] = small[: canvas.shape[0] - r0, : canvas.shape[1] - c0]
     fig, ax = plt.subplots(figsize=(10.5, 7.5 * min(1.6, max(0.4, span[1] / span[0]))))
     ax.set_facecolor("0.15")
-    if np.isfinite(canvas).any():
+    drawn = bool(np.isfinite(canvas).any())
+    if drawn:
         vmin, vmax = np.nanpercentile(canvas, [1, 99.7])
         extent = (lo[0], lo[0] + canvas.shape[1] * cell, lo[1] + canvas.shape[0] * cell, lo[1])
         ax.imshow(canvas, cmap="gray", vmin=vmin, vmax=vmax, extent=extent, origin="upper")
@@ -202,7 +203,7 @@ def plot_mosaic(records: SmartRecords, path: Path) -> tuple[str, str] | None:
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     label = add_scale_bar(ax, float(span[0]))
     save_figure(fig, path)
-    return path.name, label
+    return path.name, label, drawn
 
 
 def plot_dose(records: SmartRecords, path: Path) -> str | None:
@@ -292,12 +293,16 @@ def build(run: RunData) -> PlanReport:
     report = PlanReport(headline(records, run.end_note() is not None))
     mosaic = plot_mosaic(records, run.run_dir / "report-smart-mosaic.png")
     if mosaic is not None:
+        tiles = (
+            "Each position's low-dose screen frame at its stage position"
+            if mosaic[2]
+            else "Each screened position (no frame was recorded: tiles as wide as their spacing)"
+        )
+        truth = "; red x: the twin's true objects" if records.truth_objects() is not None else ""
         caption = (
-            "Each position's low-dose screen frame at its stage position (stage coordinates in "
-            f"µm; scale bar {mosaic[1]}). Cyan circles: objects detected at screen; orange "
-            "squares: positions revisited at high dose (xN: frames taken there), + their "
-            "detections on the first revisit"
-            + ("; red x: the twin's true objects." if records.truth_objects() is not None else ".")
+            f"{tiles} (stage coordinates in µm; scale bar {mosaic[1]}). Cyan circles: objects "
+            "detected at screen; orange squares: positions revisited at high dose (xN: frames "
+            f"taken there), + their detections on the first revisit{truth}."
         )
         report.figure("Screened positions", mosaic[0], caption, "")
     else:

@@ -35,6 +35,10 @@ def _images(page: str) -> list[str]:
     return re.findall(r'<img src="([^"]+)"', page)
 
 
+def _headline(page: str) -> str:
+    return page.split('<p class="headline">')[1].split("</p>")[0]
+
+
 def test_report_for_real_run(short_run: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
     run_dir = _copy(short_run[0], tmp_path)
     summary = short_run[1]
@@ -46,7 +50,12 @@ def test_report_for_real_run(short_run: tuple[Path, dict[str, Any]], tmp_path: P
     for name in images:
         assert not Path(name).is_absolute()
         assert (run_dir / name).stat().st_size > 2048, name
-    assert "Not available" not in page
+    assert "Not available" not in page and 'class="left-out"' not in page
+    # headline first: the true RMS from the target, against free diffusion
+    assert page.index('class="headline"') < page.index("<h2>")
+    rms_nm = f"{1000 * summary['rms_feedback_um']:.0f} nm RMS from the target (true positions)"
+    assert rms_nm in _headline(page) and f"ratio {summary['rms_ratio']:.2f}" in _headline(page)
+    assert "Positions in µm" in page
     assert "http://" not in page and "https://" not in page
     for key in ("rms_feedback_um", "latency_p99_ms", "detection_rmse_um", "rms_ratio"):
         assert key in page
@@ -67,7 +76,11 @@ def test_report_without_truth_or_free_phase(
     for path in {*run_dir.glob("truth-*.jsonl"), *run_dir.glob("*-free.*")}:
         path.unlink()
     page = write_report(run_dir).read_text()
-    assert page.count("Not available: no ground-truth records") == 3
+    assert "Not available" not in page
+    for title in ("True trajectories", "Distance to target", "Detection error vs truth"):
+        assert f"<h2>{title}" not in page  # left out, named once in the footnote
+        assert title in page.split('class="left-out"')[1]
+    assert "RMS from the target (detections)" in _headline(page)
     assert "from detections" in page  # the trap calibrated from what the loop saw
     images = _images(page)
     assert len(images) == 3  # latency, detections, laser

@@ -238,7 +238,13 @@ def run_active(
         (config.grid, config.grid), (0.0, 0.0), spm.extent_um, struct, config.policy.patch
     )
     learner = make_learner(config.policy, grid, config.seed)
-    events.write("start", workflow=config.workflow, policy=config.policy.kind, grid=grid.shape)
+    events.write(
+        "start",
+        workflow=config.workflow,
+        policy=config.policy.kind,
+        grid=grid.shape,
+        extent_um=list(spm.extent_um),  # the report's scale: um per map cell
+    )
     step, decisions, fits = 0, [], []
     spm_time = 0.0
     model_based = config.policy.kind in ("dkl", "gp")
@@ -338,6 +344,7 @@ def run_forward(
         ood_score_threshold=decision.score_threshold,
         points=len(points),
         decision_s=decision_s,
+        extent_um=list(spm.extent_um),  # the report's scale: um per scan pixel
     )
     ex, ey = spm.extent_um
     points = sorted(points)  # row by row: short tip travel, neighbours share a registration

@@ -1,7 +1,9 @@
-"""Run plots (PNG): true trajectories with and without feedback, distance to target, latency."""
+"""Run plots (PNG): the feedback trap's overview figure, and what every report's plots
+share (writing a figure, a scale bar in physical units on an image)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.font_manager import FontProperties
+from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
 
 from agent.records.evaluate import controlled_track
 
@@ -62,3 +66,42 @@ def save_figure(fig: Any, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def nice_length(span: float) -> float:
+    """A 1, 2 or 5 x 10^n length no longer than a fifth of `span` (a scale bar's length)."""
+    target = span / 5.0
+    if not target > 0 or not math.isfinite(target):
+        raise ValueError(f"scale bar: span must be a positive length (got {span})")
+    decade = 10.0 ** math.floor(math.log10(target))
+    return next(m * decade for m in (5.0, 2.0, 1.0) if m * decade <= target * (1 + 1e-9))
+
+
+def length_label(length_um: float) -> str:
+    """'500 nm', '20 µm', '2 mm': the unit that keeps the number readable."""
+    if length_um < 1.0:
+        return f"{length_um * 1000:g} nm"
+    if length_um >= 1000.0:
+        return f"{length_um / 1000:g} mm"
+    return f"{length_um:g} µm"
+
+
+def add_scale_bar(ax: Any, span_um: float, loc: str = "lower right") -> str:
+    """Draw a scale bar on an image whose axes are in µm; return its label ('50 µm')."""
+    length = nice_length(span_um)
+    label = length_label(length)
+    bar = AnchoredSizeBar(
+        ax.transData,
+        length,
+        label,
+        loc,
+        pad=0.3,
+        sep=3,
+        color="white",
+        frameon=True,
+        size_vertical=span_um / 150,
+        fontproperties=FontProperties(size=9),
+    )
+    bar.patch.set(facecolor="black", alpha=0.55, edgecolor="none")
+    ax.add_artist(bar)
+    return label

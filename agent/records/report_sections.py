@@ -1,6 +1,7 @@
 """Report sections beyond the trajectory plots: the trap's calibration and learning curves.
 
-Kept apart from `agent.records.report` (which lays out the page) so each piece has one job.
+Kept apart from `agent.records.reports.feedback` (which lays out the trap's sections) so
+each piece has one job.
 The trap calibration reads the controlled particle's positions around the target in the
 feedback phase (ground truth when the run has it, else the detections the loop acted
 on) and states the effective stiffness per axis with the live loop's own estimator
@@ -19,13 +20,13 @@ import numpy as np
 from agent.records.evaluate import controlled_track
 
 if TYPE_CHECKING:
-    from agent.records.report import RunData
+    from agent.records.reports.run_data import RunData
 
 TEMPERATURE_K = 300.0  # only when the run does not say
 MIN_SAMPLES = 60
 
 
-def _detected_track(steps: list[dict[str, Any]], target: tuple[float, float]) -> np.ndarray:
+def detected_track(steps: list[dict[str, Any]], target: tuple[float, float]) -> np.ndarray:
     """Per step, the detection nearest the target (steps without detections dropped)."""
     out = []
     for step in steps:
@@ -61,7 +62,7 @@ def trap_calibration(run: RunData, phase: str = "feedback") -> dict[str, Any] | 
         t = np.array([r.get("t_s", i) for i, r in enumerate(run.truth[phase])], float)
     else:
         steps = run.steps(phase)
-        track, source = _detected_track(steps, target), "detections"
+        track, source = detected_track(steps, target), "detections"
         t = np.array([s.get("t_exp_end_ns", 0) for s in steps], float) / 1e9
     if len(track) < MIN_SAMPLES or len(t) < 2:
         return None
@@ -96,12 +97,8 @@ def trap_calibration(run: RunData, phase: str = "feedback") -> dict[str, Any] | 
     }
 
 
-def calibration_html(result: dict[str, Any] | None) -> str:
-    if result is None:
-        return (
-            '<p class="missing">Not available: fewer than '
-            f"{MIN_SAMPLES} positions of the controlled particle in the feedback phase</p>"
-        )
+def calibration_html(result: dict[str, Any]) -> str:
+    """The stiffness table of `trap_calibration`'s result, with how it was estimated."""
     rows = "".join(
         f"<tr><td>{axis}</td><td>{a['k_fn_per_um']:.3g} &plusmn; {a['stderr']:.2g} "
         f"[{a['interval_95'][0]:.3g}, {a['interval_95'][1]:.3g}]</td>"  # inf prints as inf
@@ -116,8 +113,8 @@ def calibration_html(result: dict[str, Any] | None) -> str:
         "trap includes the loop's delay and the localisation noise."
     )
     return (
-        "<table><tr><th>axis</th><th>k (fN/um)</th><th>mean offset (um)</th>"
-        f"<th>SD (um)</th></tr>{rows}</table><p>{note}</p>"
+        "<table><tr><th>axis</th><th>k (fN/µm)</th><th>mean offset (µm)</th>"
+        f"<th>SD (µm)</th></tr>{rows}</table><p>{note}</p>"
     )
 
 

@@ -327,7 +327,8 @@ class SpmNode(InstrumentNode):
         self.watchdog_link.close()
 
     def actuators_live(self) -> bool:
-        return self.bias_v != 0.0 or self.scan_running or self.z_on
+        """Bias on, a scan, the tip in feedback, or a long command (a sweep applies bias)."""
+        return self.bias_v != 0.0 or self.scan_running or self.z_on or bool(self._busy)
 
     def emergency_off(self, reason: str) -> bool:
         """Watchdog thread: withdraw + bias 0 over the watchdog's own link, whatever the
@@ -345,8 +346,11 @@ class SpmNode(InstrumentNode):
         return True
 
     def _watch(self) -> None:
-        """The watchdog's check, then its link kept alive (pinged, reopened if dropped)."""
+        """The watchdog's check, then its link kept alive (pinged, reopened if dropped).
+        A shutdown asked while the node thread is blocked in a sweep ends it the same way."""
         super()._watch()
+        if self.stop.is_set() and self._busy and not self._abort:
+            self.emergency_off("shutdown")
         self.watchdog_link.keep_alive()
 
     def safe_state(self, reason: str) -> None:

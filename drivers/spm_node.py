@@ -699,6 +699,8 @@ class SpmNode(InstrumentNode):
                     try:
                         self._read_reply("FolMe.XYPosSet", timeout)
                     except RuntimeError as exc:
+                        if self._sock is None:  # link lost: the sweep behind may run on
+                            raise self._sweep_failed(cmd, i, n, timeout, exc) from exc
                         self._settle()  # the sweep behind the refused move ran elsewhere
                         raise RuntimeError(
                             f"{cmd}: move to positions_um[{i}] failed after {i} of {n} spectra "
@@ -709,12 +711,7 @@ class SpmNode(InstrumentNode):
                 try:
                     started = self._read_reply("BiasSpectr.Start", timeout)
                 except RuntimeError as exc:
-                    if not self._abort:
-                        raise
-                    raise RuntimeError(
-                        f"{cmd}: aborted by {self._abort} after {i} of {n} spectra (those "
-                        f"were published); the sweep in progress was interrupted: {exc}"
-                    ) from exc
+                    raise self._sweep_failed(cmd, i, n, timeout, exc) from exc
                 t_end = now_ns()
                 self.watchdog_tripped = False
                 send_next(i + 1)  # before publishing: the controller must not wait for us
@@ -725,6 +722,30 @@ class SpmNode(InstrumentNode):
             self._settle()
             self._busy = ""
         return done
+
+    def _sweep_failed(
+        self, cmd: str, i: int, n: int, timeout_s: float, exc: RuntimeError
+    ) -> RuntimeError:
+        """The error for a sweep that did not return. Aborted (withdraw, watchdog): the
+        controller interrupted it. Link lost or timed out: the controller may still be
+        sweeping, so the tip is made safe (on a fresh link) before the error is told."""
+        done = f"after {i} of {n} spectra (those were published)"
+        if self._abort:
+            return RuntimeError(
+                f"{cmd}: aborted by {self._abort} {done}; the sweep in progress was "
+                f"interrupted: {exc}"
+            )
+        if self._sock is not None:  # the controller answered with an error: link in step
+            return exc
+        try:
+            self.safe_state(f"{cmd} sweep not answered")
+            outcome = "tip made safe"
+        except RuntimeError as safe_exc:
+            outcome = f"safe state failed too: {safe_exc}"
+        return RuntimeError(
+            f"{cmd}: sweep {i + 1} of {n} not answered within {timeout_s:g} s "
+            f"(spectrum_timeout_s + io_timeout_s) {done}; {outcome}: {exc}"
+        )
 
     def _spectrum_plan(
         self, names: tuple[str, ...]

@@ -18,7 +18,7 @@ from drivers.nanonis_server import FakeSpmBackend, NanonisLimits, NanonisServer
 from drivers.protocol import EVENT_TOPIC, HEARTBEAT_TOPIC, Reply, now_ns
 from drivers.spm_config import SpmDriverConfig
 from drivers.spm_twin_backend import PfmTwinBackend, spm_limits
-from drivers.transport import CommandClient, StreamSubscriber
+from drivers.transport import CommandClient, CommandError, StreamSubscriber
 from simulators.spm import SpectroscopyConfig
 
 nanonis_spm = pytest.importorskip("nanonis_spm")
@@ -78,9 +78,11 @@ def _start_sweep(server: NanonisServer) -> tuple[socket.socket, Any, threading.T
 
 
 def _wait_until_refused_as_sweeping(other: Any) -> str:
-    """The second connection learns the sweep runs: its own sweep is refused as busy."""
+    """The second connection learns the sweep runs: a harmless settings write (the
+    limits as they are) is refused as busy. Never a sweep of its own: it could win."""
+    _err, _raw, limits = other.BiasSpectr_LimitsGet()
     while True:
-        err, _, _ = other.BiasSpectr_Start(1, "")
+        err, _, _ = other.BiasSpectr_LimitsSet(*limits)
         if "bias sweep is running" in err:
             return str(err)
 
@@ -92,7 +94,9 @@ def test_a_second_connection_is_served_and_its_withdraw_interrupts_the_sweep(
     sock2, other = _connect(server)
     try:
         refused = _wait_until_refused_as_sweeping(other)
-        assert refused.startswith("BiasSpectr.Start: refused")
+        assert refused.startswith("BiasSpectr.LimitsSet: refused")
+        err, _, _ = other.BiasSpectr_Start(1, "")
+        assert "refused while a bias sweep is running" in err  # one sweep at a time
         assert other.Bias_Get()[0] == ""  # served while the sweep runs
         err, _, _ = other.FolMe_XYPosSet(1e-7, 1e-7, 1)
         assert "refused while a bias sweep is running" in err
@@ -172,7 +176,14 @@ def test_the_watchdog_withdraws_the_tip_while_the_node_is_blocked_in_a_sweep(
         assert reply.id == request and not reply.ok and reply.error_code == "device_error"
         assert "aborted by watchdog" in reply.error_message
         assert "interrupted by ZCtrl.Withdraw" in reply.error_message
-        assert not backend.z_on and backend.bias_v == 0.0
+        assert not backend.z_on  # the withdraw came first; bias 0 follows it
+        events: list[dict[str, Any]] = []
+        while not any(m.get("event") == "watchdog" for m in events):
+            sub.recv_newest(50)
+            events += [m for t, m in sub.take_messages() if t == EVENT_TOPIC]
+        state = agent.call("get_state").result
+        assert state["watchdog_tripped"] is True and state["z_controller_on"] is False
+        assert state["watchdog_link_ok"] is True and backend.bias_v == 0.0
         # The withdraw came on another connection while the sweep still ran there.
         start = next(e for e in log_calls if e[:2] == ("begin", "BiasSpectr.Start"))
         withdraw = next(
@@ -182,16 +193,37 @@ def test_the_watchdog_withdraws_the_tip_while_the_node_is_blocked_in_a_sweep(
         start_end = log_calls.index(("end", "BiasSpectr.Start", start[2]))
         assert withdraw < start_end
         assert ("begin", "Bias.Set", log_calls[withdraw][2]) in log_calls[withdraw:]
-        events: list[dict[str, Any]] = []
-        while not any(m.get("event") == "watchdog" for m in events):
-            sub.recv_newest(50)
-            events += [m for t, m in sub.take_messages() if t == EVENT_TOPIC]
-        state = agent.call("get_state").result
-        assert state["watchdog_tripped"] is True and state["z_controller_on"] is False
-        assert state["watchdog_link_ok"] is True
     finally:
         agent.close()
         sub.close()
+
+
+def test_a_sweep_past_its_timeout_ends_with_the_tip_safe(
+    server: NanonisServer,
+    backend: FakeSpmBackend,
+    ipc_dir: Path,
+    zmq_ctx: zmq.Context,
+    run_node: Any,
+) -> None:
+    """The node waits no longer than its config allows, and a sweep it gave up on is
+    not left running at the controller."""
+    node = run_node(
+        _node(server, ipc_dir, zmq_ctx, watchdog_ms=5000, spectrum_timeout_s=0.1, io_timeout_s=0.1)
+    )
+    agent = CommandClient(zmq_ctx, node.endpoints[1], timeout_ms=10_000)
+    try:
+        agent.call("engage")
+        agent.call("set_bias", {"bias_v": 0.5})
+        sweep = {"x_um": 0, "y_um": 0, "bias_from_v": -1, "bias_to_v": 1, "points": 8}
+        with pytest.raises(CommandError) as err:
+            agent.call("spectrum", sweep)
+        assert "not answered within 0.2 s (spectrum_timeout_s + io_timeout_s)" in str(err.value)
+        assert "tip made safe" in str(err.value)
+        assert not backend.z_on and backend.bias_v == 0.0
+        state = agent.call("get_state").result
+        assert state["busy"] == "" and state["link_ok"] is True  # a fresh link, in step
+    finally:
+        agent.close()
 
 
 def test_a_node_whose_watchdog_link_cannot_open_fails_in_one_line(

@@ -387,8 +387,8 @@ class NanonisServer:
         Requests are framed out of one receive buffer, so requests that arrive together
         (a move and the sweep queued behind it) cost one receive call. A quick command's
         reply rides along with the next quick reply when the next request is already
-        here; replies held leave before a slow command runs, and a slow command's reply
-        (a sweep, a scan) leaves at once.
+        here; replies held leave before a sweep that takes wall-clock time, and a slow
+        command's reply (a sweep, a scan) leaves at once.
         """
         with self._conns_lock:
             full = len(self._conns) >= self.limits.max_connections
@@ -447,8 +447,8 @@ class NanonisServer:
             stop = pos + header_size + size
             if stop > end:
                 break  # the rest of this request is still on its way
-            if replies and raw_name in SLOW_COMMANDS:  # held replies leave before a wait
-                conn.sendall(b"".join(replies))
+            if replies and raw_name == b"BiasSpectr.Start" and self.backend.sweep_time_s() > 0:
+                conn.sendall(b"".join(replies))  # held replies leave before a real-time sweep
                 replies.clear()
             reply = self.handle_message(raw_name, bytes(buffer[pos + header_size : stop]))
             pos = stop

@@ -7,9 +7,10 @@ number of sequential commands; backend calls are serialised by one lock, so a ba
 need not be thread-safe. As on a Nanonis controller, several clients are served at
 once: a bias sweep that takes wall-clock time (``sweep_time_s``) runs with the lock
 released, so a second connection (the driver's watchdog link) is answered meanwhile,
-and a ``ZCtrl.Withdraw``, ``ZCtrl.OnOffSet 0`` or ``Bias.Set`` from it interrupts the
-sweep at once: the sweep's reply is an error that says so. Commands that would fight
-the running sweep (another sweep, a scan start, a move, new sweep settings) are refused.
+and a ``BiasSpectr.Stop``, ``ZCtrl.Withdraw``, ``ZCtrl.OnOffSet 0`` or ``Bias.Set``
+from it interrupts the sweep at once: the sweep's reply is an error that says so.
+Commands that would fight the running sweep (another sweep, a scan start, a move, new
+sweep settings) are refused.
 
 Requests that fail (unknown command, malformed body, value outside the
 construction-time limits, backend exception) get the protocol's error response and
@@ -308,6 +309,7 @@ class NanonisServer:
             "Scan.FrameDataGrab": self._frame_grab,
             "BiasSpectr.Open": self._spectr_open,
             "BiasSpectr.Start": self._spectr_start,
+            "BiasSpectr.Stop": self._spectr_stop,
             "BiasSpectr.PropsSet": self._props_set,
             "BiasSpectr.PropsGet": self._props_get,
             "BiasSpectr.LimitsSet": self._limits_set,
@@ -498,8 +500,8 @@ class NanonisServer:
         engages = name == "ZCtrl.OnOffSet" and args and args[0]
         if name in REFUSED_DURING_SWEEP or starts_scan or engages:
             raise CommandError(
-                f"{name}: refused while a bias sweep is running (ZCtrl.Withdraw or "
-                f"Bias.Set interrupts it)"
+                f"{name}: refused while a bias sweep is running (BiasSpectr.Stop, "
+                f"ZCtrl.Withdraw or Bias.Set interrupts it)"
             )
 
     def _interrupt(self, by: str) -> None:
@@ -645,6 +647,10 @@ class NanonisServer:
             self._sweeping, self._interrupted_by = True, ""
             return _Running(values, duration_s)
         return values
+
+    def _spectr_stop(self) -> tuple[()]:
+        self._interrupt("BiasSpectr.Stop")  # nothing to stop: a no-op, as on the controller
+        return ()
 
     @staticmethod
     def _no_spectrum() -> tuple[Any, ...]:

@@ -207,6 +207,7 @@ COMMANDS: dict[str, CommandSpec] = {
             "save_all:H num_sweeps:i backward_sweep:H num_points:i channels:str[]"
             " parameters:str[] fixed_parameters:str[]",
         ),
+        _spec("BiasSpectr.Stop"),  # from another connection while Start waits
         _spec("BiasSpectr.LimitsSet", "start_v:f end_v:f"),
         _spec("BiasSpectr.LimitsGet", "", "start_v:f end_v:f"),
         _spec("Signals.NamesGet", "", "names:str[]"),

@@ -354,7 +354,8 @@ class SpmNode(InstrumentNode):
         self.watchdog_link.keep_alive()
 
     def safe_state(self, reason: str) -> None:
-        """Stop the scan, withdraw the tip, then bias 0; every step tried even if one fails."""
+        """Stop the scan, withdraw the tip, stop a sweep, then bias 0; every step tried
+        even if one fails."""
         if self._busy:
             self._abort = reason
         errors: list[str] = []
@@ -362,6 +363,7 @@ class SpmNode(InstrumentNode):
         steps: list[tuple[str, tuple[Any, ...], float | None]] = [
             ("Scan.Action", (1, 1), None),  # 1 = stop
             ("ZCtrl.Withdraw", (1, withdraw_ms), withdraw_ms / 1000 + self.config.io_timeout_s),
+            ("BiasSpectr.Stop", (), None),  # a sweep this node gave up on may still run
             ("Bias.Set", (0.0,), None),
         ]
         for command, args, timeout in steps:

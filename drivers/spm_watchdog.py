@@ -5,6 +5,7 @@ scan. A Nanonis controller serves several TCP clients at once (one per port of i
 TCP Programming Interface list, 6501-6504 by default; the twin serves any number on
 one port), so the watchdog keeps a second connection, used by no one else: when the
 agent falls silent it sends ``ZCtrl.Withdraw`` (Z controller off, tip retracted), then
+``BiasSpectr.Stop`` (the protocol's own way to end a sweep another client started),
 ``Bias.Set 0`` and ``Scan.Action stop`` in one write, and the controller makes the tip
 safe while the node thread still waits for its sweep. The link is opened with the node
 (a node that cannot open it does not start), pinged every ``PING_S`` so a dropped one
@@ -72,13 +73,14 @@ class WatchdogLink:
         self._sock = None
 
     def make_safe(self, withdraw_timeout_ms: int) -> None:
-        """Tip withdrawn, then bias 0 and scan stopped; RuntimeError if any step failed.
-        A link found down is reopened once first."""
+        """Tip withdrawn, then sweep stopped, bias 0 and scan stopped; RuntimeError if
+        any step failed. A link found down is reopened once first."""
         if self._sock is None:
             self._reopen()
         self._calls(
             [
                 ("ZCtrl.Withdraw", (1, withdraw_timeout_ms)),
+                ("BiasSpectr.Stop", ()),
                 ("Bias.Set", (0.0,)),
                 ("Scan.Action", (1, 1)),  # 1 = stop
             ],

@@ -112,6 +112,22 @@ def test_a_second_connection_is_served_and_its_withdraw_interrupts_the_sweep(
         sock2.close()
 
 
+@pytest.mark.parametrize(("command", "args"), [("BiasSpectr_Stop", ()), ("Bias_Set", (0.0,))])
+def test_a_sweep_stop_or_a_bias_set_from_another_connection_interrupts_it(
+    server: NanonisServer, command: str, args: tuple[Any, ...]
+) -> None:
+    sock, _client, thread, reply = _start_sweep(server)
+    sock2, other = _connect(server)
+    try:
+        _wait_until_refused_as_sweeping(other)
+        assert getattr(other, command)(*args)[0] == ""
+        thread.join(20)
+        assert f"interrupted by {command.replace('_', '.')}" in reply[0][0]
+    finally:
+        sock.close()
+        sock2.close()
+
+
 def test_the_twin_truth_shows_the_tip_safe_when_the_withdraw_lands() -> None:
     twin = PfmTwinBackend(
         seed=0, realtime=True, spectroscopy_config=SpectroscopyConfig(step_time_s=1.0)

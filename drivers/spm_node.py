@@ -713,7 +713,10 @@ class SpmNode(InstrumentNode):
                 try:
                     started = self._read_reply("BiasSpectr.Start", timeout)
                 except RuntimeError as exc:
-                    raise self._sweep_failed(cmd, i, n, timeout, exc) from exc
+                    failed = self._sweep_failed(cmd, i, n, timeout, exc)
+                    if failed is exc:
+                        raise
+                    raise failed from exc
                 t_end = now_ns()
                 self.watchdog_tripped = False
                 send_next(i + 1)  # before publishing: the controller must not wait for us

@@ -284,3 +284,40 @@ def test_a_dropped_watchdog_link_is_reported_once_and_reopened(
         assert not backend.z_on and backend.bias_v == 0.0
     finally:
         link.close()
+
+
+def test_with_its_link_gone_the_watchdog_falls_back_to_the_node_thread_and_says_so(
+    server: NanonisServer,
+    backend: FakeSpmBackend,
+    ipc_dir: Path,
+    zmq_ctx: zmq.Context,
+    run_node: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The watchdog link on a port of its own (as on a controller) that goes away: the
+    loss is logged in one line per change, get_state says so, and a trip still makes the
+    tip safe, from the node thread over the main link."""
+    watchdog_port = NanonisServer(backend, "127.0.0.1", 0).start()
+    node = run_node(_node(server, ipc_dir, zmq_ctx, watchdog_port=watchdog_port.address[1]))
+    sub = StreamSubscriber(zmq_ctx, node.endpoints[0], topics=(EVENT_TOPIC, HEARTBEAT_TOPIC))
+    agent = CommandClient(zmq_ctx, node.endpoints[1], timeout_ms=10_000)
+    address = f"127.0.0.1:{watchdog_port.address[1]}"
+    try:
+        with caplog.at_level(logging.ERROR):
+            agent.call("engage")
+            agent.call("set_bias", {"bias_v": 0.5})
+            watchdog_port.stop()  # the port goes away; the agent then falls silent
+            events: list[dict[str, Any]] = []
+            while not any(m.get("event") == "watchdog" for m in events):
+                sub.recv_newest(50)
+                events += [m for t, m in sub.take_messages() if t == EVENT_TOPIC]
+        assert not backend.z_on and backend.bias_v == 0.0
+        state = agent.call("get_state").result
+        assert state["watchdog_tripped"] is True and state["watchdog_link_ok"] is False
+        assert address in state["watchdog_link_error"] and "\n" not in state["watchdog_link_error"]
+        lines = [r.getMessage() for r in caplog.records if r.name == "drivers.spm_watchdog"]
+        assert lines and all(address in line and "\n" not in line for line in lines)
+        assert len(lines) == len(set(lines))  # each change of state told once
+    finally:
+        agent.close()
+        sub.close()

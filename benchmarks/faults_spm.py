@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -184,6 +185,8 @@ def measure(quick: bool = False, log: Log = print) -> dict[str, Any]:
         "spm_sweep_s": sweep_s,
         "spm_watchdog_trip_ms_max": max(idle),
         "spm_watchdog_trip_ms_busy_max": max(busy),
+        "spm_watchdog_trip_ms_p50": statistics.median(idle),
+        "spm_watchdog_trip_ms_busy_p50": statistics.median(busy),
         "spm_sweeps_interrupted": interrupted,
         "spm_driver_alive_at_end": alive,
     }

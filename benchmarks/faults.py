@@ -17,8 +17,9 @@ the devices put on the sample and when), never from the driver's replies.
   `out_of_limit_on_sample` counts light changes on the sample beyond any limit.
 
 `run` is a list of sections, each `measure(quick, log) -> metrics`: the above, then
-authentication and oversized messages (`benchmarks/faults_auth.py`) and crash-safe
-records and driver restarts (`benchmarks/faults_records.py`).
+authentication and oversized messages (`benchmarks/faults_auth.py`), crash-safe
+records and driver restarts (`benchmarks/faults_records.py`) and the SPM node's watchdog
+mid-sweep (`benchmarks/faults_spm.py`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import numpy as np
 import zmq
 
 from agent.config import ExperimentConfig, dump_config
-from benchmarks import faults_auth, faults_records
+from benchmarks import faults_auth, faults_records, faults_spm
 from drivers.config import DriverConfig, Limits, TwinSettings
 from drivers.light import LaserState, LightLimits
 from drivers.mmcore_node import LIGHT_TRUTH_TOPIC
@@ -401,6 +402,7 @@ SECTIONS: list[Section] = [
     measure_driver,  # watchdog, fuzzing, random commands (one driver process)
     faults_auth.measure,  # unauthenticated_accepted, rss_growth_mb_oversized
     faults_records.measure,  # records_lost_ms_max over SIGKILLs, driver_restart_resumed
+    faults_spm.measure,  # spm_watchdog_trip_ms_max, spm_watchdog_trip_ms_busy_max
 ]
 
 

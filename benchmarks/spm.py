@@ -209,10 +209,14 @@ class _Chain:
         reply is awaited 1 ms at a time, frames taken in between (a few per wake-up)."""
         req_id = self.client.send(cmd, args)
         deadline = time.monotonic() + 60
+        heartbeat_at = time.monotonic() + 0.1  # a waiting agent keeps feeding the watchdog
         while time.monotonic() < deadline:
             if self.client.socket.poll(1) and self.client.take_reply(req_id, cmd) is not None:
                 return
             self.sub.recv_newest(0)
+            if time.monotonic() > heartbeat_at:
+                self.client.send("heartbeat", reply=False)
+                heartbeat_at = time.monotonic() + 0.1
         raise RuntimeError(f"{cmd}: no reply from the SPM node within 60 s")
 
     def _start_server(self) -> tuple[str, int]:

@@ -4,16 +4,23 @@ Speaks the wire format of ``drivers.nanonis_wire`` so software written for a Nan
 controller (the vendor's ``nanonis_spm`` client, or anything on its protocol) drives a
 digital twin unchanged. Each connection is served by its own thread and carries any
 number of sequential commands; backend calls are serialised by one lock, so a backend
-need not be thread-safe. Requests that fail (unknown command, malformed body, value
-outside the construction-time limits, backend exception) get the protocol's error
-response and the connection keeps going; only a header whose body size cannot be
+need not be thread-safe. As on a Nanonis controller, several clients are served at
+once: a bias sweep that takes wall-clock time (``sweep_time_s``) runs with the lock
+released, so a second connection (the driver's watchdog link) is answered meanwhile,
+and a ``BiasSpectr.Stop``, ``ZCtrl.Withdraw``, ``ZCtrl.OnOffSet 0`` or ``Bias.Set``
+from it interrupts the sweep at once: the sweep's reply is an error that says so.
+Commands that would fight the running sweep (another sweep, a scan start, a move, new
+sweep settings) are refused.
+
+Requests that fail (unknown command, malformed body, value outside the
+construction-time limits, backend exception) get the protocol's error response and
+the connection keeps going; only a header whose body size cannot be
 trusted ends a connection, since the byte stream can no longer be framed.
 
 Bounded resources (``NanonisLimits``): at most ``max_connections`` clients at once (one
 more is answered by a close), a connection idle for ``idle_timeout_s`` is dropped, every
 numeric setting has a range, and a request whose estimated run time exceeds
-``max_request_s`` is refused (a sweep holds the backend lock while it runs: 2**31 sweeps
-would hold it for years).
+``max_request_s`` is refused (2**31 sweeps would run for years).
 
 The backend is any object implementing ``SpmBackend``; all quantities are SI (m, V, s)
 like Nanonis itself, angles in degrees.
@@ -146,6 +153,10 @@ class SpmBackend(Protocol):
     def get_spectroscopy_limits(self) -> tuple[float, float]: ...
     def set_spectroscopy_limits(self, start_v: float, end_v: float) -> None: ...
     def run_bias_spectroscopy(self, save_base_name: str) -> SpectroscopyResult: ...
+    # Wall-clock seconds the next BiasSpectr.Start takes (0: it returns at once); the
+    # server waits them out unlocked, then calls end_sweep (also when interrupted).
+    def sweep_time_s(self) -> float: ...
+    def end_sweep(self) -> None: ...
 
     # Signals.NamesGet / Signals.ValGet (index into signal_names())
     def signal_names(self) -> Sequence[str]: ...
@@ -228,6 +239,25 @@ SIGNAL_SLOTS = 24  # Signals Manager slots on a Nanonis controller
 SLOW_COMMANDS = frozenset(
     {b"BiasSpectr.Start", b"Scan.Action", b"Scan.FrameDataGrab", b"ZCtrl.Withdraw"}
 )
+# Refused while a sweep runs: each would change what the sweep is doing.
+REFUSED_DURING_SWEEP = frozenset(
+    {
+        "BiasSpectr.Start",
+        "BiasSpectr.PropsSet",
+        "BiasSpectr.LimitsSet",
+        "FolMe.XYPosSet",
+        "Scan.FrameSet",
+        "Scan.BufferSet",
+    }
+)
+
+
+@dataclass(frozen=True)
+class _Running:
+    """A sweep computed under the lock whose wall-clock time is still to run (unlocked)."""
+
+    values: tuple[Any, ...]
+    duration_s: float
 
 
 class NanonisServer:
@@ -259,6 +289,9 @@ class NanonisServer:
         self.limits = limits or NanonisLimits()
         self.max_request_bytes = max_request_bytes
         self._lock = threading.Lock()
+        self._sweep_done = threading.Condition(self._lock)  # woken by an interrupt
+        self._sweeping = False
+        self._interrupted_by = ""  # the command that ended the running sweep early
         self._conns: set[socket.socket] = set()
         self._conns_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -276,6 +309,7 @@ class NanonisServer:
             "Scan.FrameDataGrab": self._frame_grab,
             "BiasSpectr.Open": self._spectr_open,
             "BiasSpectr.Start": self._spectr_start,
+            "BiasSpectr.Stop": self._spectr_stop,
             "BiasSpectr.PropsSet": self._props_set,
             "BiasSpectr.PropsGet": self._props_get,
             "BiasSpectr.LimitsSet": self._limits_set,
@@ -329,6 +363,8 @@ class NanonisServer:
 
     def stop(self) -> None:
         """Stop accepting, drop open connections (their threads then exit), release the port."""
+        with self._lock:
+            self._interrupt("server stop")
         if self._thread is not None:
             self._tcp.shutdown()
             self._thread.join(timeout=5)
@@ -352,8 +388,9 @@ class NanonisServer:
 
         Requests are framed out of one receive buffer, so requests that arrive together
         (a move and the sweep queued behind it) cost one receive call. A quick command's
-        reply rides along with the next reply when the next request is already here;
-        a slow command's reply (a sweep, a scan) leaves at once.
+        reply rides along with the next quick reply when the next request is already
+        here; replies held leave before a sweep that takes wall-clock time, and a slow
+        command's reply (a sweep, a scan) leaves at once.
         """
         with self._conns_lock:
             full = len(self._conns) >= self.limits.max_connections
@@ -412,6 +449,9 @@ class NanonisServer:
             stop = pos + header_size + size
             if stop > end:
                 break  # the rest of this request is still on its way
+            if replies and raw_name == b"BiasSpectr.Start" and self.backend.sweep_time_s() > 0:
+                conn.sendall(b"".join(replies))  # held replies leave before a real-time sweep
+                replies.clear()
             reply = self.handle_message(raw_name, bytes(buffer[pos + header_size : stop]))
             pos = stop
             if flag:
@@ -438,7 +478,10 @@ class NanonisServer:
             )
         try:
             with self._lock:
+                self._check_not_fighting_a_sweep(name, args)
                 values = handler(*args)
+            if isinstance(values, _Running):
+                values = self._run_out(name, values)
             return wire.encode_response(raw_name, values, spec.returns)
         except CommandError as exc:
             message = str(exc)
@@ -447,10 +490,48 @@ class NanonisServer:
             message = f"{name}: {type(exc).__name__}: {exc}"
         return wire.encode_response(raw_name, None, spec.returns, message)
 
+    # ---------------------------------------------------------------- long sweeps
+
+    def _check_not_fighting_a_sweep(self, name: str, args: Sequence[Any]) -> None:
+        """Under the lock: refuse what would change a running sweep (scan starts too)."""
+        if not self._sweeping:
+            return
+        starts_scan = name == "Scan.Action" and args and args[0] == ScanAction.START
+        engages = name == "ZCtrl.OnOffSet" and args and args[0]
+        if name in REFUSED_DURING_SWEEP or starts_scan or engages:
+            raise CommandError(
+                f"{name}: refused while a bias sweep is running (BiasSpectr.Stop, "
+                f"ZCtrl.Withdraw or Bias.Set interrupts it)"
+            )
+
+    def _interrupt(self, by: str) -> None:
+        """Under the lock: end the running sweep now (the safe state wins over a sweep)."""
+        if self._sweeping and not self._interrupted_by:
+            self._interrupted_by = by
+            self._sweep_done.notify_all()
+
+    def _run_out(self, name: str, running: _Running) -> tuple[Any, ...]:
+        """Wait out a sweep's wall-clock time with the lock released; an interrupt from
+        another connection ends it at once, and its reply says so (no data)."""
+        t0 = time.monotonic()
+        deadline = t0 + running.duration_s
+        with self._sweep_done:
+            while not self._interrupted_by and (left := deadline - time.monotonic()) > 0:
+                self._sweep_done.wait(left)
+            by, self._interrupted_by, self._sweeping = self._interrupted_by, "", False
+            self.backend.end_sweep()
+        if by:
+            raise CommandError(
+                f"{name}: interrupted by {by} after {_fmt(time.monotonic() - t0)} of "
+                f"{_fmt(running.duration_s)} s; sweep stopped, no data returned"
+            )
+        return running.values
+
     # ---------------------------------------------------------------- handlers
 
     def _bias_set(self, bias_v: float) -> tuple[()]:
         _check_range("Bias.Set", "bias_v", bias_v, *self.limits.bias_v, "V")
+        self._interrupt("Bias.Set")
         self.backend.set_bias(bias_v)
         return ()
 
@@ -548,16 +629,34 @@ class NanonisServer:
         self.backend.open_bias_spectroscopy()
         return ()
 
-    def _spectr_start(self, get_data: int, save_base_name: str) -> tuple[Any, ...]:
+    def _spectr_start(self, get_data: int, save_base_name: str) -> tuple[Any, ...] | _Running:
         p = self.backend.get_spectroscopy_props()
+        duration_s = self.backend.sweep_time_s()
         self.limits.check_duration(
             "BiasSpectr.Start",
             f"{p.num_sweeps} sweep(s) of {p.num_points} points",
-            self.limits.sweep_s(p.num_points, p.num_sweeps, p.backward_sweep),
+            max(duration_s, self.limits.sweep_s(p.num_points, p.num_sweeps, p.backward_sweep)),
         )
         res = self.backend.run_bias_spectroscopy(save_base_name)
-        if not get_data:
-            return ([], np.zeros((0, 0), np.float32), np.zeros(0, np.float32))
+        try:
+            values = self._spectrum_values(res) if get_data else self._no_spectrum()
+        except CommandError:
+            self.backend.end_sweep()
+            raise
+        if duration_s > 0:
+            self._sweeping, self._interrupted_by = True, ""
+            return _Running(values, duration_s)
+        return values
+
+    def _spectr_stop(self) -> tuple[()]:
+        self._interrupt("BiasSpectr.Stop")  # nothing to stop: a no-op, as on the controller
+        return ()
+
+    @staticmethod
+    def _no_spectrum() -> tuple[Any, ...]:
+        return ([], np.zeros((0, 0), np.float32), np.zeros(0, np.float32))
+
+    def _spectrum_values(self, res: SpectroscopyResult) -> tuple[Any, ...]:
         data = np.asarray(res.data, ">f4")  # the wire's own dtype: encoded without a copy
         if data.ndim != 2 or data.shape[0] != len(res.channel_names):
             raise CommandError(
@@ -642,6 +741,8 @@ class NanonisServer:
         return (self.backend.signal_value(index),)
 
     def _z_on_off(self, on: int) -> tuple[()]:
+        if not on:
+            self._interrupt("ZCtrl.OnOffSet")
         self.backend.set_z_controller(bool(on))
         return ()
 
@@ -649,6 +750,7 @@ class NanonisServer:
         # Clamped, not refused: a withdraw is the safe state and must always run.
         top = self.limits.max_withdraw_timeout_ms
         timeout_ms = top if timeout_ms < 0 or timeout_ms > top else timeout_ms
+        self._interrupt("ZCtrl.Withdraw")
         self.backend.withdraw(bool(wait), timeout_ms / 1000.0)
         return ()
 
@@ -701,6 +803,7 @@ class FakeSpmBackend:
     spectr_limits_v: tuple[float, float] = (-5.0, 5.0)
     coercive_v: float = 2.0
     scan_time_s: float = 1.0
+    sweep_duration_s: float = 0.0  # wall-clock time of a BiasSpectr.Start (0: at once)
     z_m: float = 5e-9
     z_withdrawn_m: float = 2e-7
     z_on: bool = True
@@ -837,6 +940,12 @@ class FakeSpmBackend:
         x, y = self.tip_xy_m
         params = (start, end, x, y, p.z_offset_m)
         return SpectroscopyResult(("Bias calc (V)", *p.channels), np.array(rows), params)
+
+    def sweep_time_s(self) -> float:
+        return self.sweep_duration_s
+
+    def end_sweep(self) -> None:
+        """Nothing to undo: the fake's sweep has no state beyond its result."""
 
     # signals
     def signal_names(self) -> Sequence[str]:

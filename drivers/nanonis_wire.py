@@ -207,6 +207,7 @@ COMMANDS: dict[str, CommandSpec] = {
             "save_all:H num_sweeps:i backward_sweep:H num_points:i channels:str[]"
             " parameters:str[] fixed_parameters:str[]",
         ),
+        _spec("BiasSpectr.Stop"),  # from another connection while Start waits
         _spec("BiasSpectr.LimitsSet", "start_v:f end_v:f"),
         _spec("BiasSpectr.LimitsGet", "", "start_v:f end_v:f"),
         _spec("Signals.NamesGet", "", "names:str[]"),
@@ -425,3 +426,17 @@ def decode_response(spec: CommandSpec | None, body: bytes) -> tuple[tuple[Any, .
     values, pos = decode_values(spec.returns if spec else (), body, allow_trailing=True)
     status, message = decode_error(body, pos)
     return values, status, message
+
+
+def read_response(sock: socket.socket, spec: CommandSpec) -> tuple[tuple[Any, ...], str]:
+    """The next whole response on a blocking socket, which must answer ``spec``: its
+    values and error description. WireError if it cannot be framed or names another
+    command (the stream is out of step); OSError from the socket."""
+    name, size, _flag = unpack_header(recv_exact(sock, HEADER_SIZE))
+    if size < 0 or size > MAX_BODY_BYTES:
+        raise WireError(f"reply body size {size} out of range")
+    body = recv_exact(sock, size)
+    if name != spec.name.encode("ascii"):
+        raise WireError(f"stream out of step: got the reply of {decode_name(name)!r}")
+    values, _status, message = decode_response(spec, body)
+    return values, message

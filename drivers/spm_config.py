@@ -55,6 +55,10 @@ class SpmDriverConfig(StrictModel):
 
     nanonis_host: str = "127.0.0.1"
     nanonis_port: int = Field(6501, ge=1, le=65_535)
+    # The watchdog's own connection (drivers/spm_watchdog.py). A real controller serves
+    # one client per port of its TCP Programming Interface list: give it another one
+    # (6502). None: nanonis_port (the twin serves several clients on one port).
+    watchdog_port: int | None = Field(None, ge=1, le=65_535)
     connect_timeout_s: float = Field(3.0, gt=0.0, le=60.0)
     # Longest wait for one Nanonis reply; the stream cannot be re-framed after a timeout,
     # so the link is dropped and re-opened on the next call.

@@ -30,11 +30,18 @@ controller is on (tip approached), as last seen by the node; the state is re-rea
 ``watchdog_ms`` unless an agent is in control. If the safe state cannot be reached the
 node stops serving (loudly) rather than pretend the instrument is safe.
 
+The watchdog does not wait for the node thread: it has its own Nanonis connection
+(``drivers/spm_watchdog.py``, ``watchdog_port``), opened with the node, over which it
+withdraws the tip and zeroes the bias while the node thread is still blocked in a sweep
+or a scan; the controller interrupts the sweep, whose reply then says so. Only the
+controlling agent's messages feed the watchdog, during long commands too: an agent
+waiting for a scan or a sweep keeps sending heartbeats, or the tip is made safe.
+
 While a scan runs the node keeps publishing heartbeats and answers ``get_state``,
 ``heartbeat``, ``withdraw`` (which aborts the scan) and ``shutdown``; other actuating
-commands are refused. The agent waiting for the scan's reply counts as alive.
-``spectrum``/``spectra`` block the node inside ``BiasSpectr.Start`` for a sweep; between
-the points of a batch it serves the same commands as during a scan (withdraw aborts).
+commands are refused. ``spectrum``/``spectra`` block the node inside
+``BiasSpectr.Start`` for a sweep; between the points of a batch it serves the same
+commands as during a scan (withdraw aborts).
 Sweep settings are sent only when they change (the node is the controller's remote user;
 the cache is dropped with the link), and hot-path calls use ``nanonis_fast``.
 """
@@ -58,6 +65,7 @@ from drivers.node import InstrumentNode
 from drivers.protocol import ProtocolError, now_ns
 from drivers.spm_config import SpmDriverConfig
 from drivers.spm_gate import SpectrumSettings, SpmGate
+from drivers.spm_watchdog import WatchdogLink
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +126,6 @@ def to_our_units(data: np.ndarray, unit: str) -> tuple[np.ndarray, str]:
     return np.ascontiguousarray(data, np.float32), unit
 
 
-QUICKACK: int | None = None  # getattr(socket, "TCP_QUICKACK", None)  # Linux only
-
-
 class SpmNode(InstrumentNode):
     """Serves one Nanonis-controlled SPM over protocol v1 until `stop` is set."""
 
@@ -135,12 +140,21 @@ class SpmNode(InstrumentNode):
         self._in_flight: deque[str] = deque()  # requests sent, replies not read yet
         self._plan_names: tuple[str, ...] | None = None
         self._plan: tuple[list[str], list[str], list[str], np.ndarray] = ([], [], [], np.ones(0))
+        self.watchdog_link = WatchdogLink(
+            config.nanonis_host,
+            config.watchdog_port or config.nanonis_port,
+            config.connect_timeout_s,
+            config.io_timeout_s,
+            quick_timeout_s=min(config.io_timeout_s, max(0.05, config.watchdog_ms / 2000)),
+        )
         # Connect before binding our sockets: an unreachable controller fails construction.
         self._connect()
         try:
+            self.watchdog_link.open()
             super().__init__(config, ctx)
         except Exception:
             self._drop_link()
+            self.watchdog_link.close()
             raise
         self.bias_v = 0.0
         self.tip_um = (0.0, 0.0)
@@ -284,19 +298,7 @@ class SpmNode(InstrumentNode):
         spec = wire.COMMANDS[command]
         sock.settimeout(timeout_s or self.config.io_timeout_s)
         try:
-            name, size, _flag = wire.unpack_header(wire.recv_exact(sock, wire.HEADER_SIZE))
-            if size < 0 or size > wire.MAX_BODY_BYTES:
-                raise wire.WireError(f"reply body size {size} out of range")
-            body = wire.recv_exact(sock, size)
-            if QUICKACK is not None:  # ack now: a controller with Nagle on waits for it
-                sock.setsockopt(socket.IPPROTO_TCP, QUICKACK, 1)
-            if name != command.encode("ascii"):
-                self._drop_link()
-                raise RuntimeError(
-                    f"Nanonis {command}: no reply for this command (stream out of step: "
-                    f"got {wire.decode_name(name)!r})"
-                )
-            values, _status, message = wire.decode_response(spec, body)
+            values, message = wire.read_response(sock, spec)
         except (OSError, wire.WireError) as exc:
             self._drop_link()
             raise RuntimeError(
@@ -322,18 +324,38 @@ class SpmNode(InstrumentNode):
 
     def teardown(self) -> None:
         self._drop_link()
+        self.watchdog_link.close()
 
     def actuators_live(self) -> bool:
-        return self.bias_v != 0.0 or self.scan_running or self.z_on
+        """Bias on, a scan, the tip in feedback, or a long command (a sweep applies bias)."""
+        return self.bias_v != 0.0 or self.scan_running or self.z_on or bool(self._busy)
 
-    def watchdog_paused(self) -> bool:
-        """A scan or sweep the agent waits on: each is bounded by its own timeout, and
-        ``withdraw`` aborts it. Safe-off needs the one Nanonis link, so it runs here,
-        on the node thread, at the next tick (the link cannot be shared mid-call)."""
-        return bool(self._busy)
+    def emergency_off(self, reason: str) -> bool:
+        """Watchdog thread: withdraw + bias 0 over the watchdog's own link, whatever the
+        node thread is blocked in; a long command in progress is marked aborted. False
+        (the node thread does it at its next tick) only if that link is down."""
+        if self._busy:
+            self._abort = reason
+        try:
+            self.watchdog_link.make_safe(self.config.withdraw_timeout_ms)
+        except (RuntimeError, ConnectionError) as exc:
+            log.error("SPM safe-off (%s) on the watchdog link failed: %s", reason, exc)
+            return False
+        self.z_on, self.bias_v, self.scan_running = False, 0.0, False
+        log.warning("SPM safe (%s) over the watchdog link: tip withdrawn, bias 0 V", reason)
+        return True
+
+    def _watch(self) -> None:
+        """The watchdog's check, then its link kept alive (pinged, reopened if dropped).
+        A shutdown asked while the node thread is blocked in a sweep ends it the same way."""
+        super()._watch()
+        if self.stop.is_set() and self._busy and not self._abort:
+            self.emergency_off("shutdown")
+        self.watchdog_link.keep_alive()
 
     def safe_state(self, reason: str) -> None:
-        """Stop the scan, withdraw the tip, then bias 0; every step tried even if one fails."""
+        """Stop the scan, withdraw the tip, stop a sweep, then bias 0; every step tried
+        even if one fails."""
         if self._busy:
             self._abort = reason
         errors: list[str] = []
@@ -341,6 +363,7 @@ class SpmNode(InstrumentNode):
         steps: list[tuple[str, tuple[Any, ...], float | None]] = [
             ("Scan.Action", (1, 1), None),  # 1 = stop
             ("ZCtrl.Withdraw", (1, withdraw_ms), withdraw_ms / 1000 + self.config.io_timeout_s),
+            ("BiasSpectr.Stop", (), None),  # a sweep this node gave up on may still run
             ("Bias.Set", (0.0,), None),
         ]
         for command, args, timeout in steps:
@@ -373,6 +396,7 @@ class SpmNode(InstrumentNode):
             "scan_running": self.scan_running,
             "busy": self._busy,
             "link_ok": self._client is not None and not self.link_error,
+            "watchdog_link_ok": self.watchdog_link.up,
             "watchdog_tripped": self.watchdog_tripped,
         }
 
@@ -380,6 +404,8 @@ class SpmNode(InstrumentNode):
         return {
             "nanonis": self.address,
             "link_error": self.link_error,
+            "watchdog_link": self.watchdog_link.address,
+            "watchdog_link_error": self.watchdog_link.error,
             "scans_done": self.scans_done,
             "spectra_done": self.spectra_done,
             "limits": self.config.limits.model_dump(),
@@ -543,7 +569,6 @@ class SpmNode(InstrumentNode):
         finally:
             self._settle()  # replies of grabs after a failed one
         self.scans_done += 1
-        self.agent_waiting()  # grabbing large frames takes a while, too
         return {
             "seqs": seqs,
             "streams": streams,
@@ -558,9 +583,7 @@ class SpmNode(InstrumentNode):
         deadline = time.monotonic() + timeout_s
         wait_ms = 0  # first status read at once: a short (or simulated) scan is done already
         while True:
-            # The controlling agent is blocked on our reply: that is not silence.
-            self.agent_waiting()
-            self._serve_while_busy(wait_ms)
+            self._serve_while_busy(wait_ms)  # the agent's heartbeats keep feeding the lease
             if self._abort:
                 raise RuntimeError(f"aborted by {self._abort}; no frames published")
             if not self.nanonis_fast("Scan.StatusGet")[0]:
@@ -678,6 +701,8 @@ class SpmNode(InstrumentNode):
                     try:
                         self._read_reply("FolMe.XYPosSet", timeout)
                     except RuntimeError as exc:
+                        if self._sock is None:  # link lost: the sweep behind may run on
+                            raise self._sweep_failed(cmd, i, n, timeout, exc) from exc
                         self._settle()  # the sweep behind the refused move ran elsewhere
                         raise RuntimeError(
                             f"{cmd}: move to positions_um[{i}] failed after {i} of {n} spectra "
@@ -685,9 +710,14 @@ class SpmNode(InstrumentNode):
                             f"there on were dropped): {exc}"
                         ) from exc
                 self.tip_um = xy
-                started = self._read_reply("BiasSpectr.Start", timeout)
+                try:
+                    started = self._read_reply("BiasSpectr.Start", timeout)
+                except RuntimeError as exc:
+                    failed = self._sweep_failed(cmd, i, n, timeout, exc)
+                    if failed is exc:
+                        raise
+                    raise failed from exc
                 t_end = now_ns()
-                self.agent_waiting()  # the agent is blocked on our reply, not silent
                 self.watchdog_tripped = False
                 send_next(i + 1)  # before publishing: the controller must not wait for us
                 done.append(self._publish_spectrum(started, xy, settings, t_start, t_end))
@@ -697,6 +727,30 @@ class SpmNode(InstrumentNode):
             self._settle()
             self._busy = ""
         return done
+
+    def _sweep_failed(
+        self, cmd: str, i: int, n: int, timeout_s: float, exc: RuntimeError
+    ) -> RuntimeError:
+        """The error for a sweep that did not return. Aborted (withdraw, watchdog): the
+        controller interrupted it. Link lost or timed out: the controller may still be
+        sweeping, so the tip is made safe (on a fresh link) before the error is told."""
+        done = f"after {i} of {n} spectra (those were published)"
+        if self._abort:
+            return RuntimeError(
+                f"{cmd}: aborted by {self._abort} {done}; the sweep in progress was "
+                f"interrupted: {exc}"
+            )
+        if self._sock is not None:  # the controller answered with an error: link in step
+            return exc
+        try:
+            self.safe_state(f"{cmd} sweep not answered")
+            outcome = "tip made safe"
+        except RuntimeError as safe_exc:
+            outcome = f"safe state failed too: {safe_exc}"
+        return RuntimeError(
+            f"{cmd}: sweep {i + 1} of {n} not answered within {timeout_s:g} s "
+            f"(spectrum_timeout_s + io_timeout_s) {done}; {outcome}: {exc}"
+        )
 
     def _spectrum_plan(
         self, names: tuple[str, ...]

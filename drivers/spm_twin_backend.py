@@ -16,6 +16,10 @@ i.e. with Nanonis y, so an upward scan's first line (row 0 of a grabbed frame) i
 frame's lowest y; a downward scan returns the rows flipped (first acquired = top).
 Frames must be axis-aligned (angle 0) and lie inside the sample.
 
+Truth (``truth_log``): every change of what the tip does to the sample (Z controller,
+the bias applied, a sweep running) is stamped on the host's monotonic clock as it
+happens, so a bench sees the instrument's safe state itself, not a driver's reply.
+
 Scan and spectroscopy are computed on the twin's virtual clock (``clock_s``), which
 advances by each scan's and spectrum's acquisition time, so thermal drift accumulates
 between measurements as on an instrument, and the same seed and command sequence give
@@ -28,8 +32,9 @@ import logging
 import math
 import time
 import zipfile
+from collections import deque
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -91,6 +96,21 @@ PFM_SPECTRUM_CHANNELS: tuple[str, ...] = ("Piezoresponse (m)", "Amplitude (m)", 
 Sweep = Literal["triangular", "linear"]
 
 
+@dataclass(frozen=True)
+class TipTruth:
+    """What the tip does to the sample from ``t_ns`` (CLOCK_MONOTONIC) on."""
+
+    t_ns: int
+    z_on: bool
+    bias_v: float  # the bias set; a running sweep applies its waveform instead
+    sweeping: bool
+
+    @property
+    def safe(self) -> bool:
+        """Tip retracted, no bias, no sweep: nothing reaches the sample."""
+        return not self.z_on and self.bias_v == 0.0 and not self.sweeping
+
+
 def _bwd(name: str) -> str:
     """Nanonis names the backward copy of "Name (unit)" "Name [bwd] (unit)"."""
     head, sep, unit = name.rpartition(" (")
@@ -144,6 +164,25 @@ class _GridBackend:
         self._run_s = 0.0
         self._since: float | None = None
         self._stopped = True
+        self.sweeping = False  # a real-time sweep is applying its waveform
+        self.truth_log: deque[TipTruth] = deque(maxlen=4096)
+        self._record()
+
+    # ------------------------------------------------------------ truth
+
+    def _record(self) -> None:
+        """Stamp the tip's state if it changed (called by every method that changes it)."""
+        last = self.truth_log[-1] if self.truth_log else None
+        state = (self.z_on, self.bias_v, self.sweeping)
+        if last is None or (last.z_on, last.bias_v, last.sweeping) != state:
+            self.truth_log.append(TipTruth(time.monotonic_ns(), *state))
+
+    def safe_since_ns(self, after_ns: int) -> int | None:
+        """When the tip first became safe after ``after_ns`` (None: it has not)."""
+        for entry in list(self.truth_log):
+            if entry.t_ns > after_ns and entry.safe:
+                return entry.t_ns
+        return None
 
     # ------------------------------------------------------------ coordinates
 
@@ -191,6 +230,7 @@ class _GridBackend:
 
     def set_bias(self, bias_v: float) -> None:
         self.bias_v = float(bias_v)
+        self._record()
 
     def get_tip_xy(self) -> tuple[float, float]:
         return self.tip_xy_m
@@ -312,6 +352,20 @@ class _GridBackend:
     def set_spectroscopy_limits(self, start_v: float, end_v: float) -> None:
         self.spectr_limits_v = (float(start_v), float(end_v))
 
+    def sweep_time_s(self) -> float:
+        """Wall-clock time of the next sweep: 0 (computed at once) unless realtime."""
+        return 0.0
+
+    def _begin_sweep(self) -> None:
+        if self.sweep_time_s() > 0:
+            self.sweeping = True
+            self._record()
+
+    def end_sweep(self) -> None:
+        """The sweep's time is up or it was interrupted: the set bias is back."""
+        self.sweeping = False
+        self._record()
+
     # ------------------------------------------------------------ signals / Z
 
     def signal_names(self) -> Sequence[str]:
@@ -322,10 +376,13 @@ class _GridBackend:
         self.z_on = False
         self.scan_action(ScanAction.STOP, self._direction_up)
         self.bias_v = 0.0
+        self.sweeping = False
+        self._record()
 
     def engage(self) -> None:
         """Z controller back on (approach): ZCtrl.OnOffSet 1 over the wire."""
         self.z_on = True
+        self._record()
 
     def set_z_controller(self, on: bool) -> None:
         if on:
@@ -365,8 +422,10 @@ class PfmTwinBackend(_GridBackend):
     sample (switch domains) and both wear the shared tip. ``sweep`` picks the bias
     waveform: "triangular" 0 -> start -> end -> 0 (limits (10, -10) V give exactly the
     twin's ``triangular_waveform(10, n)``), or "linear" start -> end as Nanonis sweeps.
-    ``realtime`` only affects scans: ``scan_running()`` stays true for the twin's scan
-    time and unscanned lines grab as NaN; spectra return at once either way.
+    ``realtime``: ``scan_running()`` stays true for the twin's scan time and unscanned
+    lines grab as NaN, and a sweep takes its acquisition time on the wall clock
+    (``sweep_time_s``; the server waits it out unlocked, a withdraw interrupts it).
+    Its data and its switching of the sample are computed when it starts.
     """
 
     signals = PFM_SIGNALS
@@ -461,6 +520,14 @@ class PfmTwinBackend(_GridBackend):
         mid = start + (end - start) * (2.0 * p - 0.5)
         return np.where(p < 0.25, 4.0 * p * start, np.where(p < 0.75, mid, end * (4.0 - 4.0 * p)))
 
+    def sweep_time_s(self) -> float:
+        """Acquisition time of the next sweep (every loop, both directions) if realtime."""
+        if not self.realtime:
+            return 0.0
+        p = self.spectr_props
+        points = p.num_points * (2 if p.backward_sweep else 1)
+        return max(1, p.num_sweeps) * self.spectroscope.time_cost_s(points)
+
     def _tip_sample_um(self) -> tuple[float, float]:
         """Sample point under the tip now: tip position plus the drift at the clock time."""
         x_um, y_um = self.to_sample_um(*self.tip_xy_m)
@@ -484,6 +551,7 @@ class PfmTwinBackend(_GridBackend):
         Nanonis does. ``num_sweeps`` loops are averaged; z_offset is recorded only.
         """
         self._require_engaged()
+        self._begin_sweep()
         p = self.spectr_props
         v = self.sweep_waveform()
         full = np.concatenate([v, v[::-1]]) if p.backward_sweep else v

@@ -22,11 +22,12 @@ from agent.engine.link import DriverLink, attach, client_keys
 from drivers.protocol import FRAME_PREFIX, HEARTBEAT_TOPIC, Frame, decode_frame
 from drivers.spm_host import SpmHost, SpmHostConfig
 from drivers.spm_truth import ReplayTruth, TwinTruth
-from drivers.transport import CommandClient, StreamSubscriber
+from drivers.transport import CommandClient, CommandTimeout, StreamSubscriber
 
 PM_PER_UM = 1e6
 # Commands the SPM plans send: a node without them (a camera node) is refused up front.
 SPM_NEEDS = {"scan", "spectrum", "engage", "withdraw", "get_state"}
+HEARTBEAT_MS = 100  # while waiting for a reply: well inside any node's watchdog_ms
 
 
 class SpmSession:
@@ -68,8 +69,21 @@ class SpmSession:
                 got[frame.header.stream] = frame
         return got
 
-    def call(self, cmd: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
-        return self.client.call(cmd, args or {}).result
+    def call(
+        self, cmd: str, args: dict[str, Any] | None = None, timeout_ms: int = 120_000
+    ) -> dict[str, Any]:
+        """A command's result; heartbeats go out while a long one (a scan, a sweep) runs,
+        since only the agent's messages keep the node's watchdog from withdrawing the tip."""
+        req_id = self.client.send(cmd, args or {})
+        deadline = time.monotonic() + timeout_ms / 1000
+        while time.monotonic() < deadline:
+            if self.client.socket.poll(HEARTBEAT_MS):
+                reply = self.client.take_reply(req_id, cmd)
+                if reply is not None:
+                    return reply.result
+            else:
+                self.client.send("heartbeat", reply=False)
+        raise CommandTimeout(f"{cmd}: no reply within {timeout_ms} ms")
 
     def ensure_engaged(self) -> None:
         """Tip in feedback (the watchdog or an operator may have withdrawn it)."""
@@ -91,7 +105,7 @@ class SpmSession:
         x0, y0, w, h = (float(v) for v in window_um)
         cx, cy = self.to_node_xy(x0 + w / 2, y0 + h / 2)
         self.ensure_engaged()
-        reply = self.client.call(
+        reply = self.call(
             "scan",
             {
                 "x_um": cx,
@@ -103,7 +117,7 @@ class SpmSession:
                 "channels": channels,
             },
             timeout_ms=300_000,
-        ).result
+        )
         wanted = {f"scan/{name}": int(seq) for name, seq in reply["seqs"].items()}
         frames = self._frames(wanted)
         return {

@@ -387,6 +387,9 @@ class SpmNode(InstrumentNode):
         else:
             log.info("SPM safe (%s): scan stopped, tip withdrawn, bias 0 V", reason)
 
+    def actuators(self) -> set[str]:
+        return {"tip", "bias", "scan"}  # Z controller, tip bias, scanner
+
     def state(self) -> dict[str, Any]:
         return {
             "bias_v": self.bias_v,

@@ -45,6 +45,13 @@ PUBLISHED_RING = 512
 POSITION_REFRESH_NS = 200_000_000
 
 
+def slm_image_bytes(core: CMMCorePlus, slm: str) -> int:
+    """The one array a command may carry here: an 8-bit image of the configured SLM."""
+    if slm not in core.getLoadedDevices():
+        return 0
+    return int(core.getSLMHeight(slm)) * int(core.getSLMWidth(slm))
+
+
 class DriverNode(InstrumentNode):
     """Serves one Micro-Manager core over protocol v1 until `stop` is set."""
 
@@ -77,7 +84,7 @@ class DriverNode(InstrumentNode):
     ) -> None:
         if event_hook is None and config.event_hook is not None:
             event_hook = load_event_hook(config.event_hook, config.event_hook_args)
-        super().__init__(config, ctx)
+        super().__init__(config, ctx, slm_image_bytes(core, config.devices.slm))
         self.core = core
         self.config = config
         self.truth_source = truth_source

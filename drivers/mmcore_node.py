@@ -84,13 +84,13 @@ class DriverNode(InstrumentNode):
     ) -> None:
         if event_hook is None and config.event_hook is not None:
             event_hook = load_event_hook(config.event_hook, config.event_hook_args)
-        super().__init__(config, ctx, slm_image_bytes(core, config.devices.slm))
         self.core = core
         self.config = config
+        self.field_um = field_um or self._field_from_core()
+        self.gate = MicroscopeGate(core, config, self.field_um)  # refuses before any bind
+        super().__init__(config, ctx, slm_image_bytes(core, config.devices.slm))
         self.truth_source = truth_source
         self.light_truth = light_truth
-        self.field_um = field_um or self._field_from_core()
-        self.gate = MicroscopeGate(core, config, self.field_um)
         loaded = set(core.getLoadedDevices())
         names = config.devices
         self.galvo_device = names.laser if names.laser in loaded else None

@@ -216,6 +216,11 @@ def _malformed(rng: np.random.Generator, i: int) -> list[bytes]:
         junk: Any = [None, True, -(2**63), 2**64 - 1, math.nan, "x" * 50, b"\xff", [1, [2]]]
         key = ["v", "id", "cmd", "args", "t_sent_ns", "reply"][int(rng.integers(0, 6))]
         return [msgpack.packb({**valid, key: junk[int(rng.integers(0, len(junk)))]})]
+    if kind == 3 and i % 16 == 3:  # an array buffer whose header does not match it
+        spec = {"field": "image", "shape": [SLM_PX, SLM_PX], "dtype": "uint8"}
+        head = {**valid, "cmd": "set_slm_image", "buf": spec}
+        size = int(rng.integers(0, 2 * SLM_PX * SLM_PX))
+        return [msgpack.packb(head), rng.bytes(size + (size == SLM_PX * SLM_PX))]
     if kind == 3:
         return [msgpack.packb(valid), rng.bytes(8)]  # an extra frame
     if kind == 4:

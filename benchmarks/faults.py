@@ -17,14 +17,21 @@ the devices put on the sample and when), never from the driver's replies.
   `out_of_limit_on_sample` counts light changes on the sample beyond any limit.
 
 `run` is a list of sections, each `measure(quick, log) -> metrics`: the above, then
+a shutter in the camera's adapter module on the demo rig (`benchmarks/faults_shutter.py`),
 authentication and oversized messages (`benchmarks/faults_auth.py`), crash-safe
 records and driver restarts (`benchmarks/faults_records.py`) and the SPM node's watchdog
 mid-sweep (`benchmarks/faults_spm.py`).
+
+`--quick` with SCOPELOOP_BENCH_SMOKE=1 is smaller still (one trial, a few hundred
+messages; the minutes-long auth and records sections left out, `smoke_sections_left_out`
+says how many): the JSON contract in seconds, for tests/test_bench.py. Its figures mean
+nothing.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -39,7 +46,7 @@ import numpy as np
 import zmq
 
 from agent.config import ExperimentConfig, dump_config
-from benchmarks import faults_auth, faults_records, faults_spm
+from benchmarks import faults_auth, faults_records, faults_shutter, faults_spm
 from drivers.config import DriverConfig, Limits, TwinSettings
 from drivers.light import LaserState, LightLimits
 from drivers.mmcore_node import LIGHT_TRUTH_TOPIC
@@ -59,6 +66,18 @@ LIMITS = Limits(
     exposure_ms=(1.0, 1000.0),
     properties={"Camera.Exposure": (1.0, 20.0)},
 )
+
+
+SMOKE_ENV = "SCOPELOOP_BENCH_SMOKE"
+
+
+def smoke(quick: bool) -> bool:
+    """The smallest run (`--quick` and SCOPELOOP_BENCH_SMOKE=1): the contract, no figures."""
+    return quick and os.environ.get(SMOKE_ENV) == "1"
+
+
+def _count(quick: bool, full: int, quick_n: int, smoke_n: int) -> int:
+    return smoke_n if smoke(quick) else quick_n if quick else full
 
 
 class Driver:
@@ -173,7 +192,7 @@ def _trip_trials(driver: Driver, trials: int, busy: bool) -> list[float]:
 
 
 def measure_watchdog(quick: bool, log: Log, driver: Driver) -> dict[str, Any]:
-    trials = 3 if quick else 10
+    trials = _count(quick, 10, 3, 1)
     idle = _trip_trials(driver, trials, busy=False)
     busy = _trip_trials(driver, trials, busy=True)
     log(f"watchdog {WATCHDOG_MS} ms, idle node: trips {[round(t) for t in idle]} ms")
@@ -198,6 +217,11 @@ def _malformed(rng: np.random.Generator, i: int) -> list[bytes]:
         junk: Any = [None, True, -(2**63), 2**64 - 1, math.nan, "x" * 50, b"\xff", [1, [2]]]
         key = ["v", "id", "cmd", "args", "t_sent_ns", "reply"][int(rng.integers(0, 6))]
         return [msgpack.packb({**valid, key: junk[int(rng.integers(0, len(junk)))]})]
+    if kind == 3 and i % 16 == 3:  # an array buffer whose header does not match it
+        spec = {"field": "image", "shape": [SLM_PX, SLM_PX], "dtype": "uint8"}
+        head = {**valid, "cmd": "set_slm_image", "buf": spec}
+        size = int(rng.integers(0, 2 * SLM_PX * SLM_PX))
+        return [msgpack.packb(head), rng.bytes(size + (size == SLM_PX * SLM_PX))]
     if kind == 3:
         return [msgpack.packb(valid), rng.bytes(8)]  # an extra frame
     if kind == 4:
@@ -213,7 +237,7 @@ def _malformed(rng: np.random.Generator, i: int) -> list[bytes]:
 
 
 def measure_fuzz(quick: bool, log: Log, driver: Driver) -> dict[str, Any]:
-    n = 2000 if quick else 10_000
+    n = _count(quick, 10_000, 2000, 500)
     rng = np.random.default_rng(16)
     sock = driver.ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -276,10 +300,10 @@ def _random_command(rng: np.random.Generator, field: tuple[float, float], i: int
         ]
         return "set_laser", {"spots": spots, "frame_seq": i}
     if pick < 0.6:
-        image = np.zeros((SLM_PX, SLM_PX), dtype=np.int64)
+        image = np.zeros((SLM_PX, SLM_PX), dtype=np.uint8)
         for _ in range(int(rng.integers(0, 25))):
             image[rng.integers(0, SLM_PX), rng.integers(0, SLM_PX)] = rng.integers(0, 256)
-        return "set_slm_image", {"image": image.tolist()}
+        return "set_slm_image", {"image": image}  # as the raw buffer after the header
     if pick < 0.7:
         return "move_stage", {"x_um": float(rng.normal(0, 20)), "y_um": float(rng.normal(0, 20))}
     if pick < 0.78:
@@ -311,7 +335,7 @@ def _beyond_limits(change: dict[str, Any], limits: LightLimits, log: Log) -> boo
 
 
 def measure_random_commands(quick: bool, log: Log, driver: Driver) -> dict[str, Any]:
-    n = 5000 if quick else 100_000
+    n = _count(quick, 100_000, 5000, 500)
     rng = np.random.default_rng(1616)
     client = driver.client
     depth = 32  # commands in flight, as a fast agent pipelines them
@@ -368,6 +392,8 @@ def measure_random_commands(quick: bool, log: Log, driver: Driver) -> dict[str, 
         "random_commands_refused": refused,
         "random_commands_unanswered": lost,
         "random_commands_send_retries": send_retries,
+        # Sends that found ZeroMQ's queue looking full and waited (drivers/transport.py).
+        "random_commands_send_waits": client.send_waits,
         "light_changes_on_sample": changes,
         "out_of_limit_on_sample": violations,
         "streaming_after_random_commands": _streaming(driver),
@@ -397,17 +423,29 @@ def measure_driver(quick: bool, log: Log) -> dict[str, Any]:
     return metrics
 
 
+def measure_shutter_module(quick: bool, log: Log) -> dict[str, Any]:
+    """shutter_module_trip_ms_max: the watchdog against a shutter that waits on snaps."""
+    return faults_shutter.measure(_count(quick, 10, 3, 1), log)
+
+
 # Each section: measure(quick, log) -> metrics, one line each.
 SECTIONS: list[Section] = [
     measure_driver,  # watchdog, fuzzing, random commands (one driver process)
+    measure_shutter_module,  # shutter_module_trip_ms_max (demo rig, in-process)
     faults_auth.measure,  # unauthenticated_accepted, rss_growth_mb_oversized
     faults_records.measure,  # records_lost_ms_max over SIGKILLs, driver_restart_resumed
     faults_spm.measure,  # spm_watchdog_trip_ms_max, spm_watchdog_trip_ms_busy_max
 ]
+# Minutes each even when quick: not in the smoke run (their own tests cover them).
+SLOW_SECTIONS: frozenset[Section] = frozenset({faults_auth.measure, faults_records.measure})
 
 
 def run(quick: bool = False, log: Log = print) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
-    for section in SECTIONS:
+    sections = SECTIONS
+    if smoke(quick):
+        sections = [s for s in SECTIONS if s not in SLOW_SECTIONS]
+        metrics["smoke_sections_left_out"] = len(SECTIONS) - len(sections)
+    for section in sections:
         metrics.update(section(quick, log))
     return metrics

@@ -9,22 +9,65 @@ node applies what the gate returned, so a refused command changes nothing.
 Light is judged on the sample as a whole (galvo spot plus SLM spots, through
 `drivers.light`), on every laser kind: an SLM image on a galvo config lights the sample
 too. Properties are writable only from the config's allow-list.
+
+Exposures are also bounded by the watchdog where the C++ MMCore would make it wait: it
+runs one call at a time per device adapter module, so a shutter in the camera's module
+closes only when a snap ends. There the longest exposure is the one whose snap (the
+stream's frame in flight, then the snap itself) still ends within `watchdog_ms`
+(`shared_module_exposure_ms`); the node says so in one line when it starts.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
 import numpy as np
-from pymmcore_plus import CMMCorePlus
+from pymmcore_plus import CMMCorePlus, DeviceType
 
 from drivers.config import DriverConfig
 from drivers.light import LaserState, LightLimits, SlmCalibration, slm_image_spots
 from drivers.node import check_within, number_arg
 from drivers.protocol import ProtocolError
 
+log = logging.getLogger(__name__)
+
 SlmLight = tuple[np.ndarray, list[LaserState]]
+# Beyond the exposures, what a snap holds the module for: readout, transfer, scheduling.
+SHARED_MODULE_MARGIN_MS = 50.0
+
+
+def camera_module_shutters(core: CMMCorePlus) -> tuple[str, list[str]]:
+    """The camera's C++ adapter module and the loaded shutters in it ('' and [] where
+    none: Python devices (UniMMCore) lock per device, so they never wait on a snap)."""
+    camera = core.getCameraDevice()
+    is_python = getattr(core, "isPyDevice", lambda _label: False)
+    if not camera or is_python(camera):
+        return "", []
+    try:
+        module = core.getDeviceLibrary(camera)
+        shutters = [
+            label
+            for label in core.getLoadedDevicesOfType(DeviceType.Shutter)
+            if not is_python(label) and core.getDeviceLibrary(label) == module
+        ]
+    except Exception:  # a core that cannot say (a remote backend): assume separate modules
+        return "", []
+    return module, shutters
+
+
+def shared_module_exposure_ms(core: CMMCorePlus, watchdog_ms: float) -> float:
+    """The longest exposure whose snap blocks the camera module for under watchdog_ms:
+    a frame in flight plus the snap, each exposure + readout, plus a margin."""
+    readout = 0.0
+    camera = core.getCameraDevice()
+    if core.hasProperty(camera, "ReadoutTime"):  # ms, where the camera says (DemoCamera)
+        try:
+            readout = max(float(core.getProperty(camera, "ReadoutTime")), 0.0)
+        except ValueError:
+            readout = 0.0
+    return (watchdog_ms - SHARED_MODULE_MARGIN_MS) / 2.0 - readout
 
 
 class MicroscopeGate:
@@ -38,6 +81,39 @@ class MicroscopeGate:
         self.light = LightLimits.from_config(config.limits, config.devices, field_um)
         self.slm_calibration = SlmCalibration.from_devices(config.devices)
         self.light_devices = frozenset({self.names.laser, self.names.slm})
+        self.exposure_ms, self.exposure_reason = self._exposure_range()
+
+    def _exposure_range(self) -> tuple[tuple[float, float], str]:
+        """limits.exposure_ms, capped where a shutter waits on the camera's snaps."""
+        lo, hi = self.limits.exposure_ms
+        module, shutters = camera_module_shutters(self.core)
+        if not shutters:
+            return (lo, hi), ""
+        watchdog = self.config.watchdog_ms
+        cap = shared_module_exposure_ms(self.core, watchdog)
+        reason = (
+            f"shutter {shutters[0]!r} is in the camera's adapter module {module}, which MMCore "
+            f"runs one call at a time: exposures up to {cap:g} ms keep a snap short enough "
+            f"for watchdog_ms = {watchdog} to close it"
+        )
+        if cap < lo or cap < self.config.exposure_ms:
+            raise ValueError(
+                f"driver.exposure_ms: {reason}; the allowed range is [{lo:g}, {cap:g}] ms "
+                f"(raise driver.watchdog_ms or use a shutter in another module)"
+            )
+        if cap >= hi:
+            return (lo, hi), ""
+        log.warning("driver: %s (limits.exposure_ms %g ms lowered to %g ms)", reason, hi, cap)
+        return (lo, cap), reason
+
+    def check_exposure(self, cmd: str, field: str, value: float) -> None:
+        """An exposure within limits.exposure_ms and the watchdog's cap, saying which."""
+        try:
+            check_within(cmd, field, value, self.exposure_ms, "ms")
+        except ProtocolError as exc:
+            if self.exposure_reason and value > self.exposure_ms[1]:
+                raise ProtocolError(exc.code, f"{exc} ({self.exposure_reason})") from None
+            raise
 
     # --- light --------------------------------------------------------------------
 
@@ -104,7 +180,7 @@ class MicroscopeGate:
 
     def exposure(self, cmd: str, args: dict[str, Any], name: str = "exposure_ms") -> float:
         exposure = number_arg(cmd, args, name)
-        check_within(cmd, name, exposure, self.limits.exposure_ms, "ms")
+        self.check_exposure(cmd, name, exposure)
         return exposure
 
     def wait_flag(self, cmd: str, args: dict[str, Any]) -> bool:
@@ -182,7 +258,7 @@ class MicroscopeGate:
             hi = self.core.getPropertyUpperLimit(device, prop)
             check_within(cmd, f"{key} (device limits)", _numeric(cmd, key, value), (lo, hi), "")
         if device == self.core.getCameraDevice() and prop == "Exposure":
-            check_within(cmd, key, _numeric(cmd, key, value), self.limits.exposure_ms, "ms")
+            self.check_exposure(cmd, key, _numeric(cmd, key, value))
         return value
 
     def preset(self, cmd: str, where: str, group: Any, preset: Any) -> bool:
@@ -226,14 +302,15 @@ class MicroscopeGate:
             ("x_pos", event.x_pos, limits.stage_x_um),
             ("y_pos", event.y_pos, limits.stage_y_um),
             ("z_pos", event.z_pos, limits.z_um),
-            ("exposure", event.exposure, limits.exposure_ms),
+            ("exposure", event.exposure, None),
         ):
             if value is not None:
                 if not math.isfinite(value):
                     raise ProtocolError("bad_args", f"{cmd}: field '{where}.{name}' must be finite")
-                check_within(
-                    cmd, f"{where}.{name}", value, rng, "ms" if name == "exposure" else "um"
-                )
+                if rng is None:
+                    self.check_exposure(cmd, f"{where}.{name}", value)
+                else:
+                    check_within(cmd, f"{where}.{name}", value, rng, "um")
         if event.channel is not None:
             self.preset(cmd, f"{where}.channel.", event.channel.group, event.channel.config)
         for device, prop, value in event.properties or []:

@@ -87,6 +87,10 @@ class SharedCommandServer:
         return self._server.endpoint
 
     @property
+    def max_buffer_bytes(self) -> int:
+        return self._server.max_buffer_bytes
+
+    @property
     def socket(self) -> zmq.Socket:
         return self._server.socket
 

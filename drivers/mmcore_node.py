@@ -55,6 +55,13 @@ def _playback_extra(meta: Any) -> dict[str, Any]:
     return {"playback_frame": int(played), "open_loop": True} if played is not None else {}
 
 
+def slm_image_bytes(core: CMMCorePlus, slm: str) -> int:
+    """The one array a command may carry here: an 8-bit image of the configured SLM."""
+    if slm not in core.getLoadedDevices():
+        return 0
+    return int(core.getSLMHeight(slm)) * int(core.getSLMWidth(slm))
+
+
 class DriverNode(InstrumentNode):
     """Serves one Micro-Manager core over protocol v1 until `stop` is set."""
 
@@ -87,13 +94,13 @@ class DriverNode(InstrumentNode):
     ) -> None:
         if event_hook is None and config.event_hook is not None:
             event_hook = load_event_hook(config.event_hook, config.event_hook_args)
-        super().__init__(config, ctx)
         self.core = core
         self.config = config
+        self.field_um = field_um or self._field_from_core()
+        self.gate = MicroscopeGate(core, config, self.field_um)  # refuses before any bind
+        super().__init__(config, ctx, slm_image_bytes(core, config.devices.slm))
         self.truth_source = truth_source
         self.light_truth = light_truth
-        self.field_um = field_um or self._field_from_core()
-        self.gate = MicroscopeGate(core, config, self.field_um)
         loaded = set(core.getLoadedDevices())
         names = config.devices
         self.galvo_device = names.laser if names.laser in loaded else None

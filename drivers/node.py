@@ -21,7 +21,14 @@ import zmq
 
 from drivers.auth import load_server_keys
 from drivers.lease import ControlLease, SharedCommandServer, WatchdogThread, peer_name
-from drivers.protocol import EVENT_TOPIC, HEARTBEAT_TOPIC, ProtocolError, Reply, now_ns
+from drivers.protocol import (
+    EVENT_TOPIC,
+    HEARTBEAT_TOPIC,
+    MAX_HEADER_BYTES,
+    ProtocolError,
+    Reply,
+    now_ns,
+)
 from drivers.transport import CommandServer, IncomingRequest, StreamPublisher
 
 log = logging.getLogger(__name__)
@@ -69,7 +76,14 @@ class InstrumentNode:
 
     ACTUATING: frozenset[str] = frozenset()
 
-    def __init__(self, settings: NodeSettings, ctx: zmq.Context | None = None) -> None:
+    def __init__(
+        self,
+        settings: NodeSettings,
+        ctx: zmq.Context | None = None,
+        max_command_buffer_bytes: int = 0,
+    ) -> None:
+        """`max_command_buffer_bytes`: the largest array a command may carry (an SLM
+        image); the command socket drops anything larger unread."""
         self.settings = settings
         self.ctx = ctx or zmq.Context.instance()
         keys = load_server_keys(getattr(settings, "auth", None))  # CURVE on tcp:// endpoints
@@ -78,7 +92,13 @@ class InstrumentNode:
         )
         try:
             self.server = SharedCommandServer(
-                CommandServer(self.ctx, settings.command_endpoint, keys, "driver.command_endpoint"),
+                CommandServer(
+                    self.ctx,
+                    settings.command_endpoint,
+                    keys,
+                    "driver.command_endpoint",
+                    max_command_buffer_bytes,
+                ),
                 self._on_read,
             )
         except ValueError:
@@ -215,7 +235,7 @@ class InstrumentNode:
             self.server.reply(
                 incoming,
                 Reply(
-                    None,
+                    error.request_id,  # known when the header was readable: a direct answer
                     False,
                     error_code=error.code,
                     error_message=str(error),
@@ -340,6 +360,9 @@ class InstrumentNode:
             "stream_endpoint": self.publisher.endpoint,
             "truth": getattr(self, "truth_source", None) is not None,  # a twin's truth topic
             "actuators": sorted(self.actuators()),
+            # Clients refuse to send more than this (drivers/transport.py CommandClient).
+            "max_command_bytes": MAX_HEADER_BYTES,
+            "max_command_buffer_bytes": self.server.max_buffer_bytes,
         }
 
     def actuators(self) -> set[str]:

@@ -2,8 +2,11 @@
 
 One protocol for every instrument. A stream message is three ZeroMQ frames:
 ``[topic, msgpack header, raw buffer]``; the buffer is sent without copying and
-received as a read-only numpy view. Commands and replies are single msgpack maps.
-Never pickle: a message from the network can only ever decode to plain data.
+received as a read-only numpy view. A command is one msgpack map, optionally followed by
+one raw buffer that carries an array argument (an SLM hologram): the header's `buf`
+field names the argument and gives its shape and dtype, as a frame header does. Replies
+are single msgpack maps. Never pickle: a message from the network can only ever decode
+to plain data and arrays of the allowed dtypes.
 """
 
 from __future__ import annotations
@@ -31,11 +34,15 @@ MAX_HEADER_BYTES = 64 * 1024
 
 
 class ProtocolError(ValueError):
-    """A message that cannot be accepted; `code` is machine readable, str() is one line."""
+    """A message that cannot be accepted; `code` is machine readable, str() is one line.
 
-    def __init__(self, code: str, message: str) -> None:
+    `request_id` is the refused command's id when its header could be read, so the
+    error reply reaches the caller waiting for it instead of reading as silence."""
+
+    def __init__(self, code: str, message: str, request_id: int | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.request_id = request_id
 
 
 def now_ns() -> int:
@@ -63,6 +70,41 @@ def unpack_map(data: bytes | memoryview, what: str) -> dict[str, Any]:
             "version", f"{what}: field 'v' must be {PROTOCOL_VERSION}, got {version!r}"
         )
     return obj
+
+
+# --- arrays (frame buffers and command buffers) ------------------------------
+
+
+def check_array_spec(what: str, shape: tuple[int, ...], dtype: str) -> None:
+    """Refuse a dtype outside ALLOWED_DTYPES or a shape of 1-4 non-negative sizes."""
+    if dtype not in ALLOWED_DTYPES:
+        raise ProtocolError(
+            "malformed",
+            f"{what}: field 'dtype' must be one of {sorted(ALLOWED_DTYPES)}, got {dtype!r}",
+        )
+    if not 1 <= len(shape) <= 4 or any(s < 0 for s in shape):
+        raise ProtocolError("malformed", f"{what}: field 'shape' invalid: {shape}")
+
+
+def array_from_buffer(what: str, buf: memoryview, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    """A read-only view of `buf` as the announced array, if its length matches."""
+    expected = math.prod(shape) * np.dtype(dtype).itemsize  # Python ints: no int64 wrap
+    if len(buf) != expected:
+        raise ProtocolError(
+            "malformed",
+            f"{what}: {len(buf)} bytes but header shape {shape} {dtype} needs {expected}",
+        )
+    data = np.frombuffer(buf, dtype=dtype).reshape(shape)
+    data.flags.writeable = False  # received data is evidence: nobody edits it in place
+    return data
+
+
+def array_buffer(array: np.ndarray) -> memoryview:
+    """The array's bytes, flat and without a copy when it is already C-contiguous."""
+    if not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array)
+    # Reshape first: memoryview cannot cast an empty 2-D shape.
+    return memoryview(array.reshape(-1).view(np.uint8))
 
 
 # --- frames ---------------------------------------------------------------
@@ -112,14 +154,7 @@ class FrameHeader:
             raise ProtocolError("malformed", f"frame header: missing field {exc}") from None
         except (TypeError, ValueError, OverflowError) as exc:
             raise ProtocolError("malformed", f"frame header: bad field value ({exc})") from None
-        if header.dtype not in ALLOWED_DTYPES:
-            raise ProtocolError(
-                "malformed",
-                f"frame header: field 'dtype' must be one of {sorted(ALLOWED_DTYPES)}, "
-                f"got {header.dtype!r}",
-            )
-        if not 1 <= len(shape) <= 4 or any(s < 0 for s in shape):
-            raise ProtocolError("malformed", f"frame header: field 'shape' invalid: {shape}")
+        check_array_spec("frame header", shape, header.dtype)
         return header
 
 
@@ -131,11 +166,8 @@ class Frame:
 
 def encode_frame(header: FrameHeader, array: np.ndarray) -> list[Any]:
     """Multipart message for a frame; the array buffer itself is not copied."""
-    if not array.flags.c_contiguous:
-        array = np.ascontiguousarray(array)
     topic = FRAME_PREFIX + header.stream.encode()
-    # Flat bytes view, no copy; reshape first: memoryview cannot cast an empty 2-D shape.
-    return [topic, pack(header.to_wire()), memoryview(array.reshape(-1).view(np.uint8))]
+    return [topic, pack(header.to_wire()), array_buffer(array)]
 
 
 def decode_frame(parts: Sequence[Any]) -> Frame:
@@ -143,17 +175,7 @@ def decode_frame(parts: Sequence[Any]) -> Frame:
     if len(parts) != 3:
         raise ProtocolError("malformed", f"frame message: expected 3 parts, got {len(parts)}")
     header = FrameHeader.from_wire(unpack_map(_buffer(parts[1]), "frame header"))
-    buf = _buffer(parts[2])
-    dtype = np.dtype(header.dtype)
-    expected = math.prod(header.shape) * dtype.itemsize  # Python ints: no int64 wrap-around
-    if len(buf) != expected:
-        raise ProtocolError(
-            "malformed",
-            f"frame buffer: {len(buf)} bytes but header shape {header.shape} {header.dtype} "
-            f"needs {expected}",
-        )
-    data = np.frombuffer(buf, dtype=dtype).reshape(header.shape)
-    data.flags.writeable = False  # a received frame is evidence: nobody edits it in place
+    data = array_from_buffer("frame buffer", _buffer(parts[2]), header.shape, header.dtype)
     return Frame(header=header, data=data)
 
 
@@ -173,50 +195,137 @@ def _buffer(part: Any) -> memoryview:
 
 @dataclass(frozen=True, slots=True)
 class Request:
+    """One command. At most one of its args may be a numpy array: it travels as the raw
+    buffer after the header (never as a msgpack list, whose size the header limit caps),
+    and the decoder puts it back under the same name, as a read-only array."""
+
     id: int
     cmd: str
     args: dict[str, Any]
     t_sent_ns: int
     expect_reply: bool = True
 
+    def to_parts(self) -> list[bytes | memoryview]:
+        """``[header]``, or ``[header, buffer]`` when an arg is an array."""
+        arrays = [k for k, v in self.args.items() if isinstance(v, np.ndarray)]
+        if len(arrays) > 1:
+            raise ProtocolError(
+                "bad_args", f"{self.cmd}: at most one array argument per command, got {arrays}"
+            )
+        body: dict[str, Any] = {
+            "v": PROTOCOL_VERSION,
+            "id": self.id,
+            "cmd": self.cmd,
+            "args": {k: v for k, v in self.args.items() if k not in arrays},
+            "t_sent_ns": self.t_sent_ns,
+            "reply": self.expect_reply,
+        }
+        if not arrays:
+            return [pack(body)]
+        name = arrays[0]
+        array: np.ndarray = self.args[name]
+        if str(array.dtype) not in ALLOWED_DTYPES:
+            raise ProtocolError(
+                "bad_args",
+                f"{self.cmd}: field '{name}' has dtype {array.dtype}, which cannot be sent; "
+                f"use one of {sorted(ALLOWED_DTYPES)}",
+            )
+        body["buf"] = {"field": name, "shape": list(array.shape), "dtype": str(array.dtype)}
+        return [pack(body), array_buffer(array)]
+
     def to_wire(self) -> bytes:
-        return pack(
-            {
-                "v": PROTOCOL_VERSION,
-                "id": self.id,
-                "cmd": self.cmd,
-                "args": self.args,
-                "t_sent_ns": self.t_sent_ns,
-                "reply": self.expect_reply,
-            }
-        )
+        """The single-frame message of a command without an array argument."""
+        parts = self.to_parts()
+        if len(parts) != 1:
+            raise ProtocolError("bad_args", f"{self.cmd}: an array argument needs to_parts()")
+        return bytes(parts[0])
 
     @staticmethod
     def from_wire(data: bytes | memoryview) -> Request:
-        obj = unpack_map(data, "command")
-        req_id, cmd, args = obj.get("id"), obj.get("cmd"), obj.get("args", {})
+        return Request.from_parts([data])
+
+    @staticmethod
+    def from_parts(parts: Sequence[Any], max_buffer_bytes: int = 0) -> Request:
+        """Decode ``[header]`` or ``[header, buffer]``; a buffer larger than
+        `max_buffer_bytes` is refused before it is looked at."""
+        if not 1 <= len(parts) <= 2:
+            raise ProtocolError(
+                "malformed",
+                f"command: expected a header and at most 1 buffer, got {len(parts)} frames",
+            )
+        if len(_buffer(parts[0])) == 0:
+            raise ProtocolError(
+                "malformed", "command: the header frame is empty (a REQ envelope? use a DEALER)"
+            )
+        obj = unpack_map(_buffer(parts[0]), "command")
+        req_id = obj.get("id")
         if not isinstance(req_id, int) or isinstance(req_id, bool):
             raise ProtocolError(
                 "malformed", f"command: field 'id' must be an integer, got {req_id!r}"
             )
-        if not isinstance(cmd, str) or not cmd:
-            raise ProtocolError("malformed", f"command: field 'cmd' must be a name, got {cmd!r}")
-        if not isinstance(args, dict):
-            raise ProtocolError("malformed", f"command: field 'args' must be a map, got {args!r}")
         try:
-            t_sent_ns = int(obj.get("t_sent_ns", 0))
-        except (TypeError, ValueError, OverflowError):
-            raise ProtocolError(
-                "malformed",
-                f"command: field 't_sent_ns' must be an integer, got {obj['t_sent_ns']!r}",
-            ) from None
+            request = _request_fields(obj, req_id)
+            if len(parts) == 1 and "buf" not in obj:
+                return request
+            array = _command_array(obj.get("buf"), parts, max_buffer_bytes, request)
+        except ProtocolError as exc:
+            raise ProtocolError(exc.code, str(exc), req_id) from None
         return Request(
-            id=req_id,
-            cmd=cmd,
-            args=args,
-            t_sent_ns=t_sent_ns,
-            expect_reply=bool(obj.get("reply", True)),
+            request.id,
+            request.cmd,
+            {**request.args, array[0]: array[1]},
+            request.t_sent_ns,
+            request.expect_reply,
         )
+
+
+def _request_fields(obj: dict[str, Any], req_id: int) -> Request:
+    cmd, args = obj.get("cmd"), obj.get("args", {})
+    if not isinstance(cmd, str) or not cmd:
+        raise ProtocolError("malformed", f"command: field 'cmd' must be a name, got {cmd!r}")
+    if not isinstance(args, dict):
+        raise ProtocolError("malformed", f"command: field 'args' must be a map, got {args!r}")
+    try:
+        t_sent_ns = int(obj.get("t_sent_ns", 0))
+    except (TypeError, ValueError, OverflowError):
+        raise ProtocolError(
+            "malformed",
+            f"command: field 't_sent_ns' must be an integer, got {obj['t_sent_ns']!r}",
+        ) from None
+    return Request(req_id, cmd, args, t_sent_ns, bool(obj.get("reply", True)))
+
+
+def _command_array(
+    spec: Any, parts: Sequence[Any], max_buffer_bytes: int, request: Request
+) -> tuple[str, np.ndarray]:
+    """The array a command's buffer carries, checked against its header's `buf` field."""
+    what = f"{request.cmd}: command buffer"
+    if len(parts) != 2:
+        raise ProtocolError("malformed", f"{what}: header field 'buf' announces one, none came")
+    if not isinstance(spec, dict):
+        raise ProtocolError("malformed", f"{what}: header field 'buf' must be a map, got {spec!r}")
+    buf = _buffer(parts[1])
+    if len(buf) > max_buffer_bytes:
+        raise ProtocolError(
+            "too_large",
+            f"{what}: {len(buf)} bytes, the allowed range is [0, {max_buffer_bytes}] bytes "
+            f"(get_capabilities: max_command_buffer_bytes)",
+        )
+    name = spec.get("field")
+    if not isinstance(name, str) or not name or name in request.args:
+        raise ProtocolError(
+            "malformed",
+            f"{what}: field 'buf.field' must name an argument not in args, got {name!r}",
+        )
+    try:
+        shape = tuple(int(s) for s in spec["shape"])
+        dtype = str(spec["dtype"])
+    except KeyError as exc:
+        raise ProtocolError("malformed", f"{what}: missing field 'buf.{exc.args[0]}'") from None
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ProtocolError("malformed", f"{what}: bad field 'buf' ({exc})") from None
+    check_array_spec(what, shape, dtype)
+    return name, array_from_buffer(what, buf, shape, dtype)
 
 
 @dataclass(frozen=True, slots=True)

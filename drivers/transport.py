@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 
 # Commands, replies and headers are single msgpack maps the decoder refuses above this.
 COMMAND_MAX_BYTES = MAX_HEADER_BYTES
+# How long a command send waits for room in a queue that looks full (see _send_parts).
+SEND_WAIT_MS = 20
 # A frame buffer when the config does not say how large its camera is: 4096 x 4096 x 32 bit.
 DEFAULT_FRAME_MAX_BYTES = 4096 * 4096 * 4
 
@@ -249,7 +251,13 @@ class IncomingRequest:
 
 
 class CommandServer:
-    """ROUTER side: receives commands from any number of agents, replies to each."""
+    """ROUTER side: receives commands from any number of agents, replies to each.
+
+    A command is a header, optionally followed by one array buffer of at most
+    `max_buffer_bytes` (the node's largest legitimate array, an SLM image); the socket's
+    maximum message size is the larger of the two limits, so a bigger part disconnects
+    its sender unread, and a part within it but beyond its own limit gets an error reply.
+    """
 
     def __init__(
         self,
@@ -257,10 +265,12 @@ class CommandServer:
         endpoint: str,
         keys: ServerKeys | None = None,
         name: str = "command_endpoint",
+        max_buffer_bytes: int = 0,
     ) -> None:
         self.socket = _linger(ctx.socket(zmq.ROUTER))
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        set_max_message(self.socket, COMMAND_MAX_BYTES)
+        self.max_buffer_bytes = max_buffer_bytes
+        set_max_message(self.socket, max(COMMAND_MAX_BYTES, max_buffer_bytes))
         self.endpoint = _bind(self.socket, endpoint, keys, name)
 
     def poll(self, timeout_ms: int) -> list[IncomingRequest]:
@@ -275,11 +285,8 @@ class CommandServer:
             t = now_ns()
             identity = parts[0]
             try:
-                if len(parts) != 2:
-                    raise ProtocolError(
-                        "malformed", f"command: expected 1 body frame, got {len(parts) - 1}"
-                    )
-                out.append(IncomingRequest(identity, Request.from_wire(parts[1]), t))
+                request = Request.from_parts(parts[1:], self.max_buffer_bytes)
+                out.append(IncomingRequest(identity, request, t))
             except ProtocolError as exc:
                 out.append(IncomingRequest(identity, None, t, exc))
 
@@ -298,7 +305,14 @@ class CommandServer:
 
 
 class CommandClient:
-    """DEALER side: request/reply with ids and timeouts; stale replies are discarded."""
+    """DEALER side: request/reply with ids and timeouts; stale replies are discarded.
+
+    A numpy array among a command's args travels as the raw buffer after its header.
+    Nothing larger than the node takes is ever sent (the node would drop it unread and
+    the caller would only see silence): the header against MAX_HEADER_BYTES, a buffer
+    against the node's `max_command_buffer_bytes`, given here or asked once from its
+    get_capabilities on a socket of its own (pipelined replies on this one stay intact).
+    """
 
     def __init__(
         self,
@@ -306,14 +320,19 @@ class CommandClient:
         endpoint: str,
         timeout_ms: int = 1000,
         keys: ClientKeys | None = None,
+        max_buffer_bytes: int | None = None,
     ) -> None:
         self.socket = _linger(ctx.socket(zmq.DEALER))
         self.socket.setsockopt(zmq.SNDHWM, 64)
         set_max_message(self.socket, COMMAND_MAX_BYTES)
         _connect(self.socket, endpoint, keys)
+        self._ctx, self._endpoint, self._keys = ctx, endpoint, keys
         self.timeout_ms = timeout_ms
+        self.max_buffer_bytes = max_buffer_bytes
         self._ids = itertools.count(1)
         self.late_replies = 0
+        self.send_waits = 0  # sends that found the queue full and waited for it
+        self._buffer_sent: dict[int, int] = {}  # request id -> bytes, for the timeout line
 
     def send(self, cmd: str, args: Mapping[str, Any] | None = None, reply: bool = True) -> int:
         req = Request(
@@ -324,12 +343,67 @@ class CommandClient:
             expect_reply=reply,
         )
         try:
-            self.socket.send(req.to_wire(), flags=zmq.NOBLOCK)
-        except zmq.Again:
-            raise CommandTimeout(
-                f"{cmd}: driver not accepting commands (send queue full)"
-            ) from None
+            parts = req.to_parts()
+        except ProtocolError as exc:
+            raise CommandError(cmd, exc.code, str(exc)) from None
+        self._check_size(cmd, parts)
+        self._send_parts(cmd, parts)
+        if len(parts) == 2 and reply:
+            self._buffer_sent = {req.id: len(parts[1])}
         return req.id
+
+    def _check_size(self, cmd: str, parts: list[bytes | memoryview]) -> None:
+        """Refuse, in one line naming the limit, a message the node would drop unread."""
+        if len(parts[0]) > MAX_HEADER_BYTES:
+            raise CommandError(
+                cmd,
+                "too_large",
+                f"{cmd}: the command header is {len(parts[0])} bytes, the allowed range is "
+                f"[0, {MAX_HEADER_BYTES}] bytes; pass large arrays as numpy arrays, which "
+                f"travel as a raw buffer",
+            )
+        if len(parts) == 2:
+            limit = self.buffer_limit(cmd)
+            if len(parts[1]) > limit:
+                raise CommandError(
+                    cmd,
+                    "too_large",
+                    f"{cmd}: the array argument is {len(parts[1])} bytes, the allowed range "
+                    f"is [0, {limit}] bytes (the node's max_command_buffer_bytes)",
+                )
+
+    def buffer_limit(self, cmd: str = "get_capabilities") -> int:
+        """The largest array buffer the node takes (asked once, then remembered)."""
+        if self.max_buffer_bytes is None:
+            probe = CommandClient(
+                self._ctx, self._endpoint, self.timeout_ms, self._keys, max_buffer_bytes=0
+            )
+            try:
+                caps = probe.call("get_capabilities").result
+            except CommandTimeout:
+                raise CommandTimeout(
+                    f"{cmd}: the node did not say how large an array it takes "
+                    f"(get_capabilities: no reply within {self.timeout_ms} ms)"
+                ) from None
+            finally:
+                probe.close()
+            self.max_buffer_bytes = int(caps.get("max_command_buffer_bytes", 0))
+        return self.max_buffer_bytes
+
+    def _send_parts(self, cmd: str, parts: list[bytes | memoryview]) -> None:
+        """Send without blocking the caller for long. ZeroMQ learns that the peer read
+        our messages lazily (every SNDHWM/2 of them, through the I/O thread's mailbox),
+        so a queue can look full for a moment while the node keeps up: wait up to
+        SEND_WAIT_MS for room (polling processes those notices) before giving up."""
+        if self._try_send(parts):
+            return
+        if self.socket.poll(SEND_WAIT_MS, zmq.POLLOUT):
+            self.send_waits += 1
+            if self._try_send(parts):
+                return
+        raise CommandTimeout(
+            f"{cmd}: driver not accepting commands (send queue full for {SEND_WAIT_MS} ms)"
+        )
 
     def call(
         self, cmd: str, args: Mapping[str, Any] | None = None, timeout_ms: int | None = None
@@ -340,10 +414,28 @@ class CommandClient:
         while True:
             remaining_ms = max((deadline - now_ns()) // 1_000_000, 0)
             if not self.socket.poll(int(remaining_ms)):
-                raise CommandTimeout(f"{cmd}: no reply within {timeout_ms or self.timeout_ms} ms")
+                raise CommandTimeout(self._silence(cmd, req_id, timeout_ms or self.timeout_ms))
             reply = self.take_reply(req_id, cmd)
             if reply is not None:
                 return reply
+
+    def _try_send(self, parts: list[bytes | memoryview]) -> bool:
+        try:
+            self.socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
+        return True
+
+    def _silence(self, cmd: str, req_id: int, timeout_ms: int) -> str:
+        """The timeout line; for a command that carried an array, it names the limit."""
+        sent = self._buffer_sent.get(req_id)
+        if sent is None:
+            return f"{cmd}: no reply within {timeout_ms} ms"
+        return (
+            f"{cmd}: no reply within {timeout_ms} ms to a command carrying a {sent}-byte "
+            f"array (the node drops a part above its max_command_buffer_bytes = "
+            f"{self.max_buffer_bytes} unread)"
+        )
 
     def take_reply(self, req_id: int, cmd: str) -> Reply | None:
         """The reply to request `req_id` if it has arrived (never waits), so a caller can

@@ -32,6 +32,7 @@ from drivers.protocol import HEARTBEAT_TOPIC
 from drivers.serve import build_node
 from drivers.transport import (
     CommandClient,
+    CommandError,
     CommandTimeout,
     StreamPublisher,
     StreamSubscriber,
@@ -358,4 +359,38 @@ def test_the_largest_legitimate_messages_still_pass_over_curve(
     finally:
         for sock in (pub, sub, server, client):
             sock.close()
+        ctx.destroy(linger=0)
+
+
+def test_an_slm_sized_command_buffer_passes_over_curve_and_a_larger_one_is_never_sent(
+    keyring: dict[str, Path],
+) -> None:
+    """A 1920 x 1152 uint8 hologram (a common phase SLM) is exactly the command socket's
+    buffer limit: it arrives whole over CURVE; one column more is refused before sending."""
+    from drivers.transport import CommandServer
+
+    ctx = zmq.Context()
+    server_keys = load_server_keys(
+        ServerAuth(
+            secret_key=str(keyring["node_secret"]), allowed_clients_dir=str(keyring["allowed"])
+        )
+    )
+    limit = 1152 * 1920
+    server = CommandServer(ctx, "tcp://127.0.0.1:*", keys=server_keys, max_buffer_bytes=limit)
+    keys = _client_keys(keyring, "agent_secret")
+    client = CommandClient(ctx, server.endpoint, keys=keys, max_buffer_bytes=limit)
+    try:
+        image = np.random.default_rng(0).integers(0, 256, (1152, 1920), dtype=np.uint8)
+        client.send("set_slm_image", {"image": image})
+        got = []
+        deadline = time.monotonic() + 10
+        while not got and time.monotonic() < deadline:
+            got = server.poll(timeout_ms=50)
+        assert got and got[0].request is not None, got and got[0].error
+        np.testing.assert_array_equal(got[0].request.args["image"], image)
+        with pytest.raises(CommandError, match=rf"\[0, {limit}\] bytes"):
+            client.send("set_slm_image", {"image": np.zeros((1152, 1921), np.uint8)})
+    finally:
+        client.close()
+        server.close()
         ctx.destroy(linger=0)

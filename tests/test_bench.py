@@ -165,3 +165,23 @@ def test_optics_bench_json_contract() -> None:
     assert m["surrogate_force_error_rms"] < m["surrogate_force_error_max"] < 0.1
     assert m["hologram_traps_found"] == 10 and m["multitrap_particles_held"] == 10
     assert 0 < m["hologram_efficiency"] <= 1
+
+
+def test_faults_bench_json_contract(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`bench faults --quick --json`, at its smoke size: every section the driver process
+    serves reports its figures, and the safety counts hold (no speed asserted)."""
+    monkeypatch.setenv("SCOPELOOP_BENCH_SMOKE", "1")  # one trial, hundreds of messages
+    m = _bench_json("faults")
+    assert m["smoke_sections_left_out"] == 2  # auth and records: minutes, tested elsewhere
+    assert m["watchdog_trials"] >= 1 and m["watchdog_ms"] == 500
+    for key in ("watchdog_trip_ms_max", "watchdog_trip_ms_busy_max", "shutter_module_trip_ms_max"):
+        assert m[key] is not None and m[key] > 0, f"{key}: the light never went off"
+    assert m["fuzz_messages"] >= 500
+    assert (m["fuzz_crashes"], m["fuzz_hangs"], m["streaming_after_fuzz"]) == (0, 0, True)
+    n = m["random_commands"]
+    assert n >= 500 and 0 < m["random_commands_refused"] < n  # random values: some refused
+    assert m["random_commands_unanswered"] == 0  # every command got its reply
+    assert m["out_of_limit_on_sample"] == 0 and m["light_changes_on_sample"] > 0
+    assert m["streaming_after_random_commands"] and m["driver_alive_at_end"]
+    assert m["shutter_module_trials"] >= 1
+    assert m["shutter_module_exposure_cap_ms"] == pytest.approx((500 - 50) / 2)

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from drivers.protocol import (
+    ALLOWED_DTYPES,
     FRAME_PREFIX,
     FrameHeader,
     ProtocolError,
@@ -104,3 +105,56 @@ def test_a_frame_whose_buffer_does_not_match_its_header_is_refused(
         assert len(raw) != array.nbytes
         return
     assert len(raw) == array.nbytes and frame.data.shape == tuple(shape)
+
+
+buffer_specs = st.fixed_dictionaries(
+    {},
+    optional={
+        "field": st.sampled_from(["image", "device", ""]) | values,
+        "shape": st.lists(st.integers(min_value=-2, max_value=9), max_size=5) | values,
+        "dtype": st.sampled_from(["uint8", "uint16", "float64", "object", "<U4"]) | values,
+    },
+)
+
+
+VALID_HEADER = {"v": 1, "id": 1, "cmd": "set_slm_image", "args": {"device": "SLM"}}
+
+
+@FUZZ
+@given(
+    messages | st.just(VALID_HEADER),
+    buffer_specs | values,
+    st.binary(max_size=128),
+    st.integers(min_value=1, max_value=3),
+    st.integers(min_value=0, max_value=256),
+)
+def test_commands_with_a_buffer_decode_or_refuse(
+    header: dict[str, Any], spec: Any, buffer: bytes, n: int, limit: int
+) -> None:
+    """Header, `buf` spec, buffer and frame count all random: a Request whose array is
+    exactly what the buffer holds, or a one-line ProtocolError."""
+    head = msgpack.packb({**header, "buf": spec}, use_bin_type=True)
+    parts = [head, buffer, buffer][:n]
+    try:
+        request = Request.from_parts(parts, max_buffer_bytes=limit)
+    except ProtocolError as exc:
+        assert exc.code in {"malformed", "version", "too_large"}
+        assert "\n" not in str(exc)
+        return
+    assert n == 2 and len(buffer) <= limit
+    array = request.args[spec["field"]]
+    assert array.nbytes == len(buffer) and not array.flags.writeable
+    assert array.tobytes() == buffer
+
+
+@FUZZ
+@given(
+    st.sampled_from(sorted(ALLOWED_DTYPES)),
+    st.lists(st.integers(min_value=0, max_value=5), min_size=1, max_size=4),
+)
+def test_any_sendable_array_round_trips_through_a_command(dtype: str, shape: list[int]) -> None:
+    array = np.arange(int(np.prod(shape)), dtype=dtype).reshape(shape)
+    parts = Request(1, "x", {"a": array, "b": 2}, 0).to_parts()
+    back = Request.from_parts([bytes(p) for p in parts], max_buffer_bytes=array.nbytes)
+    assert back.args["b"] == 2 and back.args["a"].dtype == array.dtype
+    np.testing.assert_array_equal(back.args["a"], array)

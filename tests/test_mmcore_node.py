@@ -104,3 +104,30 @@ def test_missing_or_broken_micro_manager_config_is_a_clear_error(tmp_path: Path)
     broken.write_text("Device,Camera,NoSuchLibrary,NoSuchCamera\n")
     with pytest.raises(ValueError, match=r"driver\.mm_config: .*broken\.cfg could not be loaded"):
         load_mmcore(DriverConfig(kind="mmcore", mm_config=str(broken)))
+
+
+def test_a_shutter_in_the_camera_module_caps_exposures_to_the_watchdog(
+    demo_node: DriverNode, make_node: Callable[[DriverConfig], DriverNode], zmq_ctx: zmq.Context
+) -> None:
+    """MMCore runs DemoCamera's shutter and camera one call at a time: a snap longer than
+    the watchdog would keep the shutter open past it, so such exposures are refused."""
+    cap = demo_node.gate.exposure_ms[1]
+    assert cap == pytest.approx((500 - 50) / 2)  # watchdog_ms 500, ReadoutTime 0
+    client = _client(demo_node, zmq_ctx)
+    try:
+        client.call("acquire_control")
+        assert client.call("set_exposure", {"exposure_ms": cap}).result["exposure_ms"] == cap
+        for cmd, args in (
+            ("set_exposure", {"exposure_ms": cap + 1}),
+            ("submit_events", {"events": [{"exposure": cap + 1}]}),
+        ):
+            with pytest.raises(CommandError) as info:
+                client.call(cmd, args)
+            message = str(info.value)
+            assert info.value.code == "out_of_limits" and "\n" not in message
+            assert "White Light Shutter" in message and "DemoCamera" in message
+        slow = DriverConfig(kind="mmcore", mm_config="demo", exposure_ms=400.0)
+        with pytest.raises(ValueError, match=r"driver.exposure_ms: .*watchdog_ms"):
+            make_node(slow)
+    finally:
+        client.close()

@@ -427,3 +427,86 @@ def test_decoders_never_call_pickle(monkeypatch: pytest.MonkeyPatch) -> None:
     source = Path(protocol.__file__).read_text()
     assert "import pickle" not in source
     assert "pyobj" not in source
+
+
+# --- a command carrying one array as a raw buffer ---------------------------------------
+
+
+def test_an_array_argument_travels_as_a_raw_buffer_and_comes_back_read_only() -> None:
+    image = np.arange(512 * 512, dtype=np.uint32).reshape(512, 512).astype(np.uint8)
+    req = Request(3, "set_slm_image", {"image": image, "device": "SLM"}, 9)
+    head, buf = req.to_parts()
+    assert len(head) < 200 and len(buf) == image.nbytes  # not a msgpack list
+    assert unpack_map(head, "command")["buf"] == {
+        "field": "image",
+        "shape": [512, 512],
+        "dtype": "uint8",
+    }
+    back = Request.from_parts([head, bytes(buf)], max_buffer_bytes=image.nbytes)
+    assert (back.id, back.cmd, back.args["device"]) == (3, "set_slm_image", "SLM")
+    np.testing.assert_array_equal(back.args["image"], image)
+    assert not back.args["image"].flags.writeable
+
+
+def test_a_non_contiguous_array_is_sent_as_its_values() -> None:
+    image = np.arange(64, dtype=np.uint16).reshape(8, 8)[:, ::2]
+    head, buf = Request(1, "x", {"a": image}, 0).to_parts()
+    back = Request.from_parts([head, buf], max_buffer_bytes=1024)
+    np.testing.assert_array_equal(back.args["a"], image)
+
+
+def _buffer_error(spec: Any, buf: bytes | None, limit: int = 1024) -> ProtocolError:
+    head = pack({"v": 1, "id": 42, "cmd": "set_slm_image", "args": {"device": "S"}, "buf": spec})
+    parts = [head] if buf is None else [head, buf]
+    with pytest.raises(ProtocolError) as info:
+        Request.from_parts(parts, max_buffer_bytes=limit)
+    assert "\n" not in str(info.value)
+    assert info.value.request_id == 42  # the header was readable: the reply names the id
+    return info.value
+
+
+@pytest.mark.parametrize(
+    ("spec", "buf", "words"),
+    [
+        ({"field": "image", "shape": [4, 4], "dtype": "uint8"}, bytes(15), "needs 16"),
+        ({"field": "image", "shape": [4, 4], "dtype": "uint8"}, None, "none came"),
+        ({"field": "image", "shape": [4, 4], "dtype": "object"}, bytes(16), "dtype"),
+        ({"field": "image", "shape": [-4, -4], "dtype": "uint8"}, bytes(16), "shape"),
+        ({"field": "image", "shape": "4x4", "dtype": "uint8"}, bytes(16), "'buf'"),
+        ({"field": "image", "dtype": "uint8"}, bytes(16), "buf.shape"),
+        ({"field": "device", "shape": [4, 4], "dtype": "uint8"}, bytes(16), "buf.field"),
+        ({"field": 3, "shape": [4, 4], "dtype": "uint8"}, bytes(16), "buf.field"),
+        ([1, 2], bytes(16), "'buf' must be a map"),
+    ],
+)
+def test_a_malformed_command_buffer_is_refused_naming_the_field(
+    spec: Any, buf: bytes | None, words: str
+) -> None:
+    err = _buffer_error(spec, buf)
+    assert err.code == "malformed" and words in str(err)
+
+
+def test_a_buffer_beyond_the_node_limit_is_refused_before_it_is_read() -> None:
+    spec = {"field": "image", "shape": [64, 64], "dtype": "uint8"}
+    err = _buffer_error(spec, bytes(64 * 64), limit=1024)
+    assert err.code == "too_large" and "[0, 1024]" in str(err)
+    assert _buffer_error(spec, bytes(64 * 64), limit=0).code == "too_large"  # node takes none
+
+
+def test_a_buffer_without_a_header_announcing_it_is_refused() -> None:
+    head = Request(5, "get_state", {}, 0).to_wire()
+    with pytest.raises(ProtocolError) as info:
+        Request.from_parts([head, b"\0" * 8], max_buffer_bytes=1024)
+    assert info.value.request_id == 5 and "'buf'" in str(info.value)
+    with pytest.raises(ProtocolError, match="at most 1 buffer"):
+        Request.from_parts([head, b"", b""], max_buffer_bytes=1024)
+
+
+def test_the_sender_refuses_two_arrays_and_unsendable_dtypes() -> None:
+    two = Request(1, "x", {"a": np.zeros(2, np.uint8), "b": np.zeros(2, np.uint8)}, 0)
+    with pytest.raises(ProtocolError, match="at most one array"):
+        two.to_parts()
+    with pytest.raises(ProtocolError, match="dtype bool"):
+        Request(1, "x", {"a": np.zeros(2, bool)}, 0).to_parts()
+    with pytest.raises(ProtocolError, match="to_parts"):
+        Request(1, "x", {"a": np.zeros(2, np.uint8)}, 0).to_wire()

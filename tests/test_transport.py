@@ -499,7 +499,8 @@ def test_malformed_commands_come_back_as_errors(
         assert inc.error is not None
         assert inc.error.code == "malformed", str(inc.error)
         assert inc.t_received_ns > 0
-    assert "1 body frame" in str(bad[-1].error)
+    assert "'buf'" in str(bad[-2].error)  # an extra frame no header announced
+    assert "header frame is empty" in str(bad[-1].error)
     assert wrong_version.request is None
     assert wrong_version.error is not None and wrong_version.error.code == "version"
     assert good.error is None
@@ -552,3 +553,42 @@ def test_reply_to_vanished_peer_does_not_block(
     server.reply(incoming, Reply(3, True, {"n": 3}))
     assert dealer.poll(2000)
     assert Reply.from_wire(dealer.recv()).result == {"n": 3}
+
+
+class _LazyQueue:
+    """A DEALER whose queue looks full once (ZeroMQ's lazily acknowledged reads), then
+    has room when polled, or never has room."""
+
+    def __init__(self, room_after_poll: bool) -> None:
+        self.room_after_poll = room_after_poll
+        self.full = True
+        self.sent: list[list[Any]] = []
+
+    def send_multipart(self, parts: list[Any], flags: int = 0, copy: bool = True) -> None:
+        if self.full:
+            raise zmq.Again()
+        self.sent.append(parts)
+
+    def poll(self, timeout: int, flags: int = zmq.POLLIN) -> int:
+        assert flags == zmq.POLLOUT and timeout > 0
+        self.full = not self.room_after_poll
+        return 0 if self.full else zmq.POLLOUT
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_send_that_finds_the_queue_full_waits_for_room_instead_of_failing(
+    ctx: zmq.Context,
+) -> None:
+    client = CommandClient(ctx, "ipc:///nonexistent/slot", max_buffer_bytes=0)
+    real = client.socket
+    try:
+        client.socket = _LazyQueue(room_after_poll=True)  # type: ignore[assignment]
+        client.send("heartbeat", reply=False)
+        assert len(client.socket.sent) == 1 and client.send_waits == 1
+        client.socket = _LazyQueue(room_after_poll=False)  # type: ignore[assignment]
+        with pytest.raises(CommandTimeout, match="send queue full"):
+            client.send("heartbeat", reply=False)
+    finally:
+        real.close()

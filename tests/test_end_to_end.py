@@ -162,8 +162,15 @@ def test_deep_detector_trains_on_the_live_stream_then_holds_the_particle(tmp_pat
     )
     run_dir, summary = run_experiment(config)
     assert (run_dir / "lodestar.pt").stat().st_size > 0
-    trained = [e for e in read_events(run_dir / "events-training.jsonl") if e["kind"] == "detector"]
+    events = read_events(run_dir / "events-training.jsonl")
+    trained = [e for e in events if e["kind"] == "detector"]
     assert trained and "converged: True" in trained[0]["message"]
+    # Which seeds the crops came from is logged; the sparse stream (one particle a frame)
+    # is read past train_frames until min_crops crops are gathered.
+    assert "classical hits" in trained[0]["message"] and "DoG blobs" in trained[0]["message"]
+    stats = next(e for e in events if e["kind"] == "detector_stats")
+    assert stats["crops_classical"] + stats["crops_blob"] >= 64
+    assert stats["crop_frames"] > 24
     curve = run_dir / "report-learning-curve.png"  # the report shows how training went
     assert curve.stat().st_size > 2048 and curve.name in (run_dir / "report.html").read_text()
     assert summary["rms_feedback_um"] < 1.0

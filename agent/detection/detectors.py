@@ -2,16 +2,21 @@
 
 Classical detectors need nothing but their settings (``adapt: true`` estimates them
 from the first frame). The deep (LodeSTAR-style) detector is self-supervised: without
-a checkpoint it learns from unlabeled crops of the first frames of the live stream (or
-of the files given to ``scopeloop detect``), cut around the adaptive detector's hits
-and around fainter blobs of the estimated size, then saves its weights (in the run
-directory, or beside the CSV) so later phases and replays use the very same model.
+a checkpoint it learns from unlabeled crops of the live stream (or of the files given
+to ``scopeloop detect``), then saves its weights (in the run directory, or beside the
+CSV) so later phases and replays use the very same model. Both paths choose their crops
+with :mod:`agent.detection.training_crops` (classical hits and DoG blobs of the
+estimated size, each significant against the frame's noise and particle-like); the
+live one keeps reading the stream until the buffer holds enough, so a sparse field
+trains on crops gathered over many frames.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,19 +25,32 @@ import zmq
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent.detection.detect import DetectorConfig, ParticleDetector
-from agent.detection.detect_auto import Estimate, blob_candidates, check_frames, estimate_config
+from agent.detection.detect_auto import Estimate, check_frames, estimate_config
+from agent.detection.training_crops import (
+    SEED_SOURCES,
+    CropBuffer,
+    CropSelection,
+    crop_px_for,
+    select_crops,
+)
 from drivers.auth import ClientKeys
 from drivers.transport import StreamSubscriber
 
 Detector = Callable[[np.ndarray], np.ndarray]
 Log = Callable[[str], None]
+_MIN_TRAIN_CROPS = 8  # fewer crops than this cannot train or self-check a network
 
 
 class LodeStarSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     checkpoint: str | None = None  # None: train on the live stream at the start of the run
-    train_frames: int = Field(24, ge=1, le=10_000)
-    crops: int = Field(256, ge=16, le=100_000)
+    train_frames: int = Field(24, ge=1, le=10_000, description="frames read at least")
+    crops: int = Field(256, ge=16, le=100_000, description="training-crop buffer size")
+    min_crops: int = Field(
+        64, ge=8, le=100_000, description="keep reading past train_frames until this many"
+    )
+    max_train_frames: int = Field(2000, ge=1, le=100_000)
+    train_steps: int | None = Field(None, ge=10, le=100_000, description="None: the default")
     seed: int = Field(0, ge=0)
     frame_timeout_s: float = Field(30.0, gt=0.0, le=3600.0)
 
@@ -44,25 +62,19 @@ class DetectorSettings(BaseModel):
     lodestar: LodeStarSettings = LodeStarSettings()
 
 
-def collect_frames(
-    ctx: zmq.Context, endpoint: str, count: int, timeout_s: float, keys: ClientKeys | None = None
-) -> list[np.ndarray]:
-    """The next `count` frames of a stream (copies), or an error after `timeout_s`."""
+def stream_frames(
+    ctx: zmq.Context, endpoint: str, timeout_s: float, keys: ClientKeys | None = None
+) -> Iterator[np.ndarray]:
+    """Copies of a stream's newest frames until `timeout_s` has passed (then it ends)."""
     subscriber = StreamSubscriber(ctx, endpoint, keys=keys)
-    frames: list[np.ndarray] = []
     deadline = time.monotonic() + timeout_s
     try:
-        while len(frames) < count:
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"detector training: got {len(frames)} of {count} frames in {timeout_s:g} s"
-                )
+        while time.monotonic() < deadline:
             frame = subscriber.recv_newest(timeout_ms=200)
             if frame is not None:
-                frames.append(np.array(frame.data))
+                yield np.array(frame.data)
     finally:
         subscriber.close()
-    return frames
 
 
 def needs_training(settings: DetectorSettings) -> bool:
@@ -92,23 +104,87 @@ def train_on_stream(
 ) -> dict[str, float]:
     """Self-supervised training on unlabeled crops of the next frames of a live stream;
     `on_loss(step, loss)` sees every training step (for the report's learning curve)."""
+    frames = stream_frames(ctx, stream_endpoint, settings.lodestar.frame_timeout_s, keys)
+    model, stats = train_from_frames(settings, frames, log=log, on_loss=on_loss)
+    model.save(checkpoint)
+    return stats
+
+
+def gather_crops(
+    deep: LodeStarSettings,
+    base: DetectorConfig,
+    frames: Iterator[np.ndarray],
+    sources: Sequence[str] = SEED_SOURCES,
+) -> tuple[Estimate, CropSelection]:
+    """Read frames into a crop buffer until it holds enough (see LodeStarSettings).
+
+    Parameters are estimated from the first frames (as `scopeloop detect` does); the
+    buffer keeps a fair share per frame of `crops`, so the first frames cannot fill it.
+    """
+    head = list(islice(frames, min(5, deep.train_frames)))
+    if not head:
+        raise ValueError("no frame arrived from the stream")
+    estimate = estimate_config(head, base)
+    per_frame = max(1, math.ceil(deep.crops / deep.train_frames))
+    rng = np.random.default_rng(deep.seed)
+    buffer = CropBuffer(
+        estimate,
+        crop_px_for(estimate.diameter_px),
+        deep.crops,
+        rng,
+        sources=sources,
+        per_frame=per_frame,
+    )
+    for frame in chain(head, frames):
+        buffer.add(frame)
+        enough = len(buffer) >= min(deep.min_crops, deep.crops)
+        if (enough and buffer.frames >= deep.train_frames) or (
+            buffer.frames >= deep.max_train_frames
+        ):
+            break
+    return estimate, buffer.selection()
+
+
+def train_from_frames(
+    settings: DetectorSettings,
+    frames: Iterator[np.ndarray],
+    log: Log = lambda _m: None,
+    on_loss: Callable[[int, float], None] | None = None,
+    sources: Sequence[str] = SEED_SOURCES,
+) -> tuple[Any, dict[str, float]]:
+    """The live loop's training: gather crops from a frame stream, fit, report what was
+    used (crops per seed source) or, when there is nothing to train on, why."""
     lodestar = _lodestar()
     deep = settings.lodestar
-    frames = collect_frames(ctx, stream_endpoint, deep.train_frames, deep.frame_timeout_s, keys)
-    config = lodestar.LodeStarConfig(seed=deep.seed)
-    rng = np.random.default_rng(deep.seed)
-    # Live: crops around the classical detector's hits. Adding every DoG blob it did not
-    # accept (as `scopeloop detect` does on a user's files) fed the sparse twin stream
-    # mostly noise crops, and training stopped converging (tests/test_end_to_end.py).
-    crops = lodestar.crops_from_frames(frames, config.crop_px, deep.crops, rng)
+    try:
+        estimate, selection = gather_crops(deep, settings.classical, frames, sources)
+    except ValueError as exc:  # no frame, or frames no detector can use
+        log(f"lodestar: nothing to train on: {exc}")
+        raise
+    if len(selection.crops) < _MIN_TRAIN_CROPS:
+        why = selection.why_empty() or (
+            f"only {selection.summary()}; at least {_MIN_TRAIN_CROPS} are needed"
+        )
+        message = f"lodestar: nothing to train on: {why} ({estimate.summary})"
+        log(message)
+        raise ValueError(message)
+    steps = {"train_steps": deep.train_steps} if deep.train_steps else {}
+    config = lodestar.LodeStarConfig(crop_px=selection.crops.shape[1], seed=deep.seed, **steps)
     model = lodestar.LodeStarDetector(config)
-    stats = model.fit(crops, progress=on_loss)
-    model.save(checkpoint)
+    stats = model.fit(selection.crops, progress=on_loss)
+    short = "" if len(selection.crops) >= deep.min_crops else f" (fewer than {deep.min_crops})"
     log(
-        f"lodestar trained on {len(crops)} unlabeled crops from {len(frames)} live frames "
-        f"in {stats.get('seconds', float('nan')):.1f} s (converged: {stats.get('converged')})"
+        f"lodestar trained on {selection.summary()}{short} of the live stream in "
+        f"{stats.get('seconds', float('nan')):.1f} s (converged: {stats.get('converged')})"
     )
-    return stats
+    used = selection.used()
+    stats |= {
+        "crop_frames": float(selection.frames),
+        "crops_classical": float(used["classical"]),
+        "crops_blob": float(used["blob"]),
+        "crop_threshold_sigma": float(selection.threshold_sigma),
+    }
+    return model, stats
 
 
 def build_detector(settings: DetectorSettings, trained_checkpoint: Path | None = None) -> Detector:
@@ -122,22 +198,6 @@ def build_detector(settings: DetectorSettings, trained_checkpoint: Path | None =
     if path is None or not path.exists():
         raise FileNotFoundError(f"agent.detector.lodestar.checkpoint: {path} does not exist")
     return _lodestar().LodeStarDetector.load(path)
-
-
-def training_seeds(estimate: Estimate) -> Callable[[np.ndarray], np.ndarray]:
-    """Where to cut self-supervised training crops: the adaptive detector's hits plus
-    every blob of the estimated size above 3 sigma that it did not accept."""
-    classical = ParticleDetector(estimate.config)
-    merge = max(3.0, 0.5 * estimate.diameter_px)
-
-    def seeds(frame: np.ndarray) -> np.ndarray:
-        hits, blobs = classical(frame), blob_candidates(frame, estimate)
-        if len(hits) and len(blobs):
-            d = np.hypot(*(blobs[:, None, :] - hits[None, :, :]).transpose(2, 0, 1))
-            blobs = blobs[d.min(axis=1) > merge]
-        return np.vstack([hits, blobs])
-
-    return seeds
 
 
 class _SameFrames:
@@ -167,8 +227,6 @@ def run_detect(
     console: Any,
 ) -> int:
     """`scopeloop detect`: estimate what was not given, say so, detect, say why if empty."""
-    from itertools import islice
-
     from agent.detection.offline import detect_files, iter_frames
 
     frames = [frame for _, _, frame in islice(iter_frames(images), 64)]
@@ -208,31 +266,29 @@ def _offline_lodestar(
 ) -> Any:
     """LodeSTAR for `scopeloop detect`: load the checkpoint, or train on these frames.
 
-    Training crops are centred on the adaptive detector's hits and on every blob of the
-    estimated size above 3 sigma (not only what the classical detector accepts); the
-    checkpoint is saved beside the CSV and the model used is the one reloaded from it,
-    so a later `--checkpoint` run gives exactly the same detections.
+    Training crops are chosen as on the live stream (agent.detection.training_crops:
+    the adaptive detector's hits and the significant, particle-like DoG blobs it did not
+    accept); the checkpoint is saved beside the CSV and the model used is the one
+    reloaded from it, so a later `--checkpoint` run gives exactly the same detections.
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     lodestar = _lodestar()
     if checkpoint is not None:
         return lodestar.LodeStarDetector.load(checkpoint)
-    seeds = training_seeds(estimate)
-    crop = int(min(128, max(32, 2 * round(1.25 * estimate.diameter_px))))
+    crop = crop_px_for(estimate.diameter_px)
     config = lodestar.LodeStarConfig(crop_px=crop)
-    rng = np.random.default_rng(config.seed)
-    try:
-        crops = lodestar.crops_from_frames(frames, config.crop_px, 256, rng, seeds=seeds)
-    except ValueError as exc:
+    selection = select_crops(frames, estimate, crop, 256, np.random.default_rng(config.seed))
+    if len(selection.crops) == 0:
         raise ValueError(
-            f"lodestar: nothing to train on ({exc}; {crop} px crops around candidates "
-            f"of diameter {estimate.diameter_px:.0f} px)"
-        ) from None
+            f"lodestar: nothing to train on ({selection.why_empty()}; {crop} px crops around "
+            f"candidates of diameter {estimate.diameter_px:.0f} px)"
+        )
+    crops = selection.crops
     model = lodestar.LodeStarDetector(config)
     console.print(
-        f"lodestar: no checkpoint, training self-supervised on {len(crops)} unlabeled "
-        f"{crop} px crops from {len(frames)} of these frames",
+        f"lodestar: no checkpoint, training self-supervised on {selection.summary()}, "
+        f"unlabeled {crop} px crops",
         markup=False,
         highlight=False,
     )

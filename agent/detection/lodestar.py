@@ -56,6 +56,7 @@ from scipy import ndimage, special
 from torch import nn
 
 from agent.detection.detect import DetectorConfig, ParticleDetector, estimate_background
+from agent.detection.training_crops import cut_isolated
 
 __all__ = ["LodeStarConfig", "LodeStarDetector", "crops_from_frames"]
 
@@ -478,40 +479,26 @@ def crops_from_frames(
     crop_px: int,
     n: int,
     rng: np.random.Generator | int | None = None,
-    seeds: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> np.ndarray:
-    """Up to n unlabeled (crop_px, crop_px) crops, each around one isolated bright spot.
+    """Up to n unlabeled (crop_px, crop_px) crops around the default classical detector's
+    isolated hits: clean fluorescence frames, as in the benches and tests. (Training on
+    a user's frames or a live stream chooses crops with agent.detection.training_crops.)
 
-    Seeds come from `seeds(frame) -> (N, 2) xy` (default: the classical ParticleDetector
-    with its default settings); spots with another seed inside
-    the crop (which would give the equivariance loss two valid answers) or too close to
-    the frame edge are skipped. Crops keep the frame's dtype (raw ADU): fit normalises
-    each by its own border ring, just as detection normalises a frame by its background.
+    Crops keep the frame's dtype (raw ADU): fit normalises each by its own border ring,
+    just as detection normalises a frame by its background.
     """
     if crop_px < 4 or crop_px % 2:
         raise ValueError(f"crop_px must be an even number >= 4, got {crop_px}")
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-    find = seeds if seeds is not None else ParticleDetector(DetectorConfig())
-    half = crop_px // 2
+    find = ParticleDetector(DetectorConfig())
     found: list[np.ndarray] = []
     for i, frame in enumerate(frames):
         arr = np.asarray(frame)
         if arr.ndim != 2:
             raise ValueError(f"frames[{i}] must be a 2-D array, got shape {arr.shape}")
-        xy = np.asarray(find(arr), dtype=np.float64).reshape(-1, 2)
-        if len(xy) == 0:
-            continue
-        d = np.hypot(xy[:, None, 0] - xy[None, :, 0], xy[:, None, 1] - xy[None, :, 1])
-        np.fill_diagonal(d, np.inf)
-        isolated = d.min(axis=1) > half * 1.5 if len(xy) > 1 else np.ones(1, bool)
-        rows = np.rint(xy[:, 1]).astype(int)
-        cols = np.rint(xy[:, 0]).astype(int)
-        h, w = arr.shape
-        inside = (rows >= half) & (rows + half <= h) & (cols >= half) & (cols + half <= w)
-        for r, c in zip(rows[isolated & inside], cols[isolated & inside], strict=True):
-            found.append(arr[r - half : r + half, c - half : c + half])
+        found += cut_isolated(arr, find(arr), crop_px)[0]
     if not found:
         raise ValueError("no isolated particles found in frames to crop")
     pick = gen.permutation(len(found))[:n]

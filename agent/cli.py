@@ -42,8 +42,8 @@ def _load(config: Path, overrides: list[str] | None) -> ExperimentConfig:
 
 
 def _run(config: ExperimentConfig) -> dict[str, Any]:
-    from agent.live.loop import DriverSilent
-    from agent.live.runner import run_experiment
+    from agent.engine.driver_faults import DriverSilent
+    from agent.plans.feedback_trap import run_experiment
 
     phases = 2 if config.compare_free_diffusion else 1
     columns = (
@@ -286,14 +286,17 @@ def replay(
     if "message" in result:  # a frames replay (agent/records/replay.py replay_frames)
         console.print(result["message"], markup=False, highlight=False)
         return
+    moved = result["mean_spot_displacement_um"]  # None: no recorded spot to compare with
     console.print(
         f"{result['steps_differing']} of {result['steps']} decisions differ "
-        f"(mean spot move {result['mean_spot_displacement_um']:.3f} um, mean power change "
+        f"(mean spot move {'n/a' if moved is None else f'{moved:.3f}'} um, mean power change "
         f"{result['mean_power_change_mw']:+.3f} mW); written to {result['output']}"
         + (f" (run {result['cut_short']})" if result.get("cut_short") else ""),
         markup=False,
         highlight=False,
     )
+    if "frames_replay" in result:  # the run recorded its frames: detection re-ran on them
+        console.print(result["frames_replay"]["message"], markup=False, highlight=False)
 
 
 @twin_app.command("serve")

@@ -113,7 +113,7 @@ def test_lamp_free_rig_needs_full_intensity() -> None:
 def test_feedback_trap_attaches_to_a_running_driver(tmp_path: Path) -> None:
     """A driver node started by hand; the run uses it and leaves it running."""
     from agent.config import load_config
-    from agent.live.runner import run_experiment
+    from agent.plans.feedback_trap import run_experiment
 
     config = DriverConfig(
         stream_endpoint=f"ipc://{tmp_path}/s", command_endpoint=f"ipc://{tmp_path}/c"

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from agent.config import load_config
-from agent.live.runner import run_experiment
+from agent.plans.feedback_trap import run_experiment
 from agent.records.replay import replay_run
 from agent.records.report import write_report
 

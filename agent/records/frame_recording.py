@@ -15,12 +15,21 @@ data). Appending a line costs the same at frame 10 and frame 10^6, unlike rewrit
 `zarr.json`, and never touches a file ome-writers owns. The reader takes the
 metadata from `zarr.json` after a clean close and from the sidecar otherwise,
 keeping the frames whose pixels match their checksum.
+
+The x/y axes carry the pixel size in micrometres (OME-NGFF `scale` + `unit`), taken
+from the recorder's argument or the first frame's `pixel_size_um`.
+
+A loop that must not wait (the feedback trap acts on every frame within
+milliseconds) records through `BackgroundFrameWriter`: the loop hands it a frame
+and goes on; a writer thread appends. When the writer falls behind by more than its
+queue (bytes), frames are counted as not recorded instead of making the loop wait.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import threading
 import time
 import zlib
@@ -53,11 +62,12 @@ def _checksum(frame: np.ndarray) -> int:
 class FrameRecorder:
     """Appends frames of one shape/dtype; the first frame fixes both."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, pixel_size_um: float | None = None) -> None:
         import ome_writers  # noqa: F401  (seconds to import: now, not at the first frame)
         import tensorstore  # noqa: F401  (its backend)
 
         self.path = Path(path)
+        self.pixel_size_um = pixel_size_um
         self._stream: Any = None
         self._shape: tuple[int, ...] = ()
         self.count = 0
@@ -69,7 +79,7 @@ class FrameRecorder:
 
     def append(self, frame: np.ndarray, metadata: dict[str, Any]) -> None:
         if self._stream is None:
-            self._open(frame)
+            self._open(frame, metadata.get("pixel_size_um"))
         if frame.shape != self._shape:
             raise ValueError(
                 f"frame recording: frame shape {frame.shape} differs from the first {self._shape}"
@@ -86,16 +96,21 @@ class FrameRecorder:
         append_line(self._sidecar, record, self._lock)
         self.count += 1
 
-    def _open(self, frame: np.ndarray) -> None:
+    def _open(self, frame: np.ndarray, frame_pixel_um: float | None) -> None:
         import ome_writers as ow
 
         height, width = frame.shape
+        pixel = self.pixel_size_um if self.pixel_size_um is not None else frame_pixel_um
+        space: dict[str, Any] = (
+            {} if pixel is None else {"scale": float(pixel), "unit": "micrometer"}
+        )
+        self.pixel_size_um = None if pixel is None else float(pixel)
         settings = ow.AcquisitionSettings(
             root_path=str(self.path),
             dimensions=[
                 ow.Dimension(name="t", count=None, type="time", chunk_size=1),
-                ow.Dimension(name="y", count=height, type="space"),
-                ow.Dimension(name="x", count=width, type="space"),
+                ow.Dimension(name="y", count=height, type="space", **space),
+                ow.Dimension(name="x", count=width, type="space", **space),
             ],
             dtype=str(frame.dtype),
             format="ome-zarr",
@@ -119,6 +134,74 @@ class FrameRecorder:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+
+class BackgroundFrameWriter:
+    """A `FrameRecorder` fed from a thread of its own, so the caller never waits on disk.
+
+    `offer` queues a frame (the array is kept, not copied: received frames are read-only)
+    and returns at once; past `max_queued_bytes` of frames waiting, it refuses the frame
+    and counts it in `dropped`. A frame the recorder rejects (a shape change) counts in
+    `failed`, its reason in `error`. `close` writes what is queued, then closes."""
+
+    def __init__(self, path: Path, max_queued_bytes: int, pixel_size_um: float | None = None):
+        self.recorder = FrameRecorder(path, pixel_size_um)
+        self.max_queued_bytes = int(max_queued_bytes)
+        self.dropped = 0
+        self.failed = 0
+        self.error: str | None = None
+        self._queued_bytes = 0
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[tuple[np.ndarray, dict[str, Any]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._thread = threading.Thread(target=self._drain, name="frame-writer", daemon=True)
+        self._thread.start()
+
+    @property
+    def path(self) -> Path:
+        return self.recorder.path
+
+    @property
+    def written(self) -> int:
+        return self.recorder.count
+
+    def offer(self, frame: np.ndarray, metadata: dict[str, Any]) -> bool:
+        """Queue one frame for writing; False (and counted) when the writer is too far behind."""
+        size = int(frame.nbytes)
+        with self._lock:
+            if self._queued_bytes + size > self.max_queued_bytes:
+                self.dropped += 1
+                return False
+            self._queued_bytes += size
+        self._queue.put((frame, metadata))
+        return True
+
+    def _drain(self) -> None:
+        while (item := self._queue.get()) is not None:
+            frame, metadata = item
+            try:
+                self.recorder.append(frame, metadata)
+            except (ValueError, OSError) as exc:
+                self.failed += 1
+                self.error = str(exc)
+            with self._lock:
+                self._queued_bytes -= int(frame.nbytes)
+
+    def stats(self) -> dict[str, Any]:
+        """What the summary says about the recording."""
+        return {
+            "frames_recorded": self.written,
+            "frames_not_recorded": self.dropped + self.failed,
+            "frames_record_error": self.error,
+            "frames_pixel_size_um": self.recorder.pixel_size_um,
+        }
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self.recorder.close()
 
 
 def _plain(metadata: dict[str, Any]) -> dict[str, Any]:
@@ -152,6 +235,22 @@ def _read_sidecar(path: Path) -> tuple[list[dict[str, Any]], bool]:
     return frames, closed
 
 
+def _xy_scale(attributes: dict[str, Any]) -> tuple[float | None, str | None]:
+    """The x pixel size and its unit from the OME-NGFF multiscales (None: not recorded)."""
+    try:
+        multiscale = attributes["ome"]["multiscales"][0]
+        axes = [axis["name"] for axis in multiscale["axes"]]
+        scale = next(
+            t["scale"]
+            for t in multiscale["datasets"][0]["coordinateTransformations"]
+            if t["type"] == "scale"
+        )
+        unit = multiscale["axes"][axes.index("x")].get("unit")
+        return (float(scale[axes.index("x")]) if unit else None), unit
+    except (KeyError, IndexError, StopIteration, ValueError, TypeError):
+        return None, None
+
+
 class Recording:
     """A recorded OME-Zarr: frames read lazily by index, metadata per frame.
 
@@ -183,6 +282,7 @@ class Recording:
             self._length = len(good)
         self.frames_lost = 0 if self.complete else len(records) - len(good)
         self.last_wall_time: float | None = good[-1]["wall_time"] if good else None
+        self.pixel_size_um, self.unit = _xy_scale(attributes)
         self._by_index = {tuple(meta.get("storage_index", ())): meta for meta in self.metadata}
 
     def _open_array(self) -> Any:

@@ -1,18 +1,18 @@
-"""Run an experiment: driver in its own process, agent here, one phase per comparison.
+"""The feedback trap: hold a particle at a target with a laser, compared with free diffusion.
 
-A feedback run is compared with a control run of the same twin, seed and
-duration with the laser off (free diffusion); each phase starts a fresh driver
-process so both start from the same state.
-
-Every run publishes live telemetry (`agent.engine.telemetry`) and writes its endpoints to
-`runs/<run>/telemetry.json`, so `scopeloop dashboard` can attach to any run going;
-a `stop` from the control channel ends the current phase and skips the rest.
+The experiment's logic only: a feedback phase (the configured policy: proportional,
+PID, an RL policy, ...) and, when `compare_free_diffusion`, a control phase on the
+same twin, seed and duration with the laser off; each phase starts a fresh driver so
+both start from the same state. Per frame the plan detects and tracks the particles,
+feeds the controlled one (nearest the target) to the live drag-free calibration and
+asks the policy for the laser. The engine (`agent/engine/`) owns the rest: run
+directory, config snapshot, logs, telemetry and the dashboard's pause / resume /
+stop, driver faults, the agent-side limits, the frame recording (`frames.ome.zarr`,
+every frame the loop acts on, on unless `agent.record_frames: false`) and the summary.
 """
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,20 +25,26 @@ import zmq
 from agent.config import ExperimentConfig, dump_config
 from agent.detection.detectors import build_detector, needs_training, train_on_stream
 from agent.detection.tracking import Tracker
-from agent.engine.driver_faults import DriverFaults, process_probe
+from agent.engine.driver_faults import DriverFaults, DriverSilent, process_probe
+from agent.engine.driver_process import DriverProcess
+from agent.engine.frame_loop import FrameLoop, LoopEndpoints, LoopResult
 from agent.engine.link import FEEDBACK_NEEDS, AttachedDriver, attach_configured, client_keys
 from agent.engine.run import RunEngine
 from agent.engine.telemetry import RunTelemetry
-from agent.live.loop import AgentLoop, DriverSilent, LoopEndpoints, LoopResult
 from agent.records.evaluate import TruthRecorder, controlled_track, detection_rmse_um, rms_distance
+from agent.records.frame_recording import BackgroundFrameWriter
 from agent.records.plots import plot_run
 from agent.records.recorder import EventLog, read_events
+from drivers.config import DriverConfig
+from drivers.protocol import Frame
 from drivers.serve import resolve_endpoints
 from policies import registry
-from policies.contract import Policy
+from policies.calibration.online import LiveCalibration
+from policies.contract import Action, Observation, Policy
 from policies.feedback import LaserOff
 
 ProgressFn = Callable[[str, float], None]
+Detector = Callable[[np.ndarray], np.ndarray]
 DEEP_CHECKPOINT = "lodestar.pt"
 RUN_EVENTS = "run-events.jsonl"  # not events-*.jsonl: those are the phases' step logs
 
@@ -46,6 +52,98 @@ RUN_EVENTS = "run-events.jsonl"  # not events-*.jsonl: those are the phases' ste
 def make_policy(config: ExperimentConfig) -> Policy:
     """The experiment's policy, from the one registry run, replay, train and bench share."""
     return registry.make_policy(config.policy)
+
+
+class FeedbackTrap:
+    """The per-frame logic (a `FramePlan`): detections -> tracks -> live k -> policy."""
+
+    def __init__(
+        self,
+        detector: Detector,
+        policy: Policy,
+        target_um: tuple[float, float] | None = None,
+        tracker: Tracker | None = None,
+        live_calibration: LiveCalibration | None = None,
+    ) -> None:
+        self.detector = detector
+        self.policy = policy
+        self.tracker = tracker or Tracker()
+        self.live_calibration = live_calibration or LiveCalibration()
+        self.trap_calibration: dict[str, float | None] = {}  # the newest LiveEstimate
+        self._configured_target = target_um
+        self.target_um: tuple[float, float] | None = None
+        self.field_um: tuple[float, float] = (0.0, 0.0)
+        self._notes: list[str] = []
+
+    def begin(self, state: dict[str, Any]) -> tuple[float, float]:
+        self.field_um = (float(state["field_um"][0]), float(state["field_um"][1]))
+        if self.target_um is None:  # kept across driver sessions
+            self.target_um = self._configured_target or (self.field_um[0] / 2, self.field_um[1] / 2)
+        self.policy.reset()
+        self.tracker.reset()
+        return self.target_um
+
+    def observe(self, frame: Frame) -> Observation:
+        header = frame.header
+        pixel_size = float(header.state.get("pixel_size_um", 1.0))
+        with_confidence = getattr(self.detector, "detect_with_confidence", None)
+        if with_confidence is not None:
+            xy, _scores, confidences = with_confidence(frame.data)
+        else:
+            xy, confidences = self.detector(frame.data), None
+        detections_um = xy * pixel_size
+        ids = self.tracker.update(header.seq, detections_um)
+        assert self.target_um is not None, "begin() comes first"
+        return Observation.from_wire(
+            header.seq,
+            header.t_exposure_end_ns,
+            (header.t_exposure_end_ns - header.t_exposure_start_ns) / 1e9,
+            detections_um,
+            self.target_um,
+            header.state.get("laser"),
+            self.field_um,
+            ids,
+            confidences,
+        )
+
+    def decide(self, obs: Observation) -> Action:
+        self._live_trap(obs)
+        return self.policy.act(obs)
+
+    def metrics(self) -> dict[str, float | None]:
+        return dict(self.trap_calibration)
+
+    def take_notes(self) -> list[str]:
+        notes, self._notes = self._notes, []
+        return notes
+
+    def _live_trap(self, obs: Observation) -> None:
+        """Feed the controlled particle (detection nearest the target) to the live calibration."""
+        dets = obs.detections_um
+        if not len(dets):
+            return
+        nearest = dets[np.argmin(np.hypot(*(dets - np.asarray(obs.target_um)).T))]
+        live = self.live_calibration.update(nearest, obs.t_s)
+        if live is None:
+            return
+        self.trap_calibration = live.as_metrics()
+        if live.changed:
+            self._notes.append(f"trap stiffness changed: k = {live.k[0].value:.3g} fN/um")
+
+
+def feedback_loop(
+    endpoints: LoopEndpoints,
+    detector: Detector,
+    policy: Policy,
+    events: EventLog,
+    *,
+    target_um: tuple[float, float] | None = None,
+    tracker: Tracker | None = None,
+    **engine: Any,
+) -> FrameLoop:
+    """The feedback-trap plan on the engine's frame loop (`engine`: FrameLoop's options)."""
+    plan = FeedbackTrap(detector, policy, target_um, tracker)
+    return FrameLoop(endpoints, plan, events, **engine)
 
 
 @dataclass
@@ -56,31 +154,19 @@ class PhaseResult:
     steps: list[dict[str, Any]]
     target_um: tuple[float, float]
     driver_returncode: int | None
+    trap_calibration: dict[str, float | None]
 
 
-class DriverProcess:
-    """`scopeloop driver serve` as a child process, stopped gracefully (SIGTERM) at exit."""
-
-    def __init__(self, config_path: Path, log_path: Path) -> None:
-        self.log_path = log_path
-        self._log = log_path.open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "driver", "serve", str(config_path)],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-
-    def stop(self, timeout_s: float = 10.0) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
+def _phase_driver(
+    config: ExperimentConfig, run_dir: Path, name: str
+) -> tuple[DriverConfig, DriverProcess | AttachedDriver]:
+    """The phase's driver: the node `driver.connect` names (left running), else a fresh one."""
+    if config.driver.connect is not None:
+        return attach_configured(config.driver, FEEDBACK_NEEDS, config.kind)
+    driver_config = resolve_endpoints(config.driver)
+    config_path = run_dir / f"driver-{name}.yaml"
+    dump_config(config.model_copy(update={"driver": driver_config}), config_path)
+    return driver_config, DriverProcess(config_path, run_dir / f"driver-{name}.log")
 
 
 def run_phase(
@@ -90,45 +176,41 @@ def run_phase(
     policy: Policy,
     progress: ProgressFn | None = None,
     telemetry: RunTelemetry | None = None,
+    frames: BackgroundFrameWriter | None = None,
 ) -> PhaseResult:
+    """One phase of the plan on the engine's frame loop: its own driver, truth and step
+    log; its frames to `frames` (the run's recording) tagged with the phase."""
     ctx = zmq.Context.instance()
-    driver: DriverProcess | AttachedDriver
-    if config.driver.connect is not None:  # a node already running: use it, leave it on
-        driver_config, driver = attach_configured(config.driver, FEEDBACK_NEEDS, config.kind)
-    else:
-        driver_config = resolve_endpoints(config.driver)
-        phase_config = config.model_copy(update={"driver": driver_config})
-        config_path = run_dir / f"driver-{name}.yaml"
-        dump_config(phase_config, config_path)
-        driver = DriverProcess(config_path, run_dir / f"driver-{name}.log")
+    driver_config, driver = _phase_driver(config, run_dir, name)
     keys = client_keys(config.driver.client_auth)
-    truth = TruthRecorder(
-        ctx, driver_config.stream_endpoint, run_dir / f"truth-{name}.jsonl", keys
-    )
+    truth = TruthRecorder(ctx, driver_config.stream_endpoint, run_dir / f"truth-{name}.jsonl", keys)
     truth.start()
     events_path = run_dir / f"events-{name}.jsonl"
     settings = config.agent
+    plan = FeedbackTrap(
+        build_detector(settings.detector, run_dir / DEEP_CHECKPOINT),
+        policy,
+        settings.target_um,
+        Tracker(settings.tracking),
+    )
     try:
         with EventLog(events_path) as events:
-            loop = AgentLoop(
-                LoopEndpoints(
-                    driver_config.stream_endpoint, driver_config.command_endpoint, keys
-                ),
-                build_detector(settings.detector, run_dir / DEEP_CHECKPOINT),
-                policy,
+            loop = FrameLoop(
+                LoopEndpoints(driver_config.stream_endpoint, driver_config.command_endpoint, keys),
+                plan,
                 events,
-                target_um=settings.target_um,
                 command_timeout_ms=settings.command_timeout_ms,
                 heartbeat_ms=settings.heartbeat_ms,
                 driver_silence_ms=settings.driver_silence_ms,
                 ctx=ctx,
-                tracker=Tracker(settings.tracking),
                 telemetry=telemetry,
                 faults=DriverFaults(
                     settings.driver_reconnect_s,
                     settings.driver_silence_ms,
                     process_probe(driver.proc, driver.log_path),
                 ),
+                frames=frames,
+                frame_tags={"phase": name},
             )
             on_step = (lambda _n, t: progress(name, t)) if progress else None
             result = loop.run(
@@ -150,6 +232,7 @@ def run_phase(
         steps=[e for e in all_events if e["kind"] == "step"],
         target_um=tuple(start["target_um"]),
         driver_returncode=returncode,
+        trap_calibration=plan.trap_calibration,
     )
 
 
@@ -161,14 +244,7 @@ def step_latencies_ms(steps: list[dict[str, Any]]) -> list[float]:
 def train_detector_phase(config: ExperimentConfig, run_dir: Path) -> None:
     """Train the deep detector on the instrument's own stream before the experiment,
     so the experiment phases start from the same state as their controls."""
-    driver: DriverProcess | AttachedDriver
-    if config.driver.connect is not None:
-        driver_config, driver = attach_configured(config.driver, FEEDBACK_NEEDS, config.kind)
-    else:
-        driver_config = resolve_endpoints(config.driver)
-        config_path = run_dir / "driver-training.yaml"
-        dump_config(config.model_copy(update={"driver": driver_config}), config_path)
-        driver = DriverProcess(config_path, run_dir / "driver-training.log")
+    driver_config, driver = _phase_driver(config, run_dir, "training")
     try:
         with EventLog(run_dir / "events-training.jsonl") as events:
             stats = train_on_stream(
@@ -214,7 +290,7 @@ def summarize(config: ExperimentConfig, phases: dict[str, PhaseResult]) -> dict[
         "driver_events": list(feedback.loop.driver_events),
         "driver_sessions": feedback.loop.driver_sessions,
         "end_reason": next((p.loop.end_reason for p in phases.values() if p.loop.end_reason), None),
-        "trap_calibration": feedback.loop.trap_calibration,  # live drag-free k, D, changes
+        "trap_calibration": feedback.trap_calibration,  # live drag-free k, D, changes
     }
     if "free" in phases:
         free = phases["free"]
@@ -229,13 +305,16 @@ def run_experiment(
 ) -> tuple[Path, dict[str, Any]]:
     """Run every phase, write summary.json and plots; return (run_dir, summary).
 
-    The engine owns the run dir, telemetry and stop; each phase logs its own steps
-    (`events-<phase>.jsonl`), the engine's log (`run-events.jsonl`) the phases."""
+    The engine owns the run dir, telemetry, stop and the frame recording; each phase
+    logs its own steps (`events-<phase>.jsonl`), the engine's log (`run-events.jsonl`)
+    the phases."""
     with RunEngine(config, RUN_EVENTS, zmq.Context.instance()) as run:
         run_dir = run.run_dir
         if needs_training(config.agent.detector):
             run.phase("training")
             train_detector_phase(config, run_dir)
+        settings = config.agent
+        frames = run.frame_writer(settings.record_queue_mb) if settings.record_frames else None
         phases: dict[str, PhaseResult] = {}
         plan: list[tuple[str, Policy]] = [("feedback", make_policy(config))]
         if config.compare_free_diffusion:
@@ -248,7 +327,7 @@ def run_experiment(
                 run.telemetry.event(f"phase {name} skipped: run stopped", "warning")
                 continue
             run.phase(name)
-            phases[name] = run_phase(config, run_dir, name, policy, progress, run.telemetry)
+            phases[name] = run_phase(config, run_dir, name, policy, progress, run.telemetry, frames)
     summary = summarize(config, phases)
     summary["plots"] = plot_run(
         run_dir,

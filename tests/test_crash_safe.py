@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from agent.cli import app
 from agent.records.frame_recording import (
     FRAMES_NAME,
+    BackgroundFrameWriter,
     FrameRecorder,
     read_recording,
     sidecar_path,
@@ -186,3 +187,24 @@ def test_a_run_killed_before_its_first_frame_still_replays(tmp_path: Path) -> No
     result = replay_run(tmp_path)
     assert result["frames"] == 0 and "cut short" in result["message"]
     assert "no summary.json" in (load_run(tmp_path).end_note() or "")
+
+
+def test_background_writer_counts_what_it_cannot_keep_instead_of_waiting(
+    tmp_path: Path,
+) -> None:
+    frame = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64)
+    writer = BackgroundFrameWriter(tmp_path / FRAMES_NAME, max_queued_bytes=frame.nbytes - 1)
+    assert not writer.offer(frame, {"seq": 0, "pixel_size_um": 0.2})  # bigger than the queue
+    writer.max_queued_bytes = 10 * frame.nbytes
+    for seq in range(1, 4):
+        assert writer.offer(frame + seq, {"seq": seq, "pixel_size_um": 0.2})
+    assert writer.offer(np.zeros((8, 8), np.uint16), {"seq": 4})  # queued: the writer refuses it
+    writer.close()
+    stats = writer.stats()
+    # the queue refused frame 0; the recorder refused the 8x8 frame (shape change)
+    assert stats["frames_recorded"] == 3 and stats["frames_not_recorded"] == 2
+    assert "differs from the first" in stats["frames_record_error"]
+    recording = read_recording(tmp_path / FRAMES_NAME)
+    assert [recording.frame_metadata(i)["seq"] for i in range(3)] == [1, 2, 3]
+    assert recording.pixel_size_um == pytest.approx(0.2)
+    assert np.array_equal(recording.frame(2), frame + 3)

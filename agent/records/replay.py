@@ -142,6 +142,17 @@ def _default_name(policy_config: BaseModel, recorded: bool) -> str:
     return f"{getattr(policy_config, 'kind', 'policy')}-{digest}"
 
 
+def _has_policy_phases(run_dir: Path) -> bool:
+    """A feedback-trap run (its config's `kind`, the default): phases of policy steps.
+    Other plans that record frames (smart acquisition) replay their frames only."""
+    path = run_dir / "config.yaml"
+    try:
+        raw = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not a valid config ({exc})") from None
+    return isinstance(raw, dict) and raw.get("kind", "feedback-trap") == "feedback-trap"
+
+
 def replay_run(
     run_dir: Path,
     detector: DetectorSettings | None = None,
@@ -160,7 +171,7 @@ def replay_run(
     """
     run_dir = Path(run_dir)
     frames = run_dir / FRAMES_NAME
-    if recording_exists(frames) and not (run_dir / f"events-{phase}.jsonl").is_file():
+    if recording_exists(frames) and not _has_policy_phases(run_dir):
         return replay_frames(run_dir, name=name)
     run = load_run(run_dir)
     if phase not in run.phases:

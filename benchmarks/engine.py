@@ -40,6 +40,7 @@ def _bare_round(config: Any, link: Any, duration_s: float, ctx: zmq.Context) -> 
     sub = StreamSubscriber(ctx, link.stream_endpoint)
     latencies: list[float] = []
     try:
+        client.call("acquire_control")  # as every agent does on a leased node
         field_um = client.call("get_state").result["field_um"]
         target = settings.target_um or (field_um[0] / 2, field_um[1] / 2)
         policy.reset()
@@ -72,6 +73,7 @@ def _bare_round(config: Any, link: Any, duration_s: float, ctx: zmq.Context) -> 
                 latencies.append(reply["latency_ns"] / 1e6)
     finally:
         client.call("laser_off")
+        client.call("release_control")
         sub.close()
         client.close()
     return latencies

@@ -20,11 +20,11 @@ from typer.testing import CliRunner
 from agent.cli import app
 from agent.records.frame_recording import (
     FRAMES_NAME,
-    BackgroundFrameWriter,
     FrameRecorder,
     read_recording,
     sidecar_path,
 )
+from agent.records.frame_writer import BackgroundFrameWriter
 from agent.records.recorder import EventLog, read_log
 from agent.records.replay import replay_run
 from agent.records.report import load_run, write_report
@@ -193,18 +193,25 @@ def test_background_writer_counts_what_it_cannot_keep_instead_of_waiting(
     tmp_path: Path,
 ) -> None:
     frame = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64)
-    writer = BackgroundFrameWriter(tmp_path / FRAMES_NAME, max_queued_bytes=frame.nbytes - 1)
-    assert not writer.offer(frame, {"seq": 0, "pixel_size_um": 0.2})  # bigger than the queue
-    writer.max_queued_bytes = 10 * frame.nbytes
-    for seq in range(1, 4):
+    writer = BackgroundFrameWriter(tmp_path / FRAMES_NAME, max_queued_bytes=10 * frame.nbytes)
+    for seq in range(3):
         assert writer.offer(frame + seq, {"seq": seq, "pixel_size_um": 0.2})
-    assert writer.offer(np.zeros((8, 8), np.uint16), {"seq": 4})  # queued: the writer refuses it
+    assert writer.offer(np.zeros((8, 8), np.uint16), {"seq": 3})  # queued; refused on write
     writer.close()
     stats = writer.stats()
-    # the queue refused frame 0; the recorder refused the 8x8 frame (shape change)
-    assert stats["frames_recorded"] == 3 and stats["frames_not_recorded"] == 2
+    assert stats["frames_recorded"] == 3 and stats["frames_not_recorded"] == 1
     assert "differs from the first" in stats["frames_record_error"]
     recording = read_recording(tmp_path / FRAMES_NAME)
-    assert [recording.frame_metadata(i)["seq"] for i in range(3)] == [1, 2, 3]
+    assert recording.complete and [recording.frame_metadata(i)["seq"] for i in range(3)] == [
+        0,
+        1,
+        2,
+    ]
     assert recording.pixel_size_um == pytest.approx(0.2)
-    assert np.array_equal(recording.frame(2), frame + 3)
+    assert np.array_equal(recording.frame(2), frame + 2)
+
+    small = BackgroundFrameWriter(tmp_path / "small.ome.zarr", max_queued_bytes=frame.nbytes - 1)
+    assert not small.offer(frame, {"seq": 0})  # not even one frame fits: counted, not waited
+    small.close()
+    assert small.stats()["frames_dropped_behind"] == 1
+    assert small.stats()["frames_recorded"] == 0

@@ -2,6 +2,7 @@
 top-level `kind` here, so every experiment and trainer has one entry point.
 
 Entries are "module:function" strings, imported only when used (CLI start stays fast).
+A new plan is its module in `agent/plans/` and one line in each run table below.
 A run entry is `fn(config_path: Path, overrides: list[str], console) -> dict` (the
 summary); a train entry has the same signature and returns the training summary.
 Both raise `agent.config.ConfigError` for a config they cannot run.
@@ -19,7 +20,7 @@ from agent.config import ConfigError, read_config_mapping
 DEFAULT_RUN_KIND = "feedback-trap"
 
 RUN_KINDS: dict[str, str] = {
-    "feedback-trap": "agent.cli:run_feedback_trap",
+    "feedback-trap": "agent.plans.feedback_trap:run_feedback_trap",
     "smart-acquisition": "agent.plans.smart_acquisition:run_smart_acquisition",
     "spm-active": "agent.plans.spm_active:run_spm_active",
 }

@@ -19,6 +19,7 @@ the command is sent, through a writer that never makes the loop wait.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -31,7 +32,7 @@ import zmq
 from agent.engine.driver_faults import DriverFailedToStart, DriverFaults, DriverLost, DriverSilent
 from agent.engine.safety import LaserLimits
 from agent.engine.telemetry import RunTelemetry
-from agent.records.frame_recording import BackgroundFrameWriter
+from agent.records.frame_writer import BackgroundFrameWriter
 from agent.records.recorder import EventLog
 from drivers.auth import ClientKeys
 from drivers.protocol import EVENT_TOPIC, Frame, now_ns
@@ -55,6 +56,11 @@ class FramePlan(Protocol):
 
     def decide(self, obs: Observation) -> Action:
         """The action for this observation (the engine clips it to the limits)."""
+        ...
+
+    def learn(self, obs: Observation) -> None:
+        """What the plan updates from a step once its command is out (nothing that the
+        action needs: this runs off the latency path)."""
         ...
 
     def metrics(self) -> dict[str, float | None]:
@@ -171,6 +177,8 @@ class FrameLoop:
                 laser_after = client.call("laser_off", timeout_ms=1000).result.get("laser")
             except (CommandTimeout, CommandError) as exc:
                 self.events.write("error", where="final laser_off", message=str(exc))
+            with contextlib.suppress(CommandTimeout, CommandError):  # the next agent needs
+                client.call("release_control", timeout_ms=500)  # no watchdog wait to take over
             result.frames_received = subscriber.stats.received
             result.frames_skipped = subscriber.stats.skipped
             self.events.write(
@@ -302,6 +310,7 @@ class FrameLoop:
             result.commands_failed += 1
             error = str(exc)
         result.steps += 1
+        self.plan.learn(obs)
         self._record(frame, obs, paused=False)
         spots = spots_wire(action.laser)
         if self.telemetry is not None:

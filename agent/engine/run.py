@@ -17,7 +17,8 @@ from pydantic import BaseModel
 
 from agent.config import dump_config
 from agent.engine.telemetry import RunTelemetry
-from agent.records.frame_recording import FRAMES_NAME, BackgroundFrameWriter
+from agent.records.frame_recording import FRAMES_NAME
+from agent.records.frame_writer import BackgroundFrameWriter
 from agent.records.recorder import EventLog, new_run_dir, write_json
 
 PAUSE_POLL_S = 0.05

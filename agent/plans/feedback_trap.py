@@ -21,8 +21,11 @@ from typing import Any
 
 import numpy as np
 import zmq
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 
-from agent.config import ExperimentConfig, dump_config
+from agent.config import ExperimentConfig, dump_config, load_config
 from agent.detection.detectors import build_detector, needs_training, train_on_stream
 from agent.detection.tracking import Tracker
 from agent.engine.driver_faults import DriverFaults, DriverSilent, process_probe
@@ -32,7 +35,8 @@ from agent.engine.link import FEEDBACK_NEEDS, AttachedDriver, attach_configured,
 from agent.engine.run import RunEngine
 from agent.engine.telemetry import RunTelemetry
 from agent.records.evaluate import TruthRecorder, controlled_track, detection_rmse_um, rms_distance
-from agent.records.frame_recording import BackgroundFrameWriter
+from agent.records.frame_recording import FRAMES_NAME
+from agent.records.frame_writer import BackgroundFrameWriter
 from agent.records.plots import plot_run
 from agent.records.recorder import EventLog, read_events
 from drivers.config import DriverConfig
@@ -107,8 +111,10 @@ class FeedbackTrap:
         )
 
     def decide(self, obs: Observation) -> Action:
-        self._live_trap(obs)
         return self.policy.act(obs)
+
+    def learn(self, obs: Observation) -> None:
+        self._live_trap(obs)  # the trap's stiffness, once the command is out
 
     def metrics(self) -> dict[str, float | None]:
         return dict(self.trap_calibration)
@@ -336,3 +342,63 @@ def run_experiment(
         step_latencies_ms(phases["feedback"].steps),
     )
     return run_dir, run.finish(summary)
+
+
+SUMMARY_KEYS = (
+    "rms_feedback_um",
+    "rms_free_um",
+    "rms_ratio",
+    "latency_p50_ms",
+    "latency_p99_ms",
+    "steps",
+    "frames_received",
+    "frames_skipped",
+    "commands_failed",
+    "detection_rmse_um",
+    "frames_recorded",
+    "frames_not_recorded",
+)
+
+
+def run_feedback_trap(config_path: Path, overrides: list[str], console: Console) -> dict[str, Any]:
+    """The `feedback-trap` run kind (`agent.engine.experiments.RUN_KINDS`)."""
+    return run_with_progress(load_config(config_path, overrides), console)
+
+
+def run_with_progress(config: ExperimentConfig, console: Console) -> dict[str, Any]:
+    """Run the experiment with a progress bar over its phases; print the summary table."""
+    phases = 2 if config.compare_free_diffusion else 1
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[t]}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task(config.name, total=config.duration_s * phases, t="")
+        offsets = {"feedback": 0.0, "free": config.duration_s}
+
+        def on_progress(phase: str, t_s: float) -> None:
+            progress.update(
+                task,
+                completed=offsets.get(phase, 0.0) + min(t_s, config.duration_s),
+                description=f"{config.name} [{phase}]",
+                t=f"{t_s:5.1f} s",
+            )
+
+        run_dir, summary = run_experiment(config, on_progress)
+    table = Table(title="run summary", show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in SUMMARY_KEYS:
+        if key in summary:
+            value = summary[key]
+            table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
+    console.print(table)
+    if summary.get("end_reason"):
+        console.print(f"run ended early: {summary['end_reason']}", markup=False)
+    files = ["report.html", "summary.json", "events-*.jsonl", *summary.get("plots", [])]
+    if "frames_recorded" in summary:
+        files.insert(3, FRAMES_NAME)
+    console.print(f"run written to [bold]{run_dir}[/bold] ({', '.join(files)})")
+    return summary

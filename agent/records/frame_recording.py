@@ -19,17 +19,14 @@ keeping the frames whose pixels match their checksum.
 The x/y axes carry the pixel size in micrometres (OME-NGFF `scale` + `unit`), taken
 from the recorder's argument or the first frame's `pixel_size_um`.
 
-A loop that must not wait (the feedback trap acts on every frame within
-milliseconds) records through `BackgroundFrameWriter`: the loop hands it a frame
-and goes on; a writer thread appends. When the writer falls behind by more than its
-queue (bytes), frames are counted as not recorded instead of making the loop wait.
+A loop that must not wait records through `agent.records.frame_writer` (a writer
+process fed over a socket) instead of calling `FrameRecorder` itself.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import queue
 import threading
 import time
 import zlib
@@ -136,80 +133,12 @@ class FrameRecorder:
         self.close()
 
 
-class BackgroundFrameWriter:
-    """A `FrameRecorder` fed from a thread of its own, so the caller never waits on disk.
-
-    `offer` queues a frame (the array is kept, not copied: received frames are read-only)
-    and returns at once; past `max_queued_bytes` of frames waiting, it refuses the frame
-    and counts it in `dropped`. A frame the recorder rejects (a shape change) counts in
-    `failed`, its reason in `error`. `close` writes what is queued, then closes."""
-
-    def __init__(self, path: Path, max_queued_bytes: int, pixel_size_um: float | None = None):
-        self.recorder = FrameRecorder(path, pixel_size_um)
-        self.max_queued_bytes = int(max_queued_bytes)
-        self.dropped = 0
-        self.failed = 0
-        self.error: str | None = None
-        self._queued_bytes = 0
-        self._lock = threading.Lock()
-        self._queue: queue.SimpleQueue[tuple[np.ndarray, dict[str, Any]] | None] = (
-            queue.SimpleQueue()
-        )
-        self._thread = threading.Thread(target=self._drain, name="frame-writer", daemon=True)
-        self._thread.start()
-
-    @property
-    def path(self) -> Path:
-        return self.recorder.path
-
-    @property
-    def written(self) -> int:
-        return self.recorder.count
-
-    def offer(self, frame: np.ndarray, metadata: dict[str, Any]) -> bool:
-        """Queue one frame for writing; False (and counted) when the writer is too far behind."""
-        size = int(frame.nbytes)
-        with self._lock:
-            if self._queued_bytes + size > self.max_queued_bytes:
-                self.dropped += 1
-                return False
-            self._queued_bytes += size
-        self._queue.put((frame, metadata))
-        return True
-
-    def _drain(self) -> None:
-        while (item := self._queue.get()) is not None:
-            frame, metadata = item
-            try:
-                self.recorder.append(frame, metadata)
-            except (ValueError, OSError) as exc:
-                self.failed += 1
-                self.error = str(exc)
-            with self._lock:
-                self._queued_bytes -= int(frame.nbytes)
-
-    def stats(self) -> dict[str, Any]:
-        """What the summary says about the recording."""
-        return {
-            "frames_recorded": self.written,
-            "frames_not_recorded": self.dropped + self.failed,
-            "frames_record_error": self.error,
-            "frames_pixel_size_um": self.recorder.pixel_size_um,
-        }
-
-    def close(self) -> None:
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
-        self.recorder.close()
-
-
 def _plain(metadata: dict[str, Any]) -> dict[str, Any]:
     """JSON-safe copy (numpy scalars and arrays become numbers and lists)."""
-    return json.loads(json.dumps(metadata, default=_default))
+    return json.loads(json.dumps(metadata, default=json_default))
 
 
-def _default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):

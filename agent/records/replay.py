@@ -142,12 +142,15 @@ def _default_name(policy_config: BaseModel, recorded: bool) -> str:
     return f"{getattr(policy_config, 'kind', 'policy')}-{digest}"
 
 
-def _has_policy_phases(run_dir: Path) -> bool:
+def _has_policy_phases(run_dir: Path, phase: str) -> bool:
     """A feedback-trap run (its config's `kind`, the default): phases of policy steps.
-    Other plans that record frames (smart acquisition) replay their frames only."""
+    Other plans that record frames (smart acquisition) replay their frames only; a run
+    without its config.yaml is told by whether the phase's step log exists."""
     path = run_dir / "config.yaml"
+    if not path.is_file():
+        return (run_dir / f"events-{phase}.jsonl").is_file()
     try:
-        raw = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+        raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: not a valid config ({exc})") from None
     return isinstance(raw, dict) and raw.get("kind", "feedback-trap") == "feedback-trap"
@@ -171,7 +174,7 @@ def replay_run(
     """
     run_dir = Path(run_dir)
     frames = run_dir / FRAMES_NAME
-    if recording_exists(frames) and not _has_policy_phases(run_dir):
+    if recording_exists(frames) and not _has_policy_phases(run_dir, phase):
         return replay_frames(run_dir, name=name)
     run = load_run(run_dir)
     if phase not in run.phases:

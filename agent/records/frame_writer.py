@@ -4,11 +4,14 @@ A loop that acts on every frame within milliseconds must not wait for a disk, no
 the Python lock: tensorstore holds the GIL through parts of each append (measured: a
 writer thread in the loop's process raised the loop's p99 wake-up lateness from 1.7
 to 4.6 ms, and opening the store stalled it for 0.7 s). So `BackgroundFrameWriter`
-starts `python -m agent.records.frame_writer` (a `FrameRecorder`, niced) and hands it
+starts `python -m agent.records.frame_writer` (a `FrameRecorder`) and hands it
 each frame over a ZeroMQ PUSH socket in a private 0700 ipc directory: `offer` is a
 non-blocking send of the frame's buffer (no copy in the loop) and its metadata. When
 the writer falls behind by more than `max_queued_bytes`, the send fails at once and the
-frame is counted in `dropped` instead of making the loop wait. `close` sends the end,
+frame is counted in `dropped` instead of making the loop wait. The writer runs in the
+idle scheduling class (`SCHED_IDLE`, where the OS has it; else nice 19): it gets only
+CPU time nothing else wants, so it cannot delay the loop even on a busy machine (each
+tensorstore append costs ~3 ms, mostly growing the array). `close` sends the end,
 waits for the writer to write what is queued, and reads its counts back. A writer
 whose run was killed writes what reached it, closes the recording and exits.
 """
@@ -31,7 +34,7 @@ from drivers.auth import private_dir
 
 CLOSE = b"close"
 CLOSE_TIMEOUT_S = 120.0  # a long backlog on a slow disk still gets written
-WRITER_NICE = 10
+WRITER_NICE = 19
 ORPHAN_CHECK_MS = 500  # the loop's process comes first on a busy machine
 
 
@@ -64,7 +67,7 @@ class BackgroundFrameWriter:
         if frames < 1:
             return None
         socket = self._ctx.socket(zmq.PUSH)
-        socket.setsockopt(zmq.SNDHWM, max(frames // 2, 1))
+        socket.setsockopt(zmq.SNDHWM, frames)
         socket.setsockopt(zmq.LINGER, 0)
         socket.connect(self._endpoint)
         return socket
@@ -141,6 +144,7 @@ def serve(path: Path, endpoint: str, pixel_size_um: float | None) -> dict[str, A
     ctx = zmq.Context()
     socket = ctx.socket(zmq.PULL)
     socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.RCVHWM, 2)  # the queue (bytes-bounded) is the sender's
     socket.bind(endpoint)
     failed, error = 0, None
     parent = os.getppid()
@@ -152,6 +156,7 @@ def serve(path: Path, endpoint: str, pixel_size_um: float | None) -> dict[str, A
                 continue
             parts = socket.recv_multipart(copy=False)
             if len(parts) == 1 and parts[0].bytes == CLOSE:
+                _yield_cpu(idle=False)  # the run is over: write the backlog at full speed
                 break
             header = json.loads(parts[0].bytes)
             shape, dtype = header.pop("_shape"), header.pop("_dtype")
@@ -172,8 +177,21 @@ def serve(path: Path, endpoint: str, pixel_size_um: float | None) -> dict[str, A
     }
 
 
+def _yield_cpu(idle: bool) -> None:
+    """Into (or out of) the idle scheduling class, before any writer thread starts."""
+    policy = getattr(os, "SCHED_IDLE" if idle else "SCHED_OTHER", None)
+    try:
+        if policy is not None:
+            os.sched_setscheduler(0, policy, os.sched_param(0))
+        elif idle:
+            os.nice(WRITER_NICE)
+    except OSError:  # not allowed here: the loop still never waits, frames may drop
+        if idle:
+            os.nice(WRITER_NICE)
+
+
 if __name__ == "__main__":
-    os.nice(WRITER_NICE)
+    _yield_cpu(idle=True)
     folder_path, address, *pixel_arg = sys.argv[1:]
     result = serve(Path(folder_path), address, float(pixel_arg[0]) if pixel_arg else None)
     print(json.dumps(result), flush=True)

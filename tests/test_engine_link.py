@@ -300,3 +300,12 @@ def test_smart_acquisition_attaches_over_tcp_to_a_driver_process(tmp_path: Path)
         proc.terminate()
         proc.wait(10)
         log.close()
+
+
+def test_every_plan_is_one_registry_line_whose_entry_and_loader_resolve() -> None:
+    from agent.engine.experiments import PLANS, RUN_CONFIG_LOADERS, RUN_KINDS, resolve
+
+    assert set(RUN_KINDS) == set(RUN_CONFIG_LOADERS) == set(PLANS)
+    for kind in PLANS:
+        assert callable(resolve(kind, RUN_KINDS)) and callable(resolve(kind, RUN_CONFIG_LOADERS))
+    assert RUN_KINDS["feedback-trap"].startswith("agent.plans.feedback_trap:")

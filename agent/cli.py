@@ -80,6 +80,7 @@ def run(
 
     With --dashboard the page runs in a thread of this process and attaches to the run
     this command starts, through its runs/<run>/telemetry.json (see agent.dashboard)."""
+    from agent.engine.driver_faults import DriverSilent
     from agent.engine.experiments import DEFAULT_RUN_KIND, RUN_KINDS, peek_kind, resolve
 
     try:
@@ -88,8 +89,6 @@ def run(
         err_console.print(str(exc), markup=False, highlight=False)
         raise typer.Exit(2) from None
     server = _start_dashboard(config, overrides or [], dashboard, dashboard_host, token)
-    from agent.engine.driver_faults import DriverSilent
-
     try:
         entry(config, overrides or [], console)
     except ConfigError as exc:

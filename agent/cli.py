@@ -12,7 +12,6 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from agent.config import ConfigError, ExperimentConfig, apply_overrides, load_config
@@ -42,63 +41,15 @@ def _load(config: Path, overrides: list[str] | None) -> ExperimentConfig:
 
 
 def _run(config: ExperimentConfig) -> dict[str, Any]:
-    from agent.live.loop import DriverSilent
-    from agent.live.runner import run_experiment
+    """The feedback trap with its progress bar; a silent driver is one error line."""
+    from agent.engine.driver_faults import DriverSilent
+    from agent.plans.feedback_trap import run_with_progress
 
-    phases = 2 if config.compare_free_diffusion else 1
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.fields[t]}"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task(config.name, total=config.duration_s * phases, t="")
-        offsets = {"feedback": 0.0, "free": config.duration_s}
-
-        def on_progress(phase: str, t_s: float) -> None:
-            progress.update(
-                task,
-                completed=offsets.get(phase, 0.0) + min(t_s, config.duration_s),
-                description=f"{config.name} [{phase}]",
-                t=f"{t_s:5.1f} s",
-            )
-
-        try:
-            run_dir, summary = run_experiment(config, on_progress)
-        except DriverSilent as exc:
-            err_console.print(f"error: {exc}", markup=False, highlight=False)
-            raise typer.Exit(1) from None
-    _print_summary(summary)
-    if summary.get("end_reason"):
-        err_console.print(f"run ended early: {summary['end_reason']}", markup=False)
-    console.print(
-        f"run written to [bold]{run_dir}[/bold] (report.html, summary.json, events-*.jsonl, "
-        f"{', '.join(summary.get('plots', []))})"
-    )
-    return summary
-
-
-def _print_summary(summary: dict[str, Any]) -> None:
-    table = Table(title="run summary", show_header=True)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key in (
-        "rms_feedback_um",
-        "rms_free_um",
-        "rms_ratio",
-        "latency_p50_ms",
-        "latency_p99_ms",
-        "steps",
-        "frames_received",
-        "frames_skipped",
-        "commands_failed",
-        "detection_rmse_um",
-    ):
-        if key in summary:
-            value = summary[key]
-            table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
-    console.print(table)
+    try:
+        return run_with_progress(config, console)
+    except DriverSilent as exc:
+        err_console.print(f"error: {exc}", markup=False, highlight=False)
+        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -129,6 +80,7 @@ def run(
 
     With --dashboard the page runs in a thread of this process and attaches to the run
     this command starts, through its runs/<run>/telemetry.json (see agent.dashboard)."""
+    from agent.engine.driver_faults import DriverSilent
     from agent.engine.experiments import DEFAULT_RUN_KIND, RUN_KINDS, peek_kind, resolve
 
     try:
@@ -142,6 +94,9 @@ def run(
     except ConfigError as exc:
         err_console.print(str(exc), markup=False, highlight=False)
         raise typer.Exit(2) from None
+    except DriverSilent as exc:  # a driver that never answered, or failed to start
+        err_console.print(f"error: {exc}", markup=False, highlight=False)
+        raise typer.Exit(1) from None
     finally:
         if server is not None:
             server.stop()
@@ -181,11 +136,6 @@ def _start_dashboard(
         raise typer.Exit(2) from None
     console.print(f"dashboard on {server.url}", markup=False, highlight=False)
     return server
-
-
-def run_feedback_trap(config: Path, overrides: list[str], _console: Console) -> dict[str, Any]:
-    """The `feedback-trap` run kind (with this module's progress bar and summary table)."""
-    return _run(_load(config, overrides))
 
 
 @app.command()
@@ -286,14 +236,17 @@ def replay(
     if "message" in result:  # a frames replay (agent/records/replay.py replay_frames)
         console.print(result["message"], markup=False, highlight=False)
         return
+    moved = result["mean_spot_displacement_um"]  # None: no recorded spot to compare with
     console.print(
         f"{result['steps_differing']} of {result['steps']} decisions differ "
-        f"(mean spot move {result['mean_spot_displacement_um']:.3f} um, mean power change "
+        f"(mean spot move {'n/a' if moved is None else f'{moved:.3f}'} um, mean power change "
         f"{result['mean_power_change_mw']:+.3f} mW); written to {result['output']}"
         + (f" (run {result['cut_short']})" if result.get("cut_short") else ""),
         markup=False,
         highlight=False,
     )
+    if "frames_replay" in result:  # the run recorded its frames: detection re-ran on them
+        console.print(result["frames_replay"]["message"], markup=False, highlight=False)
 
 
 @twin_app.command("serve")

@@ -197,7 +197,8 @@ def records_lost(kills: int, log: Log, seed: int = 0) -> dict[str, Any]:
 def driver_restart(log: Log) -> dict[str, Any]:
     from agent.detection.detect import ParticleDetector
     from agent.engine.driver_faults import DriverFaults
-    from agent.live.loop import AgentLoop, LoopEndpoints
+    from agent.engine.frame_loop import LoopEndpoints
+    from agent.plans.feedback_trap import feedback_loop
     from agent.records.recorder import EventLog
     from policies.feedback import ProportionalTrap, ProportionalTrapConfig
 
@@ -209,7 +210,7 @@ def driver_restart(log: Log) -> dict[str, Any]:
         driver.start()
         try:
             with EventLog(events_path) as events:
-                loop = AgentLoop(
+                loop = feedback_loop(
                     LoopEndpoints(driver.stream, driver.command),
                     ParticleDetector(),
                     ProportionalTrap(ProportionalTrapConfig()),
@@ -292,7 +293,7 @@ def _write_us(log_class: Any, path: Path, n: int) -> float:
 
 def loop_latency(quick: bool, log: Log) -> dict[str, float]:
     from agent.config import load_config
-    from agent.live import runner
+    from agent.plans import feedback_trap as runner
     from agent.records.recorder import EventLog
 
     rounds, duration = (2, 2.0) if quick else (4, 5.0)  # interleaved: load drifts

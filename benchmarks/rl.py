@@ -317,8 +317,8 @@ def live_vs_gym(
 ) -> dict[str, float]:
     """Same checkpoint, same twin: gym episodes against live ZeroMQ episodes."""
     from agent.config import load_config
-    from agent.live.loop import DriverSilent
-    from agent.live.runner import make_policy, run_phase
+    from agent.engine.driver_faults import DriverSilent
+    from agent.plans.feedback_trap import make_policy, run_phase
     from policies.rl.agents import load_agent
     from simulators.rl_envs import MicroswimmerEnv, TwinEnvConfig
 

@@ -40,7 +40,8 @@ def _recording_source(path: Path) -> tuple[FrameSource, int, float | None]:
     if len(recording) == 0:
         raise ValueError(f"driver.playback.path: {path} holds no readable frames")
     meta = recording.frame_metadata(0) or (recording.metadata[0] if recording.metadata else {})
-    size = meta.get("pixel_size_um", (meta.get("state") or {}).get("pixel_size_um"))
+    size = recording.pixel_size_um if recording.unit in (None, "micrometer") else None
+    size = size or meta.get("pixel_size_um", (meta.get("state") or {}).get("pixel_size_um"))
 
     def frames() -> Iterator[np.ndarray]:
         return (recording.frame(i) for i in range(len(recording)))

@@ -165,6 +165,22 @@ def _read_sidecar(path: Path) -> tuple[list[dict[str, Any]], bool]:
     return frames, closed
 
 
+def _xy_scale(attributes: dict[str, Any]) -> tuple[float | None, str | None]:
+    """The x pixel size and its unit from the OME-NGFF multiscales (None: not recorded)."""
+    try:
+        multiscale = attributes["ome"]["multiscales"][0]
+        axes = [axis["name"] for axis in multiscale["axes"]]
+        scale = next(
+            t["scale"]
+            for t in multiscale["datasets"][0]["coordinateTransformations"]
+            if t["type"] == "scale"
+        )
+        unit = multiscale["axes"][axes.index("x")].get("unit")
+        return (float(scale[axes.index("x")]) if unit else None), unit
+    except (KeyError, IndexError, StopIteration, ValueError, TypeError):
+        return None, None
+
+
 class Recording:
     """A recorded OME-Zarr: frames read lazily by index, metadata per frame.
 
@@ -196,6 +212,7 @@ class Recording:
             self._length = len(good)
         self.frames_lost = 0 if self.complete else len(records) - len(good)
         self.last_wall_time: float | None = good[-1]["wall_time"] if good else None
+        self.pixel_size_um, self.unit = _xy_scale(attributes)
         self._by_index = {tuple(meta.get("storage_index", ())): meta for meta in self.metadata}
 
     def _open_array(self) -> Any:

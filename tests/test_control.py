@@ -11,7 +11,7 @@ import pytest
 from pydantic import TypeAdapter, ValidationError
 
 from agent.config import ConfigError, load_config
-from agent.live.runner import make_policy
+from agent.plans.feedback_trap import make_policy
 from policies.contract import KB_FN_UM_PER_K, Observation
 from policies.control import (
     KalmanTrapConfig,

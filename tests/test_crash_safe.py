@@ -24,6 +24,7 @@ from agent.records.frame_recording import (
     read_recording,
     sidecar_path,
 )
+from agent.records.frame_writer import BackgroundFrameWriter
 from agent.records.recorder import EventLog, read_log
 from agent.records.replay import replay_run
 from agent.records.report import load_run, write_report
@@ -186,3 +187,31 @@ def test_a_run_killed_before_its_first_frame_still_replays(tmp_path: Path) -> No
     result = replay_run(tmp_path)
     assert result["frames"] == 0 and "cut short" in result["message"]
     assert "no summary.json" in (load_run(tmp_path).end_note() or "")
+
+
+def test_background_writer_counts_what_it_cannot_keep_instead_of_waiting(
+    tmp_path: Path,
+) -> None:
+    frame = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64)
+    writer = BackgroundFrameWriter(tmp_path / FRAMES_NAME, max_queued_bytes=10 * frame.nbytes)
+    for seq in range(3):
+        assert writer.offer(frame + seq, {"seq": seq, "pixel_size_um": 0.2})
+    assert writer.offer(np.zeros((8, 8), np.uint16), {"seq": 3})  # queued; refused on write
+    writer.close()
+    stats = writer.stats()
+    assert stats["frames_recorded"] == 3 and stats["frames_not_recorded"] == 1
+    assert "differs from the first" in stats["frames_record_error"]
+    recording = read_recording(tmp_path / FRAMES_NAME)
+    assert recording.complete and [recording.frame_metadata(i)["seq"] for i in range(3)] == [
+        0,
+        1,
+        2,
+    ]
+    assert recording.pixel_size_um == pytest.approx(0.2)
+    assert np.array_equal(recording.frame(2), frame + 2)
+
+    small = BackgroundFrameWriter(tmp_path / "small.ome.zarr", max_queued_bytes=frame.nbytes - 1)
+    assert not small.offer(frame, {"seq": 0})  # not even one frame fits: counted, not waited
+    small.close()
+    assert small.stats()["frames_dropped_behind"] == 1
+    assert small.stats()["frames_recorded"] == 0

@@ -13,8 +13,9 @@ import pytest
 from agent.config import ConfigError, load_config
 from agent.detection.detect import ParticleDetector
 from agent.engine.driver_faults import DriverFaults, DriverLost, DriverSilent, cause_line
-from agent.live import runner
-from agent.live.loop import AgentLoop, LoopEndpoints, LoopResult
+from agent.engine.frame_loop import LoopEndpoints, LoopResult
+from agent.plans import feedback_trap as runner
+from agent.plans.feedback_trap import feedback_loop
 from agent.records.recorder import EventLog, read_events
 from agent.records.report import load_run, write_report
 from benchmarks.faults_records import RestartableDriver, wait_for
@@ -43,7 +44,7 @@ def test_driver_restarted_under_a_running_agent_resumes(
     stop = threading.Event()
     results: list[LoopResult] = []
     with EventLog(log_path) as events:
-        loop = AgentLoop(
+        loop = feedback_loop(
             LoopEndpoints(drivers.stream, drivers.command),
             ParticleDetector(),
             ProportionalTrap(ProportionalTrapConfig()),

@@ -16,7 +16,7 @@ import yaml
 import zmq
 
 from agent.config import load_config
-from agent.live.runner import run_experiment
+from agent.plans.feedback_trap import run_experiment
 from agent.records.recorder import read_events
 from drivers.protocol import EVENT_TOPIC, HEARTBEAT_TOPIC, unpack_map
 
@@ -60,14 +60,15 @@ AGENT_SCRIPT = textwrap.dedent(
     """
     import sys, threading
     from agent.detection.detect import ParticleDetector
-    from agent.live.loop import AgentLoop, LoopEndpoints
+    from agent.engine.frame_loop import LoopEndpoints
+    from agent.plans.feedback_trap import feedback_loop
     from agent.records.recorder import EventLog
     from policies.feedback import ProportionalTrap, ProportionalTrapConfig
     from pathlib import Path
     stream, command, log = sys.argv[1:4]
     with EventLog(Path(log)) as events:
-        loop = AgentLoop(LoopEndpoints(stream, command), ParticleDetector(),
-                         ProportionalTrap(ProportionalTrapConfig()), events)
+        loop = feedback_loop(LoopEndpoints(stream, command), ParticleDetector(),
+                             ProportionalTrap(ProportionalTrapConfig()), events)
         loop.run(120.0)
     """
 )

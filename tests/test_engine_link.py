@@ -113,7 +113,7 @@ def test_lamp_free_rig_needs_full_intensity() -> None:
 def test_feedback_trap_attaches_to_a_running_driver(tmp_path: Path) -> None:
     """A driver node started by hand; the run uses it and leaves it running."""
     from agent.config import load_config
-    from agent.live.runner import run_experiment
+    from agent.plans.feedback_trap import run_experiment
 
     config = DriverConfig(
         stream_endpoint=f"ipc://{tmp_path}/s", command_endpoint=f"ipc://{tmp_path}/c"
@@ -300,3 +300,12 @@ def test_smart_acquisition_attaches_over_tcp_to_a_driver_process(tmp_path: Path)
         proc.terminate()
         proc.wait(10)
         log.close()
+
+
+def test_every_plan_is_one_registry_line_whose_entry_and_loader_resolve() -> None:
+    from agent.engine.experiments import PLANS, RUN_CONFIG_LOADERS, RUN_KINDS, resolve
+
+    assert set(RUN_KINDS) == set(RUN_CONFIG_LOADERS) == set(PLANS)
+    for kind in PLANS:
+        assert callable(resolve(kind, RUN_KINDS)) and callable(resolve(kind, RUN_CONFIG_LOADERS))
+    assert RUN_KINDS["feedback-trap"].startswith("agent.plans.feedback_trap:")

@@ -123,7 +123,7 @@ def test_the_feedback_trap_runs_unchanged_on_a_recording(ome_tiff: Path, tmp_pat
     """The twin's feedback-trap config with only the driver swapped: it runs, acts on
     what it sees, and leaves out what only a twin's truth could give."""
     from agent.config import load_config
-    from agent.live.runner import run_experiment
+    from agent.plans.feedback_trap import run_experiment
 
     experiment = load_config(
         CONFIGS / "twin-feedback-trap.yaml",

@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 
 from agent.config import load_config
-from agent.live.runner import run_experiment
-from agent.records.replay import replay_run
-from agent.records.report import write_report
+from agent.plans.feedback_trap import run_experiment
+from agent.records.frame_recording import FRAMES_NAME, read_recording
+from agent.records.replay import replay_frames, replay_run
+from agent.records.report import load_run, write_report
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "twin-feedback-trap.yaml"
 
@@ -169,3 +170,33 @@ def test_replay_reruns_any_registered_policy(
     assert result["steps"] == short_run[1]["steps"] and result["policy"]["kind"] == "pid"
     with pytest.raises(ValueError, match=r"policy\.kind"):
         replay_run(run_dir, policy={"kind": "magic"}, name="bad")
+
+
+def test_feedback_run_records_its_frames_and_replay_redetects_them(
+    short_run: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    run_dir, summary = short_run
+    run_dir = _copy(run_dir, tmp_path)
+    recording = read_recording(run_dir / FRAMES_NAME)
+    assert recording.complete
+    assert recording.pixel_size_um == pytest.approx(0.1) and recording.unit == "micrometer"
+    run = load_run(run_dir)
+    steps = {phase: run.steps(phase) for phase in ("feedback", "free")}
+    metadata = [recording.frame_metadata(i) for i in range(len(recording))]
+    for phase, phase_steps in steps.items():  # every frame the loop acted on, in order
+        recorded = [m for m in metadata if m["phase"] == phase]
+        assert [m["seq"] for m in recorded] == [s["seq"] for s in phase_steps]
+        assert [m["detections_um"][:16] for m in recorded] == [
+            s["detections_um"] for s in phase_steps
+        ]
+    assert summary["frames_recorded"] == len(recording) and summary["frames_not_recorded"] == 0
+
+    result = replay_run(run_dir)
+    frames = result["frames_replay"]
+    assert frames["phase"] == "feedback" and frames["frames"] == len(steps["feedback"])
+    assert frames["frames_changed"] == 0 and frames["detections_replayed"] > 0
+    assert frames["detections_replayed"] == frames["detections_recorded"]
+    assert frames["pixel_size_um"] == pytest.approx(0.1)
+    # another detector on the very same photons: blobs no particle is large enough for
+    blind = replay_frames(run_dir, {"min_area_px": 10_000}, phase="feedback")
+    assert blind["detections_replayed"] == 0 and blind["frames_changed"] == blind["frames"]

@@ -1,5 +1,5 @@
 """Run telemetry: publish/subscribe, dropping for slow readers, and pause/resume/stop
-obeyed by a real AgentLoop driving the twin."""
+obeyed by the engine's frame loop running the feedback-trap plan on the twin."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 import zmq
 
 from agent.detection.detect import ParticleDetector
+from agent.engine.frame_loop import LoopEndpoints, LoopResult
 from agent.engine.telemetry import (
     RunTelemetry,
     TelemetryMessage,
@@ -20,7 +21,7 @@ from agent.engine.telemetry import (
     read_telemetry_info,
     send_control,
 )
-from agent.live.loop import AgentLoop, LoopEndpoints, LoopResult
+from agent.plans.feedback_trap import feedback_loop
 from agent.records.recorder import EventLog, read_events
 from drivers.mmcore_node import DriverNode
 from drivers.transport import CommandClient
@@ -190,7 +191,7 @@ def test_agent_loop_pauses_resumes_and_stops_on_command(
     client = CommandClient(zmq_ctx, command, timeout_ms=2000)
     result: list[LoopResult] = []
     with EventLog(tmp_path / "events.jsonl") as events:
-        loop = AgentLoop(
+        loop = feedback_loop(
             LoopEndpoints(stream, command),
             ParticleDetector(),
             policy,

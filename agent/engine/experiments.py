@@ -2,6 +2,7 @@
 top-level `kind` here, so every experiment and trainer has one entry point.
 
 Entries are "module:function" strings, imported only when used (CLI start stays fast).
+A new plan is its module in `agent/plans/` and one line in `PLANS`.
 A run entry is `fn(config_path: Path, overrides: list[str], console) -> dict` (the
 summary); a train entry has the same signature and returns the training summary.
 Both raise `agent.config.ConfigError` for a config they cannot run.
@@ -18,19 +19,22 @@ from agent.config import ConfigError, read_config_mapping
 
 DEFAULT_RUN_KIND = "feedback-trap"
 
-RUN_KINDS: dict[str, str] = {
-    "feedback-trap": "agent.cli:run_feedback_trap",
-    "smart-acquisition": "agent.plans.smart_acquisition:run_smart_acquisition",
-    "spm-active": "agent.plans.spm_active:run_spm_active",
+# One line per plan: its run entry and its config loader `(path, overrides) -> model`
+# (ConfigError on bad input), so a caller can check a config before running it
+# (`scopeloop sweep` checks every point).
+PLANS: dict[str, tuple[str, str]] = {
+    "feedback-trap": ("agent.plans.feedback_trap:run_feedback_trap", "agent.config:load_config"),
+    "smart-acquisition": (
+        "agent.plans.smart_acquisition:run_smart_acquisition",
+        "agent.plans.smart_acquisition:load_smart_config",
+    ),
+    "spm-active": (
+        "agent.plans.spm_active:run_spm_active",
+        "agent.plans.spm_active:load_spm_config",
+    ),
 }
-
-# Each run kind's config loader `(path, overrides) -> model` (ConfigError on bad input),
-# so a caller can check a config before running it (`scopeloop sweep` checks every point).
-RUN_CONFIG_LOADERS: dict[str, str] = {
-    "feedback-trap": "agent.config:load_config",
-    "smart-acquisition": "agent.plans.smart_acquisition:load_smart_config",
-    "spm-active": "agent.plans.spm_active:load_spm_config",
-}
+RUN_KINDS: dict[str, str] = {kind: entry for kind, (entry, _) in PLANS.items()}
+RUN_CONFIG_LOADERS: dict[str, str] = {kind: loader for kind, (_, loader) in PLANS.items()}
 
 TRAIN_KINDS: dict[str, str] = {
     "spm-segmenter": "agent.training.spm_segmenter:train_spm_segmenter",

@@ -193,7 +193,7 @@ def driver_for(
     if config.connect is not None:
         yield attach(ctx, config.connect, keys=client_keys(config.client_auth))
         return
-    from agent.live.runner import DriverProcess
+    from agent.engine.driver_process import DriverProcess
 
     resolved = resolve_endpoints(config)
     path = run_dir / f"driver-{name}.yaml"

@@ -1,7 +1,9 @@
 """What every plan's run shares, written once: the run directory and config snapshot,
-the event log, live telemetry with the dashboard's pause / resume / stop, and the
-summary and report at the end. A plan holds only its experiment's logic and calls
-`checkpoint()` wherever it may pause or stop (between batches, steps, phases).
+the event log, live telemetry with the dashboard's pause / resume / stop, the frame
+recording (`frames.ome.zarr`, one per run, every phase's frames tagged with their
+phase), and the summary and report at the end. A plan holds only its experiment's
+logic and calls `checkpoint()` wherever it may pause or stop (between batches, steps,
+phases); a plan that acts frame by frame runs on `agent.engine.frame_loop`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from pydantic import BaseModel
 
 from agent.config import dump_config
 from agent.engine.telemetry import RunTelemetry
+from agent.records.frame_recording import FRAMES_NAME
+from agent.records.frame_writer import BackgroundFrameWriter
 from agent.records.recorder import EventLog, new_run_dir, write_json
 
 PAUSE_POLL_S = 0.05
@@ -36,6 +40,7 @@ class RunEngine:
         self.events = EventLog(self.run_dir / events_name)
         self.telemetry = RunTelemetry(self.run_dir.name, ctx)
         self.telemetry.write_info(self.run_dir)
+        self.frames: BackgroundFrameWriter | None = None
         self._t0 = time.perf_counter()
 
     def __enter__(self) -> RunEngine:
@@ -51,6 +56,9 @@ class RunEngine:
         self.telemetry.reason = (
             "stop command" if self.stopped else ("finished" if exc is None else f"error: {exc}")
         )
+        if self.frames is not None:
+            self.frames.close()
+            self.events.write("frames", **self.frames.stats())
         self.events.close()
         self.telemetry.close(self.telemetry.reason)
 
@@ -70,6 +78,15 @@ class RunEngine:
             self.events.write("resumed" if not self.stopped else "stopped")
         return not self.stopped
 
+    def frame_writer(self, max_queued_mb: float) -> BackgroundFrameWriter:
+        """The run's frame recording, opened on the first ask and shared by every phase;
+        it never makes the loop wait (see `BackgroundFrameWriter`)."""
+        if self.frames is None:
+            self.frames = BackgroundFrameWriter(
+                self.run_dir / FRAMES_NAME, int(max_queued_mb * 1024 * 1024)
+            )
+        return self.frames
+
     def phase(self, name: str) -> None:
         self.telemetry.set_phase(name)
         self.telemetry.event(f"phase {name} started")
@@ -82,6 +99,7 @@ class RunEngine:
             "run_dir": str(self.run_dir),
             "stopped": self.stopped,
             "wall_s": time.perf_counter() - self._t0,
+            **(self.frames.stats() if self.frames is not None else {}),
         }
         write_json(self.run_dir / "summary.json", summary)
         if report:

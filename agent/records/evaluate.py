@@ -16,6 +16,8 @@ from drivers.auth import ClientKeys
 from drivers.protocol import TRUTH_PREFIX, unpack_map
 from drivers.transport import raw_subscriber
 
+DRAIN_S = 0.25
+
 
 class TruthRecorder(threading.Thread):
     """Background subscriber that logs every ground-truth message to a JSONL file."""
@@ -33,21 +35,27 @@ class TruthRecorder(threading.Thread):
 
     def run(self) -> None:
         try:
-            while not self._stop_event.is_set():
-                if not self._socket.poll(50):
-                    continue
-                while True:
-                    try:
-                        parts = self._socket.recv_multipart(flags=zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    record = unpack_map(parts[1], "truth")
-                    record.pop("v", None)
-                    self._log.write("truth", **record)
-                    self.received.set()
+            while True:
+                # drain in batches: one wake-up per DRAIN_S, not one per frame, so this
+                # thread seldom holds the GIL when the loop's next frame arrives
+                stopping = self._stop_event.wait(DRAIN_S)
+                self._drain()
+                if stopping:
+                    break
         finally:
             self._log.close()
             self._socket.close()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                parts = self._socket.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            record = unpack_map(parts[1], "truth")
+            record.pop("v", None)
+            self._log.write("truth", **record)
+            self.received.set()
 
     def stop(self) -> list[dict[str, Any]]:
         """Stop and return every record, read back from the file (memory stays flat)."""

@@ -15,6 +15,12 @@ data). Appending a line costs the same at frame 10 and frame 10^6, unlike rewrit
 `zarr.json`, and never touches a file ome-writers owns. The reader takes the
 metadata from `zarr.json` after a clean close and from the sidecar otherwise,
 keeping the frames whose pixels match their checksum.
+
+The x/y axes carry the pixel size in micrometres (OME-NGFF `scale` + `unit`), taken
+from the recorder's argument or the first frame's `pixel_size_um`.
+
+A loop that must not wait records through `agent.records.frame_writer` (a writer
+process fed over a socket) instead of calling `FrameRecorder` itself.
 """
 
 from __future__ import annotations
@@ -42,11 +48,12 @@ from drivers.recorded_frames import (  # the read half lives with the playback d
 class FrameRecorder:
     """Appends frames of one shape/dtype; the first frame fixes both."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, pixel_size_um: float | None = None) -> None:
         import ome_writers  # noqa: F401  (seconds to import: now, not at the first frame)
         import tensorstore  # noqa: F401  (its backend)
 
         self.path = Path(path)
+        self.pixel_size_um = pixel_size_um
         self._stream: Any = None
         self._shape: tuple[int, ...] = ()
         self.count = 0
@@ -58,7 +65,7 @@ class FrameRecorder:
 
     def append(self, frame: np.ndarray, metadata: dict[str, Any]) -> None:
         if self._stream is None:
-            self._open(frame)
+            self._open(frame, metadata.get("pixel_size_um"))
         if frame.shape != self._shape:
             raise ValueError(
                 f"frame recording: frame shape {frame.shape} differs from the first {self._shape}"
@@ -75,16 +82,21 @@ class FrameRecorder:
         append_line(self._sidecar, record, self._lock)
         self.count += 1
 
-    def _open(self, frame: np.ndarray) -> None:
+    def _open(self, frame: np.ndarray, frame_pixel_um: float | None) -> None:
         import ome_writers as ow
 
         height, width = frame.shape
+        pixel = self.pixel_size_um if self.pixel_size_um is not None else frame_pixel_um
+        space: dict[str, Any] = (
+            {} if pixel is None else {"scale": float(pixel), "unit": "micrometer"}
+        )
+        self.pixel_size_um = None if pixel is None else float(pixel)
         settings = ow.AcquisitionSettings(
             root_path=str(self.path),
             dimensions=[
                 ow.Dimension(name="t", count=None, type="time", chunk_size=1),
-                ow.Dimension(name="y", count=height, type="space"),
-                ow.Dimension(name="x", count=width, type="space"),
+                ow.Dimension(name="y", count=height, type="space", **space),
+                ow.Dimension(name="x", count=width, type="space", **space),
             ],
             dtype=str(frame.dtype),
             format="ome-zarr",
@@ -112,10 +124,10 @@ class FrameRecorder:
 
 def _plain(metadata: dict[str, Any]) -> dict[str, Any]:
     """JSON-safe copy (numpy scalars and arrays become numbers and lists)."""
-    return json.loads(json.dumps(metadata, default=_default))
+    return json.loads(json.dumps(metadata, default=json_default))
 
 
-def _default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):

@@ -3,7 +3,9 @@
 When the run recorded its frames (`frames.ome.zarr`, see `agent/records/frame_recording.py`),
 `replay_frames` re-runs the detector over every recorded frame and reports how the
 detections change against the recorded ones; `replay_run` does that for a run that
-has frames but no policy phase. Without frames, replay rebuilds each step's
+has frames but no policy phase, and alongside the policy replay for a run that has
+both (a feedback trap records every frame its loop acts on, tagged with the phase).
+For the policy, replay rebuilds each step's
 `Observation` from the event log (detections, track ids, target, sequence number,
 exposure) and asks a policy what it would have commanded, clipped to the driver's
 limits exactly as the live loop does. It reports how often
@@ -26,8 +28,9 @@ from pydantic import BaseModel, ValidationError
 
 from agent.config import ExperimentConfig
 from agent.detection.detect import DetectorConfig, ParticleDetector
-from agent.detection.detectors import DetectorSettings
+from agent.detection.detectors import Detector, DetectorSettings, build_detector
 from agent.engine.safety import LaserLimits
+from agent.plans.feedback_trap import DEEP_CHECKPOINT
 from agent.records.evaluate import MATCH_RADIUS_UM, detection_errors_um
 from agent.records.frame_recording import FRAMES_NAME, read_recording, recording_exists
 from agent.records.recorder import write_json
@@ -139,6 +142,20 @@ def _default_name(policy_config: BaseModel, recorded: bool) -> str:
     return f"{getattr(policy_config, 'kind', 'policy')}-{digest}"
 
 
+def _has_policy_phases(run_dir: Path, phase: str) -> bool:
+    """A feedback-trap run (its config's `kind`, the default): phases of policy steps.
+    Other plans that record frames (smart acquisition) replay their frames only; a run
+    without its config.yaml is told by whether the phase's step log exists."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return (run_dir / f"events-{phase}.jsonl").is_file()
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not a valid config ({exc})") from None
+    return isinstance(raw, dict) and raw.get("kind", "feedback-trap") == "feedback-trap"
+
+
 def replay_run(
     run_dir: Path,
     detector: DetectorSettings | None = None,
@@ -157,7 +174,7 @@ def replay_run(
     """
     run_dir = Path(run_dir)
     frames = run_dir / FRAMES_NAME
-    if recording_exists(frames) and not (run_dir / f"events-{phase}.jsonl").is_file():
+    if recording_exists(frames) and not _has_policy_phases(run_dir, phase):
         return replay_frames(run_dir, name=name)
     run = load_run(run_dir)
     if phase not in run.phases:
@@ -244,6 +261,11 @@ def replay_run(
     }
     if isinstance(result["detector"], BaseModel):
         result["detector"] = result["detector"].model_dump(mode="json")
+    if recording_exists(frames):  # the photons too: re-detect the phase's recorded frames
+        frames_result = replay_frames(run_dir, phase=phase, max_examples=max_examples)
+        result["frames_replay"] = frames_result
+        result["note"] = "the policy re-runs on the recorded detections; detection re-runs on "
+        result["note"] += f"the recorded frames ({frames_result['output']})"
     path = run_dir / f"replay-{name}.json"
     result["output"] = str(path)
     write_json(path, result)
@@ -267,14 +289,35 @@ def _example(
 DETECTION_TOLERANCE_UM = 0.05
 
 
-def _recorded_detector(run_dir: Path) -> DetectorConfig:
-    """The detector section of the run's config.yaml (defaults when absent)."""
+def _recorded_detector(run_dir: Path) -> tuple[Detector, dict[str, Any]]:
+    """The detector the run used (its config.yaml: a plan's `detector`, or the feedback
+    trap's `agent.detector`, a trained one from the run's checkpoint), and its config."""
     path = run_dir / "config.yaml"
     raw = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    agent = raw.get("agent")
+    field = "agent.detector" if isinstance(agent, dict) and "detector" in agent else "detector"
     try:
-        return DetectorConfig.model_validate(raw.get("detector") or {})
+        if field == "agent.detector":
+            settings = DetectorSettings.model_validate(agent["detector"] or {})
+            detector = build_detector(settings, run_dir / DEEP_CHECKPOINT)
+            return detector, settings.model_dump(mode="json")
+        config = DetectorConfig.model_validate(raw.get("detector") or {})
     except ValidationError as exc:
-        raise ValueError(f"{path}: detector: {exc.errors()[0]['msg']}") from None
+        raise ValueError(f"{path}: {field}: {exc.errors()[0]['msg']}") from None
+    except FileNotFoundError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    return ParticleDetector(config), config.model_dump(mode="json")
+
+
+def _frame_detections_um(px: np.ndarray, frame: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
+    """Pixel detections in the recording's coordinates: um from the frame's corner plus
+    `origin_um` (a frame-by-frame plan), else from the view centre at `stage_um`."""
+    pixel = float(meta.get("pixel_size_um", 1.0))
+    if "origin_um" in meta:
+        return px * pixel + np.asarray(meta["origin_um"], dtype=float)
+    stage = np.asarray(meta.get("stage_um") or (0.0, 0.0), dtype=float)
+    centre = np.array([frame.shape[1], frame.shape[0]]) / 2
+    return (px + 0.5 - centre) * pixel + stage
 
 
 def replay_frames(
@@ -282,48 +325,54 @@ def replay_frames(
     detector: DetectorConfig | dict[str, Any] | None = None,
     *,
     name: str | None = None,
+    phase: str | None = None,
     max_examples: int = 10,
 ) -> dict[str, Any]:
     """Re-run detection over a run's recorded frames; write `replay-<name>.json`.
 
     `detector`: None re-runs the recorded detector (results match the recording);
     another config shows what it would have found on the very same photons.
+    `phase`: only the frames recorded in that phase (a feedback run's "feedback").
     """
     run_dir = Path(run_dir)
     if not recording_exists(run_dir / FRAMES_NAME):
         raise ValueError(f"{run_dir}: no {FRAMES_NAME} (the run did not record frames)")
     source = "recorded" if detector is None else "given"
     if detector is None:
-        config = _recorded_detector(run_dir)
-    elif isinstance(detector, DetectorConfig):
-        config = detector
+        run_detector, described = _recorded_detector(run_dir)
     else:
         try:
-            config = DetectorConfig.model_validate(detector)
+            config = (
+                detector
+                if isinstance(detector, DetectorConfig)
+                else DetectorConfig.model_validate(detector)
+            )
         except ValidationError as exc:
             raise ValueError(f"replay: detector: {exc.errors()[0]['msg']}") from None
+        run_detector, described = ParticleDetector(config), config.model_dump(mode="json")
     name = name or (
         "frames-recorded"
         if detector is None
         else "frames-"
-        + hashlib.sha1(json.dumps(config.model_dump(), sort_keys=True).encode()).hexdigest()[:8]
+        + hashlib.sha1(json.dumps(described, sort_keys=True).encode()).hexdigest()[:8]
     )
+    if phase is not None:
+        name = f"{name}-{phase}"
     if not _NAME.match(name):
         raise ValueError(f"replay name {name!r}: use letters, digits, '_', '.', '-'")
     recording = read_recording(run_dir / FRAMES_NAME)
-    run_detector = ParticleDetector(config)
-    changed = 0
+    changed = n = 0
     recorded_total = replayed_total = 0
     displacements: list[float] = []
     examples: list[dict[str, Any]] = []
     for i in range(len(recording)):
         meta = recording.frame_metadata(i)
+        if phase is not None and meta.get("phase") != phase:
+            continue
+        n += 1
         frame = recording.frame(i)
         px = np.asarray(run_detector(frame), dtype=float).reshape(-1, 2)
-        pixel = float(meta.get("pixel_size_um", 1.0))
-        stage = np.asarray(meta.get("stage_um") or (0.0, 0.0), dtype=float)
-        centre = np.array([frame.shape[1], frame.shape[0]]) / 2
-        replayed = (px + 0.5 - centre) * pixel + stage
+        replayed = _frame_detections_um(px, frame, meta)
         recorded = np.asarray(meta.get("detections_um") or [], dtype=float).reshape(-1, 2)
         recorded_total += len(recorded)
         replayed_total += len(replayed)
@@ -337,18 +386,20 @@ def replay_frames(
                 examples.append(
                     {
                         "frame": i,
+                        "seq": meta.get("seq"),
                         "reason": meta.get("reason"),
                         "decision": meta.get("decision"),
                         "recorded_um": recorded.round(3).tolist(),
                         "replayed_um": replayed.round(3).tolist(),
                     }
                 )
-    n = len(recording)
     result: dict[str, Any] = {
         "run_dir": str(run_dir),
         "kind": "frames",
         "name": name,
-        "detector": config.model_dump(mode="json"),
+        "phase": phase,
+        "pixel_size_um": recording.pixel_size_um,
+        "detector": described,
         "detector_source": source,
         "detector_replayed": True,
         "frames": n,

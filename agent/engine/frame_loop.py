@@ -1,44 +1,75 @@
-"""The inference loop: newest frame -> detections -> policy -> command, logged step by step.
+"""The engine's frame loop: newest frame -> plan (observe, decide) -> safe command, logged.
 
-The agent never blocks the driver: it acts on the newest frame and counts what
-it skipped. It heartbeats from the loop itself, so if this loop stalls the
-driver's watchdog switches the laser off.
+A plan that acts frame by frame (the feedback trap, an RL policy in the loop) gives
+the engine a `FramePlan`: how to turn a frame into an `Observation` and an
+observation into an `Action`. Everything else is here, once: the driver connection
+and its control lease, heartbeats, driver faults (`driver_faults.py`: no actuation
+while the driver is down, a new session when it is back), the agent-side limits
+(`safety.py`), pause / resume / stop from the run's telemetry, the step log, the
+dashboard's frames and metrics, and the frame recording.
 
-With a `RunTelemetry` the loop publishes each step (rate-limited frame + overlays,
-metrics, events) and obeys its control channel: `pause` switches the laser off and
-stops actuating while frames are still shown (paused time does not count towards
-the phase duration), `resume` hands control back to the policy, `stop` ends the
-phase and leaves the driver in its safe state (laser off).
+The agent never blocks the driver: it acts on the newest frame and counts what it
+skipped. It heartbeats from the loop itself, so if this loop stalls the driver's
+watchdog switches the laser off. `pause` switches the laser off and stops
+actuating while frames are still observed and shown (paused time does not count
+towards the duration); `resume` hands control back to the plan; `stop` ends the loop
+and leaves the driver in its safe state (laser off). Frames go to the recording after
+the command is sent, through a writer that never makes the loop wait.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import zmq
 
-from agent.detection.tracking import Tracker
 from agent.engine.driver_faults import DriverFailedToStart, DriverFaults, DriverLost, DriverSilent
 from agent.engine.safety import LaserLimits
 from agent.engine.telemetry import RunTelemetry
+from agent.records.frame_writer import BackgroundFrameWriter
 from agent.records.recorder import EventLog
 from drivers.auth import ClientKeys
 from drivers.protocol import EVENT_TOPIC, Frame, now_ns
-from drivers.transport import (
-    CommandClient,
-    CommandError,
-    CommandTimeout,
-    StreamSubscriber,
-)
-from policies.calibration.online import LiveCalibration, LiveEstimate
-from policies.contract import Action, LaserSpot, Observation, Policy
+from drivers.transport import CommandClient, CommandError, CommandTimeout, StreamSubscriber
+from policies.contract import Action, LaserSpot, Observation
 
-__all__ = ["AgentLoop", "DriverSilent", "LoopEndpoints", "LoopResult"]
+__all__ = ["DriverSilent", "FrameLoop", "FramePlan", "LoopEndpoints", "LoopResult"]
+
+
+class FramePlan(Protocol):
+    """What the engine asks a frame-by-frame plan."""
+
+    def begin(self, state: dict[str, Any]) -> tuple[float, float]:
+        """A driver session starts (first or after a restart): reset, learn the field
+        from the driver's state; return the target (um) the plan steers to."""
+        ...
+
+    def observe(self, frame: Frame) -> Observation:
+        """The frame as the policy may see it (detections in um, tracked)."""
+        ...
+
+    def decide(self, obs: Observation) -> Action:
+        """The action for this observation (the engine clips it to the limits)."""
+        ...
+
+    def learn(self, obs: Observation) -> None:
+        """What the plan updates from a step once its command is out (nothing that the
+        action needs: this runs off the latency path)."""
+        ...
+
+    def metrics(self) -> dict[str, float | None]:
+        """Plan-specific figures for the dashboard, after each step."""
+        ...
+
+    def take_notes(self) -> list[str]:
+        """Things worth telling the operator since the last call (dashboard events)."""
+        ...
 
 
 @dataclass
@@ -51,8 +82,7 @@ class LoopResult:
     latency_count: int = 0  # per-step latencies live in the event log, not in memory
     driver_events: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=100))
     driver_sessions: int = 1  # one more each time the driver came back after a fault
-    end_reason: str | None = None  # why the phase ended early (a driver lost), else None
-    trap_calibration: dict[str, float | None] = field(default_factory=dict)  # LiveEstimate
+    end_reason: str | None = None  # why the loop ended early (a driver lost), else None
 
 
 @dataclass(frozen=True)
@@ -62,42 +92,39 @@ class LoopEndpoints:
     keys: ClientKeys | None = None  # CURVE keys for a tcp:// node
 
 
-def _spots_wire(spots: tuple[LaserSpot, ...]) -> list[dict[str, float]]:
+def spots_wire(spots: tuple[LaserSpot, ...]) -> list[dict[str, float]]:
     return [{"x_um": s.x_um, "y_um": s.y_um, "power_mw": s.power_mw} for s in spots]
 
 
-class AgentLoop:
-    """Runs one policy against one driver for a fixed duration."""
+class FrameLoop:
+    """Runs one `FramePlan` against one driver for a fixed duration."""
 
     def __init__(
         self,
         endpoints: LoopEndpoints,
-        detector: Callable[[np.ndarray], np.ndarray],
-        policy: Policy,
+        plan: FramePlan,
         events: EventLog,
-        target_um: tuple[float, float] | None = None,
         command_timeout_ms: int = 250,
         heartbeat_ms: int = 100,
         driver_silence_ms: int = 3000,
         ctx: zmq.Context | None = None,
-        tracker: Tracker | None = None,
         telemetry: RunTelemetry | None = None,
         faults: DriverFaults | None = None,
+        frames: BackgroundFrameWriter | None = None,
+        frame_tags: dict[str, Any] | None = None,
     ) -> None:
         self.ctx = ctx or zmq.Context.instance()
-        # without a reconnect allowance, a silent driver ends the phase at once
+        # without a reconnect allowance, a silent driver ends the loop at once
         self.faults = faults or DriverFaults(0.0, driver_silence_ms)
-        self.tracker = tracker or Tracker()
         self.endpoints = endpoints
-        self.detector = detector
-        self.policy = policy
+        self.plan = plan
         self.events = events
-        self.target_um = target_um
         self.command_timeout_ms = command_timeout_ms
         self.heartbeat_ms = heartbeat_ms
-        self.driver_silence_ms = driver_silence_ms
         self.telemetry = telemetry
-        self.live_calibration = LiveCalibration()  # set one with the run's temperature
+        self.frames = frames
+        self.frame_tags = frame_tags or {}  # e.g. the phase, in every recorded frame
+        self._target: tuple[float, float] = (0.0, 0.0)
 
     def wait_for_driver(self, client: CommandClient, timeout_s: float) -> dict[str, Any]:
         """Poll `get_state` until the driver answers (it may still be starting)."""
@@ -133,17 +160,12 @@ class AgentLoop:
             # The driver's control lease: only its holder's messages feed the watchdog.
             self.events.write("control", **client.call("acquire_control").result)
             limits = LaserLimits.from_driver_state(state)
-            field_um = tuple(state["field_um"])
-            target = self.target_um or (field_um[0] / 2, field_um[1] / 2)
-            self.events.write("start", driver_state=state, target_um=list(target))
+            self._target = self.plan.begin(state)
+            self.events.write("start", driver_state=state, target_um=list(self._target))
             if self.telemetry is not None and self.telemetry.state == "starting":
                 self.telemetry.set_state("running")
-            self.policy.reset()
-            self.tracker.reset()
             try:
-                self._loop(
-                    client, subscriber, limits, field_um, target, duration_s, stop, result, on_step
-                )
+                self._loop(client, subscriber, limits, duration_s, stop, result, on_step)
             except DriverLost as exc:
                 result.end_reason = str(exc)
                 self.events.write("driver_lost", reason=str(exc), steps=result.steps)
@@ -155,6 +177,8 @@ class AgentLoop:
                 laser_after = client.call("laser_off", timeout_ms=1000).result.get("laser")
             except (CommandTimeout, CommandError) as exc:
                 self.events.write("error", where="final laser_off", message=str(exc))
+            with contextlib.suppress(CommandTimeout, CommandError):  # the next agent needs
+                client.call("release_control", timeout_ms=500)  # no watchdog wait to take over
             result.frames_received = subscriber.stats.received
             result.frames_skipped = subscriber.stats.skipped
             self.events.write(
@@ -177,8 +201,6 @@ class AgentLoop:
         client: CommandClient,
         subscriber: StreamSubscriber,
         limits: LaserLimits,
-        field_um: tuple[float, float],
-        target: tuple[float, float],
         duration_s: float,
         stop: threading.Event,
         result: LoopResult,
@@ -227,17 +249,15 @@ class AgentLoop:
                 state = self.faults.try_resume(client, last_traffic, self.events, self.telemetry)
                 if state is not None:  # a new driver session: frame numbers start again
                     result.driver_sessions += 1
-                    self.policy.reset()
-                    self.tracker.reset()
                     limits = LaserLimits.from_driver_state(state)
-                    field_um = tuple(state["field_um"])
+                    self.plan.begin(state)
                 continue
             if frame is None:
                 continue
             if paused_since is not None:
-                self._show_paused(frame, target, subscriber.stats.skipped)
+                self._show_paused(frame, subscriber.stats.skipped)
                 continue
-            self._step(client, frame, limits, field_um, target, result, subscriber.stats.skipped)
+            self._step(client, frame, limits, result, subscriber.stats.skipped)
             if on_step is not None:
                 on_step(result.steps, (t - t_start - paused_ns) / 1e9)
 
@@ -255,25 +275,14 @@ class AgentLoop:
             self.telemetry.event(f"paused: laser off, no actuation{note}", level)
         return now_ns()
 
-    def _observe(self, frame: Frame) -> tuple[np.ndarray, np.ndarray, float, np.ndarray | None]:
-        """Detections (um), their track ids, the pixel size from the frame's own state,
-        and each detection's confidence where the detector gives one."""
-        pixel_size = float(frame.header.state.get("pixel_size_um", 1.0))
-        with_confidence = getattr(self.detector, "detect_with_confidence", None)
-        if with_confidence is not None:
-            xy, _scores, confidences = with_confidence(frame.data)
-        else:
-            xy, confidences = self.detector(frame.data), None
-        detections_um = xy * pixel_size
-        ids = self.tracker.update(frame.header.seq, detections_um)
-        return detections_um, ids, pixel_size, confidences
-
-    def _show_paused(self, frame: Frame, target: tuple[float, float], skipped: int) -> None:
-        """While paused: keep tracking and showing frames, decide and actuate nothing."""
-        detections_um, _ids, pixel_size, _conf = self._observe(frame)
+    def _show_paused(self, frame: Frame, skipped: int) -> None:
+        """While paused: keep observing (tracking) and showing frames, actuate nothing."""
+        obs = self.plan.observe(frame)
+        self._record(frame, obs, paused=True)
         telemetry = self.telemetry
         if telemetry is not None and telemetry.frame_due():
-            telemetry.frame(frame.data, frame.header.seq, pixel_size, detections_um, target)
+            pixel = _pixel_size(frame)
+            telemetry.frame(frame.data, frame.header.seq, pixel, obs.detections_um, self._target)
             telemetry.metrics({"frames_skipped": skipped})
 
     def _step(
@@ -281,28 +290,14 @@ class AgentLoop:
         client: CommandClient,
         frame: Frame,
         limits: LaserLimits,
-        field_um: tuple[float, float],
-        target: tuple[float, float],
         result: LoopResult,
         skipped_total: int,
     ) -> None:
         header = frame.header
         t_received = now_ns()
-        detections_um, track_ids, pixel_size, confidences = self._observe(frame)
+        obs = self.plan.observe(frame)
         t_detected = now_ns()
-        obs = Observation.from_wire(
-            header.seq,
-            header.t_exposure_end_ns,
-            (header.t_exposure_end_ns - header.t_exposure_start_ns) / 1e9,
-            detections_um,
-            target,
-            header.state.get("laser"),
-            field_um,
-            track_ids,
-            confidences,
-        )
-        live = self._live_trap(detections_um, target, obs.t_s, result)
-        action, clipped = limits.clip(self.policy.act(obs))
+        action, clipped = limits.clip(self.plan.decide(obs))
         result.actions_clipped += int(clipped)
         latency_ms = None
         error = None
@@ -315,9 +310,11 @@ class AgentLoop:
             result.commands_failed += 1
             error = str(exc)
         result.steps += 1
-        spots = _spots_wire(action.laser)
+        self.plan.learn(obs)
+        self._record(frame, obs, paused=False)
+        spots = spots_wire(action.laser)
         if self.telemetry is not None:
-            self._publish_step(frame, pixel_size, detections_um, target, spots, action)
+            self._publish_step(frame, obs, spots, action)
             self.telemetry.metrics(
                 {
                     "latency_ms": latency_ms,
@@ -326,13 +323,14 @@ class AgentLoop:
                     "tracking_error_um": action.info.get("error_um"),
                     "reward": action.info.get("reward"),
                     "laser_power_mw": sum(s.power_mw for s in action.laser),
-                    **result.trap_calibration,
+                    **self.plan.metrics(),
                 }
             )
-            if live is not None and live.changed:
-                self.telemetry.event(f"trap stiffness changed: k = {live.k[0].value:.3g} fN/um")
+            for note in self.plan.take_notes():
+                self.telemetry.event(note)
             if error is not None:
                 self.telemetry.event(f"command failed: {error}", "warning")
+        ids = obs.track_ids if obs.track_ids is not None else np.zeros(0, dtype=np.int64)
         self.events.write(
             "step",
             seq=header.seq,
@@ -340,10 +338,10 @@ class AgentLoop:
             t_pub_ns=header.t_published_ns,
             receive_delay_ms=(t_received - header.t_published_ns) / 1e6,
             detect_ms=(t_detected - t_received) / 1e6,
-            n_detections=len(detections_um),
-            detections_um=np.round(detections_um[:16], 4).tolist(),
-            track_ids=track_ids[:16].tolist(),
-            target_um=list(target),
+            n_detections=len(obs.detections_um),
+            detections_um=np.round(obs.detections_um[:16], 4).tolist(),
+            track_ids=ids[:16].tolist(),
+            target_um=list(obs.target_um),
             laser=spots,
             clipped=clipped,
             info=action.info,
@@ -353,38 +351,52 @@ class AgentLoop:
             session=self.faults.session,
         )
 
-    def _live_trap(
-        self, dets: np.ndarray, target: tuple[float, float], t_s: float, result: LoopResult
-    ) -> LiveEstimate | None:
-        """Feed the controlled particle (detection nearest the target) to the live calibration."""
-        if not len(dets):
-            return None
-        live = self.live_calibration.update(
-            dets[np.argmin(np.hypot(*(dets - np.asarray(target)).T))], t_s
+    def _record(self, frame: Frame, obs: Observation, paused: bool) -> None:
+        """The frame and what the plan saw in it, to the run's recording (never waits).
+        Detections are in um from the frame's corner: `origin_um` + pixel x pixel size."""
+        if self.frames is None:
+            return
+        header = frame.header
+        self.frames.offer(
+            frame.data,
+            {
+                **self.frame_tags,
+                "seq": header.seq,
+                "session": self.faults.session,
+                "paused": paused,
+                "t_exp_start_ns": header.t_exposure_start_ns,
+                "t_exp_end_ns": header.t_exposure_end_ns,
+                "pixel_size_um": _pixel_size(frame),
+                "origin_um": [0.0, 0.0],
+                "laser": header.state.get("laser"),
+                "detections_um": np.round(obs.detections_um, 4).tolist(),
+            },
         )
-        if live is not None:
-            result.trap_calibration = live.as_metrics()
-        return live
 
     def _publish_step(
-        self,
-        frame: Frame,
-        pixel_size: float,
-        detections_um: np.ndarray,
-        target: tuple[float, float],
-        spots: list[dict[str, float]],
-        action: Action,
+        self, frame: Frame, obs: Observation, spots: list[dict[str, float]], action: Action
     ) -> None:
         telemetry = self.telemetry
         if telemetry is None or not telemetry.frame_due():
             return
         info = {k: v for k, v in action.info.items() if isinstance(v, int | float)}
         telemetry.frame(
-            frame.data, frame.header.seq, pixel_size, detections_um, target, spots, info
+            frame.data,
+            frame.header.seq,
+            _pixel_size(frame),
+            obs.detections_um,
+            obs.target_um,
+            spots,
+            info,
         )
 
     def _send(self, client: CommandClient, action: Action, seq: int) -> dict[str, Any]:
         if action.laser:
-            args = {"spots": _spots_wire(action.laser), "frame_seq": seq}
+            args = {"spots": spots_wire(action.laser), "frame_seq": seq}
             return client.call("set_laser", args).result
         return client.call("laser_off", {"frame_seq": seq}).result
+
+
+def _pixel_size(frame: Frame) -> float:
+    """The pixel size the driver reported with this very frame (um)."""
+    return float(frame.header.state.get("pixel_size_um", 1.0))

@@ -1,1 +1,0 @@
-"""The feedback-trap loop: frames in, detections, policy, commands out."""

@@ -6,9 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tifffile
 from rich.console import Console
 
+from agent.config import ConfigError, load_config
+from agent.plans.feedback_trap import run_experiment
 from agent.plans.smart_acquisition import run_smart_acquisition
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -87,3 +90,22 @@ def test_smart_acquisition_runs_on_a_recorded_stack(tmp_path: Path) -> None:
     )
     assert summary["frames_screen"] == 9
     assert summary["object_recall"] is None
+
+
+def test_the_feedback_trap_refuses_a_rig_without_a_laser_in_one_line(tmp_path: Path) -> None:
+    """The demo rig parses `set_laser` but has nothing to drive: refused before the lease."""
+    experiment = load_config(
+        CONFIGS / "twin-feedback-trap.yaml",
+        [
+            f"runs_dir={tmp_path}",
+            "duration_s=1.0",
+            "compare_free_diffusion=false",
+            "driver.kind=mmcore",
+            "driver.mm_config=demo",
+        ],
+    )
+    with pytest.raises(ConfigError) as info:
+        run_experiment(experiment)
+    message = str(info.value)
+    assert "no laser" in message and "feedback-trap" in message and "\n" not in message
+    assert "xy_stage" in message  # what the rig does have

@@ -30,6 +30,7 @@ import numpy as np
 import zmq
 
 from agent.engine.driver_faults import DriverFailedToStart, DriverFaults, DriverLost, DriverSilent
+from agent.engine.link import require_actuators
 from agent.engine.safety import LaserLimits
 from agent.engine.telemetry import RunTelemetry
 from agent.records.frame_writer import BackgroundFrameWriter
@@ -112,8 +113,12 @@ class FrameLoop:
         faults: DriverFaults | None = None,
         frames: BackgroundFrameWriter | None = None,
         frame_tags: dict[str, Any] | None = None,
+        needs_actuators: frozenset[str] = frozenset(),
+        plan_name: str = "feedback-trap",
     ) -> None:
         self.ctx = ctx or zmq.Context.instance()
+        self.needs_actuators = needs_actuators  # checked against the node before anything moves
+        self.plan_name = plan_name
         # without a reconnect allowance, a silent driver ends the loop at once
         self.faults = faults or DriverFaults(0.0, driver_silence_ms)
         self.endpoints = endpoints
@@ -157,6 +162,11 @@ class FrameLoop:
         result = LoopResult()
         try:
             state = self.wait_for_driver(client, startup_timeout_s)
+            if self.needs_actuators:  # before the lease: nothing moves on a node we cannot use
+                have = client.call("get_capabilities").result.get("actuators", [])
+                require_actuators(
+                    have, self.needs_actuators, self.plan_name, self.endpoints.command
+                )
             # The driver's control lease: only its holder's messages feed the watchdog.
             self.events.write("control", **client.call("acquire_control").result)
             limits = LaserLimits.from_driver_state(state)

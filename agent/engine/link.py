@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,14 +58,22 @@ class DriverLink:
                 f"serve plan {plan!r}: it has no {', '.join(missing)} command "
                 f"(it serves: {', '.join(sorted(self.commands))})"
             )
-        absent = sorted(set(actuators) - self.actuators)
-        if absent:
-            has = ", ".join(sorted(self.actuators)) or "none"
-            raise ConfigError(
-                f"config error: {field}: the driver node at {self.command_endpoint} cannot "
-                f"serve plan {plan!r}: it has no {', '.join(absent)} (its actuators: {has}; "
-                f"device names are in driver.devices)"
-            )
+        require_actuators(self.actuators, actuators, plan, self.command_endpoint, field)
+
+
+def require_actuators(
+    have: Iterable[str], needed: Iterable[str], plan: str, endpoint: str, field: str = "driver"
+) -> None:
+    """Refuse, in one line, a node without the actuators a plan moves or lights: a rig
+    without a laser still parses `set_laser`, so commands alone do not tell."""
+    have = set(have)
+    absent = sorted(set(needed) - have)
+    if absent:
+        raise ConfigError(
+            f"config error: {field}: the driver node at {endpoint} cannot serve plan "
+            f"{plan!r}: it has no {', '.join(absent)} (its actuators: "
+            f"{', '.join(sorted(have)) or 'none'}; device names are in driver.devices)"
+        )
 
 
 def _reachable_stream(stream: str, command: str) -> str:

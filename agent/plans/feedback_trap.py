@@ -39,6 +39,7 @@ from agent.records.frame_recording import FRAMES_NAME
 from agent.records.frame_writer import BackgroundFrameWriter
 from agent.records.plots import plot_run
 from agent.records.recorder import EventLog, read_events
+from agent.records.report_sections import detected_track
 from drivers.config import DriverConfig
 from drivers.protocol import Frame
 from drivers.serve import resolve_endpoints
@@ -163,6 +164,10 @@ class PhaseResult:
     trap_calibration: dict[str, float | None]
 
 
+# Heating and tweezer traps alike act through the laser `set_laser` drives (galvo or SLM).
+FEEDBACK_ACTUATORS = frozenset({"laser"})
+
+
 def _phase_driver(
     config: ExperimentConfig, run_dir: Path, name: str
 ) -> tuple[DriverConfig, DriverProcess | AttachedDriver]:
@@ -217,6 +222,8 @@ def run_phase(
                 ),
                 frames=frames,
                 frame_tags={"phase": name},
+                needs_actuators=FEEDBACK_ACTUATORS,
+                plan_name=config.kind,
             )
             on_step = (lambda _n, t: progress(name, t)) if progress else None
             result = loop.run(
@@ -278,12 +285,17 @@ def summarize(config: ExperimentConfig, phases: dict[str, PhaseResult]) -> dict[
     target = feedback.target_um
     latencies = step_latencies_ms(feedback.steps)
     track = controlled_track(feedback.truth, target)
+    truth = bool(feedback.truth)  # a twin's truth topic; a real rig or a recording has none
     summary: dict[str, Any] = {
         "name": config.name,
         "seed": config.seed,
         "duration_s": config.duration_s,
         "target_um": list(target),
-        "rms_feedback_um": rms_distance(track, target),
+        "rms_feedback_um": rms_distance(track, target) if truth else None,
+        # What the agent itself saw: the detection nearest the target, every step.
+        "rms_feedback_detected_um": _or_none(
+            rms_distance(detected_track(feedback.steps, target), target)
+        ),
         "steps": feedback.loop.steps,
         "frames_received": feedback.loop.frames_received,
         "frames_skipped": feedback.loop.frames_skipped,
@@ -292,18 +304,22 @@ def summarize(config: ExperimentConfig, phases: dict[str, PhaseResult]) -> dict[
         "latency_p50_ms": _percentile(latencies, 50),
         "latency_p99_ms": _percentile(latencies, 99),
         "latency_max_ms": max(latencies, default=float("nan")),
-        "detection_rmse_um": detection_rmse_um(feedback.steps, feedback.truth),
+        "detection_rmse_um": detection_rmse_um(feedback.steps, feedback.truth) if truth else None,
         "driver_events": list(feedback.loop.driver_events),
         "driver_sessions": feedback.loop.driver_sessions,
         "end_reason": next((p.loop.end_reason for p in phases.values() if p.loop.end_reason), None),
         "trap_calibration": feedback.trap_calibration,  # live drag-free k, D, changes
     }
-    if "free" in phases:
-        free = phases["free"]
-        free_track = controlled_track(free.truth, target)
+    if "free" in phases and truth and phases["free"].truth:
+        free_track = controlled_track(phases["free"].truth, target)
         summary["rms_free_um"] = rms_distance(free_track, target)
         summary["rms_ratio"] = summary["rms_feedback_um"] / summary["rms_free_um"]
     return summary
+
+
+def _or_none(value: float) -> float | None:
+    """NaN (nothing to measure) is not JSON: the summary says null instead."""
+    return None if value != value else value
 
 
 def run_experiment(
@@ -346,6 +362,7 @@ def run_experiment(
 
 SUMMARY_KEYS = (
     "rms_feedback_um",
+    "rms_feedback_detected_um",
     "rms_free_um",
     "rms_ratio",
     "latency_p50_ms",

@@ -81,7 +81,11 @@ class SpmActiveConfig(BaseModel):
     runs_dir: str = "runs"
     workflow: Literal["inverse", "sparse", "forward"] = "inverse"
     grid: int = Field(50, ge=4, le=256)  # candidate grid side (and DKL scan pixels)
-    scan_channels: list[str] = Field(default_factory=lambda: ["Amplitude", "Phase", "Height"])
+    # Named as the instrument or the recorded file names them; None: every image channel
+    # of a twin or recorded grid (a real controller needs them named).
+    scan_channels: list[str] | None = Field(
+        default_factory=lambda: ["Amplitude", "Phase", "Height"]
+    )
     reward: str = "area"
     driver: SpmHostConfig = SpmHostConfig()
     spectrum: SpectrumSettings = SpectrumSettings()
@@ -103,8 +107,8 @@ class SpmActiveConfig(BaseModel):
 
     @field_validator("scan_channels")
     @classmethod
-    def _channels(cls, v: list[str]) -> list[str]:
-        if not v or len(set(v)) != len(v):
+    def _channels(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and (not v or len(set(v)) != len(v)):
             raise ValueError("must be a non-empty list of distinct channel names")
         return v
 
@@ -232,7 +236,7 @@ def run_active(
     stop ends the loop; the session's close makes the tip safe)."""
     run_dir, events, telemetry = run.run_dir, run.events, run.telemetry
     reward = parse_reward(config.reward)
-    images = spm.scan(config.grid, config.scan_channels)
+    images = spm.scan(config.grid, spm.channels)
     struct = structure_channels(images)
     grid = CandidateGrid.over(
         (config.grid, config.grid), (0.0, 0.0), spm.extent_um, struct, config.policy.patch
@@ -316,7 +320,7 @@ def run_forward(
     # is the twin's unperturbed sample, seen with the scanner's drift (driver side).
     walls = truth if truth is not None and hasattr(truth, "tip_on_wall") else None
     t_scan = walls.clock_s() if walls is not None else 0.0
-    images = spm.scan(n, config.scan_channels)
+    images = spm.scan(n, spm.channels)
     struct = structure_channels(images)
     t0 = time.perf_counter()
     prob, spread = segmenter.predict(struct)
@@ -349,7 +353,7 @@ def run_forward(
             break
         if fwd.drift_correction and k % fwd.register_every == 0:
             group = np.asarray(points[k : k + fwd.register_every], dtype=float)
-            found = register_drift(spm, struct, group.mean(0), fwd, config.scan_channels)
+            found = register_drift(spm, struct, group.mean(0), fwd, spm.channels)
             if found is not None:
                 offset = found
             offsets.append(offset)
@@ -459,7 +463,7 @@ def run_spm_active(config_path: Path, overrides: list[str], console: Console) ->
     try:
         with (
             RunEngine(config, EVENTS_NAME) as run,
-            spm_driver(config.driver, ctx) as (spm, truth),
+            spm_driver(config.driver, ctx, config.scan_channels) as (spm, truth),
         ):
             run.phase(config.workflow)
             if config.workflow == "forward":

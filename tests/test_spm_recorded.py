@@ -170,6 +170,7 @@ def test_replay_config_runs_on_a_recorded_usid_grid(tmp_path: Path) -> None:
     ]
     summary = run_spm_active(CONFIGS / "replay-spm-dkl.yaml", overrides, Console(quiet=True))
     assert summary["measured"] == 12 and summary["grid_points"] == 100
+    assert "top1pct_found" not in summary  # a recorded grid has no truth topic
     assert np.isfinite(summary["best_reward"])
 
 

@@ -21,7 +21,6 @@ from agent.config import ConfigError
 from agent.engine.link import DriverLink, attach, client_keys
 from drivers.protocol import FRAME_PREFIX, HEARTBEAT_TOPIC, Frame, decode_frame
 from drivers.spm_host import SpmHost, SpmHostConfig
-from drivers.spm_truth import ReplayTruth, TwinTruth
 from drivers.transport import CommandClient, CommandError, StreamSubscriber
 
 PM_PER_UM = 1e6
@@ -34,7 +33,9 @@ class SpmSession:
 
     def __init__(self, ctx: zmq.Context, link: DriverLink) -> None:
         self.ctx = ctx
+        self.link = link
         self.channels: list[str] = []  # what the run scans (spm_driver sets them)
+        self.last_scan_seq = self.last_spectrum_seq = -1
         self.client = CommandClient(ctx, link.command_endpoint, timeout_ms=120_000, keys=link.keys)
         self.sub = StreamSubscriber(ctx, link.stream_endpoint, rcvhwm=1000, keys=link.keys)
         self._await_heartbeat()
@@ -99,6 +100,7 @@ class SpmSession:
                 raise ConfigError(f"config error: scan_channels: {exc}") from None
             raise
         wanted = {f"scan/{name}": int(seq) for name, seq in reply["seqs"].items()}
+        self.last_scan_seq = min(wanted.values())  # names the scan in truth records
         frames = self._frames(wanted)
         return {
             name: np.array(frames[f"scan/{name}"].data, dtype=np.float64) for name in reply["seqs"]
@@ -135,7 +137,8 @@ class SpmSession:
                 "backward": False,
             },
         )
-        frame = self._frames({"spectrum": int(reply["seq"])})["spectrum"]
+        self.last_spectrum_seq = int(reply["seq"])
+        frame = self._frames({"spectrum": self.last_spectrum_seq})["spectrum"]
         k = reply["channels"].index("Piezoresponse")
         waveform = np.asarray(reply["waveform_v"], dtype=np.float64)
         return np.stack([waveform, np.asarray(frame.data[k], np.float64) * PM_PER_UM])
@@ -174,11 +177,11 @@ def scan_channels(wanted: list[str] | None, host: SpmHost | None) -> list[str]:
 @contextlib.contextmanager
 def spm_driver(
     config: SpmHostConfig, ctx: zmq.Context, channels: list[str] | None = None
-) -> Iterator[tuple[SpmSession, TwinTruth | ReplayTruth | None]]:
-    """The run's SPM session (its `channels` resolved by `scan_channels`) and, for a twin
-    or replay grid it started, the truth for evaluation. Attaches to `config.connect` if
-    set, else starts the driver side; either way the node is asked what it serves, and
-    the channels are checked, before anything moves."""
+) -> Iterator[SpmSession]:
+    """The run's SPM session, its `channels` resolved by `scan_channels`. Attaches to
+    `config.connect` if set, else starts the driver side; either way the node is asked
+    what it serves (and whether it has a truth topic), and the channels are checked,
+    before anything moves."""
     host: SpmHost | None = None
     try:
         if config.connect is not None:
@@ -196,7 +199,7 @@ def spm_driver(
         session = SpmSession(ctx, link)
         session.channels = resolved
         try:
-            yield session, host.truth if host is not None else None
+            yield session
         finally:
             session.close()
     finally:

@@ -48,18 +48,28 @@ def _usid_main(group, name, quantity, units, data2d, pos, spec) -> None:
         main.attrs[attr] = dset.ref
 
 
+def _positions(group: h5py.Group, rows: int, cols: int, ex: float, ey: float) -> list:
+    """USID position indices / values (m) of a rows x cols raster, X varying fastest."""
+    iy, ix = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    inds = np.stack([ix.ravel(), iy.ravel()], 1).astype(np.uint32)
+    vals = (inds + 0.5) * np.array([ex / cols, ey / rows])
+    return _ancillary(group, "Position", ["X", "Y"], ["m", "m"], inds, vals)
+
+
+def _usid_image(group: h5py.Group, name: str, units: str, image: np.ndarray, ex, ey) -> None:
+    arb = _ancillary(
+        group, "Spectroscopic", ["arb"], ["a.u."], np.zeros((1, 1), np.uint32), np.zeros((1, 1))
+    )
+    pos = _positions(group, *image.shape, ex, ey)
+    _usid_main(group, "Raw_Data", name, units, image.reshape(-1, 1), pos, arb)
+
+
 def write_usid_grid(path: Path, grid: dict[str, np.ndarray], image_zoom: int = 2) -> Path:
     """A band-excitation-style USID file: a topography channel at `image_zoom` x the loop
     grid's resolution (its own positions) and a loop grid over DC_Offset (V)."""
     spectra, v = grid["spectra"], grid["waveform"]
     h, w, n = spectra.shape
     ex, ey = (float(e) * 1e-6 for e in grid["extent_um"])
-
-    def positions(group: h5py.Group, rows: int, cols: int, kind: str = "Position"):
-        iy, ix = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
-        inds = np.stack([ix.ravel(), iy.ravel()], 1).astype(np.uint32)  # X varies fastest
-        vals = (inds + 0.5) * np.array([ex / cols, ey / rows])
-        return _ancillary(group, kind, ["X", "Y"], ["m", "m"], inds, vals)
 
     with h5py.File(path, "w") as f:
         loops = f.create_group("Measurement_000/Channel_000")
@@ -71,15 +81,26 @@ def write_usid_grid(path: Path, grid: dict[str, np.ndarray], image_zoom: int = 2
             np.arange(n)[None].astype(np.uint32),
             v[None],
         )
-        pos = positions(loops, h, w)
+        pos = _positions(loops, h, w, ex, ey)
         _usid_main(loops, "Raw_Data", "Piezoresponse", "pm", spectra.reshape(h * w, n), pos, spec)
-        topo = f.create_group("Measurement_000/Channel_001")
         height = np.repeat(np.repeat(grid["image"][0], image_zoom, 0), image_zoom, 1)
-        arb = _ancillary(
-            topo, "Spectroscopic", ["arb"], ["a.u."], np.zeros((1, 1), np.uint32), np.zeros((1, 1))
+        _usid_image(
+            f.create_group("Measurement_000/Channel_001"), "HeightRetrace", "nm", height, ex, ey
         )
-        pos = positions(topo, h * image_zoom, w * image_zoom)
-        _usid_main(topo, "Height", "HeightRetrace", "nm", height.reshape(-1, 1), pos, arb)
+    return path
+
+
+def write_usid_with_real_scans(path: Path, grid: dict[str, np.ndarray], scan: Path) -> Path:
+    """A real PFM scan's channels (256 x 256, m and deg, as the instrument named them)
+    over the area of a coarser loop grid, each its own USID Main dataset."""
+    write_usid_grid(path, grid)
+    ex, ey = (float(e) * 1e-6 for e in grid["extent_um"])
+    with np.load(scan) as real, h5py.File(path, "a") as f:
+        for k, (name, units) in enumerate(
+            [("HeightRetrace", "m"), ("AmplitudeRetrace", "m"), ("PhaseRetrace", "deg")]
+        ):
+            group = f.create_group(f"Measurement_001/Channel_{k:03d}")
+            _usid_image(group, name, units, np.asarray(real[name], float), ex, ey)
     return path
 
 
@@ -184,3 +205,37 @@ def test_a_channel_the_file_lacks_fails_in_one_line_naming_its_channels(tmp_path
     message = str(err.value)
     assert "\n" not in message and "scan_channels" in message
     assert "'Height'" in message and "HeightRetrace" in message
+
+
+def test_an_npz_without_channel_names_lists_its_generic_ones(tmp_path: Path) -> None:
+    """The case of the issue: a converted grid whose channels the file does not name."""
+    from agent.plans.spm_active import run_spm_active
+
+    grid = _twin_grid(tmp_path, 6)
+    path = tmp_path / "unnamed.npz"
+    np.savez(path, **{k: v for k, v in grid.items() if k != "channels"})
+    overrides = [f"runs_dir={tmp_path}", f"driver.replay={path}", "scan_channels=[Height]"]
+    with pytest.raises(ConfigError, match=r"'Channel 0', 'Channel 1'") as err:
+        run_spm_active(CONFIGS / "replay-spm-dkl.yaml", overrides, Console(quiet=True))
+    assert "\n" not in str(err.value)
+
+
+def test_real_pfm_scans_on_their_own_raster_line_up_with_the_loop_grid(tmp_path: Path) -> None:
+    scan = Path(__file__).resolve().parents[1].parent / "shared/data/pfm-pto/pto_scan_1.npz"
+    if not scan.is_file():
+        pytest.skip("the shared real PFM scans are not beside this checkout")
+    grid = _twin_grid(tmp_path, 8)
+    path = write_usid_with_real_scans(tmp_path / "real.h5", grid, scan)
+    replay, channels = load_hdf5_grid(path)
+    names = [c[0] for c in channels]
+    assert names[1:] == ["HeightRetrace", "AmplitudeRetrace", "PhaseRetrace"]
+    assert [c[1] for c in channels[1:]] == ["m", "m", "deg"]
+    with np.load(scan) as real:
+        height = np.asarray(real["HeightRetrace"], float)
+    # a loop cell's centre falls between 4 scan pixels (16 + 32 k): one of them is taken
+    edge = ((np.arange(8) + 0.5) * 256 / 8).astype(int)
+    near = [height[np.ix_(edge - dr, edge - dc)] for dr in (0, 1) for dc in (0, 1)]
+    assert np.all(np.any([np.isclose(replay.image[1], n, rtol=0, atol=0) for n in near], 0))
+    assert not np.allclose(replay.image[1], replay.image[1].mean())  # a real image, not flat
+    backend = ReplayBackend(path)
+    assert "PhaseRetrace (deg)" in backend.default_channels

@@ -144,6 +144,8 @@ class TwinSpmNode(SpmNode):
     - ``loops`` (first spectrum after a whole-sample scan of at most
       LOOP_TRUTH_MAX_PIXELS, per waveform): the unperturbed loops (pm) at that scan's
       pixel centres, ``row`` / ``col0`` blocks, ``waveform_v`` on the first block.
+
+    A ``spectra`` batch publishes no truth yet (the plans send single spectra).
     """
 
     truth_source = "pfm twin"  # the node's capabilities say it has a truth topic

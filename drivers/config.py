@@ -137,6 +137,15 @@ class ClientAuth(StrictModel):
 ENDPOINT_PATTERN = r"^(tcp://[^:/\s]+:[0-9]{1,5}|ipc://\S+)$"
 
 
+class PycromanagerSettings(StrictModel):
+    """kind pycromanager: attach to a Micro-Manager already running (the GUI's ZMQ server,
+    Options > "Run server on port", or a headless backend in this process) instead of
+    starting a headless backend on mm_config."""
+
+    attach: bool = False
+    port: int = Field(4827, ge=1024, le=65_535)  # pycromanager's default bridge port
+
+
 class DriverConfig(StrictModel):
     # twin: the particle twin as pure-Python devices; sparse-field: the sparse-field twin
     # (camera, XY stage, lamp) for smart acquisition; mmcore: a Micro-Manager hardware
@@ -165,6 +174,7 @@ class DriverConfig(StrictModel):
     # 4096 x 4096 32-bit frame); larger messages disconnect their sender unread.
     max_frame_bytes: int | None = Field(None, ge=1024, le=2**31)
     limits: Limits = Limits()
+    pycromanager: PycromanagerSettings = PycromanagerSettings()  # kind pycromanager
     devices: DeviceNames = DeviceNames()
     twin: TwinSettings = TwinSettings()
     field: SparseFieldConfig = SparseFieldConfig()  # kind sparse-field

@@ -1,9 +1,12 @@
 """Driver node for labs that run the Micro-Manager GUI: pycromanager behind protocol v1.
 
-`pycromanager.Core()` is the GUI's core over its ZeroMQ bridge (Java backend), or an
-in-process pymmcore core after `start_headless(..., python_backend=True)`. Both speak
-snake_case; `CamelCore` maps the camelCase MMCore names `DriverNode` uses, so every
-command, limit and error message is the same code as the pymmcore-plus driver. Only
+`pycromanager.Core()` is the GUI's core over its ZeroMQ bridge (Java backend, the
+GUI's "Run server on port", 4827 by default), or an in-process pymmcore core after
+`start_headless(..., python_backend=True)`. With `driver.pycromanager.attach` the node
+uses the Micro-Manager already running (never starts a second one); else it starts the
+headless Python backend on `mm_config`. Both speak snake_case; `CamelCore` maps the
+camelCase MMCore names `DriverNode` uses, so every command, limit and error message is
+the same code as the pymmcore-plus driver. Only
 acquisition differs: frames come from one long-running pycromanager `Acquisition`
 (live frames are one event at a time; `submit_events` adds MDAEvents converted to
 pycromanager event dicts), handed to the node thread through a queue.
@@ -13,12 +16,13 @@ from __future__ import annotations
 
 import queue
 import re
+import socket
 from typing import Any
 
 import numpy as np
 import zmq
 
-from drivers.config import DriverConfig
+from drivers.config import DriverConfig, PycromanagerSettings
 from drivers.mda import TARGET_KEY, first_error, parse_events
 from drivers.mmcore_node import DriverNode
 from drivers.protocol import ProtocolError, now_ns
@@ -59,6 +63,7 @@ class PycromanagerNode(DriverNode):
     ) -> None:
         super().__init__(CamelCore(core), config, ctx=ctx, field_um=field_um)
         self.live = live
+        self._port = config.pycromanager.port  # a GUI's bridge (Java backend only)
         self._images: queue.SimpleQueue[tuple[np.ndarray, dict[str, Any], int]] = (
             queue.SimpleQueue()
         )
@@ -74,7 +79,9 @@ class PycromanagerNode(DriverNode):
         from pycromanager import Acquisition
 
         self._acq_t0_ns = now_ns()
-        self._acq = Acquisition(show_display=False, image_process_fn=self._on_image)
+        self._acq = Acquisition(
+            show_display=False, image_process_fn=self._on_image, port=self._port
+        )
 
     def teardown(self) -> None:
         if self._acq is not None:
@@ -169,7 +176,20 @@ class PycromanagerNode(DriverNode):
         return {"ids": ids, "t0_ns": self._acq_t0_ns}
 
     def _cmd_stop_events(self, _args: dict[str, Any]) -> dict[str, Any]:
-        return {"running": bool(self._pending), "submitted": self._next_id}
+        """Stop the running acquisition now: pycromanager's `abort` drops the events not
+        yet run and ends the one in progress; a fresh acquisition then serves live frames
+        and later events. Frames already taken are still published."""
+        cancelled = sorted(self._pending)
+        if cancelled:
+            self._acq.abort()  # clears the queued events and asks the engine to stop
+            self._acq.mark_finished()  # ends the event stream, or the engine waits on it
+            self._acq.await_completion()
+            if self.core.isSequenceRunning():  # a camera sequence the engine started
+                self.core.stopSequenceAcquisition()
+            self._pending.clear()
+            self._live_in_flight = False
+            self.setup()
+        return {"running": False, "submitted": self._next_id, "cancelled": cancelled}
 
     def status(self) -> dict[str, Any]:
         return {
@@ -202,3 +222,38 @@ def start_python_backend(mm_config: str) -> Any:
             f"driver.mm_config: {config} could not be loaded ({first_error(exc)})"
         ) from None
     return Core()
+
+
+def pycromanager_core(config: DriverConfig) -> Any:
+    """The core a pycromanager node drives: the running Micro-Manager it attaches to
+    (`driver.pycromanager.attach`), else a headless Python backend started on mm_config."""
+    if config.pycromanager.attach:
+        return attach_running(config.pycromanager)
+    return start_python_backend(config.mm_config)
+
+
+def attach_running(settings: PycromanagerSettings, timeout_s: float = 4.0) -> Any:
+    """The core of a Micro-Manager already running: a headless backend in this process,
+    or the GUI's ZMQ server on localhost:`port`. Nobody there: one line naming the port,
+    within timeout_s (the socket is probed first: pyjavaz would wait and print)."""
+    from mmpycorex import is_pymmcore_active
+    from pycromanager import Core
+
+    if is_pymmcore_active():
+        return Core()
+    port = settings.port
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ValueError(
+            f"driver.pycromanager.port: no Micro-Manager answers on localhost:{port} "
+            f"({exc.strerror or type(exc).__name__}); start it with Options > 'Run server "
+            f"on port {port}' or set driver.pycromanager.port"
+        ) from None
+    try:
+        return Core(port=port, timeout=int(timeout_s * 1000))
+    except Exception as exc:
+        raise ValueError(
+            f"driver.pycromanager.port: localhost:{port} is not a Micro-Manager ZMQ server "
+            f"({first_error(exc)})"
+        ) from None

@@ -84,9 +84,9 @@ def build_node(
             event_hook=event_hook,
         )
     if config.kind == "pycromanager":
-        from drivers.pycromanager_node import PycromanagerNode, start_python_backend
+        from drivers.pycromanager_node import PycromanagerNode, pycromanager_core
 
-        core = start_python_backend(config.mm_config)
+        core = pycromanager_core(config)
         core.set_exposure(config.exposure_ms)
         return PycromanagerNode(core, config, ctx=ctx)
     core, rig = build_twin_core(config.twin, config.seed, config.exposure_ms, config.devices)

@@ -4,7 +4,8 @@ controller, which is the PFM twin's Nanonis server (`source: twin`), a recorded 
 
 The agent reaches it only by the node's endpoints, exactly as it reaches a node it
 attaches to (`connect`, e.g. `scopeloop driver serve-spm` on the microscope's PC).
-Truth for evaluation (`truth`) exists only when the host runs a twin or a replay grid.
+Ground truth exists only for the twin, on the node's truth topic (`TwinSpmNode`); a
+recorded grid or a real controller has none.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from pydantic import Field
 from drivers.config import ENDPOINT_PATTERN, ClientAuth, StrictModel
 from drivers.nanonis_server import NanonisServer
 from drivers.spm_config import SpmDriverConfig, SpmLimits
-from drivers.spm_node import SpmNode
-from drivers.spm_truth import ReplayTruth, TwinTruth
+from drivers.spm_node import SpmNode, split_signal
+from drivers.spm_truth import TwinSpmNode
 from drivers.spm_twin_backend import PfmTwinBackend, ReplayBackend, spm_limits
 
 
@@ -46,7 +47,12 @@ class SpmHost:
 
     def __init__(self, config: SpmHostConfig, ctx: zmq.Context | None = None) -> None:
         self.server: NanonisServer | None = None
-        self.truth: TwinTruth | ReplayTruth | None = None
+        # What a twin or a recorded grid can scan (`signals`) and its own image channels
+        # (`channels`), as its file names them; None: only the controller knows (a real
+        # one reports its signals when a scan asks for one it lacks).
+        self.signals: tuple[str, ...] | None = None
+        self.channels: tuple[str, ...] | None = None
+        self.source_name = f"{config.nanonis_host}:{config.nanonis_port}"
         host, port, limits = config.nanonis_host, config.nanonis_port, config.limits
         if config.source == "nanonis" and limits is None:
             raise ValueError("limits: required in front of a real controller")
@@ -56,10 +62,11 @@ class SpmHost:
                 if config.replay is None:
                     raise ValueError("required with source replay")
                 backend = ReplayBackend(config.replay)  # ValueError: a bad file, one line
-                self.truth = ReplayTruth(backend.grid)
             else:
                 backend = PfmTwinBackend(seed=config.seed)
-                self.truth = TwinTruth(config.seed, backend)
+            self.signals = tuple(split_signal(name)[0] for name in backend.signals)
+            self.channels = tuple(split_signal(name)[0] for name in backend.default_channels)
+            self.source_name = config.replay.name if config.replay else "the PFM twin"
             self.server = NanonisServer(backend, "127.0.0.1", 0, limits=spm_limits(backend))
             self.server.start()
             host, port = self.server.address
@@ -76,7 +83,11 @@ class SpmHost:
             limits=limits or SpmLimits(),
         )
         try:
-            self.node = SpmNode(node_config, ctx=ctx)
+            self.node = (
+                TwinSpmNode(node_config, backend, config.seed, ctx=ctx)
+                if config.source == "twin"
+                else SpmNode(node_config, ctx=ctx)
+            )
         except Exception:
             self._stop_server()
             raise

@@ -4,8 +4,9 @@
 What it gives is raw physics, in the instrument's units (loops in pm over a bias
 waveform in V, wall masks, scans); the agent turns it into rewards and network inputs
 with its own code, so drivers still import nothing of `policies`. A run reaches it
-through `drivers.spm_host.SpmHost.truth`, which exists only when the host runs a twin
-or a replay grid; a real controller has no truth and the scores are left out.
+only on the node's truth topic (`truth/spm`, published by `TwinSpmNode` like the
+camera twins publish theirs), which only agent/records/evaluate.py subscribes to; a
+replay grid or a real controller has no truth topic and the scores are left out.
 """
 
 from __future__ import annotations
@@ -13,17 +14,26 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import zmq
 
+from drivers.protocol import TRUTH_PREFIX
+from drivers.spm_config import SpmDriverConfig
+from drivers.spm_node import SpmNode
 from simulators.spm import (
     FerroelectricSample,
     FerroelectricSampleConfig,
     PFMScanner,
-    ReplayGrid,
     ScanConfig,
     SpectroscopyConfig,
     SwitchingSpectroscopy,
-    triangular_waveform,
 )
+
+SPM_TRUTH_TOPIC = TRUTH_PREFIX + b"spm"
+# A loop map costs one twin spectrum per scan pixel (about 1 ms each): published for
+# scans up to this many pixels (the inverse workflows' candidate grids), not for the
+# forward workflow's segmentation scans, which are scored on walls only.
+LOOP_TRUTH_MAX_PIXELS = 64 * 64
+TRUTH_FLOATS_PER_MESSAGE = 6000  # a truth message stays far below MAX_HEADER_BYTES
 
 # Multiplicative (noise, drift) and additive (phase offset, deg) ranges of the scan
 # nuisances drawn per training/calibration scan; the twin defaults sit inside them.
@@ -40,24 +50,6 @@ def twin_spectra(
     return np.stack(
         [np.asarray(spec.spectrum(float(x), float(y), waveform)["response_pm"]) for x, y in xy_um]
     )
-
-
-def twin_true_spectra(
-    seed: int,
-    xy_um: np.ndarray,
-    waveform: np.ndarray | None = None,
-    sample_config: FerroelectricSampleConfig | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(waveform, (N, L) loops) at sample positions (um from the corner) of twin `seed`,
-    measured on an unperturbed copy of the sample."""
-    v = triangular_waveform() if waveform is None else np.asarray(waveform, float)
-    sample = FerroelectricSample(sample_config, seed=seed)
-    return v, twin_spectra(sample, xy_um, v, seed + 7919)
-
-
-def replay_true_spectra(grid: ReplayGrid, xy_um: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(waveform, (N, L)) the stored spectrum nearest each position of a replay grid."""
-    return grid.waveform, np.stack([grid.spectrum_at(x, y) for x, y in xy_um])
 
 
 def wall_mask(
@@ -122,55 +114,119 @@ def labelled_scans(
     return scans, masks
 
 
-def fresh_wall_mask(seed: int, pixels: int, t_start_s: float, scanner: PFMScanner) -> np.ndarray:
-    """True walls of the unperturbed twin `seed` as a full scan starting at t_start_s saw them."""
-    sample = FerroelectricSample(seed=seed)
-    ex, ey = sample.extent_um
-    lt = scanner.line_time_s(ex)
-    times = t_start_s + lt * np.arange(pixels) + 0.25 * lt
-    return wall_mask(sample, (0.0, 0.0, ex, ey), (pixels, pixels), scanner.drift_um(times))
+def scan_wall_mask(
+    sample: FerroelectricSample,
+    scanner: PFMScanner,
+    window_um: tuple[float, float, float, float],
+    shape: tuple[int, int],
+    t_start_s: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(mask (H, W), drift (H, 2) um) of the unperturbed sample's walls as a scan of
+    `window_um` (sample um from the corner) starting at t_start_s saw them."""
+    lt = scanner.line_time_s(window_um[2])
+    times = t_start_s + lt * np.arange(shape[0]) + 0.25 * lt
+    drift = np.asarray(scanner.drift_um(times), dtype=float).reshape(shape[0], 2)
+    return wall_mask(sample, window_um, shape, drift), drift
 
 
-class TwinTruth:
-    """What evaluation may ask of a PFM twin the host runs (seed `seed`, live `backend`)."""
+class TwinSpmNode(SpmNode):
+    """The SPM node in front of the PFM twin's Nanonis server, publishing the twin's
+    truth on `truth/spm` after each measurement (on the node thread, which owns the
+    publisher), like the camera twins publish theirs after each frame. Records, all in
+    node coordinates (um, origin at the sample centre):
 
-    def __init__(self, seed: int, backend: Any) -> None:
-        self.seed = seed
+    Each names its `record`:
+
+    - ``scan`` (one per scan row): ``seq`` of its first frame, ``window_um`` (x0, y0, w,
+      h), ``shape``, ``row``, ``walls`` (hex of the row's packed wall bits) and
+      ``drift_um`` of that line: where the unperturbed walls were as the scan saw them.
+    - ``spectrum``: ``seq``, the twin time ``t_s`` and ``drift_um`` at the sweep.
+    - ``loops`` (first spectrum after a whole-sample scan of at most
+      LOOP_TRUTH_MAX_PIXELS, per waveform): the unperturbed loops (pm) at that scan's
+      pixel centres, ``row`` / ``col0`` blocks, ``waveform_v`` on the first block.
+
+    A ``spectra`` batch publishes no truth yet (the plans send single spectra).
+    """
+
+    truth_source = "pfm twin"  # the node's capabilities say it has a truth topic
+
+    def __init__(
+        self, config: SpmDriverConfig, backend: Any, seed: int, ctx: zmq.Context | None = None
+    ) -> None:
+        super().__init__(config, ctx=ctx)
         self._backend = backend
         self._sample = FerroelectricSample(seed=seed)  # unperturbed: walls as first scanned
+        self._seed = seed
+        self._full_scan: dict[str, Any] | None = None  # the last whole-sample scan
+        self._loops_sent: set[tuple[float, ...]] = set()
 
-    def clock_s(self) -> float:
-        """The twin's virtual time (advances with every scan line and spectrum)."""
-        return float(self._backend.clock_s)
+    def _publish_truth(self, record: dict[str, Any]) -> None:
+        self.publisher.publish(SPM_TRUTH_TOPIC, record)
 
-    def true_spectra(
-        self, xy_um: np.ndarray, bias_v: float, points: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        return twin_true_spectra(self.seed, xy_um, triangular_waveform(bias_v, points))
+    def _cmd_scan(self, args: dict[str, Any]) -> dict[str, Any]:
+        t_start = float(self._backend.clock_s)
+        reply = super()._cmd_scan(args)
+        if float(args.get("angle_deg", 0.0) or 0.0) != 0.0:
+            return reply  # rotated frames: no truth mask (the plans scan unrotated)
+        w, h = float(args["width_um"]), float(args["height_um"])
+        x0, y0 = float(args["x_um"]) - w / 2, float(args["y_um"]) - h / 2
+        shape = (int(args["lines"]), int(args["pixels"]))
+        ex, ey = self._backend.extent_um
+        window = (x0 + ex / 2, y0 + ey / 2, w, h)  # sample um from the corner
+        mask, drift = scan_wall_mask(self._sample, self._backend.scanner, window, shape, t_start)
+        seq = min(int(v) for v in reply["seqs"].values())
+        for row in range(shape[0]):
+            self._publish_truth(
+                {
+                    "record": "scan",
+                    "seq": seq,
+                    "window_um": [x0, y0, w, h],
+                    "shape": list(shape),
+                    "row": row,
+                    "walls": np.packbits(mask[row]).tobytes().hex(),
+                    "drift_um": [float(v) for v in drift[row]],
+                }
+            )
+        whole = w >= 0.999 * ex and h >= 0.999 * ey
+        if whole and shape[0] * shape[1] <= LOOP_TRUTH_MAX_PIXELS:
+            self._full_scan = {"seq": seq, "window": window, "shape": shape}
+            self._loops_sent.clear()
+        return reply
 
-    def tip_on_wall(
-        self, xy_um: list[tuple[float, float]], t_s: float, tol_um: float
-    ) -> list[bool]:
-        """Whether the tip, aimed at each sample position at twin time t_s, sat on a wall
-        (the scanner's drift at that time applied)."""
-        dx, dy = (float(v) for v in self._backend.scanner.drift_um(t_s))
-        out = []
-        for x, y in xy_um:
-            i, j = self._sample.index_of(x + dx, y + dy)
-            out.append(float(self._sample.wall_distance_um[i, j]) <= tol_um)
-        return out
+    def _cmd_spectrum(self, args: dict[str, Any]) -> dict[str, Any]:
+        reply = super()._cmd_spectrum(args)
+        t_s = float(self._backend.clock_s)
+        drift = [float(v) for v in np.ravel(self._backend.scanner.drift_um(t_s))[:2]]
+        self._publish_truth(
+            {"record": "spectrum", "seq": int(reply["seq"]), "t_s": t_s, "drift_um": drift}
+        )
+        waveform = np.asarray(reply["waveform_v"], dtype=float)
+        key = tuple(np.round(waveform, 9).tolist())
+        if self._full_scan is not None and key not in self._loops_sent:
+            self._loops_sent.add(key)
+            self._publish_loops(self._full_scan, waveform)
+        return reply
 
-    def wall_mask_of_scan(self, pixels: int, t_start_s: float) -> np.ndarray:
-        return fresh_wall_mask(self.seed, pixels, t_start_s, self._backend.scanner)
-
-
-class ReplayTruth:
-    """A replay grid: its stored spectra are the truth; it has no walls or drift."""
-
-    def __init__(self, grid: ReplayGrid) -> None:
-        self._grid = grid
-
-    def true_spectra(
-        self, xy_um: np.ndarray, _bias_v: float, _points: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        return replay_true_spectra(self._grid, xy_um)
+    def _publish_loops(self, scan: dict[str, Any], waveform: np.ndarray) -> None:
+        x0, y0, w, h = scan["window"]
+        rows, cols = scan["shape"]
+        xs = x0 + (np.arange(cols) + 0.5) * w / cols
+        ys = y0 + (np.arange(rows) + 0.5) * h / rows
+        xy = np.stack(np.meshgrid(xs, ys), axis=-1).reshape(-1, 2)  # row by row
+        maps = twin_spectra(self._sample, xy, waveform, self._seed + 7919)
+        maps = maps.reshape(rows, cols, waveform.size)
+        block = max(1, TRUTH_FLOATS_PER_MESSAGE // max(1, waveform.size))
+        for r in range(rows):
+            loops = maps[r]
+            for c0 in range(0, cols, block):
+                record: dict[str, Any] = {
+                    "record": "loops",
+                    "seq": scan["seq"],
+                    "shape": [rows, cols],
+                    "row": r,
+                    "col0": c0,
+                    "loops_pm": np.round(loops[c0 : c0 + block], 4).tolist(),
+                }
+                if r == 0 and c0 == 0:
+                    record["waveform_v"] = waveform.tolist()
+                self._publish_truth(record)

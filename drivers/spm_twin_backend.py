@@ -38,6 +38,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
+import h5py
 import numpy as np
 
 from drivers.nanonis_server import (
@@ -50,6 +51,7 @@ from drivers.nanonis_server import (
     SpectroscopyProps,
     SpectroscopyResult,
 )
+from drivers.spm_recorded import load_hdf5_grid
 from simulators.spm import (
     A_DOMAIN,
     C_DOWN,
@@ -629,13 +631,16 @@ def _replay_signal_name(key: str) -> tuple[str, str, float]:
     return label, unit, scale
 
 
-def load_replay(path: str | Path) -> tuple[ReplayGrid, tuple[str, ...]]:
-    """Replay grid and its channel keys; every unreadable file is a one-line ValueError."""
+def load_replay(path: str | Path) -> tuple[ReplayGrid, tuple[tuple[str, str, float], ...]]:
+    """Replay grid and its image channels (label, SI unit, factor to it) from an NPZ or a
+    USID / sidpy HDF5 file; every unreadable file is a one-line ValueError."""
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"replay: {p} does not exist or is not a file")
+    if h5py.is_hdf5(p):
+        return load_hdf5_grid(p)
     if not zipfile.is_zipfile(p):
-        raise ValueError(f"replay: {p.name} is not an NPZ archive")
+        raise ValueError(f"replay: {p.name} is not an NPZ archive or an HDF5 file")
     try:
         grid = load_replay_grid(p)
         with np.load(p, allow_pickle=False) as data:
@@ -647,7 +652,7 @@ def load_replay(path: str | Path) -> tuple[ReplayGrid, tuple[str, ...]]:
         names = tuple(str(k) for k in keys)
     else:
         names = tuple(f"channel_{k}" for k in range(n))
-    return grid, names
+    return grid, tuple(_replay_signal_name(key) for key in names)
 
 
 class ReplayBackend(_GridBackend):
@@ -669,14 +674,13 @@ class ReplayBackend(_GridBackend):
         scan_speed_um_s: float = 2.0,
         realtime: bool = False,
     ) -> None:
-        self.grid, keys = load_replay(path)
+        self.grid, channels = load_replay(path)
         self.path = Path(path)
         self.response_scale_m = float(response_scale_m)
         self.scan_speed_um_s = float(scan_speed_um_s)
         taken = ["Bias (V)", "X (m)", "Y (m)", "Z (m)"]
         self._image_scale: dict[str, float] = {}
-        for k, key in enumerate(keys):
-            label, unit, scale = _replay_signal_name(key)
+        for k, (label, unit, scale) in enumerate(channels):
             name = f"{label} ({unit})"
             name = name if name not in taken else f"{label} {k} ({unit})"
             taken.append(name)

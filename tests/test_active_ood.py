@@ -148,3 +148,7 @@ def test_flagged_live_frame_queues_no_spectra(checkpoint: Path, tmp_path: Path) 
     passed = run_spm_active(CONFIGS / "twin-spm-forward.yaml", common, _quiet())
     assert passed["ood_flagged"] is False, passed["ood_reasons"]
     assert passed["measured"] == 3
+    # scored against the twin's truth topic: walls as scanned, the tip's true place
+    assert 0.0 <= passed["walls_measured_fraction"] <= 1.0
+    assert 0.0 <= passed["tip_on_wall_fraction"] <= 1.0
+    assert 0.0 <= passed["tip_on_wall_fraction_uncorrected"] <= 1.0

@@ -37,6 +37,55 @@ def test_short_dkl_run_on_the_twin_writes_summary_and_maps(tmp_path: Path) -> No
     assert len(maps) == 3
     html = (run_dir / "report.html").read_text()
     assert "SPM prediction" in html and (run_dir / "report-spm-maps.png").is_file()
+    # the scores came from the twin's truth topic, recorded by evaluation
+    kinds = {json.loads(line).get("record") for line in (run_dir / "spm-truth.jsonl").open()}
+    assert {"scan", "spectrum", "loops"} <= kinds
+
+
+def test_twin_truth_topic_carries_its_walls_and_loops(tmp_path: Path) -> None:
+    """What the SPM twin publishes on truth/spm is its unperturbed sample: the loops at a
+    whole-sample scan's pixel centres, and the walls as that scan saw them."""
+    import numpy as np
+    import zmq
+
+    from agent.plans.spm_session import spm_driver
+    from agent.records.evaluate import (
+        TruthRecorder,
+        spm_scan_truth,
+        spm_tip_on_wall,
+        spm_true_loops,
+    )
+    from drivers.spm_host import SpmHostConfig
+    from drivers.spm_truth import scan_wall_mask, twin_spectra
+    from simulators.spm import FerroelectricSample, PFMScanner
+
+    ctx = zmq.Context()
+    with spm_driver(SpmHostConfig(seed=5), ctx, ["Amplitude"]) as spm:
+        assert spm.link.truth
+        recorder = TruthRecorder(ctx, spm.link.stream_endpoint, tmp_path / "t.jsonl")
+        recorder.start()
+        assert recorder.connected.wait(10)
+        spm.scan(8, ["Amplitude"])
+        scan_seq = spm.last_scan_seq
+        spm.spectrum(0.3, 0.4, 5.0, 16)
+        aim = (spm.last_spectrum_seq, spm.to_node_xy(0.3, 0.4))
+        records = recorder.stop()
+    ctx.term()
+    loops = spm_true_loops(records)
+    assert loops is not None
+    v, maps = loops
+    ex, ey = spm.extent_um
+    sample = FerroelectricSample(seed=5)
+    centre = (np.arange(8) + 0.5) * ex / 8
+    xy = np.stack(np.meshgrid(centre, centre), axis=-1).reshape(-1, 2)
+    expected_loops = twin_spectra(sample, xy, v, 5 + 7919).reshape(8, 8, -1)
+    np.testing.assert_allclose(maps, expected_loops, atol=1e-3)
+    walls, drift, window = spm_scan_truth(records, scan_seq)
+    expected, _ = scan_wall_mask(sample, PFMScanner(sample, seed=5), (0, 0, ex, ey), (8, 8), 0.0)
+    assert walls.shape == (8, 8) and np.array_equal(walls, expected)
+    assert window == (-ex / 2, -ey / 2, ex, ey) and drift.shape == (8, 2)
+    assert spm_tip_on_wall(records, scan_seq, [aim]) is not None
+    assert spm_tip_on_wall(records, scan_seq + 999, [aim]) is None
 
 
 def test_replay_run_with_a_twin_exported_grid(tmp_path: Path) -> None:
@@ -51,11 +100,14 @@ def test_replay_run_with_a_twin_exported_grid(tmp_path: Path) -> None:
             "grid=12",
             "policy.kind=random",
             "policy.budget=20",
+            "scan_channels=[Height, Polarization]",  # not the export's truth maps
         ],
         _quiet(),
     )
     assert summary["measured"] == 20 and summary["grid_points"] == 144
-    assert 0.0 <= summary["top1pct_found"] <= 1.0
+    # a recorded grid has no truth topic: the truth scores are left out, not faked
+    assert "top1pct_found" not in summary and "reward_rmse" not in summary
+    assert not (Path(summary["run_dir"]) / "spm-truth.jsonl").exists()
 
 
 @pytest.mark.parametrize(

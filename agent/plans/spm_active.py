@@ -10,7 +10,9 @@ Workflows (``workflow``):
   spectra on the detected walls, unless the ensemble disagrees (out of distribution).
 
 Every step writes the model's prediction and uncertainty maps (``maps/step-NNNN.npz``)
-and an event; with a twin or replay grid the summary scores the run against truth.
+and an event; on a twin, whose node publishes its truth topic, the summary scores the
+run against truth (agent/records/evaluate.py); a recorded grid or a real instrument
+has no truth and those scores are left out.
 The instrument is whatever SPM driver node `driver` names (twin, replay, a real
 Nanonis controller, or a node already running), reached only by its endpoints.
 """
@@ -29,6 +31,12 @@ from rich.console import Console
 from agent.config import ConfigError, load_model_config
 from agent.engine.run import RunEngine
 from agent.plans.spm_session import SpmSession, spm_driver
+from agent.records.evaluate import (
+    TruthRecorder,
+    spm_scan_truth,
+    spm_tip_on_wall,
+    spm_true_loops,
+)
 from drivers.spm_host import SpmHostConfig
 from policies.active.grid import CandidateGrid, detrend_plane, pfm_channels, robust_normalise
 from policies.active.learners import ActivePolicyConfig, make_learner
@@ -38,9 +46,6 @@ from policies.active.segment import pick_wall_points
 
 if TYPE_CHECKING:
     from agent.engine.telemetry import RunTelemetry
-    from drivers.spm_truth import ReplayTruth, TwinTruth
-
-    Truth = TwinTruth | ReplayTruth | None
 
 EVENTS_NAME = "events-spm.jsonl"
 MAPS_DIR = "maps"
@@ -81,7 +86,11 @@ class SpmActiveConfig(BaseModel):
     runs_dir: str = "runs"
     workflow: Literal["inverse", "sparse", "forward"] = "inverse"
     grid: int = Field(50, ge=4, le=256)  # candidate grid side (and DKL scan pixels)
-    scan_channels: list[str] = Field(default_factory=lambda: ["Amplitude", "Phase", "Height"])
+    # Named as the instrument or the recorded file names them; None: every image channel
+    # of a twin or recorded grid (a real controller needs them named).
+    scan_channels: list[str] | None = Field(
+        default_factory=lambda: ["Amplitude", "Phase", "Height"]
+    )
     reward: str = "area"
     driver: SpmHostConfig = SpmHostConfig()
     spectrum: SpectrumSettings = SpectrumSettings()
@@ -103,8 +112,8 @@ class SpmActiveConfig(BaseModel):
 
     @field_validator("scan_channels")
     @classmethod
-    def _channels(cls, v: list[str]) -> list[str]:
-        if not v or len(set(v)) != len(v):
+    def _channels(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and (not v or len(set(v)) != len(v)):
             raise ValueError("must be a non-empty list of distinct channel names")
         return v
 
@@ -180,12 +189,38 @@ def score_against_truth(
     return out
 
 
-def _truth_rewards(config: SpmActiveConfig, truth: Truth, grid: CandidateGrid) -> np.ndarray:
-    """The true reward at every candidate, from the spectra the driver side says are true."""
+# Not truth-<phase>.jsonl: those hold the feedback trap's particle records.
+TRUTH_NAME = "spm-truth.jsonl"
+
+
+def truth_recorder(ctx: zmq.Context, spm: SpmSession, run_dir: Path) -> TruthRecorder | None:
+    """Evaluation's subscriber to the node's truth topic (a twin's), live before the
+    first measurement; None for a node without one (a recorded grid, a real controller)."""
+    if not spm.link.truth:
+        return None
+    recorder = TruthRecorder(ctx, spm.link.stream_endpoint, run_dir / TRUTH_NAME, spm.link.keys)
+    recorder.start()
+    recorder.connected.wait(10.0)
+    return recorder
+
+
+def _truth_rewards(
+    config: SpmActiveConfig,
+    loops: tuple[np.ndarray, np.ndarray],
+    grid: CandidateGrid,
+    extent_um: tuple[float, float],
+) -> np.ndarray | None:
+    """The true reward at every candidate, from the twin's published loop map over the
+    whole sample (the cell under each candidate); None if the map has holes."""
     reward = parse_reward(config.reward)
-    assert truth is not None
-    v, spectra = truth.true_spectra(grid.xy_um, config.spectrum.bias_v, config.spectrum.points)
-    return np.array([reward.of_spectrum(v, s) for s in spectra])
+    v, spectra = loops
+    rows, cols = spectra.shape[:2]
+    j = np.clip((grid.xy_um[:, 0] / extent_um[0] * cols).astype(int), 0, cols - 1)
+    i = np.clip((grid.xy_um[:, 1] / extent_um[1] * rows).astype(int), 0, rows - 1)
+    cells = spectra[i, j]
+    if not np.all(np.isfinite(cells)):
+        return None
+    return np.array([reward.of_spectrum(v, s) for s in cells])
 
 
 def _publish_step(
@@ -224,7 +259,7 @@ def run_active(
     spm: SpmSession,
     run: RunEngine,
     console: Console,
-    truth: Truth = None,
+    truth: TruthRecorder | None = None,
 ) -> dict[str, Any]:
     """Inverse (DKL) or sparse-sampling loop: propose -> spectra -> observe -> log maps.
 
@@ -232,7 +267,7 @@ def run_active(
     stop ends the loop; the session's close makes the tip safe)."""
     run_dir, events, telemetry = run.run_dir, run.events, run.telemetry
     reward = parse_reward(config.reward)
-    images = spm.scan(config.grid, config.scan_channels)
+    images = spm.scan(config.grid, spm.channels)
     struct = structure_channels(images)
     grid = CandidateGrid.over(
         (config.grid, config.grid), (0.0, 0.0), spm.extent_um, struct, config.policy.patch
@@ -295,8 +330,9 @@ def run_active(
         "max_decision_s": float(np.max(decisions)) if decisions else 0.0,
         "spectroscopy_wall_s": spm_time,
     }
-    if truth is not None:
-        true_reward = _truth_rewards(config, truth, grid)
+    loops = spm_true_loops(truth.stop()) if truth is not None else None
+    true_reward = _truth_rewards(config, loops, grid, spm.extent_um) if loops else None
+    if true_reward is not None:
         summary.update(score_against_truth(true_reward, learner.measured, pred))
         np.savez_compressed(run_dir / "truth-reward.npz", reward=grid.to_map(true_reward))
     return summary
@@ -307,7 +343,7 @@ def run_forward(
     spm: SpmSession,
     run: RunEngine,
     console: Console,
-    truth: Truth = None,
+    truth: TruthRecorder | None = None,
 ) -> dict[str, Any]:
     """Segment walls in a live scan; spectra on confident wall points unless OOD; the
     dashboard may pause or stop it between spectra."""
@@ -320,9 +356,8 @@ def run_forward(
     n = fwd.scan_pixels
     # Walls as scanned: spectra switch the live sample and move its walls, so the truth
     # is the twin's unperturbed sample, seen with the scanner's drift (driver side).
-    walls = truth if truth is not None and hasattr(truth, "tip_on_wall") else None
-    t_scan = walls.clock_s() if walls is not None else 0.0
-    images = spm.scan(n, config.scan_channels)
+    images = spm.scan(n, spm.channels)
+    scan_seq = spm.last_scan_seq
     struct = structure_channels(images)
     t0 = time.perf_counter()
     prob, spread = segmenter.predict(struct)
@@ -349,14 +384,16 @@ def run_forward(
     ex, ey = spm.extent_um
     points = sorted(points)  # row by row: short tip travel, neighbours share a registration
     reward = parse_reward(config.reward)
-    values, on_wall, on_wall_raw, offsets = [], [], [], []
+    values, offsets = [], []
+    aims: list[tuple[int, tuple[float, float]]] = []  # (spectrum seq, node xy) for truth
+    aims_raw: list[tuple[int, tuple[float, float]]] = []
     offset = (0.0, 0.0)
     for k, (r, c) in enumerate(points):
         if not run.checkpoint():
             break
         if fwd.drift_correction and k % fwd.register_every == 0:
             group = np.asarray(points[k : k + fwd.register_every], dtype=float)
-            found = register_drift(spm, struct, group.mean(0), fwd, config.scan_channels)
+            found = register_drift(spm, struct, group.mean(0), fwd, spm.channels)
             if found is not None:
                 offset = found
             offsets.append(offset)
@@ -364,14 +401,11 @@ def run_forward(
         x = float(np.clip((c - offset[1] + 0.5) * ex / n, 0.0, ex * (1 - 1e-6)))
         y = float(np.clip((r - offset[0] + 0.5) * ey / n, 0.0, ey * (1 - 1e-6)))
         spm.ensure_engaged()
-        t_spec = walls.clock_s() if walls is not None else 0.0
         curves = spm.spectrum(x, y, config.spectrum.bias_v, config.spectrum.points)
         values.append(reward.of_spectrum(curves[0], curves[1]))
-        if walls is not None:  # truth: where the tip really was
-            aimed = [(x, y), ((c + 0.5) * ex / n, (r + 0.5) * ey / n)]
-            corrected, uncorrected = walls.tip_on_wall(aimed, t_spec, 1.0 * ex / n)
-            on_wall.append(corrected)
-            on_wall_raw.append(uncorrected)
+        seq = spm.last_spectrum_seq
+        aims.append((seq, spm.to_node_xy(x, y)))
+        aims_raw.append((seq, spm.to_node_xy((c + 0.5) * ex / n, (r + 0.5) * ey / n)))
         events.write("spectrum", index=k, x_um=x, y_um=y, reward=values[-1])
     if ood:
         why = "; ".join(decision.reasons[:3])
@@ -384,14 +418,15 @@ def run_forward(
         "ood_reasons": decision.reasons,
         "decision_s": decision_s,
     }
-    truth_mask = None
-    if walls is not None:
-        truth_mask = walls.wall_mask_of_scan(n, t_scan)
+    records = truth.stop() if truth is not None else []
+    scanned = spm_scan_truth(records, scan_seq)
+    truth_mask = scanned[0] if scanned is not None else None
+    if truth_mask is not None:
         summary.update(forward_scores(truth_mask, prob, points))
-        summary["tip_on_wall_fraction"] = float(np.mean(on_wall)) if on_wall else float("nan")
-        summary["tip_on_wall_fraction_uncorrected"] = (
-            float(np.mean(on_wall_raw)) if on_wall_raw else float("nan")
-        )
+        for key, aimed in (("", aims), ("_uncorrected", aims_raw)):
+            hits = spm_tip_on_wall(records, scan_seq, aimed) if aimed else None
+            if hits is not None:
+                summary[f"tip_on_wall_fraction{key}"] = float(np.mean(hits))
     if offsets:
         summary["drift_offset_px_max"] = float(np.max(np.hypot(*np.asarray(offsets).T)))
         summary["registrations"] = len(offsets)
@@ -466,13 +501,18 @@ def run_spm_active(config_path: Path, overrides: list[str], console: Console) ->
     try:
         with (
             RunEngine(config, EVENTS_NAME) as run,
-            spm_driver(config.driver, ctx) as (spm, truth),
+            spm_driver(config.driver, ctx, config.scan_channels) as spm,
         ):
             run.phase(config.workflow)
-            if config.workflow == "forward":
-                result = run_forward(config, spm, run, console, truth)
-            else:
-                result = run_active(config, spm, run, console, truth)
+            truth = truth_recorder(ctx, spm, run.run_dir)
+            try:
+                if config.workflow == "forward":
+                    result = run_forward(config, spm, run, console, truth)
+                else:
+                    result = run_active(config, spm, run, console, truth)
+            finally:
+                if truth is not None:
+                    truth.stop()  # idempotent: the plan read its records already
     finally:
         ctx.term()
     head = {"name": config.name, "kind": config.kind, "workflow": config.workflow}

@@ -21,8 +21,7 @@ from agent.config import ConfigError
 from agent.engine.link import DriverLink, attach, client_keys
 from drivers.protocol import FRAME_PREFIX, HEARTBEAT_TOPIC, Frame, decode_frame
 from drivers.spm_host import SpmHost, SpmHostConfig
-from drivers.spm_truth import ReplayTruth, TwinTruth
-from drivers.transport import CommandClient, CommandTimeout, StreamSubscriber
+from drivers.transport import CommandClient, CommandError, CommandTimeout, StreamSubscriber
 
 PM_PER_UM = 1e6
 # Commands the SPM plans send: a node without them (a camera node) is refused up front.
@@ -35,6 +34,9 @@ class SpmSession:
 
     def __init__(self, ctx: zmq.Context, link: DriverLink) -> None:
         self.ctx = ctx
+        self.link = link
+        self.channels: list[str] = []  # what the run scans (spm_driver sets them)
+        self.last_scan_seq = self.last_spectrum_seq = -1
         self.client = CommandClient(ctx, link.command_endpoint, timeout_ms=120_000, keys=link.keys)
         self.sub = StreamSubscriber(ctx, link.stream_endpoint, rcvhwm=1000, keys=link.keys)
         self._await_heartbeat()
@@ -105,7 +107,23 @@ class SpmSession:
         x0, y0, w, h = (float(v) for v in window_um)
         cx, cy = self.to_node_xy(x0 + w / 2, y0 + h / 2)
         self.ensure_engaged()
-        reply = self.call(
+        try:
+            reply = self._scan_call(cx, cy, w, h, pixels, lines, channels)
+        except CommandError as exc:  # a channel the controller lacks: one line, its list
+            if "'channels[" in str(exc):
+                raise ConfigError(f"config error: scan_channels: {exc}") from None
+            raise
+        wanted = {f"scan/{name}": int(seq) for name, seq in reply["seqs"].items()}
+        self.last_scan_seq = min(wanted.values())  # names the scan in truth records
+        frames = self._frames(wanted)
+        return {
+            name: np.array(frames[f"scan/{name}"].data, dtype=np.float64) for name in reply["seqs"]
+        }
+
+    def _scan_call(
+        self, cx: float, cy: float, w: float, h: float, pixels: int, lines: int, channels: list[str]
+    ) -> dict[str, Any]:
+        return self.call(
             "scan",
             {
                 "x_um": cx,
@@ -118,11 +136,6 @@ class SpmSession:
             },
             timeout_ms=300_000,
         )
-        wanted = {f"scan/{name}": int(seq) for name, seq in reply["seqs"].items()}
-        frames = self._frames(wanted)
-        return {
-            name: np.array(frames[f"scan/{name}"].data, dtype=np.float64) for name in reply["seqs"]
-        }
 
     def spectrum(self, x_um: float, y_um: float, bias_v: float, points: int) -> np.ndarray:
         """(2, L) bias waveform and piezoresponse (pm) at a sample position."""
@@ -138,7 +151,8 @@ class SpmSession:
                 "backward": False,
             },
         )
-        frame = self._frames({"spectrum": int(reply["seq"])})["spectrum"]
+        self.last_spectrum_seq = int(reply["seq"])
+        frame = self._frames({"spectrum": self.last_spectrum_seq})["spectrum"]
         k = reply["channels"].index("Piezoresponse")
         waveform = np.asarray(reply["waveform_v"], dtype=np.float64)
         return np.stack([waveform, np.asarray(frame.data[k], np.float64) * PM_PER_UM])
@@ -151,13 +165,37 @@ class SpmSession:
         self.sub.close()
 
 
+def scan_channels(wanted: list[str] | None, host: SpmHost | None) -> list[str]:
+    """The channels a run scans: those the config names, each checked against what a
+    twin or recorded grid offers (one line naming its channels), or, with none named,
+    every image channel it has. A real controller is asked at the first scan."""
+    offered = host.signals if host is not None else None
+    if wanted is None:
+        if host is None or host.channels is None:
+            raise ConfigError(
+                "config error: scan_channels: required for a real controller or an attached "
+                "node (the channels to scan, e.g. [Amplitude, Phase, Height])"
+            )
+        return list(host.channels)
+    if offered is not None:
+        for i, name in enumerate(wanted):
+            if name not in offered:
+                assert host is not None
+                raise ConfigError(
+                    f"config error: scan_channels[{i}]: {name!r} is not a channel of "
+                    f"{host.source_name}; its channels: {list(host.channels or ())}"
+                )
+    return list(wanted)
+
+
 @contextlib.contextmanager
 def spm_driver(
-    config: SpmHostConfig, ctx: zmq.Context
-) -> Iterator[tuple[SpmSession, TwinTruth | ReplayTruth | None]]:
-    """The run's SPM session and, for a twin or replay grid it started, the truth for
-    evaluation. Attaches to `config.connect` if set, else starts the driver side; either
-    way the node is asked what it serves before anything moves."""
+    config: SpmHostConfig, ctx: zmq.Context, channels: list[str] | None = None
+) -> Iterator[SpmSession]:
+    """The run's SPM session, its `channels` resolved by `scan_channels`. Attaches to
+    `config.connect` if set, else starts the driver side; either way the node is asked
+    what it serves (and whether it has a truth topic), and the channels are checked,
+    before anything moves."""
     host: SpmHost | None = None
     try:
         if config.connect is not None:
@@ -171,9 +209,11 @@ def spm_driver(
                 raise ConfigError(f"config error: driver.nanonis_host: {exc}") from None
             link = attach(ctx, host.command_endpoint, "driver")
         link.require(SPM_NEEDS, "spm-active")
+        resolved = scan_channels(channels, host)
         session = SpmSession(ctx, link)
+        session.channels = resolved
         try:
-            yield session, host.truth if host is not None else None
+            yield session
         finally:
             session.close()
     finally:

@@ -1,5 +1,6 @@
 """Evaluation against twin ground truth. Only this module subscribes to the truth topic,
-so no policy or detector can read ground truth by accident.
+so no policy or detector can read ground truth by accident: plans hand it what they
+did and get scores back (the feedback trap's tracks, the SPM twin's walls and loops).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import zmq
 
 from agent.records.recorder import EventLog, read_events
 from drivers.auth import ClientKeys
-from drivers.protocol import TRUTH_PREFIX, unpack_map
+from drivers.protocol import HEARTBEAT_TOPIC, TRUTH_PREFIX, unpack_map
 from drivers.transport import raw_subscriber
 
 DRAIN_S = 0.25
@@ -26,11 +27,14 @@ class TruthRecorder(threading.Thread):
         self, ctx: zmq.Context, endpoint: str, path: Path, keys: ClientKeys | None = None
     ) -> None:
         super().__init__(daemon=True, name="truth-recorder")
-        # Evaluation must not lose records: a deep queue.
-        self._socket = raw_subscriber(ctx, endpoint, [TRUTH_PREFIX], 100_000, keys)
+        # Evaluation must not lose records: a deep queue. Heartbeats only tell that the
+        # subscription is live (`connected`), so a twin's first record is not missed.
+        topics = [TRUTH_PREFIX, HEARTBEAT_TOPIC]
+        self._socket = raw_subscriber(ctx, endpoint, topics, 100_000, keys)
         self._log = EventLog(path)
         self._stop_event = threading.Event()
         self.received = threading.Event()  # set once the first record is logged
+        self.connected = threading.Event()  # set at the first message of any kind
         self.path = path
 
     def run(self) -> None:
@@ -52,6 +56,9 @@ class TruthRecorder(threading.Thread):
                 parts = self._socket.recv_multipart(flags=zmq.NOBLOCK)
             except zmq.Again:
                 return
+            self.connected.set()
+            if not parts[0].startswith(TRUTH_PREFIX):
+                continue  # a heartbeat: the subscription is live
             record = unpack_map(parts[1], "truth")
             record.pop("v", None)
             self._log.write("truth", **record)
@@ -115,3 +122,78 @@ def detection_rmse_um(
     """RMS distance between each step's first detection and the nearest true particle."""
     errors, _ = detection_errors_um(steps, truth, match_radius_um, first_only=True)
     return float(np.sqrt(np.mean(np.square(errors)))) if len(errors) else float("nan")
+
+
+def _spm_records(records: list[dict[str, Any]], kind: str, seq: int | None = None) -> list:
+    return [r for r in records if r.get("record") == kind and (seq is None or r["seq"] == seq)]
+
+
+def spm_scan_truth(
+    records: list[dict[str, Any]], seq: int
+) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]] | None:
+    """(walls (H, W) bool, drift (H, 2) um, window (x0, y0, w, h) node um) of the scan
+    whose first frame is `seq`, as the SPM twin published it; None without truth."""
+    rows = _spm_records(records, "scan", seq)
+    if not rows:
+        return None
+    lines, pixels = rows[0]["shape"]
+    walls = np.zeros((lines, pixels), bool)
+    drift = np.zeros((lines, 2))
+    for r in rows:
+        bits = np.unpackbits(np.frombuffer(bytes.fromhex(r["walls"]), np.uint8))
+        walls[r["row"]] = bits[:pixels].astype(bool)
+        drift[r["row"]] = r["drift_um"]
+    return walls, drift, tuple(float(v) for v in rows[0]["window_um"])
+
+
+def spm_true_loops(records: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(waveform (L,), loops (H, W, L) pm) of the twin's unperturbed sample at the pixel
+    centres of its last whole-sample scan; None when the twin published none."""
+    blocks = _spm_records(records, "loops")
+    if not blocks:
+        return None
+    seq = blocks[-1]["seq"]
+    blocks = [b for b in blocks if b["seq"] == seq]
+    head = next((b for b in blocks if "waveform_v" in b), None)
+    if head is None:
+        return None
+    waveform = np.asarray(head["waveform_v"], float)
+    rows, cols = head["shape"]
+    loops = np.full((rows, cols, waveform.size), np.nan)
+    for b in blocks:
+        block = np.asarray(b["loops_pm"], float).reshape(-1, waveform.size)
+        loops[b["row"], b["col0"] : b["col0"] + len(block)] = block
+    return waveform, loops
+
+
+def spm_tip_on_wall(
+    records: list[dict[str, Any]],
+    scan_seq: int,
+    aims: list[tuple[int, tuple[float, float]]],
+    tol_px: int = 0,
+) -> list[bool] | None:
+    """Whether the tip, aimed at node position (x, y) um for the spectrum `seq`, sat on
+    a true wall (the twin's mask: within 0.75 px, plus tol_px pixels) of the scan
+    `scan_seq`, shifted by how far the sample drifted between that scan line and the
+    sweep. None without truth."""
+    from scipy import ndimage
+
+    scan = spm_scan_truth(records, scan_seq)
+    if scan is None:
+        return None
+    walls, drift, (x0, y0, w, h) = scan
+    near = ndimage.binary_dilation(walls, iterations=tol_px) if tol_px else walls
+    lines, pixels = walls.shape
+    px, py = w / pixels, h / lines
+    by_seq = {r["seq"]: np.asarray(r["drift_um"], float) for r in _spm_records(records, "spectrum")}
+    out = []
+    for seq, (x, y) in aims:
+        moved = by_seq.get(seq)
+        if moved is None:
+            return None
+        r = int(np.clip((y - y0) / py, 0, lines - 1))
+        shift = moved - drift[r]  # the sample under the tip now vs. when that line was scanned
+        c = int(np.clip((x + shift[0] - x0) / px, 0, pixels - 1))
+        r = int(np.clip((y + shift[1] - y0) / py, 0, lines - 1))
+        out.append(bool(near[r, c]))
+    return out

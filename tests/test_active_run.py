@@ -36,7 +36,8 @@ def test_short_dkl_run_on_the_twin_writes_summary_and_maps(tmp_path: Path) -> No
     maps = sorted((run_dir / "maps").glob("step-*.npz"))
     assert len(maps) == 3
     html = (run_dir / "report.html").read_text()
-    assert "SPM prediction" in html and (run_dir / "report-spm-maps.png").is_file()
+    assert "Maps: measured, predicted, uncertainty" in html
+    assert (run_dir / "report-spm-maps.png").is_file()
     # the scores came from the twin's truth topic, recorded by evaluation
     kinds = {json.loads(line).get("record") for line in (run_dir / "spm-truth.jsonl").open()}
     assert {"scan", "spectrum", "loops"} <= kinds

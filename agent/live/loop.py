@@ -130,6 +130,8 @@ class AgentLoop:
         result = LoopResult()
         try:
             state = self.wait_for_driver(client, startup_timeout_s)
+            live_cal = self.live_calibration  # kT of its D: the sample's, from the driver
+            live_cal.temperature_k = state.get("temperature_k", live_cal.temperature_k)
             # The driver's control lease: only its holder's messages feed the watchdog.
             self.events.write("control", **client.call("acquire_control").result)
             limits = LaserLimits.from_driver_state(state)
@@ -300,6 +302,7 @@ class AgentLoop:
             field_um,
             track_ids,
             confidences,
+            header.state.get("temperature_k"),
         )
         live = self._live_trap(detections_um, target, obs.t_s, result)
         action, clipped = limits.clip(self.policy.act(obs))

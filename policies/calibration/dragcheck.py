@@ -316,8 +316,8 @@ def drag_check_line(check: DragCheck | None, what: str, model: str) -> str | Non
     """One line for the user: a disagreement, or why the data could not check the drag."""
     if check is None:
         return (
-            f"drag: {what} not checked against the data: the record has fewer than "
-            f"{MIN_POINTS} points"
+            f"drag: {what} not checked against the data: it needs >= {MIN_POINTS} points "
+            f"and a {model} fit with the drag free (this record has neither or the fit failed)"
         )
     if check.consistent and check.checkable:
         return None

@@ -49,9 +49,7 @@ def test_rig_reads_the_named_sensor_property_else_says_it_uses_the_config(
     make_node: Callable[[DriverConfig], DriverNode], zmq_ctx: zmq.Context
 ) -> None:
     sensor = make_node(
-        DriverConfig(
-            kind="mmcore", mm_config="demo", temperature_property="Camera.CCDTemperature"
-        )
+        DriverConfig(kind="mmcore", mm_config="demo", temperature_property="Camera.CCDTemperature")
     )
     state = _state(sensor, zmq_ctx)
     celsius = float(sensor.core.getProperty("Camera", "CCDTemperature"))

@@ -18,11 +18,18 @@ the switching trap the covariances follow from the exact AR(1) recursion of the
 fitted square wave. Both statistics together pin D even where G_1 alone has two roots
 (relaxation near the frame time).
 
+Blur also biases the fits themselves: a blur-blind fit matches the frames' variance,
+which the exposure average shrinks by B0(mu t_e) per mode, so each mode is widened back
+by what that factor is at the D under test (``blur_scale2``); for the double well it is
+the barrier that is corrected (its in-well mode is blurred, the well separation is not).
+
 The test at the fixed D is Hotelling's T^2 of (G_1, G_2) against the model's
-expectation, with their covariance from batch means; the potential's own uncertainty
-(its 95 % interval, and a floor for what noise does to a fit that ignores it) enters as
-a spatial scale the test minimises over. The data's D is the set of D the test
-accepts; the check warns when the fixed D lies outside it.
+expectation, with their covariance from batch means. The potential's own uncertainty
+(its 95 % interval, a floor for what noise does to a fit that ignores it, and for the
+double well 30 % of its blur correction) is a nuisance the test minimises over, so the
+bound combines the statistics' and the fitted force's. The data's D is the set of D
+the test accepts; the check warns when the fixed D lies outside it, and says so when
+the data accept every D (relaxation far faster than the frames).
 """
 
 from __future__ import annotations
@@ -49,7 +56,8 @@ DW_GRID = 300
 BLUR_TRUST = 0.3  # share of the double well's blur correction allowed to be off
 DW_BARRIERS = 31  # barrier grid of the double well's spectra, fitted e^-2 .. e^1
 
-# expectation of (G_1, G_2) at each D of a grid, for one spatial scale of the potential
+# expectation of (G_1, G_2) at each D of a grid, for one value t in [-1, 1] of the
+# potential's nuisance (t = 0: as fitted, +-1: the edges of its allowed band)
 Expectation = Callable[[NDArray[np.float64], float], NDArray[np.float64]]
 
 

@@ -44,18 +44,18 @@ def test_ou_expectation_matches_blurred_noisy_simulation(k: float) -> None:
     # a blur-blind fit sees the frames' variance; the expectation undoes the narrowing
     seen = float(np.var(simulate_ou(k, 40000, DT, rng=3, blur=True)))
     model = mode_expectation(np.array([seen]), np.array([1 / seen]), np.zeros(1), DT, DT, 0.0)
-    assert np.all(np.abs(stats - model(np.array([D]), 0.0)[0]) < 4 * se)
+    assert np.all(np.abs(stats - model(np.array([D]), (0.0,))[0]) < 4 * se)
     unblurred = mode_expectation(np.array([v]), np.array([1 / v]), np.zeros(1), DT, 0.0, 0.0)
-    off = np.abs(stats - unblurred(np.array([D]), 0.0)[0]) > 4 * se
+    off = np.abs(stats - unblurred(np.array([D]), (0.0,))[0]) > 4 * se
     assert off.any() == (k > 100)  # blur matters once the relaxation nears the exposure
 
 
 def test_switching_expectation_with_one_stiffness_is_the_ou_one() -> None:
     v = KT / 40.0
     ou = mode_expectation(np.array([v]), np.array([1 / v]), np.zeros(1), DT, DT, 0.0)
-    sw = switching_expectation(np.full(999, 40.0), KT, DT, DT, 0.0)
+    sw = switching_expectation(np.full(999, 40.0), KT, DT, DT, (0.0, 0.0))
     d = np.array([0.5 * D, D, 3 * D])
-    np.testing.assert_allclose(sw(d, 0.0), ou(d, 0.0), rtol=1e-6)
+    np.testing.assert_allclose(sw(d, (0.0, 0.0)), ou(d, (0.0,)), rtol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -51,14 +51,17 @@ MIN_POINTS = 200  # below this, 20 batches are too short to estimate the covaria
 SCALE_FLOOR = 0.05  # ln spatial scale always allowed: a noise-blind fit's broadening
 D_SPAN = math.log(1e4)  # the D grid spans its centre times/over this
 GRID_POINTS = 161
-N_SCALES = 5
+NUISANCE = [(t,) for t in np.linspace(-1.0, 1.0, 5)]  # one band, its edges at +-1
+# the switching trap's two stiffnesses, each with its own band
+SWITCHING_NUISANCE = [(a, b) for a in (-1.0, 0.0, 1.0) for b in (-1.0, 0.0, 1.0)]
 DW_GRID = 300
 BLUR_TRUST = 0.3  # share of the double well's blur correction allowed to be off
 DW_BARRIERS = 31  # barrier grid of the double well's spectra, fitted e^-2 .. e^1
 
-# expectation of (G_1, G_2) at each D of a grid, for one value t in [-1, 1] of the
-# potential's nuisance (t = 0: as fitted, +-1: the edges of its allowed band)
-Expectation = Callable[[NDArray[np.float64], float], NDArray[np.float64]]
+# expectation of (G_1, G_2) at each D of a grid, for one value t in [-1, 1]^m of the
+# potential's nuisance (t = 0: as fitted, +-1: the edges of its allowed bands)
+Nuisance = tuple[float, ...]
+Expectation = Callable[[NDArray[np.float64], Nuisance], NDArray[np.float64]]
 
 
 @dataclass(frozen=True)
@@ -148,8 +151,8 @@ def mode_expectation(
 
     band = _band(ln_band)
 
-    def expect(d: NDArray[np.float64], t: float) -> NDArray[np.float64]:
-        s2 = blur_scale2(rates, offsets, d, exposure) * math.exp(2.0 * t * band)
+    def expect(d: NDArray[np.float64], t: Nuisance) -> NDArray[np.float64]:
+        s2 = blur_scale2(rates, offsets, d, exposure) * math.exp(2.0 * t[0] * band)
         mu = d[:, None] * rates[None, :] / s2 + offsets[None, :]
         c = [np.real((_lagged_blur(mu, tau, dt, exposure) * s2) @ weights) for tau in (1, 2, 3)]
         return np.stack([c[0] - c[1], c[1] - c[2]], axis=1)
@@ -210,9 +213,9 @@ def double_well_expectation(
 
     band = 2.0 * _band(0.5 * ln_band)  # a ln barrier: twice a ln spatial scale
 
-    def expect(d: NDArray[np.float64], t: float) -> NDArray[np.float64]:
+    def expect(d: NDArray[np.float64], t: Nuisance) -> NDArray[np.float64]:
         ln_s2 = np.log(blur_scale2(well_rate, np.zeros(1), d, exposure)[:, 0])
-        ln_f = -ln_s2 + t * (band + BLUR_TRUST * ln_s2)
+        ln_f = -ln_s2 + t[0] * (band + BLUR_TRUST * ln_s2)
         ln_f = np.clip(ln_f, ln_factors[0], ln_factors[-1])
         table = np.stack([_modes_g(w, r, d, dt, exposure) for w, r in spectra])  # (F, D, 2)
         pos = np.interp(ln_f, ln_factors, np.arange(ln_factors.size))
@@ -229,7 +232,7 @@ def switching_expectation(
     kt: float,
     dt: float,
     exposure: float,
-    ln_band: float,
+    ln_bands: tuple[float, float],
 ) -> Expectation:
     """(G_1, G_2) of the time-varying AR(1): x_{n+1} = phi_n x_n + e_n, exact variances.
 
@@ -239,13 +242,14 @@ def switching_expectation(
     kappa = stiffness_per_step / kt  # 1/um^2
     classes = np.unique(kappa)
 
-    band = _band(ln_band)
+    bands = [_band(b) for b in ln_bands]
 
-    def expect(d: NDArray[np.float64], t: float) -> NDArray[np.float64]:
+    def expect(d: NDArray[np.float64], t: Nuisance) -> NDArray[np.float64]:
         s2 = np.empty((d.size, kappa.size))
-        for c in classes:  # each phase's variance was fitted from blurred frames
-            s2[:, kappa == c] = blur_scale2(np.array([c]), np.zeros(1), d, exposure)
-        s2 = s2 * math.exp(2.0 * t * band)
+        for c, t_c, band in zip(classes, t, bands, strict=False):  # low, high
+            # each phase's variance was fitted from blurred frames, with its own uncertainty
+            scale2 = math.exp(2.0 * t_c * band)
+            s2[:, kappa == c] = blur_scale2(np.array([c]), np.zeros(1), d, exposure) * scale2
         lam = d[:, None] * kappa[None, :] / s2  # (D, n-1)
         phi = np.exp(-lam * dt)
         q = s2 / kappa[None, :] * -np.expm1(-2.0 * lam * dt)
@@ -282,28 +286,35 @@ class DataD:
     upper bound with noise) and spans ``D_SPAN`` each way; a fixed D is tested exactly.
     """
 
-    def __init__(self, positions: NDArray[np.float64], dt: float, expect: Expectation) -> None:
+    def __init__(
+        self,
+        positions: NDArray[np.float64],
+        dt: float,
+        expect: Expectation,
+        nuisance: list[Nuisance] = NUISANCE,
+    ) -> None:
         self.stats, cov = increment_statistics(positions)
         self.inv = np.linalg.inv(cov + 1e-12 * float(np.trace(cov)) * np.eye(2))
         self.expect = expect
-        self.scales = np.linspace(-1.0, 1.0, N_SCALES)  # the potential's nuisance, -1..1
+        self.nuisance = nuisance
         p, b = 2, N_BATCHES
         self.crit = p * (b - 1) / (b - p) * float(f_dist.ppf(LEVEL, p, b - p))
         steps = np.diff(positions.reshape(positions.shape[0], -1), axis=0)
         centre = math.log(max(float(np.mean(steps**2)) / (2.0 * dt), 1e-300))
         self.d = np.exp(np.linspace(centre - D_SPAN, centre + D_SPAN, GRID_POINTS))
-        per_scale = np.stack([self._t2(self.d, float(s)) for s in self.scales])
-        self.t2 = per_scale.min(axis=0)
-        self.best = float(self.d[int(np.argmin(per_scale[N_SCALES // 2]))])
+        per_value = np.stack([self._t2(self.d, t) for t in nuisance])
+        self.t2 = per_value.min(axis=0)
+        nominal = nuisance.index(tuple(0.0 for _ in nuisance[0]))
+        self.best = float(self.d[int(np.argmin(per_value[nominal]))])
 
-    def _t2(self, d: NDArray[np.float64], t: float) -> NDArray[np.float64]:
+    def _t2(self, d: NDArray[np.float64], t: Nuisance) -> NDArray[np.float64]:
         r = self.stats[None, :] - self.expect(d, t)
         return np.einsum("ij,jk,ik->i", r, self.inv, r)
 
     def check(self, d_fixed: float) -> DragCheck:
         """Hotelling's T^2 at the fixed D, minimised over the potential's allowed scales."""
         at = np.array([d_fixed])
-        t2_fixed = min(float(self._t2(at, float(s))[0]) for s in self.scales)
+        t2_fixed = min(float(self._t2(at, t)[0]) for t in self.nuisance)
         ok = self.t2 <= self.crit
         if np.any(ok):
             idx = np.nonzero(ok)[0]
@@ -325,7 +336,7 @@ def drag_check_line(check: DragCheck | None, what: str, model: str) -> str | Non
     if check is None:
         return (
             f"drag: {what} not checked against the data: it needs >= {MIN_POINTS} points "
-            f"and a {model} fit with the drag free (this record has neither or the fit failed)"
+            f"and a {model} fit (drag free) that pins the force, and this record lacks one"
         )
     if check.consistent and check.checkable:
         return None
@@ -354,7 +365,8 @@ def model_fit(
 ) -> DataD | None:
     """The D the data accept under ``model``'s drag-free fit; None if no check is possible.
 
-    None when the record is too short for the batch covariances or the fit failed.
+    None when the record is too short for the batch covariances, or the fit failed or
+    does not pin the force (an infinite stderr): a check against it would be a guess.
     """
     from .doublewell import exact_double_well
     from .physics import thermal_energy
@@ -368,6 +380,8 @@ def model_fit(
         xy = np.stack([cols["x"], cols["y"]], axis=1)
         k, omega = exact_rotational(xy, dt, temperature_k=temperature_k, free_drag=True)
         band = 0.5 * Z95 * k.stderr / k.value
+        if not math.isfinite(band):
+            return None
         expect = rotational_expectation(k.value, omega.value, kt, dt, exposure_s, band)
         return DataD(xy, dt, expect)
     x = cols["x"]
@@ -377,16 +391,21 @@ def model_fit(
         if not all(math.isfinite(e.value) and e.value > 0 for e in (length, barrier)):
             return None
         se = math.hypot(barrier.stderr / barrier.value, 2.0 * length.stderr / length.value)
+        if not math.isfinite(se):
+            return None
         expect = double_well_expectation(
             x, length.value, barrier.value, fit["center"].value, dt, exposure_s, Z95 * se
         )
         return DataD(x, dt, expect)
     if model == "switching":
         sw = fit_switching(x, dt, temperature_k=temperature_k, free_drag=True)
-        se = max(sw.estimates[p].stderr / sw.estimates[p].value for p in ("k_low", "k_high"))
-        band = 0.5 * Z95 * se
-        expect = switching_expectation(sw.stiffness_per_step, kt, dt, exposure_s, band)
-        return DataD(x, dt, expect)
+        low, high = (
+            0.5 * Z95 * sw.estimates[p].stderr / sw.estimates[p].value for p in ("k_low", "k_high")
+        )
+        if not (math.isfinite(low) and math.isfinite(high)):
+            return None
+        expect = switching_expectation(sw.stiffness_per_step, kt, dt, exposure_s, (low, high))
+        return DataD(x, dt, expect, SWITCHING_NUISANCE)
     raise ValueError(f"no drag check for model {model!r}")
 
 

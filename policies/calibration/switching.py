@@ -24,7 +24,8 @@ from .simulate import _check_count, _rng
 from .types import Estimate
 
 PARAMS = ("k_low", "k_high", "period")
-_LN_K = np.linspace(math.log(1e-2), math.log(1e5), 300)
+K_SEARCH = (1e-2, 1e5)  # fN/um, the stiffness grid's range
+_LN_K = np.linspace(math.log(K_SEARCH[0]), math.log(K_SEARCH[1]), 300)
 
 
 def switching_stiffness(

@@ -45,7 +45,7 @@ from scipy.stats import f as f_dist
 from .doublewell import exact_double_well, generator_spectrum, potential_kt
 from .physics import thermal_energy
 from .rotational import exact_rotational
-from .switching import K_SEARCH, fit_switching
+from .switching import fit_switching
 
 LEVEL = 0.95
 Z95 = 1.959963984540054
@@ -56,6 +56,7 @@ D_SPAN = math.log(1e4)  # the D grid spans its centre times/over this
 GRID_POINTS = 161
 NUISANCE = [(t,) for t in np.linspace(-1.0, 1.0, 5)]  # one band, its edges at +-1
 # the switching trap's two stiffnesses, each with its own band
+PAIR = ("k_low", "k_high")
 SWITCHING_NUISANCE = [(a, b) for a in (-1.0, 0.0, 1.0) for b in (-1.0, 0.0, 1.0)]
 DW_GRID = 300
 BLUR_TRUST = 0.3  # share of the double well's blur correction allowed to be off
@@ -236,11 +237,13 @@ def switching_expectation(
     dt: float,
     exposure: float,
     ln_bands: tuple[float, float],
+    start_variance: float | None = None,
 ) -> Expectation:
     """(G_1, G_2) of the time-varying AR(1): x_{n+1} = phi_n x_n + e_n, exact variances.
 
     Blur: each lagged covariance takes its step's stationary exposure factor, each
     variance the blurred variance's factor (exact within a phase, approximate at a switch).
+    The recursion starts at ``start_variance`` (default: the first phase's stationary one).
     """
     kappa = stiffness_per_step / kt  # 1/um^2
     classes = np.unique(kappa)
@@ -257,7 +260,7 @@ def switching_expectation(
         phi = np.exp(-lam * dt)
         q = s2 / kappa[None, :] * -np.expm1(-2.0 * lam * dt)
         s = np.empty((d.size, kappa.size + 1))
-        s[:, 0] = s2[:, 0] / kappa[0]
+        s[:, 0] = s2[:, 0] / kappa[0] if start_variance is None else start_variance
         for i in range(kappa.size):
             s[:, i + 1] = phi[:, i] ** 2 * s[:, i] + q[:, i]
         a = lam * exposure
@@ -369,8 +372,7 @@ def model_fit(
     """The D the data accept under ``model``'s drag-free fit; None if no check is possible.
 
     None when the record is too short for the batch covariances, or the fit failed or
-    does not pin the force (an infinite stderr; for the switching trap, a stiffness at the
-    edge of its search): a check against it would be a guess.
+    does not pin the force (an infinite stderr): a check against it would be a guess.
     """
     if cols["x"].size < MIN_POINTS:
         return None
@@ -398,13 +400,13 @@ def model_fit(
         return DataD(x, dt, expect)
     if model == "switching":
         sw = fit_switching(x, dt, temperature_k=temperature_k, free_drag=True)
-        ks = [sw.estimates[p] for p in ("k_low", "k_high")]
-        if any(not K_SEARCH[0] * 1.05 < k.value < K_SEARCH[1] / 1.05 for k in ks):
-            return None  # a stiffness at the search's edge is no estimate
         # an unpinned stiffness (a soft phase shorter than its relaxation) gets a wide band:
         # it barely matters to G there, and where it does the check is lenient, not wrong
-        low, high = (0.5 * Z95 * k.stderr / k.value for k in ks)
-        expect = switching_expectation(sw.stiffness_per_step, kt, dt, exposure_s, (low, high))
+        low, high = (0.5 * Z95 * sw.estimates[p].stderr / sw.estimates[p].value for p in PAIR)
+        start = float(np.var(x))  # the record's own spread, not a stationarity it may lack
+        expect = switching_expectation(
+            sw.stiffness_per_step, kt, dt, exposure_s, (low, high), start
+        )
         return DataD(x, dt, expect, SWITCHING_NUISANCE)
     raise ValueError(f"no drag check for model {model!r}")
 

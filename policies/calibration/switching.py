@@ -24,8 +24,7 @@ from .simulate import _check_count, _rng
 from .types import Estimate
 
 PARAMS = ("k_low", "k_high", "period")
-K_SEARCH = (1e-2, 1e5)  # fN/um, the stiffness grid's range
-_LN_K = np.linspace(math.log(K_SEARCH[0]), math.log(K_SEARCH[1]), 300)
+_LN_K = np.linspace(math.log(1e-2), math.log(1e5), 300)
 
 
 def switching_stiffness(

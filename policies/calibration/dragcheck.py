@@ -310,8 +310,24 @@ class DataD:
         self.d = np.exp(np.linspace(centre - D_SPAN, centre + D_SPAN, GRID_POINTS))
         per_value = np.stack([self._t2(self.d, t) for t in nuisance])
         self.t2 = per_value.min(axis=0)
-        nominal = nuisance.index(tuple(0.0 for _ in nuisance[0]))
-        self.best = float(self.d[int(np.argmin(per_value[nominal]))])
+        nominal = per_value[nuisance.index(tuple(0.0 for _ in nuisance[0]))]
+        self.best = self._vertex(nominal)
+
+    def _vertex(self, t2: NDArray[np.float64]) -> float:
+        """The grid minimum of T^2, refined by a parabola in ln D."""
+        i = int(np.clip(np.argmin(t2), 1, t2.size - 2))
+        ln_d = np.log(self.d)
+        a, b, c = t2[i - 1 : i + 2]
+        curv = a - 2.0 * b + c
+        shift = 0.5 * (a - c) / curv if curv > 0 else 0.0
+        return float(math.exp(ln_d[i] + float(np.clip(shift, -1.0, 1.0)) * (ln_d[1] - ln_d[0])))
+
+    def _crossing(self, inside: int, outside: int) -> float:
+        """Where T^2 crosses the critical value between two grid points, linear in ln D."""
+        t_in, t_out = self.t2[inside], self.t2[outside]
+        frac = (self.crit - t_in) / (t_out - t_in) if t_out > t_in else 0.0
+        ln_in, ln_out = math.log(self.d[inside]), math.log(self.d[outside])
+        return math.exp(ln_in + frac * (ln_out - ln_in))
 
     def _t2(self, d: NDArray[np.float64], t: Nuisance) -> NDArray[np.float64]:
         r = self.stats[None, :] - self.expect(d, t)
@@ -324,8 +340,8 @@ class DataD:
         ok = self.t2 <= self.crit
         if np.any(ok):
             idx = np.nonzero(ok)[0]
-            lo = 0.0 if idx[0] == 0 else float(self.d[idx[0]])
-            hi = math.inf if idx[-1] == self.d.size - 1 else float(self.d[idx[-1]])
+            lo = 0.0 if idx[0] == 0 else self._crossing(idx[0], idx[0] - 1)
+            hi = math.inf if idx[-1] == self.d.size - 1 else self._crossing(idx[-1], idx[-1] + 1)
         else:
             lo = hi = self.best
         return DragCheck(

@@ -73,8 +73,8 @@ class DragCheck:
     """The fixed drag's D against the D the data accept."""
 
     d_fixed: float
-    d_data: float  # best-fitting D on the grid (um^2/s)
-    interval: tuple[float, float]  # hull of the accepted D; (0, inf) where unbounded
+    d_data: float  # best-fitting D with the potential as fitted (um^2/s)
+    interval: tuple[float, float]  # hull of the accepted D; 0 / inf where unbounded
     consistent: bool
     checkable: bool  # False when the data accept D over the whole grid
 

@@ -33,7 +33,8 @@ Rotational (k, Omega) and double-well (L, barrier) fields: mean absolute errors 
 parameter, FORMA vs the exact likelihood.
 
 With the drag unknown (``*_drag_free``, short records, tweezepy side by side): see
-``benchmarks.calibration_dragfree``.
+``benchmarks.calibration_dragfree``. The fixed-drag check of the rotational, double-well
+and switching models (``drag_check_*``): see ``benchmarks.calibration_dragcheck``.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import calibration_dragfree
+from benchmarks import calibration_dragcheck, calibration_dragfree
 from policies.calibration import (
     Estimate,
     autocorrelation_fit,
@@ -226,6 +227,7 @@ def run(quick: bool, log: Log) -> dict[str, float | int | str]:
     metrics["coverage_95_learned"] = float(np.mean(cover["learned"]))
     metrics["draws_total"] = int(2 * sum(draws.values()))
     metrics.update(calibration_dragfree.run(quick, log))
+    metrics.update(calibration_dragcheck.run(quick, log))
     metrics.update(_rotational(10 if quick else 100, log))
     metrics.update(_double_well(3 if quick else 20, 2000 if quick else 5000, log))
     metrics["seconds"] = time.perf_counter() - t0

@@ -169,6 +169,12 @@ class DriverConfig(StrictModel):
     # lazily, so a very small mark drops frames even when the reader keeps up.
     stream_hwm: int = Field(32, ge=4, le=10_000)
     seed: int = Field(0, ge=0)
+    # The sample temperature frame headers report (calibration needs kT): read from this
+    # "Device.Property" (in temperature_unit) when the rig has a sensor, else temperature_k.
+    # The twin reports its own. Headers say which (state temperature_source).
+    temperature_k: float = Field(300.0, gt=0.0, le=1000.0)
+    temperature_property: str | None = Field(None, pattern=r"^[^.\s]+\.\S+$")
+    temperature_unit: Literal["K", "C"] = "C"
     auth: ServerAuth = ServerAuth()
     # Largest frame buffer a subscriber accepts (None: the twin camera's frame, else a
     # 4096 x 4096 32-bit frame); larger messages disconnect their sender unread.

@@ -37,12 +37,29 @@ log = logging.getLogger(__name__)
 
 TruthSource = Callable[[Any], dict[str, Any] | None]
 LightTruth = Callable[[], list[dict[str, Any]]]  # light changes on the sample since last call
+Temperature = Callable[[], tuple[float, str]]  # (sample temperature K, where it comes from)
 STREAM = "camera"
 # The twin's record of light on the sample: beside truth/ (whose records are per-frame
 # scene truth), so subscribers of either get only the records they expect.
 LIGHT_TRUTH_TOPIC = b"light-truth"
 PUBLISHED_RING = 512
 POSITION_REFRESH_NS = 200_000_000
+TEMPERATURE_REFRESH_NS = 1_000_000_000  # a sensor read can be a serial round trip too
+
+
+def temperature_reader(core: CMMCorePlus, config: DriverConfig) -> Temperature:
+    """The config's sensor property (checked now: a typo fails at start), else its value."""
+    if config.temperature_property is None:
+        return lambda: (config.temperature_k, "config driver.temperature_k")
+    device, _, prop = config.temperature_property.partition(".")
+    if device not in core.getLoadedDevices() or not core.hasProperty(device, prop):
+        raise ValueError(
+            f"driver.temperature_property: {config.temperature_property!r} is not a property "
+            f"of a loaded device (loaded: {', '.join(core.getLoadedDevices())})"
+        )
+    offset = 273.15 if config.temperature_unit == "C" else 0.0
+    where = f"property {config.temperature_property}"
+    return lambda: (float(core.getProperty(device, prop)) + offset, where)
 
 
 def _playback_extra(meta: Any) -> dict[str, Any]:
@@ -91,9 +108,11 @@ class DriverNode(InstrumentNode):
         field_um: tuple[float, float] | None = None,
         event_hook: EventHook | None = None,
         light_truth: LightTruth | None = None,
+        temperature: Temperature | None = None,
     ) -> None:
         if event_hook is None and config.event_hook is not None:
             event_hook = load_event_hook(config.event_hook, config.event_hook_args)
+        temperature = temperature or temperature_reader(core, config)  # before any bind
         self.core = core
         self.config = config
         self.field_um = field_um or self._field_from_core()
@@ -119,6 +138,8 @@ class DriverNode(InstrumentNode):
         self._published_ns: OrderedDict[int, int] = OrderedDict()
         self._position_cache: dict[str, Any] | None = None
         self._position_read_ns = 0
+        self._temperature = temperature
+        self._temperature_cache: tuple[int, dict[str, Any]] | None = None
         self.handlers.update(
             {
                 "set_laser": self._cmd_set_laser,
@@ -653,7 +674,21 @@ class DriverNode(InstrumentNode):
             "shutter_open": self._shutter_opened,
             **self._positions(),
             "watchdog_tripped": self.watchdog_tripped,
+            **self._temperature_state(),
         }
+
+    def _temperature_state(self) -> dict[str, Any]:
+        """Sample temperature for the header; the config's value, said so, if a read fails."""
+        t = now_ns()
+        if self._temperature_cache and t - self._temperature_cache[0] < TEMPERATURE_REFRESH_NS:
+            return self._temperature_cache[1]
+        try:
+            value, source = self._temperature()
+        except (RuntimeError, ValueError) as exc:
+            value, source = self.config.temperature_k, f"config (sensor read failed: {exc})"
+        state = {"temperature_k": float(value), "temperature_source": source}
+        self._temperature_cache = (t, state)
+        return state
 
     def _positions(self) -> dict[str, Any]:
         """Stage and focus positions, re-read at most every POSITION_REFRESH_NS: on real

@@ -103,6 +103,7 @@ def build_node(
         field_um=config.twin.camera.field_um,
         event_hook=event_hook,
         light_truth=rig.take_light_log,
+        temperature=lambda: (config.twin.particles.temperature_k, "twin"),
     )
 
 

@@ -39,6 +39,7 @@ class Observation:
     field_um: tuple[float, float] = (0.0, 0.0)  # width, height of the camera field
     track_ids: np.ndarray | None = None  # (N,) identity of each detection across frames
     confidences: np.ndarray | None = None  # (N,) in [0, 1]: 0 barely above threshold
+    temperature_k: float | None = None  # the sample's, as the driver reports it
 
     @staticmethod
     def from_wire(
@@ -51,6 +52,7 @@ class Observation:
         field_um: Iterable[float],
         track_ids: Any = None,
         confidences: Any = None,
+        temperature_k: float | None = None,
     ) -> Observation:
         """An observation from what a frame header or a recorded step holds (laser spots as
         `{x_um, y_um, power_mw}` maps): the live loop and replay build it here, the same way."""
@@ -71,6 +73,7 @@ class Observation:
             field_um=(fx, fy),
             track_ids=ids,
             confidences=conf,
+            temperature_k=None if temperature_k is None else float(temperature_k),
         )
 
 

@@ -40,4 +40,10 @@ def test_quick_bench_metrics_are_consistent() -> None:
     assert 0.0 <= m["coverage_95_short"] <= 1.0 and m["median_bias_short"] >= 0.0
     assert m["mae_lnk_short"] < 1.2  # the prior range spans ~8 in ln k
     assert 0.0 < m["mae_lnk_n1000_drag_free_learned"] < 0.8
+    # fixed-drag check of the other models: rates per model, records counted
+    for model in ("rotational", "double_well", "switching"):
+        rates = [
+            m[f"drag_check_{what}_{model}"] for what in ("false_alarm", "detect_2x", "detect_11x")
+        ]
+        assert all(0.0 <= r <= 1.0 for r in rates) and m[f"drag_check_records_{model}"] >= 1
     assert all(math.isfinite(v) for v in m.values() if isinstance(v, float))

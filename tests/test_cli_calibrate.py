@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from typer.testing import CliRunner
 
 from agent.cli import app
 from policies.calibration import simulate_ou
+from policies.calibration.doublewell import simulate_double_well
 from policies.calibration.rotational import simulate_rotational
 
 runner = CliRunner()
@@ -35,6 +37,7 @@ def traj(tmp_path_factory) -> Path:
     )
     np.savetxt(d / "plain.csv", simulate_ou(20.0, 1500, 0.01, rng=2), delimiter=",")
     np.save(d / "rot.npy", simulate_rotational(30.0, 6.0, 3000, 0.01, rng=3))
+    np.save(d / "dw.npy", simulate_double_well(1.5, 3.0, 1500, 0.01, rng=8))
     savemat(d / "h.mat", {"x": simulate_ou(20.0, 1500, 0.01, rng=4)})
     bad = simulate_ou(20.0, 100, 0.01, rng=5)
     bad[7] = np.nan
@@ -144,3 +147,19 @@ def test_fixed_stokes_drag_that_disagrees_with_the_data_is_warned(traj: Path) ->
     assert len(warnings) == 1 and "--drag fit" in warnings[0]
     right = _run(str(traj / "plain.csv"), "--dt", DT, "--drag", "stokes", "--json")
     assert json.loads(right.stdout)["warnings"] == []
+
+
+@pytest.mark.parametrize(("name", "model"), [("rot.npy", "rotational"), ("dw.npy", "double-well")])
+def test_fixed_drag_of_other_models_checked_against_their_own_fit(
+    traj: Path, name: str, model: str
+) -> None:
+    args = [str(traj / name), "--dt", DT, "--model", model, "--method", "forma", "--json"]
+    wrong = json.loads(_run(*args, "--drag", "stokes", "--radius-nm", "1100").stdout)
+    assert len(wrong["warnings"]) == 1, wrong["warnings"]
+    assert f"({model} fit" in wrong["warnings"][0]
+    off = float(re.search(r"([0-9.]+)x off", wrong["warnings"][0]).group(1))
+    assert 7.0 < off < 17.0  # 1100 nm for a 100 nm bead: the data's D is ~11x the fixed one
+    right = json.loads(_run(*args, "--drag", "stokes").stdout)
+    assert right["warnings"] == []
+    fitted = json.loads(_run(*args).stdout)  # drag fitted: nothing to check
+    assert fitted["warnings"] == []

@@ -86,6 +86,8 @@ class FeedbackTrap:
             self.target_um = self._configured_target or (self.field_um[0] / 2, self.field_um[1] / 2)
         self.policy.reset()
         self.tracker.reset()
+        live = self.live_calibration  # kT of its D: the sample's, as the driver reports it
+        live.temperature_k = float(state.get("temperature_k", live.temperature_k))
         return self.target_um
 
     def observe(self, frame: Frame) -> Observation:
@@ -109,6 +111,7 @@ class FeedbackTrap:
             self.field_um,
             ids,
             confidences,
+            header.state.get("temperature_k"),
         )
 
     def decide(self, obs: Observation) -> Action:

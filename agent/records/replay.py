@@ -108,6 +108,7 @@ def observations(run: RunData, phase: str) -> list[tuple[dict[str, Any], Observa
             laser,
             field_um,
             step.get("track_ids"),
+            temperature_k=state.get("temperature_k"),  # the sample's, as the driver said
         )
         pairs.append((step, obs))
         laser = step.get("laser")  # what the next frame was lit with (approximately)

@@ -6,7 +6,8 @@ The trap calibration reads the controlled particle's positions around the target
 feedback phase (ground truth when the run has it, else the detections the loop acted
 on) and states the effective stiffness per axis with the live loop's own estimator
 (`policies.calibration.online.LiveCalibration`, drag free, memory = the whole phase) at
-the run's temperature (the twin's ground truth, else the config, else 300 K, said so).
+the run's temperature (the driver's frame headers, else the twin's ground truth, else the
+config, else 300 K, said so).
 """
 
 from __future__ import annotations
@@ -37,7 +38,11 @@ def detected_track(steps: list[dict[str, Any]], target: tuple[float, float]) -> 
 
 
 def run_temperature_k(run: RunData, phase: str) -> tuple[float, str]:
-    """(temperature, where it came from): truth records, then config.yaml, then a default."""
+    """(temperature, where it came from): the driver's header, truth records, config.yaml,
+    then a default."""
+    driver = (run.start(phase) or {}).get("driver_state") or {}
+    if driver.get("temperature_k") is not None:
+        return float(driver["temperature_k"]), f"driver: {driver.get('temperature_source')}"
     temps = [t for r in run.truth.get(phase, []) for t in r.get("temperatures_k") or []]
     if temps:
         return float(np.median(temps)), "twin ground truth"

@@ -30,6 +30,7 @@ from .advice import (
 )
 from .bayes import bayes_ou
 from .doublewell import exact_double_well, forma_double_well
+from .dragcheck import drag_check_line, model_fit
 from .dragfree import (
     DragFreePosterior,
     drag_free_posterior,
@@ -397,6 +398,9 @@ def calibrate(cols: dict[str, np.ndarray], model: str, method: str, **opts: Any)
         for col in [c for c in ("x", "y") if c in cols]:
             check_record(cols[col], col)
         estimates = {name: _other_model(cols, model, name, opts) for name in chosen}
+        if opts["drag"] == "stokes":
+            note = _other_drag_check(cols, model, opts)
+            warnings += [note] if note else []
     rec = RECOMMENDED[model] if RECOMMENDED[model] in estimates else chosen[0]
     if rec != RECOMMENDED[model]:
         reason = (
@@ -413,6 +417,15 @@ def calibrate(cols: dict[str, np.ndarray], model: str, method: str, **opts: Any)
         "diagnostics": diagnostics,
         "estimates": {n: {p: _entry(e) for p, e in ps.items()} for n, ps in estimates.items()},
     }
+
+
+def _other_drag_check(cols: dict[str, np.ndarray], model: str, opts: dict[str, Any]) -> str | None:
+    """The fixed (Stokes) drag against the D the data accept under the model's own fit."""
+    phys = _stokes(opts)
+    kt, gamma = physics(phys["temperature_k"], phys["radius_um"], phys["viscosity_pa_s"])
+    data = model_fit(model, cols, opts["dt"], opts["exposure_s"], opts["temperature_k"])
+    check = None if data is None else data.check(kt / gamma)
+    return drag_check_line(check, _stokes_words(opts), model)
 
 
 def _other_model(

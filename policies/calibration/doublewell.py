@@ -151,6 +151,30 @@ def _increment_diffusion(arr: NDArray[np.float64], dt: float) -> float:
     return float(np.einsum("i,i->", resid, resid)) / max(resid.size - 4, 1) / (2.0 * dt)
 
 
+def potential_kt(
+    grid: NDArray[np.float64], length_um: float, barrier_kt: float, center_um: float
+) -> NDArray[np.float64]:
+    """U / kT on ``grid``, shifted so its minimum is 0."""
+    u = barrier_kt * ((2.0 * (grid - center_um) / length_um) ** 2 - 1.0) ** 2
+    return u - u.min()
+
+
+def generator_spectrum(
+    u: NDArray[np.float64], rate: float
+) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+    """(eigenvalues <= 0, eigenvectors, e^{-u/2}) of the symmetrised Fokker-Planck generator.
+
+    A reversible nearest-neighbour jump process on the grid, w(i->i+1) = rate *
+    exp(-(u_{i+1} - u_i) / 2) with rate = D / h^2, so its stationary law is exactly the
+    Boltzmann one; symmetrised with e^{-u/2} it is tridiagonal with off-diagonal ``rate``.
+    """
+    du = np.diff(u)
+    up, down = rate * np.exp(-du / 2.0), rate * np.exp(du / 2.0)
+    diag = -(np.concatenate([up, [0.0]]) + np.concatenate([[0.0], down]))
+    lam, vec = eigh_tridiagonal(diag, rate * np.ones(du.size))
+    return lam, vec, np.exp(-u / 2.0)
+
+
 def _fp_nll(
     theta: NDArray[np.float64],
     x0: NDArray[np.float64],
@@ -163,18 +187,10 @@ def _fp_nll(
     """-log L from the exact (discretised Fokker-Planck) transition density."""
     length, energy, c = math.exp(theta[0]), math.exp(theta[1]), theta[2]
     h = float(grid[1] - grid[0])
-    u = energy * ((2.0 * (grid - c) / length) ** 2 - 1.0) ** 2 / kt  # U / kT
-    u = u - u.min()
+    u = potential_kt(grid, length, energy / kt, c)
     if u.max() > 600.0:
         return 1e30
-    rate = kt / gamma / h**2
-    # reversible nearest-neighbour jumps: w(i->i+1) = rate * exp(-(u_{i+1} - u_i) / 2)
-    du = np.diff(u)
-    up, down = rate * np.exp(-du / 2.0), rate * np.exp(du / 2.0)
-    diag = -(np.concatenate([up, [0.0]]) + np.concatenate([[0.0], down]))
-    off = -rate * np.ones(du.size)  # symmetrised: sqrt(w_ij w_ji) = rate, with minus below
-    lam, vec = eigh_tridiagonal(diag, -off)
-    half = np.exp(-u / 2.0)
+    lam, vec, half = generator_spectrum(u, kt / gamma / h**2)
     prop = (vec * np.exp(lam * dt)) @ vec.T  # symmetric kernel
     dens = prop * (np.outer(1.0 / half, half) / h)  # dens[j, i]: from i to j, per um
     fi = np.clip((x0 - grid[0]) / h, 0.0, grid.size - 1.000001)
@@ -261,4 +277,11 @@ def exact_double_well(
     return out
 
 
-__all__ = ["double_well_force", "exact_double_well", "forma_double_well", "simulate_double_well"]
+__all__ = [
+    "double_well_force",
+    "exact_double_well",
+    "forma_double_well",
+    "generator_spectrum",
+    "potential_kt",
+    "simulate_double_well",
+]

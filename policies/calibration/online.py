@@ -203,7 +203,7 @@ class LiveCalibration:
         persist: int = 20,
         min_frames: int = 50,
     ) -> None:
-        self._kt = physics(temperature_k, 1.0, WATER_VISCOSITY_PA_S)[0]
+        self.temperature_k = temperature_k
         hl = check_positive(half_life_frames, "half_life_frames")
         if hl < 5.0:
             raise ValueError(f"half_life_frames must be >= 5, got {half_life_frames!r}")
@@ -223,6 +223,17 @@ class LiveCalibration:
         self._since_reset = 0
         self._streak = 0
         self._changes = 0
+
+    @property
+    def temperature_k(self) -> float:
+        """The sample temperature kT is taken at (the driver reports it; default 300 K)."""
+        return self._temperature_k
+
+    @temperature_k.setter
+    def temperature_k(self, value: float) -> None:
+        self._kt = physics(value, 1.0, WATER_VISCOSITY_PA_S)[0]  # checks it is > 0
+        self._temperature_k = float(value)
+        self._cached = None
 
     def update(self, positions: ArrayLike, t: ArrayLike) -> LiveEstimate | None:
         """Add frame(s); the estimate after the last one (None until ``min_frames``)."""

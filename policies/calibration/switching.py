@@ -11,6 +11,8 @@ likelihood in ln k_low, ln k_high and the period.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -97,7 +99,25 @@ def _parabolic_max(ll: NDArray[np.float64]) -> tuple[NDArray, NDArray]:
     return peak, _LN_K[i[..., 0]] + h * np.clip(shift, -1.0, 1.0)
 
 
+@dataclass(frozen=True)
+class SwitchingFit:
+    """The estimates and what produced them: which steps were stiff, at what k each."""
+
+    estimates: dict[str, Estimate]
+    stiffness_per_step: NDArray[np.float64]  # fN/um during step i -> i+1, (n-1,)
+    gamma: float  # the drag used (fitted with ``free_drag``), fN s/um
+
+
 def estimate_switching(
+    x: ArrayLike,
+    dt: float,
+    **kw: Any,
+) -> dict[str, Estimate]:
+    """(k_low, k_high, period) by profile maximum likelihood; see ``fit_switching``."""
+    return fit_switching(x, dt, **kw).estimates
+
+
+def fit_switching(
     x: ArrayLike,
     dt: float,
     *,
@@ -107,7 +127,7 @@ def estimate_switching(
     min_period_s: float | None = None,
     max_period_s: float | None = None,
     free_drag: bool = False,
-) -> dict[str, Estimate]:
+) -> SwitchingFit:
     """(k_low, k_high, period) by profile maximum likelihood, trap centre = mean position.
 
     The period is first located from the spectrum of a per-step log-likelihood ratio
@@ -196,6 +216,7 @@ def estimate_switching(
         ll_k = _class_ll(s[0], s[1], s[2], s[3], dt, kt, gamma, grid)
         ln_k, sd = _refine_peak(grid, ll_k)
         ests.append((ln_k, sd))
+    per_step = np.where(high > 0.5, math.exp(ests[1][0]), math.exp(ests[0][0]))
     ests.sort()
     out["k_low"] = _make(math.exp(ests[0][0]), ests[0][1], "switching_mle")
     out["k_high"] = _make(math.exp(ests[1][0]), ests[1][1], "switching_mle")
@@ -208,7 +229,7 @@ def estimate_switching(
         else (0.0, math.inf),
         "switching_mle",
     )
-    return out
+    return SwitchingFit(out, per_step, gamma)
 
 
 def _fit_gamma(
@@ -228,4 +249,10 @@ def _fit_gamma(
     return best[1], best[2], best[3]
 
 
-__all__ = ["estimate_switching", "simulate_switching", "switching_stiffness"]
+__all__ = [
+    "SwitchingFit",
+    "estimate_switching",
+    "fit_switching",
+    "simulate_switching",
+    "switching_stiffness",
+]

@@ -19,7 +19,7 @@ Coordinates are ``(x, y) = (column, row)`` in pixels, with the centre of pixel
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 from numpy.typing import NDArray
@@ -28,6 +28,13 @@ from scipy import ndimage
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
+
+from agent.detection.ring_match import (
+    DEFAULT_SCALES,
+    RingMatcher,
+    subpixel_peaks,
+    synthetic_ring_profile,
+)
 
 __all__ = [
     "DetectorConfig",
@@ -79,6 +86,14 @@ class DetectorConfig(BaseModel):
     # real frames in shared/data/brightfield this agrees best with trackpy's ring fit).
     polarity: Literal["bright", "dark", "ring"] = "bright"
     ring_radius_px: float = Field(default=0.0, ge=0, le=100)
+    # Ring mode's matched filter: the particles' radial profile sampled at 0, 1, 2 ... px
+    # (any units; measured from the frames by agent.detection.detect_auto). Empty: a
+    # stand-in built from ring_radius_px (agent.detection.ring_match).
+    ring_profile: tuple[float, ...] = Field(default=(), max_length=201)
+    # Radial stretches of the profile tried at every pixel (particles at other heights).
+    ring_scales: tuple[Annotated[float, Field(ge=0.3, le=3.0)], ...] = Field(
+        default=DEFAULT_SCALES, min_length=1, max_length=9
+    )
 
     # > 0: every local maximum of the smoothed frame is a seed, and of detections closer
     # than this the dimmer goes: touching particles stay apart. 0: one per blob.
@@ -143,6 +158,19 @@ def estimate_background(frame: np.ndarray) -> tuple[float, float]:
     pixels keeps the cost flat regardless of frame size.
     """
     return _background(_check_2d(frame, "frame"))
+
+
+def white_noise_sigma(frame: np.ndarray) -> float:
+    """Pixel noise sigma from neighbour differences (robust IQR of a subsample): blind to
+    illumination and to structure smoother than a pixel, so dense fields, where the
+    frame's own spread is mostly particles, do not inflate it."""
+    step = max(1, int(np.sqrt(frame.size / _BG_SAMPLES)))
+    # Integer frames keep integer differences: continuous quantiles of whole values.
+    integer = np.issubdtype(frame.dtype, np.integer)
+    sub = frame[::step].astype(np.int64 if integer else np.float32)
+    d = (sub[:, 1:] - sub[:, :-1])[:, ::step].ravel()
+    q1, q3 = _quantiles(d, (0.25, 0.75))
+    return max((q3 - q1) / _IQR_TO_SIGMA / np.sqrt(2.0), 1e-12)
 
 
 def _background(frame: np.ndarray, integer: bool | None = None) -> tuple[float, float]:
@@ -500,6 +528,7 @@ class ParticleDetector:
         # Fixed offsets of the refinement window, reused for every frame.
         self._offsets = np.arange(-self.config.refine_half_px, self.config.refine_half_px + 1)
         self._last_confidence = np.zeros(0)
+        self._matcher: RingMatcher | None = None
         self.adapted: object | None = None  # the estimate, when adapt=True has run
 
     def __call__(self, frame: np.ndarray) -> FloatArray:
@@ -534,6 +563,8 @@ class ParticleDetector:
             self._adapt(frame)
         self._last_confidence = np.zeros(0)
         cfg = self.config
+        if cfg.polarity == "ring":
+            return self._detect_rings(frame)
         work = self._preprocess(frame)
         plan = self._get_plan(work.shape)
         level, sigma = _background(work)
@@ -603,6 +634,35 @@ class ParticleDetector:
         noise = max(sigma, np.finfo(np.float64).tiny) * np.sqrt(n_pix.astype(np.float64))
         self._last_confidence = self._confidence(seg, r, c, plan, seg_level, seg_sigma)
         return xy[keep], brightness[keep] / noise
+
+    def _detect_rings(self, frame: np.ndarray) -> tuple[FloatArray, FloatArray]:
+        """Ring mode: peaks of the matched filter (agent.detection.ring_match), brightest
+        first; the score is the response in pixel-noise sigmas (the kernel is unit-norm)."""
+        cfg = self.config
+        profile = cfg.ring_profile or synthetic_ring_profile(
+            cfg.ring_radius_px if cfg.ring_radius_px > 0 else max(cfg.window_px / 0.85, 2.0)
+        )
+        if self._matcher is None or self._matcher.key != (profile, cfg.ring_scales):
+            self._matcher = RingMatcher(profile, cfg.ring_scales)
+        resp = self._matcher.response(frame)
+        sigma = white_noise_sigma(frame)
+        idx = np.flatnonzero(resp > cfg.threshold_sigma * sigma)
+        if idx.size == 0:
+            return _empty()
+        vals = resp.ravel()[idx]
+        peak = _local_maxima(resp, idx, vals)
+        idx, vals = idx[peak], vals[peak]
+        order = np.argsort(-vals, kind="stable")
+        rows, cols = np.divmod(idx[order], frame.shape[1])
+        xy = subpixel_peaks(resp, rows, cols)
+        z = vals[order].astype(np.float64) / sigma
+        keep = np.arange(len(xy))
+        if cfg.separation_px > 0:
+            keep = _isolated(xy, cfg.separation_px)
+        keep = keep[: cfg.max_objects]
+        k = cfg.threshold_sigma
+        self._last_confidence = np.clip((z[keep] - k) / k, 0.0, 1.0)
+        return xy[keep], z[keep]
 
     def _confidence(
         self,

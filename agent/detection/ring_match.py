@@ -1,0 +1,132 @@
+"""Brightfield rings found by a matched filter on their measured radial profile.
+
+A sphere in transmitted light images as a radial profile c(r) that changes with its
+defocus: a dark blob in focus, then a bright centre inside a dark ring whose weight
+grows with defocus, with a bright outer fringe far out. No single-polarity peak finder
+sees all of these: the bright centre is weak near focus and the dark ring dominates far
+out. Correlating the frame with the profile itself (zero mean, unit norm) uses every
+pixel of the particle whatever its sign, so the response peaks at each centre:
+
+* it is the maximum-likelihood detector for a known shape in white noise, and its noise
+  is exactly the pixel noise (unit-norm kernel), so thresholds are in pixel sigmas;
+* a zero-mean symmetric kernel removes a constant and a linear background, so uneven
+  illumination needs no separate background pass;
+* its central lobe is as narrow as the particle's bright core, so touching particles
+  (rings overlapping each other's centres) give separate peaks.
+
+Defocus varies from particle to particle (they sit at different heights), so the frame
+is correlated with the profile stretched over a few radial scales around the estimated
+one and each pixel keeps its best response (a ring vote over a radius range). The
+correlation runs as real FFTs on a reflect-padded float32 frame: its cost does not grow
+with the ring's size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import fft
+
+__all__ = ["RingMatcher", "synthetic_ring_profile"]
+
+FloatArray = NDArray[np.float64]
+
+# Radial stretch factors of the template bank: +-15 % covers the ring-radius spread of
+# spheres a few um apart in height at NA 0.3-1.0 (measured on the twin's Mie-free model
+# and the real frames); each costs one inverse FFT.
+DEFAULT_SCALES = (0.87, 1.0, 1.15)
+
+
+def synthetic_ring_profile(ring_radius_px: float) -> tuple[float, ...]:
+    """A documented stand-in when only the ring radius is known: a bright Gaussian core
+    (sigma 0.35 R) and a dark Gaussian ring at R (sigma 0.2 R, depth 0.5), sampled per px."""
+    r = np.arange(math.ceil(1.6 * ring_radius_px) + 1, dtype=np.float64)
+    core = np.exp(-0.5 * (r / (0.35 * ring_radius_px)) ** 2)
+    ring = 0.5 * np.exp(-0.5 * ((r - ring_radius_px) / (0.2 * ring_radius_px)) ** 2)
+    return tuple(float(v) for v in core - ring)
+
+
+def _kernel(profile: NDArray[np.float64], scale: float) -> NDArray[np.float32]:
+    """Zero-mean, unit-norm 2-D kernel of the profile (sampled at 0, 1, 2 ... px) stretched
+    radially by scale, over the disc it covers."""
+    extent = (profile.size - 1) * scale
+    half = math.ceil(extent)
+    yy, xx = np.mgrid[-half : half + 1, -half : half + 1]
+    r = np.hypot(yy, xx) / scale
+    disc = r <= profile.size - 1
+    k = np.where(disc, np.interp(r, np.arange(profile.size), profile), 0.0)
+    k[disc] -= k[disc].mean()
+    norm = math.sqrt(float(np.sum(k * k)))
+    return (k / norm if norm > 0 else k).astype(np.float32)
+
+
+class RingMatcher:
+    """Best matched-filter response over a bank of radial scales, per frame shape.
+
+    Kernel spectra are computed once per frame shape; one instance is not thread-safe.
+    """
+
+    def __init__(self, profile: tuple[float, ...], scales: tuple[float, ...] = DEFAULT_SCALES):
+        self.key = (tuple(profile), tuple(scales))
+        prof = np.asarray(profile, dtype=np.float64)
+        if prof.size < 3:
+            raise ValueError(f"ring_profile needs at least 3 samples, got {prof.size}")
+        self.kernels = [_kernel(prof, s) for s in scales]
+        self.pad = max(k.shape[0] // 2 for k in self.kernels)
+        self._shape: tuple[int, int] = (0, 0)
+        self._spectra: list[NDArray[np.complex64]] = []
+        self._fft_shape: tuple[int, int] = (0, 0)
+
+    def _prepare(self, shape: tuple[int, int]) -> None:
+        p = self.pad
+        fs = (
+            fft.next_fast_len(shape[0] + 2 * p, real=True),
+            fft.next_fast_len(shape[1] + 2 * p, real=True),
+        )
+        spectra = []
+        for k in self.kernels:
+            full = np.zeros(fs, dtype=np.float32)
+            h = k.shape[0] // 2
+            full[: k.shape[0], : k.shape[1]] = k
+            # Kernel centre at the origin (wrapped), so the response is not shifted.
+            full = np.roll(full, (-h, -h), axis=(0, 1))
+            spectra.append(fft.rfft2(full).astype(np.complex64))
+        self._spectra, self._shape, self._fft_shape = spectra, shape, fs
+
+    def response(self, frame: np.ndarray) -> NDArray[np.float32]:
+        """(H, W) best response over the scales; in the frame's units x unit-norm kernel,
+        so white pixel noise of sigma gives a response of sigma."""
+        shape = (int(frame.shape[0]), int(frame.shape[1]))
+        if shape != self._shape:
+            self._prepare(shape)
+        p = self.pad
+        work = np.pad(np.asarray(frame, dtype=np.float32), p, mode="reflect")
+        spec = fft.rfft2(work, s=self._fft_shape)
+        out: NDArray[np.float32] | None = None
+        for kspec in self._spectra:
+            resp = fft.irfft2(spec * kspec, s=self._fft_shape)[p : p + shape[0], p : p + shape[1]]
+            out = resp.astype(np.float32) if out is None else np.maximum(out, resp, out=out)
+        assert out is not None
+        return out
+
+
+def subpixel_peaks(
+    resp: NDArray[np.float32], rows: NDArray[np.intp], cols: NDArray[np.intp]
+) -> FloatArray:
+    """(N, 2) (x, y) of each integer peak refined by a parabola through it and its
+    4-neighbours per axis (edges keep the integer coordinate)."""
+    h, w = resp.shape
+    r0, r1 = np.clip(rows - 1, 0, h - 1), np.clip(rows + 1, 0, h - 1)
+    c0, c1 = np.clip(cols - 1, 0, w - 1), np.clip(cols + 1, 0, w - 1)
+    centre = resp[rows, cols].astype(np.float64)
+
+    def offset(a: FloatArray, b: FloatArray) -> FloatArray:
+        curv = a - 2.0 * centre + b
+        safe = np.where(curv < 0, curv, -1.0)
+        return np.where(curv < 0, np.clip(0.5 * (a - b) / safe, -0.5, 0.5), 0.0)
+
+    dx = offset(resp[rows, c0].astype(np.float64), resp[rows, c1].astype(np.float64))
+    dy = offset(resp[r0, cols].astype(np.float64), resp[r1, cols].astype(np.float64))
+    return np.column_stack([cols + dx, rows + dy]).astype(np.float64)

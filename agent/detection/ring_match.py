@@ -28,10 +28,20 @@ import math
 import numpy as np
 from numpy.typing import NDArray
 from scipy import fft
+from scipy.sparse import csr_matrix
+from scipy.sparse.linalg import spsolve
+from scipy.spatial import cKDTree
 
-__all__ = ["RingMatcher", "synthetic_ring_profile"]
+__all__ = [
+    "RingMatcher",
+    "explain_away",
+    "refine_without_neighbours",
+    "subpixel_peaks",
+    "synthetic_ring_profile",
+]
 
 FloatArray = NDArray[np.float64]
+_STEPS = np.arange(-1, 2)
 
 # Radial stretch factors of the template bank: +-15 % covers the ring-radius spread of
 # spheres a few um apart in height at NA 0.3-1.0 (measured on the twin's Mie-free model
@@ -62,6 +72,23 @@ def _kernel(profile: NDArray[np.float64], scale: float) -> NDArray[np.float32]:
     return (k / norm if norm > 0 else k).astype(np.float32)
 
 
+def _radial_autocorrelation(kernel: NDArray[np.float32], step: float) -> FloatArray:
+    """Autocorrelation of a unit-norm radial kernel against distance (0, step, 2 step ...):
+    the response one particle gives at that distance from its centre (1 at 0)."""
+    n = 2 * kernel.shape[0]
+    spec = np.fft.rfft2(kernel.astype(np.float64), s=(n, n))
+    ac = np.fft.fftshift(np.fft.irfft2(np.abs(spec) ** 2, s=(n, n)))
+    c = n // 2
+    yy, xx = np.mgrid[-c : n - c, -c : n - c]
+    dist = np.hypot(yy, xx).ravel()
+    bins = np.rint(dist / step).astype(np.intp)
+    counts = np.bincount(bins)
+    table = np.bincount(bins, ac.ravel()) / np.maximum(counts, 1)
+    table = table[: int(kernel.shape[0] / step) + 2]
+    table[-1] = 0.0
+    return table / table[0]
+
+
 class RingMatcher:
     """Best matched-filter response over a bank of radial scales, per frame shape.
 
@@ -74,6 +101,8 @@ class RingMatcher:
         if prof.size < 3:
             raise ValueError(f"ring_profile needs at least 3 samples, got {prof.size}")
         self.kernels = [_kernel(prof, s) for s in scales]
+        self.ac_step = 0.25
+        self.ac = _radial_autocorrelation(_kernel(prof, 1.0), self.ac_step)
         self.pad = max(k.shape[0] // 2 for k in self.kernels)
         self._shape: tuple[int, int] = (0, 0)
         self._spectra: list[NDArray[np.complex64]] = []
@@ -112,21 +141,113 @@ class RingMatcher:
         return out
 
 
+def _neighbourhoods(
+    resp: NDArray[np.float32], rows: NDArray[np.intp], cols: NDArray[np.intp]
+) -> FloatArray:
+    """(N, 3, 3) response around each integer peak (edges repeat the edge pixel)."""
+    h, w = resp.shape
+    r = np.clip(rows[:, None] + _STEPS, 0, h - 1)
+    c = np.clip(cols[:, None] + _STEPS, 0, w - 1)
+    return resp[r[:, :, None], c[:, None, :]].astype(np.float64)
+
+
+def _parabola_peaks(
+    values: FloatArray, rows: NDArray[np.intp], cols: NDArray[np.intp], reach: float
+) -> FloatArray:
+    """(N, 2) (x, y): a parabola per axis through the centre row / column of each 3x3."""
+
+    def offset(a: FloatArray, centre: FloatArray, b: FloatArray) -> FloatArray:
+        curv = a - 2.0 * centre + b
+        safe = np.where(curv < 0, curv, -1.0)
+        return np.where(curv < 0, np.clip(0.5 * (a - b) / safe, -reach, reach), 0.0)
+
+    mid = values[:, 1, 1]
+    dx = offset(values[:, 1, 0], mid, values[:, 1, 2])
+    dy = offset(values[:, 0, 1], mid, values[:, 2, 1])
+    return np.column_stack([cols + dx, rows + dy]).astype(np.float64)
+
+
 def subpixel_peaks(
     resp: NDArray[np.float32], rows: NDArray[np.intp], cols: NDArray[np.intp]
 ) -> FloatArray:
     """(N, 2) (x, y) of each integer peak refined by a parabola through it and its
-    4-neighbours per axis (edges keep the integer coordinate)."""
-    h, w = resp.shape
-    r0, r1 = np.clip(rows - 1, 0, h - 1), np.clip(rows + 1, 0, h - 1)
-    c0, c1 = np.clip(cols - 1, 0, w - 1), np.clip(cols + 1, 0, w - 1)
-    centre = resp[rows, cols].astype(np.float64)
+    4-neighbours per axis."""
+    return _parabola_peaks(_neighbourhoods(resp, rows, cols), rows, cols, 0.5)
 
-    def offset(a: FloatArray, b: FloatArray) -> FloatArray:
-        curv = a - 2.0 * centre + b
-        safe = np.where(curv < 0, curv, -1.0)
-        return np.where(curv < 0, np.clip(0.5 * (a - b) / safe, -0.5, 0.5), 0.0)
 
-    dx = offset(resp[rows, c0].astype(np.float64), resp[rows, c1].astype(np.float64))
-    dy = offset(resp[r0, cols].astype(np.float64), resp[r1, cols].astype(np.float64))
-    return np.column_stack([cols + dx, rows + dy]).astype(np.float64)
+def refine_without_neighbours(
+    matcher: RingMatcher,
+    resp: NDArray[np.float32],
+    xy: FloatArray,
+    amp: FloatArray,
+    rounds: int = 2,
+) -> FloatArray:
+    """Peak positions with the neighbours' side lobes (amplitude x autocorrelation, from
+    their current positions) taken out of each 3x3 neighbourhood first: a touching
+    neighbour's lobe tilts the peak towards or away from it by a good part of a pixel."""
+    n = len(xy)
+    if n < 2:
+        return xy
+    reach = (matcher.ac.size - 1) * matcher.ac_step
+    pairs = cKDTree(xy).query_pairs(reach, output_type="ndarray")
+    if pairs.size == 0:
+        return xy
+    src = np.concatenate([pairs[:, 0], pairs[:, 1]])  # the peak being refined
+    nbr = np.concatenate([pairs[:, 1], pairs[:, 0]])  # the neighbour taken out
+    table_r = np.arange(matcher.ac.size) * matcher.ac_step
+    rows = np.rint(xy[:, 1]).astype(np.intp)
+    cols = np.rint(xy[:, 0]).astype(np.intp)
+    base = _neighbourhoods(resp, rows, cols)
+    for _ in range(rounds):
+        px = cols[src, None, None] + _STEPS[None, None, :] - xy[nbr, 0, None, None]
+        py = rows[src, None, None] + _STEPS[None, :, None] - xy[nbr, 1, None, None]
+        lobe = amp[nbr, None, None] * np.interp(np.hypot(px, py), table_r, matcher.ac)
+        values = base.copy()
+        np.subtract.at(values, src, lobe)
+        xy = _parabola_peaks(values, rows, cols, 1.0)
+    return xy
+
+
+def explain_away(
+    matcher: RingMatcher, xy: FloatArray, vals: FloatArray, rounds: int = 3
+) -> FloatArray:
+    """Amplitudes of candidate peaks fitted jointly (least squares, negatives dropped).
+
+    A particle's response spreads to its neighbours as the kernel's autocorrelation;
+    where rings overlap these side lobes add up to peaks no particle sits under. Solving
+    G a = r over the candidates (G_ij = autocorrelation at their distance) gives each
+    candidate the amplitude its own particle needs: side-lobe peaks, explained by their
+    neighbours, get none; touching pairs, whose responses add, get their own.
+    """
+    n = len(xy)
+    amp = np.zeros(n)
+    if n == 0:
+        return amp
+    reach = (matcher.ac.size - 1) * matcher.ac_step
+    pairs = cKDTree(xy).query_pairs(reach, output_type="ndarray")
+    d = np.hypot(*(xy[pairs[:, 0]] - xy[pairs[:, 1]]).T)
+    g = np.interp(d, np.arange(matcher.ac.size) * matcher.ac_step, matcher.ac)
+    active = np.ones(n, dtype=bool)
+    for _ in range(rounds):
+        idx = np.flatnonzero(active)
+        pos = np.full(n, -1)
+        pos[idx] = np.arange(idx.size)
+        both = active[pairs[:, 0]] & active[pairs[:, 1]]
+        i, j, w = pos[pairs[both, 0]], pos[pairs[both, 1]], g[both]
+        gram = csr_matrix(
+            (
+                np.concatenate([w, w, np.ones(idx.size)]),
+                (
+                    np.concatenate([i, j, np.arange(idx.size)]),
+                    np.concatenate([j, i, np.arange(idx.size)]),
+                ),
+            ),
+            shape=(idx.size, idx.size),
+        )
+        sol = spsolve(gram.tocsc(), vals[idx].astype(np.float64))
+        amp[:] = 0.0
+        amp[idx] = sol
+        if np.all(sol > 0):
+            break
+        active &= amp > 0
+    return np.maximum(amp, 0.0)

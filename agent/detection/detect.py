@@ -651,7 +651,7 @@ class ParticleDetector:
         )
         if self._matcher is None or self._matcher.key != (profile, cfg.ring_scales):
             self._matcher = RingMatcher(profile, cfg.ring_scales)
-        resp = self._matcher.response(frame)
+        resp, fine = self._matcher.response(frame)
         sigma = white_noise_sigma(frame)
         # Candidates at half the threshold: neighbours' negative side lobes can pull a
         # particle's response under it, and the joint fit below gives it back.
@@ -676,7 +676,7 @@ class ParticleDetector:
             floor = max(floor, cfg.relative_threshold * float(np.median(top)))
         strong = np.argsort(-z, kind="stable")
         keep = strong[z[strong] > floor][: cfg.max_objects]
-        xy, z = refine_without_neighbours(self._matcher, resp, xy[keep], amp[keep]), z[keep]
+        xy, z = refine_without_neighbours(self._matcher, fine, xy[keep], amp[keep]), z[keep]
         keep = np.arange(len(xy))
         k = cfg.threshold_sigma
         self._last_confidence = np.clip((z[keep] - k) / k, 0.0, 1.0)

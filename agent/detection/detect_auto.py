@@ -185,12 +185,20 @@ def _symmetry(img: np.ndarray, seeds: np.ndarray, radius: int) -> np.ndarray:
     return np.sum(radial * radial, axis=1) / np.where(total > 0, total, 1.0)
 
 
+def _median_or_zero(a: np.ndarray) -> float:
+    return float(np.median(a)) if a.size else 0.0
+
+
 def _by_symmetry(
     flat: np.ndarray, extremes: tuple[np.ndarray, np.ndarray], sign: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The strongest extremes (rows, cols), amplitudes and symmetry scores, most
-    symmetric first."""
+    symmetric first. Only extremes within _MIN_PEAK_FRACTION of the strongest few count:
+    in a sparse field the rest are noise peaks, some round by chance."""
     rc, amp = extremes[0][:_SYM_CANDIDATES], extremes[1][:_SYM_CANDIDATES]
+    if amp.size:
+        strong = amp >= _MIN_PEAK_FRACTION * float(np.median(amp[:5]))
+        rc, amp = rc[strong], amp[strong]
     score = _symmetry(sign * flat, rc, _SYM_RADIUS_PX)
     order = np.argsort(-score, kind="stable")
     return rc[order], amp[order], score[order]
@@ -337,8 +345,8 @@ def estimate_config(
     top_d = np.concatenate([a[:_PROFILE_PEAKS] for _, a, _ in dark])
     amp_b = float(np.median(top_b)) if top_b.size else 0.0
     amp_d = float(np.median(top_d)) if top_d.size else 0.0
-    sym_b = float(np.median(np.concatenate([y[:_PROFILE_PEAKS] for _, _, y in bright])))
-    sym_d = float(np.median(np.concatenate([y[:_PROFILE_PEAKS] for _, _, y in dark])))
+    sym_b = _median_or_zero(np.concatenate([y[:_PROFILE_PEAKS] for _, _, y in bright]))
+    sym_d = _median_or_zero(np.concatenate([y[:_PROFILE_PEAKS] for _, _, y in dark]))
     if "polarity" in given:
         sign = -1.0 if base.polarity == "dark" else 1.0
     else:
@@ -449,7 +457,7 @@ def _ring_template(where: np.ndarray, prof: np.ndarray, ring_r: float) -> tuple[
 def _ring_threshold(frame: np.ndarray, cfg: DetectorConfig, seeds: np.ndarray) -> float:
     """Ring filter threshold in pixel sigmas: _THRESHOLD_SIGMA, raised to the relative
     minimum (_MIN_PEAK_FRACTION of the typical particle's response, at the seeds)."""
-    resp = RingMatcher(cfg.ring_profile, cfg.ring_scales).response(frame)
+    resp = RingMatcher(cfg.ring_profile, cfg.ring_scales).response(frame)[0]
     z = resp[seeds[:_PROFILE_PEAKS, 0], seeds[:_PROFILE_PEAKS, 1]] / white_noise_sigma(frame)
     typical = float(np.median(z)) if z.size else 0.0
     return float(min(max(_THRESHOLD_SIGMA, _MIN_PEAK_FRACTION * typical), 100.0))

@@ -42,6 +42,7 @@ __all__ = [
 
 FloatArray = NDArray[np.float64]
 _STEPS = np.arange(-1, 2)
+_REFINE_RING_WEIGHT = 0.5  # weight of the dark ring in the refinement kernel (core: 1)
 
 # Radial stretch factors of the template bank: +-15 % covers the ring-radius spread of
 # spheres a few um apart in height at NA 0.3-1.0 (measured on the twin's Mie-free model
@@ -58,35 +59,40 @@ def synthetic_ring_profile(ring_radius_px: float) -> tuple[float, ...]:
     return tuple(float(v) for v in core - ring)
 
 
-def _kernel(profile: NDArray[np.float64], scale: float) -> NDArray[np.float32]:
+def _kernel(profile: NDArray[np.float64], scale: float, disc_of: int = 0) -> NDArray[np.float32]:
     """Zero-mean, unit-norm 2-D kernel of the profile (sampled at 0, 1, 2 ... px) stretched
-    radially by scale, over the disc it covers."""
-    extent = (profile.size - 1) * scale
+    radially by scale, over the disc it covers (or that of disc_of samples)."""
+    n = max(profile.size, disc_of)
+    extent = (n - 1) * scale
     half = math.ceil(extent)
     yy, xx = np.mgrid[-half : half + 1, -half : half + 1]
     r = np.hypot(yy, xx) / scale
-    disc = r <= profile.size - 1
-    k = np.where(disc, np.interp(r, np.arange(profile.size), profile), 0.0)
+    disc = r <= n - 1
+    k = np.where(disc, np.interp(r, np.arange(profile.size), profile, right=0.0), 0.0)
     k[disc] -= k[disc].mean()
     norm = math.sqrt(float(np.sum(k * k)))
     return (k / norm if norm > 0 else k).astype(np.float32)
 
 
-def _radial_autocorrelation(kernel: NDArray[np.float32], step: float) -> FloatArray:
-    """Autocorrelation of a unit-norm radial kernel against distance (0, step, 2 step ...):
-    the response one particle gives at that distance from its centre (1 at 0)."""
-    n = 2 * kernel.shape[0]
-    spec = np.fft.rfft2(kernel.astype(np.float64), s=(n, n))
-    ac = np.fft.fftshift(np.fft.irfft2(np.abs(spec) ** 2, s=(n, n)))
+def _radial_correlation(
+    full: NDArray[np.float32], other: NDArray[np.float32], step: float
+) -> FloatArray:
+    """Correlation of two same-size unit-norm radial kernels against distance (0, step,
+    2 step ...), over full's autocorrelation at 0: the response (through other) that a
+    particle of unit full-kernel response gives at that distance from its centre."""
+    n = 2 * full.shape[0]
+    spec = np.fft.rfft2(full.astype(np.float64), s=(n, n))
+    spec_o = np.fft.rfft2(other.astype(np.float64), s=(n, n))
+    ac = np.fft.fftshift(np.fft.irfft2(spec * np.conj(spec_o), s=(n, n)))
     c = n // 2
     yy, xx = np.mgrid[-c : n - c, -c : n - c]
     dist = np.hypot(yy, xx).ravel()
     bins = np.rint(dist / step).astype(np.intp)
     counts = np.bincount(bins)
     table = np.bincount(bins, ac.ravel()) / np.maximum(counts, 1)
-    table = table[: int(kernel.shape[0] / step) + 2]
+    table = table[: int(full.shape[0] / step) + 2]
     table[-1] = 0.0
-    return table / table[0]
+    return table / float(np.sum(full.astype(np.float64) ** 2))
 
 
 class RingMatcher:
@@ -101,8 +107,20 @@ class RingMatcher:
         if prof.size < 3:
             raise ValueError(f"ring_profile needs at least 3 samples, got {prof.size}")
         self.kernels = [_kernel(prof, s) for s in scales]
+        # Positions are refined on the profile with its dark ring at half weight: the
+        # ring's darkness follows illumination asymmetries (on the real frames in
+        # shared/data/brightfield the full profile sits 0.4 px off trackpy's ring fit,
+        # the core alone 0.2 px), while the ring pins the centre of a far-defocused
+        # sphere whose core is weak (3 um on the twin: recall 0.97 full, 0.88 core only).
+        dark = np.flatnonzero(prof < 0)
+        start = dark[0] if dark.size else prof.size
+        core = np.where(np.arange(prof.size) < start, prof, _REFINE_RING_WEIGHT * prof)
+        self.kernels.append(_kernel(core, 1.0))
         self.ac_step = 0.25
-        self.ac = _radial_autocorrelation(_kernel(prof, 1.0), self.ac_step)
+        full = _kernel(prof, 1.0)
+        self.ac = _radial_correlation(full, full, self.ac_step)
+        # A particle's refinement response around it, per unit of its full response.
+        self.cross = _radial_correlation(full, self.kernels[-1], self.ac_step)
         self.pad = max(k.shape[0] // 2 for k in self.kernels)
         self._shape: tuple[int, int] = (0, 0)
         self._spectra: list[NDArray[np.complex64]] = []
@@ -124,21 +142,23 @@ class RingMatcher:
             spectra.append(fft.rfft2(full).astype(np.complex64))
         self._spectra, self._shape, self._fft_shape = spectra, shape, fs
 
-    def response(self, frame: np.ndarray) -> NDArray[np.float32]:
-        """(H, W) best response over the scales; in the frame's units x unit-norm kernel,
-        so white pixel noise of sigma gives a response of sigma."""
+    def response(self, frame: np.ndarray) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+        """(H, W) best response over the scales, and the refinement kernel's response; in
+        the frame's units x unit-norm kernel, so white pixel noise of sigma gives sigma."""
         shape = (int(frame.shape[0]), int(frame.shape[1]))
         if shape != self._shape:
             self._prepare(shape)
         p = self.pad
         work = np.pad(np.asarray(frame, dtype=np.float32), p, mode="reflect")
         spec = fft.rfft2(work, s=self._fft_shape)
-        out: NDArray[np.float32] | None = None
-        for kspec in self._spectra:
-            resp = fft.irfft2(spec * kspec, s=self._fft_shape)[p : p + shape[0], p : p + shape[1]]
-            out = resp.astype(np.float32) if out is None else np.maximum(out, resp, out=out)
-        assert out is not None
-        return out
+        maps = [
+            fft.irfft2(spec * kspec, s=self._fft_shape)[p : p + shape[0], p : p + shape[1]]
+            for kspec in self._spectra
+        ]
+        best = maps[0].astype(np.float32)
+        for m in maps[1:-1]:
+            np.maximum(best, m, out=best)
+        return best, maps[-1]
 
 
 def _neighbourhoods(
@@ -177,33 +197,31 @@ def subpixel_peaks(
 
 def refine_without_neighbours(
     matcher: RingMatcher,
-    resp: NDArray[np.float32],
+    fine: NDArray[np.float32],
     xy: FloatArray,
     amp: FloatArray,
-    rounds: int = 2,
+    rounds: int = 3,
 ) -> FloatArray:
-    """Peak positions with the neighbours' side lobes (amplitude x autocorrelation, from
-    their current positions) taken out of each 3x3 neighbourhood first: a touching
+    """Positions refined on the refinement kernel's response, with the neighbours' side
+    lobes there (their amplitude x the cross-correlation of the two kernels, from their
+    current positions) taken out of each 3x3 neighbourhood first: a touching
     neighbour's lobe tilts the peak towards or away from it by a good part of a pixel."""
-    n = len(xy)
-    if n < 2:
-        return xy
-    reach = (matcher.ac.size - 1) * matcher.ac_step
-    pairs = cKDTree(xy).query_pairs(reach, output_type="ndarray")
-    if pairs.size == 0:
-        return xy
+    table_r = np.arange(matcher.cross.size) * matcher.ac_step
+    pairs = np.zeros((0, 2), dtype=np.intp)
+    if len(xy) > 1:
+        pairs = cKDTree(xy).query_pairs(float(table_r[-1]), output_type="ndarray")
     src = np.concatenate([pairs[:, 0], pairs[:, 1]])  # the peak being refined
     nbr = np.concatenate([pairs[:, 1], pairs[:, 0]])  # the neighbour taken out
-    table_r = np.arange(matcher.ac.size) * matcher.ac_step
-    rows = np.rint(xy[:, 1]).astype(np.intp)
-    cols = np.rint(xy[:, 0]).astype(np.intp)
-    base = _neighbourhoods(resp, rows, cols)
+    h, w = fine.shape
     for _ in range(rounds):
-        px = cols[src, None, None] + _STEPS[None, None, :] - xy[nbr, 0, None, None]
-        py = rows[src, None, None] + _STEPS[None, :, None] - xy[nbr, 1, None, None]
-        lobe = amp[nbr, None, None] * np.interp(np.hypot(px, py), table_r, matcher.ac)
-        values = base.copy()
-        np.subtract.at(values, src, lobe)
+        rows = np.clip(np.rint(xy[:, 1]).astype(np.intp), 0, h - 1)
+        cols = np.clip(np.rint(xy[:, 0]).astype(np.intp), 0, w - 1)
+        values = _neighbourhoods(fine, rows, cols)
+        if src.size:
+            px = cols[src, None, None] + _STEPS[None, None, :] - xy[nbr, 0, None, None]
+            py = rows[src, None, None] + _STEPS[None, :, None] - xy[nbr, 1, None, None]
+            lobe = amp[nbr, None, None] * np.interp(np.hypot(px, py), table_r, matcher.cross)
+            np.subtract.at(values, src, lobe)
         xy = _parabola_peaks(values, rows, cols, 1.0)
     return xy
 

@@ -61,6 +61,9 @@ _MIN_BINNED_SIGMA = 0.7
 # applies the real threshold. 0.75 covers the worst-case binned SNR loss for a PSF as
 # sharp as smooth_sigma_px (about 0.72 of full-resolution SNR at 2 x 2).
 _CANDIDATE_FRACTION = 0.75
+# Binned candidates whose confirmation patches would smooth more than this share of the
+# frame's pixels are seeded from the binned peaks directly (dense fields).
+_DENSE_CONFIRM = 0.5
 _RING_CANDIDATE_FRACTION = 0.5  # of threshold_sigma: ring-mode candidates for the joint fit
 _BG_BLOCK = 4  # local background: block side of the coarse grid it is computed on
 _BOX_LABEL_FACTOR = 64  # label in the bounding box while it holds <= this many px per candidate.
@@ -412,29 +415,49 @@ def _gaussian_weights(sigma_px: float) -> NDArray[np.float64]:
     return ndimage.gaussian_filter1d(impulse, sigma_px, mode="constant", truncate=_TRUNCATE)
 
 
-def _subtract_local_background(work: NDArray[np.float32], box_px: int) -> None:
-    """Subtract, in place, the box mean of side box_px around each pixel.
+def _flatten(frame: np.ndarray, box_px: int, sign: float) -> NDArray[np.float32]:
+    """sign x frame minus its box mean of side box_px (0: no background), as float32.
 
     Illumination varies slowly, so the box mean is taken on 4 x 4 block means and
-    subtracted block-wise (a broadcast into a view: no full-size temporary); a 4 px
-    step of a smooth background is far below the noise. Small boxes or frames use
-    the exact full-resolution filter.
+    subtracted block-wise in the same pass as the sign flip and the float conversion
+    (a broadcast into a view: no full-size temporary); a 4 px step of a smooth
+    background is far below the noise. Small boxes or frames use the exact
+    full-resolution filter.
     """
-    h, w = work.shape
+    h, w = frame.shape
     b = _BG_BLOCK
     hb, wb = h // b, w // b
-    if box_px < 4 * b or hb < 2 or wb < 2:
-        work -= ndimage.uniform_filter(work, min(box_px, h, w))
-        return
-    blocks = work[: hb * b, : wb * b].reshape(hb, b, wb, b)
-    small = ndimage.uniform_filter(blocks.mean(axis=(1, 3)), min(round(box_px / b), hb, wb))
-    blocks -= small[:, None, :, None]
-    if h > hb * b:  # leftover bottom rows and right columns take the nearest block
-        work[hb * b :, : wb * b] -= np.repeat(small[-1], b)[None, :]
+    if box_px == 0 or box_px < 4 * b or hb < 2 or wb < 2:
+        work = frame.astype(np.float32)
+        if sign < 0:
+            np.negative(work, out=work)
+        if box_px:
+            work -= ndimage.uniform_filter(work, min(box_px, h, w))
+        return work
+    core = frame[: hb * b, : wb * b]
+    rows_sum = core[0::b].astype(np.float32)
+    for k in range(1, b):
+        rows_sum += core[k::b]
+    small = rows_sum[:, 0::b].copy()
+    for k in range(1, b):
+        small += rows_sum[:, k::b]
+    small = ndimage.uniform_filter(small / np.float32(b * b), min(round(box_px / b), hb, wb))
+    work = np.empty((h, w), dtype=np.float32)
+    bg = np.repeat(small, b, axis=1)
+    for k in range(b):  # whole rows at a stride: contiguous inner loops
+        a, c = (bg, core[k::b]) if sign < 0 else (core[k::b], bg)
+        np.subtract(a, c, out=work[k : hb * b : b, : wb * b], dtype=np.float32)
+    # Leftover bottom rows and right columns take the nearest block.
+    if h > hb * b:
+        rows = np.repeat(small[-1], b)[None, :]
+        rest = frame[hb * b :, : wb * b].astype(np.float32)
+        work[hb * b :, : wb * b] = rows - rest if sign < 0 else rest - rows
     if w > wb * b:
         col = np.repeat(small[:, -1], b)
-        col = np.concatenate((col, np.full(h - col.size, col[-1], dtype=col.dtype)))
-        work[:, wb * b :] -= col[:, None]
+        col = np.concatenate((col, np.full(h - col.size, col[-1], dtype=col.dtype)))[:, None]
+        rest = frame[:, wb * b :].astype(np.float32)
+        work[:, wb * b :] = col - rest if sign < 0 else rest - col
+    return work
 
 
 def _isolated(xy: FloatArray, radius: float) -> NDArray[np.intp]:
@@ -479,6 +502,7 @@ class _SegPlan:
         self.min_scale = self.scale.min()
         # Full-resolution per-axis noise gains for the candidate check (binned path only).
         self.full_gains = (np.ones(0), np.ones(0))
+        self.confirm_px = 0  # pixels one candidate's confirmation patch smooths
 
     def load(self, frame: np.ndarray) -> NDArray[np.float32]:
         """Write the (binned) frame into the padded buffer; returns the unpadded view."""
@@ -609,31 +633,18 @@ class ParticleDetector:
             idx, vals = idx[keep], vals[keep]
         if idx.size == 0:
             return _empty()
-        lab = _label_sparse(idx, plan.shape)
-
-        # Seeds without a Python loop: sort above-threshold pixels by (label, value);
-        # the last pixel of each label run is that component's brightest.
-        order = np.lexsort((vals, lab))
-        lab_sorted = lab[order]
-        last = np.flatnonzero(np.diff(lab_sorted, append=lab_sorted[-1] + 1))
-        seeds = idx[order[last]]
-        if plan.b == 1:
-            area = np.bincount(lab)
-            seeds = seeds[area[lab_sorted[last]] >= cfg.min_area_px]
-            if cfg.separation_px > 0:
-                # Touching particles share one blob: each local maximum seeds its own.
-                peaks = _local_maxima(seg, idx, vals) & (area[lab] >= cfg.min_area_px)
-                seeds = np.union1d(seeds, idx[peaks])
-            rows, cols = np.divmod(seeds, plan.shape[1])
+        peak = (
+            _local_maxima(seg, idx, vals)
+            if plan.b > 1 or cfg.separation_px > 0
+            else np.zeros(idx.size, dtype=bool)
+        )
+        if plan.b > 1 and np.count_nonzero(peak) * plan.confirm_px > _DENSE_CONFIRM * work.size:
+            # Dense field: confirmation patches would overlap and cost more than the
+            # frame. Binned peaks over the full threshold seed directly instead.
+            full = vals > seg_level + (k_sigma / _CANDIDATE_FRACTION) * plan.scale[idx]
+            rows, cols = self._seeds_from_bins(work, idx[peak & full], plan, level)
         else:
-            # The coarser, lower-threshold binned mask merges close neighbours that are
-            # separate at full resolution, so other local maxima are candidates too.
-            is_max = np.zeros(idx.size, dtype=bool)
-            is_max[order[last]] = True
-            extra = idx[_local_maxima(seg, idx, vals) & ~is_max]
-            rows, cols = np.divmod(np.concatenate((seeds, extra)), plan.shape[1])
-            primary = np.arange(rows.size) < seeds.size
-            rows, cols = self._confirm(work, rows, cols, primary, plan, level, sigma)
+            rows, cols = self._component_seeds(work, idx, vals, peak, plan, level, sigma)
         if rows.size == 0:
             return _empty()
         xy, brightness = self._refine(work, rows, cols, level)
@@ -725,12 +736,7 @@ class ParticleDetector:
         cfg = self.config
         if cfg.polarity != "dark" and cfg.background_px == 0:
             return frame
-        work = frame.astype(np.float32)
-        if cfg.polarity == "dark":
-            np.negative(work, out=work)
-        if cfg.background_px:
-            _subtract_local_background(work, cfg.background_px)
-        return work
+        return _flatten(frame, cfg.background_px, -1.0 if cfg.polarity == "dark" else 1.0)
 
     def _get_plan(self, shape: tuple[int, ...]) -> _SegPlan:
         """Segmentation plan for this frame shape; cached as the shape rarely changes."""
@@ -750,8 +756,62 @@ class ParticleDetector:
                     _noise_gain_1d(full, shape[0]),
                     _noise_gain_1d(full, shape[1]),
                 )
+                side = b + 2 * (b // 2 + 1) + 2 * int(_TRUNCATE * full + 0.5)
+                self._plan.confirm_px = side * side
             self._plan_shape = shape
         return self._plan
+
+    def _component_seeds(
+        self,
+        work: np.ndarray,
+        idx: NDArray[np.intp],
+        vals: NDArray[np.float32],
+        peak: NDArray[np.bool_],
+        plan: _SegPlan,
+        level: float,
+        sigma: float,
+    ) -> tuple[NDArray[np.intp], NDArray[np.intp]]:
+        """Seeds from the connected above-threshold components: each one's brightest
+        pixel (and, to separate touching particles, every local maximum)."""
+        cfg = self.config
+        lab = _label_sparse(idx, plan.shape)
+        # Seeds without a Python loop: sort above-threshold pixels by (label, value);
+        # the last pixel of each label run is that component's brightest.
+        order = np.lexsort((vals, lab))
+        lab_sorted = lab[order]
+        last = np.flatnonzero(np.diff(lab_sorted, append=lab_sorted[-1] + 1))
+        seeds = idx[order[last]]
+        if plan.b == 1:
+            area = np.bincount(lab)
+            seeds = seeds[area[lab_sorted[last]] >= cfg.min_area_px]
+            if cfg.separation_px > 0:
+                # Touching particles share one blob: each local maximum seeds its own.
+                seeds = np.union1d(seeds, idx[peak & (area[lab] >= cfg.min_area_px)])
+            return np.divmod(seeds, plan.shape[1])
+        # The coarser, lower-threshold binned mask merges close neighbours that are
+        # separate at full resolution, so other local maxima are candidates too.
+        is_max = np.zeros(idx.size, dtype=bool)
+        is_max[order[last]] = True
+        extra = idx[peak & ~is_max]
+        rows, cols = np.divmod(np.concatenate((seeds, extra)), plan.shape[1])
+        primary = np.arange(rows.size) < seeds.size
+        return self._confirm(work, rows, cols, primary, plan, level, sigma)
+
+    def _seeds_from_bins(
+        self, frame: np.ndarray, flat: NDArray[np.intp], plan: _SegPlan, level: float
+    ) -> tuple[NDArray[np.intp], NDArray[np.intp]]:
+        """Full-resolution seeds for binned peaks (flat indices): the refined centre of a
+        window on each bin, rounded; peaks that land on one pixel merge."""
+        b = plan.b
+        rows, cols = np.divmod(flat, plan.shape[1])
+        rows, cols = rows * b + b // 2, cols * b + b // 2
+        xy, _ = self._refine(frame, rows, cols, level, "centroid")  # cheap; refined later
+        n_rows, n_cols = frame.shape
+        ok = np.isfinite(xy).all(axis=1)
+        r = np.clip(np.rint(xy[ok, 1]).astype(np.intp), 0, n_rows - 1)
+        c = np.clip(np.rint(xy[ok, 0]).astype(np.intp), 0, n_cols - 1)
+        _, first = np.unique(r * n_cols + c, return_index=True)
+        return r[first], c[first]
 
     def _confirm(
         self,
@@ -815,7 +875,12 @@ class ParticleDetector:
         return r[first], c[first]
 
     def _refine(
-        self, frame: np.ndarray, rows: NDArray[np.intp], cols: NDArray[np.intp], level: float
+        self,
+        frame: np.ndarray,
+        rows: NDArray[np.intp],
+        cols: NDArray[np.intp],
+        level: float,
+        method: str = "",
     ) -> tuple[FloatArray, FloatArray]:
         """Sub-pixel positions and window brightness for each seed, all in one stack:
         windows the frame edge clips are gathered whole and masked (no per-seed loop)."""
@@ -833,7 +898,7 @@ class ParticleDetector:
         if not (vr.all() and vc.all()):
             valid = vr[:, :, None] & vc[:, None, :]
             patches *= valid
-        x, y = _refine_batch(patches, self.config.method, valid)
+        x, y = _refine_batch(patches, method or self.config.method, valid)
         xy = np.column_stack([x + (cols - half), y + (rows - half)])
         brightness = patches.sum(axis=(1, 2))
         return xy, brightness

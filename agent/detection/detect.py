@@ -87,9 +87,8 @@ class DetectorConfig(BaseModel):
     segment_bin_px: int = Field(default=0, ge=0, le=8)
     # Contrast of the particles: "bright" spots (fluorescence, darkfield), "dark" spots
     # (absorbing, inverted brightfield) or "ring": a bright centre inside a dark ring
-    # (brightfield near focus), seeded on the centre and refined by radial symmetry over
-    # the centre and the inner flank of the ring (0.85 x ring_radius_px, when set; on the
-    # real frames in shared/data/brightfield this agrees best with trackpy's ring fit).
+    # (brightfield out of focus), found by a matched filter on the particles' radial
+    # profile (agent.detection.ring_match; smoothing and window do not apply).
     polarity: Literal["bright", "dark", "ring"] = "bright"
     ring_radius_px: float = Field(default=0.0, ge=0, le=100)
     # Ring mode's matched filter: the particles' radial profile sampled at 0, 1, 2 ... px

@@ -9,12 +9,17 @@ works on what the previous one cleaned:
    line saying so.
 2. Illumination: medians of coarse blocks (particles barely move a block median); if
    they vary by more than a few noise sigmas, a local background is subtracted.
-3. Polarity: the brightest and darkest local extremes of the lightly smoothed,
-   background-free frame; the stronger side is the particles' contrast.
-4. Size and shape: the median radial profile around the strongest particles. Its half
-   maximum gives the core width (smoothing, window, separation of touching particles);
-   a significant dip below the background after the core is a brightfield ring, whose
-   radius and outer edge set the ring fit and the refinement window.
+3. Polarity: the strongest bright and dark local extremes of the lightly smoothed,
+   background-free frame (noise: the white pixel noise from neighbour differences,
+   since in a dense field the frame's spread is mostly particles); the side whose
+   extremes are radially symmetric is the particles' contrast. Strength alone misleads:
+   a defocused sphere's dark ring, or overlapping rings, outweigh its bright centre.
+4. Size and shape: the median radial profile around the most symmetric particles. Its
+   half maximum gives the core width (smoothing, window, separation of touching
+   particles); a significant dip below the background after the core is a brightfield
+   ring, and the profile out to where the ring returns to the background becomes the
+   ring mode's matched filter (with its threshold: 5 pixel sigmas or a share of the
+   typical particle's response).
 5. Threshold: the noise of the smoothed background is measured where no particle is,
    not assumed white: texture and out-of-focus debris raise it, and the threshold with
    it. A relative minimum mass (a quarter of the typical particle's peak) drops halos,
@@ -287,6 +292,15 @@ def _describe(est: dict[str, float | str], cfg: DetectorConfig) -> str:
         if cfg.background_px
         else "flat"
     )
+    if cfg.polarity == "ring":
+        scales = f"{min(cfg.ring_scales):g}-{max(cfg.ring_scales):g}"
+        return (
+            f"auto: {contrast}, diameter {est['diameter']:.0f} px, matched filter on the "
+            f"measured profile (r <= {len(cfg.ring_profile) - 1} px, stretched {scales}x), "
+            f"separation {cfg.separation_px:.1f} px, threshold {cfg.threshold_sigma:.1f} "
+            f"sigma and {cfg.relative_threshold:.0%} of the typical particle, background "
+            f"removed by the filter (illumination spread {est['spread']:.0f}x its noise)"
+        )
     return (
         f"auto: {contrast}, diameter {est['diameter']:.0f} px, smoothing "
         f"{cfg.smooth_sigma_px:.2f} px, window +-{cfg.window_px} px, separation "
@@ -445,10 +459,17 @@ def estimate_config(
 
 
 def _ring_template(where: np.ndarray, prof: np.ndarray, ring_r: float) -> tuple[float, ...]:
-    """The measured ring profile per px from the centre out to where it comes back from
-    its dark ring to the background (the matched filter's extent), centre = 1."""
+    """The measured ring profile per px from the centre (= 1) out through the dark ring
+    and the bright fringe beyond it, to where that fringe has fallen to a quarter: the
+    matched filter's extent. Far out of focus the fringe is strong, and a filter that
+    leaves it out sees neighbours' fringes as particles it cannot explain away."""
+    end = float(where[-1])
     beyond = np.flatnonzero((where > ring_r) & (prof >= 0.0))
-    end = float(where[beyond[0]]) if beyond.size else float(where[-1])
+    if beyond.size:
+        top = beyond[0] + int(np.argmax(prof[beyond[0] :]))
+        fallen = np.flatnonzero((np.arange(prof.size) > top) & (prof <= 0.25 * prof[top]))
+        if fallen.size:
+            end = float(where[fallen[0]])
     radii = np.arange(math.ceil(end) + 1, dtype=np.float64)
     values = np.interp(radii, where, prof) / max(float(prof[0]), 1e-12)
     return tuple(round(float(v), 4) for v in values)

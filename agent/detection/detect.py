@@ -671,8 +671,10 @@ class ParticleDetector:
         )
         if self._matcher is None or self._matcher.key != (profile, cfg.ring_scales):
             self._matcher = RingMatcher(profile, cfg.ring_scales)
-        resp, fine = self._matcher.response(frame)
         sigma = white_noise_sigma(frame)
+        if sigma <= 1e-12:  # a noiseless (flat or synthetic) frame: no scale for a threshold
+            return _empty()
+        resp, fine = self._matcher.response(frame)
         # Candidates at half the threshold: neighbours' negative side lobes can pull a
         # particle's response under it, and the joint fit below gives it back.
         idx = np.flatnonzero(resp > _RING_CANDIDATE_FRACTION * cfg.threshold_sigma * sigma)

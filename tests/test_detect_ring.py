@@ -109,3 +109,14 @@ def test_ring_settings_are_validated() -> None:
         DetectorConfig(relative_threshold=1.5)
     with pytest.raises(ValueError, match="ring_profile"):
         RingMatcher((1.0, -0.5))
+
+
+def test_dark_centre_in_a_bright_ring_is_a_ring_of_the_other_sign() -> None:
+    # A sphere on the far side of focus: dark centre, bright ring around it.
+    grid = np.array([(x, y) for x in (25.0, 62.0, 99.0, 136.0) for y in (30.0, 80.0, 130.0)])
+    truth = grid + np.random.default_rng(5).uniform(-2, 2, grid.shape)
+    est = estimate_config([_frame(-1.5, truth, 5)])
+    assert est.contrast == "ring" and est.config.ring_profile[0] < 0
+    assert "dark centre, bright ring" in est.summary
+    found = ParticleDetector(est.config)(_frame(-1.5, truth, 6))
+    assert _recall(truth, found, 1.0) == 1.0 and len(found) == len(truth)

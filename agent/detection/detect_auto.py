@@ -285,7 +285,10 @@ def _describe(est: dict[str, float | str], cfg: DetectorConfig) -> str:
     contrast = {
         "bright": "bright spots",
         "dark": "dark spots",
-        "ring": f"brightfield rings (bright centre, dark ring r={cfg.ring_radius_px:.1f} px)",
+        "ring": (
+            f"brightfield rings ({'bright' if est['sign'] > 0 else 'dark'} centre, "
+            f"{'dark' if est['sign'] > 0 else 'bright'} ring r={cfg.ring_radius_px:.1f} px)"
+        ),
     }[str(est["contrast"])]
     bg = (
         f"local {cfg.background_px} px box (illumination spread {est['spread']:.0f}x its noise)"
@@ -385,8 +388,13 @@ def estimate_config(
     else:
         contrast = "dark" if sign < 0 else "bright"
         if sign < 0:
+            # A dark centre inside a bright ring (a sphere on the other side of focus,
+            # darkfield-like halos) is a ring too, of the other sign.
             shape = _shape(flats, seeds_d, -1.0, pix_sigma, radius)
-            shape = (*shape[:3], 0.0, 0.0)
+            if shape[3] > 0 and "polarity" not in given:
+                contrast = "ring"
+            else:
+                shape = (*shape[:3], 0.0, 0.0)
     where, prof, hwhm, ring_r, outer = shape
     if contrast != "ring":
         ring_r = outer = 0.0
@@ -417,7 +425,7 @@ def estimate_config(
         # Touching spheres sit one diameter apart, inside each other's rings: only
         # their bright centres are separate, so separation follows the centre's width.
         put("separation_px", float(min(max(2.0 * hwhm, 1.0), 200.0)))
-        put("ring_profile", _ring_template(where, prof, ring_r))
+        put("ring_profile", tuple(sign * v for v in _ring_template(where, prof, ring_r)))
         put("relative_threshold", _RING_RELATIVE)
     else:
         put("polarity", contrast)
@@ -432,7 +440,9 @@ def estimate_config(
     if contrast == "ring":
         put(
             "threshold_sigma",
-            _ring_threshold(frame, base.model_copy(update=updates), seeds_b[0][0]),
+            _ring_threshold(
+                frame, base.model_copy(update=updates), (seeds_b if sign > 0 else seeds_d)[0][0]
+            ),
         )
     else:
         put(
@@ -445,7 +455,7 @@ def estimate_config(
             ),
         )
     cfg = base.model_copy(update=updates)
-    est = {"contrast": contrast, "diameter": diameter, "spread": spread}
+    est = {"contrast": contrast, "diameter": diameter, "spread": spread, "sign": sign}
     return Estimate(
         config=cfg,
         diameter_px=diameter,

@@ -134,9 +134,9 @@ def test_patch_refiners_on_noiseless_spot() -> None:
     patch = _spots((11, 11), truth, np.array([1000.0]))
     x, y = radial_symmetry_center(patch)
     assert np.hypot(x - 5.3, y - 4.6) < 0.05
-    # A constant offset must not move the radial-symmetry centre.
+    # A constant offset must not move the radial-symmetry centre (to float32 rounding).
     x2, y2 = radial_symmetry_center(patch + 7.0)
-    assert np.hypot(x2 - x, y2 - y) < 1e-9
+    assert np.hypot(x2 - x, y2 - y) < 1e-6
     cx, cy = centroid_center(patch)
     assert np.hypot(cx - 5.3, cy - 4.6) < 0.05
     # Nothing positive: centroid falls back to the patch centre instead of dividing by zero.

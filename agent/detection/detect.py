@@ -233,8 +233,8 @@ def _centroid_batch(patches: FloatArray) -> tuple[FloatArray, FloatArray]:
     """Intensity-weighted centroids of the positive part of each (N, H, W) patch."""
     _, h, w = patches.shape
     pos = np.maximum(patches, 0.0)
-    col_sum = pos.sum(axis=1)  # (N, W)
-    row_sum = pos.sum(axis=2)  # (N, H)
+    col_sum = pos.sum(axis=1, dtype=np.float64)  # (N, W)
+    row_sum = pos.sum(axis=2, dtype=np.float64)  # (N, H)
     total = col_sum.sum(axis=1)
     ok = total > 0
     safe = np.where(ok, total, 1.0)
@@ -322,11 +322,13 @@ def _refine_batch(
 ) -> tuple[FloatArray, FloatArray]:
     """Refine a stack with the chosen method, falling back to centroid where it fails.
     Pixels outside `valid` (if given) must be zero in patches."""
-    cx, cy = _centroid_batch(patches)
     if method == "centroid":
-        return cx, cy
+        return _centroid_batch(patches)
     rx, ry, ok = _radial_symmetry_batch(patches, valid)
-    return np.where(ok, rx, cx), np.where(ok, ry, cy)
+    if not ok.all():
+        bad = ~ok
+        rx[bad], ry[bad] = _centroid_batch(patches[bad])
+    return rx, ry
 
 
 def _as_patch(patch: np.ndarray) -> FloatArray:
@@ -911,12 +913,13 @@ class ParticleDetector:
         patches = frame[
             np.clip(r, 0, n_rows - 1)[:, :, None], np.clip(c, 0, n_cols - 1)[:, None, :]
         ]
-        patches = patches.astype(np.float64) - level
+        patches = patches.astype(np.float32)
+        patches -= np.float32(level)
         valid = None
         if not (vr.all() and vc.all()):
             valid = vr[:, :, None] & vc[:, None, :]
             patches *= valid
         x, y = _refine_batch(patches, method or self.config.method, valid)
         xy = np.column_stack([x + (cols - half), y + (rows - half)])
-        brightness = patches.sum(axis=(1, 2))
+        brightness = patches.sum(axis=(1, 2), dtype=np.float64)
         return xy, brightness

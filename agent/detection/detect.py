@@ -386,18 +386,29 @@ def _label_sparse(idx: NDArray[np.intp], shape: tuple[int, int]) -> NDArray[np.i
 def _local_maxima(
     img: NDArray[np.float32], idx: NDArray[np.intp], vals: NDArray[np.float32]
 ) -> NDArray[np.bool_]:
-    """Which of the pixels idx (values vals) are strict maxima of their in-image 8-neighbours."""
+    """Which of the pixels idx (values vals) are strict maxima of their in-image 8-neighbours.
+
+    Interior pixels read their neighbours at fixed flat offsets; only the few on the
+    frame's border need clipped coordinates."""
     h, w = img.shape
     rows, cols = np.divmod(idx, w)
+    flat = img.ravel()
     out = np.ones(idx.size, dtype=bool)
+    inner = (rows > 0) & (rows < h - 1) & (cols > 0) & (cols < w - 1)
+    at, v = idx[inner], vals[inner]
+    keep = np.ones(at.size, dtype=bool)
+    for off in (-w - 1, -w, -w + 1, -1, 1, w - 1, w, w + 1):
+        keep &= v > flat[at + off]
+    out[inner] = keep
+    edge = np.flatnonzero(~inner)
     for dr in (-1, 0, 1):
         for dc in (-1, 0, 1):
-            if dr == 0 and dc == 0:
+            if edge.size == 0 or (dr == 0 and dc == 0):
                 continue
-            r, c = rows + dr, cols + dc
+            r, c = rows[edge] + dr, cols[edge] + dc
             inside = (r >= 0) & (r < h) & (c >= 0) & (c < w)
             nb = img[np.clip(r, 0, h - 1), np.clip(c, 0, w - 1)]
-            out &= ~inside | (vals > nb)
+            out[edge] &= ~inside | (vals[edge] > nb)
     return out
 
 
@@ -660,7 +671,7 @@ class ParticleDetector:
             # Dense field: confirmation patches would overlap and cost more than the
             # frame. Binned peaks over the full threshold seed directly instead.
             full = vals > seg_level + (k_sigma / _CANDIDATE_FRACTION) * plan.scale[idx]
-            rows, cols = self._seeds_from_bins(work, idx[peak & full], plan, level)
+            rows, cols = self._seeds_from_bins(work, seg, idx[peak & full], plan)
         else:
             rows, cols = self._component_seeds(work, idx, vals, peak, plan, level, sigma)
         if rows.size == 0:
@@ -818,18 +829,17 @@ class ParticleDetector:
         return self._confirm(work, rows, cols, primary, plan, level, sigma)
 
     def _seeds_from_bins(
-        self, frame: np.ndarray, flat: NDArray[np.intp], plan: _SegPlan, level: float
+        self, frame: np.ndarray, seg: NDArray[np.float32], flat: NDArray[np.intp], plan: _SegPlan
     ) -> tuple[NDArray[np.intp], NDArray[np.intp]]:
-        """Full-resolution seeds for binned peaks (flat indices): the refined centre of a
-        window on each bin, rounded; peaks that land on one pixel merge."""
+        """Full-resolution seeds for binned peaks (flat indices into seg): each peak's
+        sub-bin position (a parabola through its smoothed neighbours) on the full grid,
+        rounded; peaks that land on one pixel merge."""
         b = plan.b
         rows, cols = np.divmod(flat, plan.shape[1])
-        rows, cols = rows * b + b // 2, cols * b + b // 2
-        xy, _ = self._refine(frame, rows, cols, level, "centroid")  # cheap; refined later
+        xy = (subpixel_peaks(seg, rows, cols) + 0.5) * b - 0.5
         n_rows, n_cols = frame.shape
-        ok = np.isfinite(xy).all(axis=1)
-        r = np.clip(np.rint(xy[ok, 1]).astype(np.intp), 0, n_rows - 1)
-        c = np.clip(np.rint(xy[ok, 0]).astype(np.intp), 0, n_cols - 1)
+        r = np.clip(np.rint(xy[:, 1]).astype(np.intp), 0, n_rows - 1)
+        c = np.clip(np.rint(xy[:, 0]).astype(np.intp), 0, n_cols - 1)
         _, first = np.unique(r * n_cols + c, return_index=True)
         return r[first], c[first]
 
@@ -900,7 +910,6 @@ class ParticleDetector:
         rows: NDArray[np.intp],
         cols: NDArray[np.intp],
         level: float,
-        method: str = "",
     ) -> tuple[FloatArray, FloatArray]:
         """Sub-pixel positions and window brightness for each seed, all in one stack:
         windows the frame edge clips are gathered whole and masked (no per-seed loop)."""
@@ -919,7 +928,7 @@ class ParticleDetector:
         if not (vr.all() and vc.all()):
             valid = vr[:, :, None] & vc[:, None, :]
             patches *= valid
-        x, y = _refine_batch(patches, method or self.config.method, valid)
+        x, y = _refine_batch(patches, self.config.method, valid)
         xy = np.column_stack([x + (cols - half), y + (rows - half)])
         brightness = patches.sum(axis=(1, 2), dtype=np.float64)
         return xy, brightness

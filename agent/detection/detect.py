@@ -461,7 +461,8 @@ def _flatten(frame: np.ndarray, box_px: int, sign: float) -> NDArray[np.float32]
         if sign < 0:
             np.negative(work, out=work)
         if box_px:
-            work -= ndimage.uniform_filter(work, min(box_px, h, w))
+            side = min(box_px, h, w)
+            work -= ndimage.uniform_filter(work, side - 1 + side % 2)
         return work
     core = frame[: hb * b, : wb * b]
     rows_sum = core[0::b].astype(np.float32)
@@ -470,7 +471,9 @@ def _flatten(frame: np.ndarray, box_px: int, sign: float) -> NDArray[np.float32]
     small = rows_sum[:, 0::b].copy()
     for k in range(1, b):
         small += rows_sum[:, k::b]
-    small = ndimage.uniform_filter(small / np.float32(b * b), min(round(box_px / b), hb, wb))
+    # An odd box, centred: an even one is off by half a block (a 2 px shift of the map).
+    side = min(round(box_px / b), hb, wb)
+    small = ndimage.uniform_filter(small / np.float32(b * b), side - 1 + side % 2)
     work = np.empty((h, w), dtype=np.float32)
     bg = np.repeat(small, b, axis=1)
     for k in range(b):  # whole rows at a stride: contiguous inner loops

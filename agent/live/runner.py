@@ -102,14 +102,18 @@ def run_phase(
         dump_config(phase_config, config_path)
         driver = DriverProcess(config_path, run_dir / f"driver-{name}.log")
     keys = client_keys(config.driver.client_auth)
-    truth = TruthRecorder(ctx, driver_config.stream_endpoint, run_dir / f"truth-{name}.jsonl", keys)
+    truth = TruthRecorder(
+        ctx, driver_config.stream_endpoint, run_dir / f"truth-{name}.jsonl", keys
+    )
     truth.start()
     events_path = run_dir / f"events-{name}.jsonl"
     settings = config.agent
     try:
         with EventLog(events_path) as events:
             loop = AgentLoop(
-                LoopEndpoints(driver_config.stream_endpoint, driver_config.command_endpoint, keys),
+                LoopEndpoints(
+                    driver_config.stream_endpoint, driver_config.command_endpoint, keys
+                ),
                 build_detector(settings.detector, run_dir / DEEP_CHECKPOINT),
                 policy,
                 events,

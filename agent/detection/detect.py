@@ -19,6 +19,7 @@ Coordinates are ``(x, y) = (column, row)`` in pixels, with the centre of pixel
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Annotated, Literal
 
 import numpy as np
@@ -243,6 +244,16 @@ def _centroid_batch(patches: FloatArray) -> tuple[FloatArray, FloatArray]:
     return x, y
 
 
+@lru_cache(maxsize=32)
+def _corner_grid(h: int, w: int) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    """Flat x and y of the (h - 1) x (w - 1) pixel-corner midpoints of an h x w patch."""
+    xm = np.tile(np.arange(w - 1, dtype=np.float32) + 0.5, h - 1)
+    ym = np.repeat(np.arange(h - 1, dtype=np.float32) + 0.5, w - 1)
+    xm.flags.writeable = False
+    ym.flags.writeable = False
+    return xm, ym
+
+
 def _radial_symmetry_batch(
     patches: FloatArray, valid: NDArray[np.bool_] | None = None
 ) -> tuple[FloatArray, FloatArray, NDArray[np.bool_]]:
@@ -288,8 +299,7 @@ def _radial_symmetry_batch(
         gx *= vg
         gy *= vg
     gx, gy = gx.reshape(n, -1), gy.reshape(n, -1)
-    xm = np.tile(np.arange(w - 1, dtype=np.float32) + 0.5, h - 1)
-    ym = np.repeat(np.arange(h - 1, dtype=np.float32) + 0.5, w - 1)
+    xm, ym = _corner_grid(h, w)
     mag2 = gx * gx + gy * gy
     smag = mag2.sum(axis=1, dtype=np.float64)
     safe = np.where(smag > 0, smag, 1.0)

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import cKDTree
 
 from agent.detection.detect import (
     DetectorConfig,
@@ -64,6 +65,11 @@ _QUIET_FRACTION = 1 / 3
 # overlapping rings after the joint fit stay under ~0.35 of a particle up to 2 um defocus.
 _RING_RELATIVE = 0.4
 _SMOOTH_GAIN = 0.5 / math.sqrt(math.pi)  # white noise through a sigma-1 px Gaussian
+_RESOLVE = 2.5  # smoothed images must be narrower than the close distance / this
+_SEPARATE = 0.6  # separation: at most this share of the close distance
+_QUIET_SNR = 4.0 * _THRESHOLD_SIGMA  # typical particle over noise after smoothing
+_CLOSE_QUANTILE = 0.1  # of nearest-neighbour distances: the touching pairs'
+_MIN_CLOSE_PEAKS = 20  # fewer particle-like extremes in a frame: no crowding measured
 _SYM_CANDIDATES = 100  # strongest extremes per side scored for symmetry
 # Disc (px) of the symmetry score: a few core widths of small particles; on large rings
 # it sees the centre (round) against arcs (not round).
@@ -188,6 +194,31 @@ def _symmetry(img: np.ndarray, seeds: np.ndarray, radius: int) -> np.ndarray:
     radial = np.stack([np.bincount(dist, p) / counts for p in patch])[:, dist]
     total = np.sum(patch * patch, axis=1)
     return np.sum(radial * radial, axis=1) / np.where(total > 0, total, 1.0)
+
+
+def _close_distance(extremes: list[tuple[np.ndarray, np.ndarray]], peak_fraction: float) -> float:
+    """The _CLOSE_QUANTILE of nearest-neighbour distances (px) between the particle-like
+    extremes (within peak_fraction of the strongest few) of every frame; 0 if too few.
+    A low quantile: touching pairs are a minority of a field but must be resolved."""
+    dists = []
+    for rc, amp in extremes:
+        if amp.size < _MIN_CLOSE_PEAKS:
+            continue
+        keep = rc[amp >= peak_fraction * float(np.median(amp[:5]))].astype(np.float64)
+        if len(keep) >= _MIN_CLOSE_PEAKS:
+            d, _ = cKDTree(keep).query(keep, k=2)
+            dists.append(d[:, 1])
+    return float(np.quantile(np.concatenate(dists), _CLOSE_QUANTILE)) if dists else 0.0
+
+
+def _quiet_smoothing(snr_1px: float, sigma_px: float) -> float:
+    """Least Gaussian smoothing (>= 1 px, <= sigma_px) that keeps a particle of width
+    sigma_px, at snr_1px after 1 px smoothing, _QUIET_SNR above the noise: the noise
+    falls as 1/s, the particle's peak as sigma^2 / (sigma^2 + s^2)."""
+    for s in np.linspace(1.0, max(sigma_px, 1.0), 25):
+        if snr_1px * s * (sigma_px**2 + 1.0) / (sigma_px**2 + s * s) >= _QUIET_SNR:
+            return float(s)
+    return float(max(sigma_px, 1.0))
 
 
 def _median_or_zero(a: np.ndarray) -> float:
@@ -416,7 +447,22 @@ def estimate_config(
         if name not in given:
             updates[name] = value
 
-    smooth = float(min(max(sigma_core, 0.5), 10.0))
+    # Crowding: touching particles must stay two peaks. Smoothing widens each image to
+    # sqrt(sigma^2 + s^2), and two Gaussians merge once closer than twice that, so the
+    # smoothing is cut to what the closest common neighbour distance allows (noise
+    # permitting: not under the 1 px the extremes were found at), as are the window and
+    # the separation. Sparse fields keep the matched smoothing (the particle's width).
+    close = _close_distance((all_b if sign > 0 else all_d), peak_fraction=_MIN_PEAK_FRACTION)
+    spot_sigma = sigma_core
+    if contrast != "ring" and diameter_px is None and close > 0:
+        room = (close / _RESOLVE) ** 2 - sigma_core**2
+        snr_1px = (amp_b if sign > 0 else amp_d) / sm_sigma
+        spot_sigma = min(
+            sigma_core,
+            max(math.sqrt(max(room, 0.0)), _quiet_smoothing(snr_1px, sigma_core)),
+        )
+        hwhm = min(hwhm, max(0.5 * _SEPARATE * close, spot_sigma))
+    smooth = float(min(max(spot_sigma, 0.5), 10.0))
     put("smooth_sigma_px", smooth)
     if contrast == "ring":
         put("polarity", "ring")
@@ -429,7 +475,7 @@ def estimate_config(
         put("relative_threshold", _RING_RELATIVE)
     else:
         put("polarity", contrast)
-        put("window_px", int(min(max(round(2.5 * sigma_core), 2), 50)))
+        put("window_px", int(min(max(round(2.5 * spot_sigma), 2), 50)))
         put("separation_px", float(min(max(2.0 * hwhm, 1.0), 200.0)))
     extent = max(diameter, 2.0 * outer + 1.0)
     if spread > _UNEVEN and contrast != "ring":  # the ring filter is blind to it

@@ -42,17 +42,31 @@ PAIR_FRACTION = 1 / 6
 PIXEL_UM = 0.1
 RADIUS_UM = 0.5
 DEFOCUS_UM = (1.0, 1.5, 2.0, 2.5)
+# Beyond the headline range: near focus (weak centre) and far out (wide, strong rings),
+# still with the parameters estimated from the first (0.5 um) frame.
+WIDE_DEFOCUS_UM = (0.5, 1.0, 2.0, 3.0, 4.0)
 EXPOSURE_S = 0.002
 MATCH_PX = 1.5
 REAL_MATCH_PX = 1.0
 
 
-def _camera(defocus_um: float, seed: int) -> CameraModel:
+# Settings the headline range leaves out, each scored against twin truth with the
+# parameters estimated from its own first frame: in focus (a weak dark blob), darkfield
+# (bright spots on a dark field) and 1.5 um on the far side of focus (a dark centre
+# inside a bright ring).
+HARD_CASES = {
+    "in_focus": ("brightfield", 0.0),
+    "darkfield": ("darkfield", 1.0),
+    "far_side": ("brightfield", -1.5),
+}
+
+
+def _camera(defocus_um: float, seed: int, contrast: str = "brightfield") -> CameraModel:
     cfg = CameraConfig(
         width_px=SIZE_PX,
         height_px=SIZE_PX,
         pixel_size_um=PIXEL_UM,
-        contrast="brightfield",
+        contrast=contrast,
         particle_radius_um=RADIUS_UM,
         wavelength_um=0.55,
         numerical_aperture=0.9,
@@ -66,26 +80,31 @@ def _camera(defocus_um: float, seed: int) -> CameraModel:
     return CameraModel(cfg, seed=seed)
 
 
-def hard_sphere_field(rng: np.random.Generator, n: int, size: int, diameter: float) -> np.ndarray:
-    """n (x, y) px centres, no two closer than one diameter; a share placed touching."""
+def hard_sphere_field(
+    rng: np.random.Generator, n: int, size: int, diameter: float, height: int | None = None
+) -> np.ndarray:
+    """n (x, y) px centres in a size x (height or size) frame, no two closer than one
+    diameter; a share placed touching."""
     margin = diameter
+    height = size if height is None else height
+    hi = np.array([size - 1 - margin, height - 1 - margin])
     pts: list[np.ndarray] = []
 
     def free(c: np.ndarray) -> bool:
-        if not (margin <= c[0] <= size - 1 - margin and margin <= c[1] <= size - 1 - margin):
+        if not (margin <= c[0] <= hi[0] and margin <= c[1] <= hi[1]):
             return False
         return not pts or float(np.min(np.hypot(*(np.array(pts) - c).T))) >= diameter * 0.999
 
     n_pairs = int(n * PAIR_FRACTION / 2)
     while len(pts) < 2 * n_pairs:
-        c = rng.uniform(margin, size - 1 - margin, 2)
+        c = rng.uniform(margin, hi)
         angle = rng.uniform(0, 2 * np.pi)
         d = diameter * rng.uniform(1.0, 1.05)
         mate = c + d * np.array([np.cos(angle), np.sin(angle)])
         if free(c) and free(mate) and np.hypot(*(mate - c)) >= diameter * 0.999:
             pts += [c, mate]
     while len(pts) < n:
-        c = rng.uniform(margin, size - 1 - margin, 2)
+        c = rng.uniform(margin, hi)
         if free(c):
             pts.append(c)
     return np.array(pts)
@@ -125,17 +144,21 @@ def brightfield_crb_px(cam: CameraModel) -> float:
     return 1.0 / math.sqrt(fisher)
 
 
-def _twin(n_frames: int, log: Log) -> dict[str, float]:
+def _twin(
+    n_frames: int, log: Log, defocus_um: tuple[float, ...] = DEFOCUS_UM, suffix: str = ""
+) -> dict[str, float]:
+    """Recall, precision and RMSE / CRB on twin frames, one defocus each in turn; the
+    parameters are estimated from the first frame only (as a user's first run)."""
     rng = np.random.default_rng(5150)
     frames, truths, crbs = [], [], []
     for k in range(n_frames):
-        cam = _camera(DEFOCUS_UM[k % len(DEFOCUS_UM)], seed=5150 + k)
+        cam = _camera(defocus_um[k % len(defocus_um)], seed=5150 + k)
         truth = hard_sphere_field(rng, N_PARTICLES, SIZE_PX, 2 * RADIUS_UM / PIXEL_UM)
         frames.append(cam.render(truth[None] * PIXEL_UM, EXPOSURE_S))
         truths.append(truth)
         crbs.append(brightfield_crb_px(cam))
     estimate = estimate_config(frames[:1])
-    log(f"twin brightfield, first frame: {estimate.summary}")
+    log(f"twin brightfield {defocus_um} um, first frame: {estimate.summary}")
     metrics: dict[str, float] = {"crb_px_brightfield": float(np.mean(crbs))}
     for name, method in (("centroid", "centroid"), ("radial_symmetry", "radial_symmetry")):
         det = ParticleDetector(estimate.config.model_copy(update={"method": method}))
@@ -145,7 +168,7 @@ def _twin(n_frames: int, log: Log) -> dict[str, float]:
         for k, (frame, truth) in enumerate(zip(frames, truths, strict=True)):
             found = det(frame)
             ti, fi = _match(truth, found, MATCH_PX)
-            hits = per_dz.setdefault(DEFOCUS_UM[k % len(DEFOCUS_UM)], [0, 0])
+            hits = per_dz.setdefault(defocus_um[k % len(defocus_um)], [0, 0])
             hits[0] += len(ti)
             hits[1] += len(truth)
             tp += len(ti)
@@ -161,12 +184,35 @@ def _twin(n_frames: int, log: Log) -> dict[str, float]:
         for dz, (hit, total) in per_dz.items():
             metrics[f"recall_brightfield_{name}_defocus{dz:g}um"] = hit / total
         log(
-            f"twin brightfield ({N_PARTICLES} spheres/512^2, defocus {DEFOCUS_UM} um): {name}"
+            f"twin brightfield ({N_PARTICLES} spheres/512^2, defocus {defocus_um} um): {name}"
             f" recall {tp / n_true:.3f}, precision {metrics[f'precision_brightfield_{name}']:.3f},"
             f" RMSE {rmse:.3f} px = {metrics[f'rmse_over_crb_brightfield_{name}']:.1f} x CRB"
         )
     metrics["recall_brightfield"] = metrics["recall_brightfield_radial_symmetry"]
     metrics["rmse_over_crb_brightfield"] = metrics["rmse_over_crb_brightfield_radial_symmetry"]
+    return {f"{k}{suffix}": v for k, v in metrics.items()}
+
+
+def hard_cases(n_frames: int, log: Log) -> dict[str, float]:
+    """recall_<case> within MATCH_PX of twin truth for each of HARD_CASES."""
+    metrics: dict[str, float] = {}
+    for name, (contrast, dz) in HARD_CASES.items():
+        rng = np.random.default_rng(5150)
+        tp = n_true = 0
+        det = None
+        for k in range(n_frames):
+            cam = _camera(dz, seed=5150 + k, contrast=contrast)
+            truth = hard_sphere_field(rng, N_PARTICLES, SIZE_PX, 2 * RADIUS_UM / PIXEL_UM)
+            frame = cam.render(truth[None] * PIXEL_UM, EXPOSURE_S)
+            if det is None:
+                estimate = estimate_config([frame])
+                log(f"twin {name} ({contrast}, defocus {dz:g} um): {estimate.summary}")
+                det = ParticleDetector(estimate.config)
+            ti, _ = _match(truth, det(frame), MATCH_PX)
+            tp += len(ti)
+            n_true += len(truth)
+        metrics[f"recall_{name}"] = tp / n_true
+        log(f"twin {name}: recall {tp / n_true:.3f} ({tp}/{n_true})")
     return metrics
 
 
@@ -218,8 +264,13 @@ def _real(n_frames: int, log: Log) -> dict[str, float]:
 
 def run(quick: bool, log: Log) -> dict[str, float]:
     """All parts; quick uses 4 twin frames and 10 linking frames (full: 12 and 40)."""
+    from benchmarks import localization_dense
+
     metrics = _twin(4 if quick else 12, log)
+    metrics |= _twin(len(WIDE_DEFOCUS_UM), log, WIDE_DEFOCUS_UM, "_wide")
+    metrics |= hard_cases(2 if quick else 4, log)
     metrics |= _real(50, log)  # all 50 frames even when quick: cheap, and the headline
+    metrics |= localization_dense.run(quick, log)
     metrics |= linking(10 if quick else 40, log)
     return metrics
 

@@ -19,7 +19,8 @@ Coordinates are ``(x, y) = (column, row)`` in pixels, with the centre of pixel
 
 from __future__ import annotations
 
-from typing import Literal
+from functools import lru_cache
+from typing import Annotated, Literal
 
 import numpy as np
 from numpy.typing import NDArray
@@ -28,6 +29,15 @@ from scipy import ndimage
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
+
+from agent.detection.ring_match import (
+    DEFAULT_SCALES,
+    RingMatcher,
+    explain_away,
+    refine_without_neighbours,
+    subpixel_peaks,
+    synthetic_ring_profile,
+)
 
 __all__ = [
     "DetectorConfig",
@@ -43,7 +53,7 @@ _IQR_TO_SIGMA = 1.34898  # interquartile range of a unit normal.
 _BG_SAMPLES = 16384  # enough for a stable median, small enough to stay < 0.3 ms.
 _TRUNCATE = 4.0  # Gaussian pre-filter truncation, shared with the noise-gain maths.
 _MIN_DIST = 1e-3  # floor on the radial-symmetry 1/d weight to avoid inf at the centroid.
-_MIN_BIN_SIDE = 512  # frames with a shorter side are segmented at full resolution.
+_MIN_BIN_SIDE = 400  # frames with a shorter side are segmented at full resolution.
 _MAX_SEG_SIDE = 1024  # bin beyond 2 x 2 only while the binned short side stays above this.
 # Smoothing floor on the binned image, in binned px: below ~0.7 a peak falling between
 # two coarse samples loses up to ~40 % of its detection SNR (measured for PSF sigma 2 px).
@@ -52,6 +62,10 @@ _MIN_BINNED_SIGMA = 0.7
 # applies the real threshold. 0.75 covers the worst-case binned SNR loss for a PSF as
 # sharp as smooth_sigma_px (about 0.72 of full-resolution SNR at 2 x 2).
 _CANDIDATE_FRACTION = 0.75
+# Binned candidates whose confirmation patches would smooth more than this share of the
+# frame's pixels are seeded from the binned peaks directly (dense fields).
+_DENSE_CONFIRM = 0.5
+_RING_CANDIDATE_FRACTION = 0.5  # of threshold_sigma: ring-mode candidates for the joint fit
 _BG_BLOCK = 4  # local background: block side of the coarse grid it is computed on
 _BOX_LABEL_FACTOR = 64  # label in the bounding box while it holds <= this many px per candidate.
 # 4-connectivity within each (H, W) slice of an (N, H, W) stack, none across slices.
@@ -74,11 +88,22 @@ class DetectorConfig(BaseModel):
     segment_bin_px: int = Field(default=0, ge=0, le=8)
     # Contrast of the particles: "bright" spots (fluorescence, darkfield), "dark" spots
     # (absorbing, inverted brightfield) or "ring": a bright centre inside a dark ring
-    # (brightfield near focus), seeded on the centre and refined by radial symmetry over
-    # the centre and the inner flank of the ring (0.85 x ring_radius_px, when set; on the
-    # real frames in shared/data/brightfield this agrees best with trackpy's ring fit).
+    # (brightfield out of focus), found by a matched filter on the particles' radial
+    # profile (agent.detection.ring_match; smoothing and window do not apply).
     polarity: Literal["bright", "dark", "ring"] = "bright"
     ring_radius_px: float = Field(default=0.0, ge=0, le=100)
+    # Ring mode's matched filter: the particles' radial profile sampled at 0, 1, 2 ... px
+    # (any units; measured from the frames by agent.detection.detect_auto). Empty: a
+    # stand-in built from ring_radius_px (agent.detection.ring_match).
+    ring_profile: tuple[float, ...] = Field(default=(), max_length=201)
+    # Ring mode: also drop detections under this fraction of the frame's typical
+    # particle (median of the strong ones): residual side lobes of overlapping rings and
+    # fringes. A monodisperse sample's particles image alike; 0 turns it off.
+    relative_threshold: float = Field(default=0.0, ge=0.0, lt=1.0)
+    # Radial stretches of the profile tried at every pixel (particles at other heights).
+    ring_scales: tuple[Annotated[float, Field(ge=0.3, le=3.0)], ...] = Field(
+        default=DEFAULT_SCALES, min_length=1, max_length=9
+    )
 
     # > 0: every local maximum of the smoothed frame is a seed, and of detections closer
     # than this the dimmer goes: touching particles stay apart. 0: one per blob.
@@ -121,7 +146,13 @@ def _quantiles(sample: np.ndarray, qs: tuple[float, ...]) -> list[float]:
     Treating each integer value as a uniform unit bin and interpolating the CDF fixes it.
     """
     if not np.issubdtype(sample.dtype, np.integer):
-        return [float(v) for v in np.quantile(sample, qs)]
+        # A full sort (SIMD) is several times faster than np.quantile's partitions here.
+        ordered = np.sort(sample)
+        at = np.asarray(qs) * (ordered.size - 1)
+        lo = np.floor(at).astype(np.intp)
+        hi = np.minimum(lo + 1, ordered.size - 1)
+        vals = ordered[lo] + (at - lo) * (ordered[hi].astype(np.float64) - ordered[lo])
+        return [float(v) for v in vals]
     lo = int(sample.min())
     counts = np.bincount((sample - lo).astype(np.intp))
     cum = np.cumsum(counts)
@@ -143,6 +174,19 @@ def estimate_background(frame: np.ndarray) -> tuple[float, float]:
     pixels keeps the cost flat regardless of frame size.
     """
     return _background(_check_2d(frame, "frame"))
+
+
+def white_noise_sigma(frame: np.ndarray) -> float:
+    """Pixel noise sigma from neighbour differences (robust IQR of a subsample): blind to
+    illumination and to structure smoother than a pixel, so dense fields, where the
+    frame's own spread is mostly particles, do not inflate it."""
+    step = max(1, int(np.sqrt(frame.size / _BG_SAMPLES)))
+    # Integer frames keep integer differences: continuous quantiles of whole values.
+    integer = np.issubdtype(frame.dtype, np.integer)
+    sub = frame[::step].astype(np.int64 if integer else np.float32)
+    d = (sub[:, 1:] - sub[:, :-1])[:, ::step].ravel()
+    q1, q3 = _quantiles(d, (0.25, 0.75))
+    return max((q3 - q1) / _IQR_TO_SIGMA / np.sqrt(2.0), 1e-12)
 
 
 def _background(frame: np.ndarray, integer: bool | None = None) -> tuple[float, float]:
@@ -190,8 +234,8 @@ def _centroid_batch(patches: FloatArray) -> tuple[FloatArray, FloatArray]:
     """Intensity-weighted centroids of the positive part of each (N, H, W) patch."""
     _, h, w = patches.shape
     pos = np.maximum(patches, 0.0)
-    col_sum = pos.sum(axis=1)  # (N, W)
-    row_sum = pos.sum(axis=2)  # (N, H)
+    col_sum = pos.sum(axis=1, dtype=np.float64)  # (N, W)
+    row_sum = pos.sum(axis=2, dtype=np.float64)  # (N, H)
     total = col_sum.sum(axis=1)
     ok = total > 0
     safe = np.where(ok, total, 1.0)
@@ -200,8 +244,18 @@ def _centroid_batch(patches: FloatArray) -> tuple[FloatArray, FloatArray]:
     return x, y
 
 
+@lru_cache(maxsize=32)
+def _corner_grid(h: int, w: int) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    """Flat x and y of the (h - 1) x (w - 1) pixel-corner midpoints of an h x w patch."""
+    xm = np.tile(np.arange(w - 1, dtype=np.float32) + 0.5, h - 1)
+    ym = np.repeat(np.arange(h - 1, dtype=np.float32) + 0.5, w - 1)
+    xm.flags.writeable = False
+    ym.flags.writeable = False
+    return xm, ym
+
+
 def _radial_symmetry_batch(
-    patches: FloatArray,
+    patches: FloatArray, valid: NDArray[np.bool_] | None = None
 ) -> tuple[FloatArray, FloatArray, NDArray[np.bool_]]:
     """Parthasarathy (Nat. Methods 2012) centres for a (N, H, W) stack.
 
@@ -209,7 +263,9 @@ def _radial_symmetry_batch(
     centre is the point with least weighted squared perpendicular distance to all
     lines, weights |grad|^2 / distance-to-gradient-centroid as in the paper.
     Written with normal vectors instead of slopes so vertical lines need no special case.
-    Returns (x, y, ok) where ok is False for degenerate fits.
+    Returns (x, y, ok) where ok is False for degenerate fits. Pixels outside `valid`
+    (windows clipped by the frame edge) give no gradient, exactly as a window cut to
+    the valid part would (its boxcar zero-pads there too).
     """
     n, h, w = patches.shape
     if h < 3 or w < 3:
@@ -218,33 +274,48 @@ def _radial_symmetry_batch(
             np.zeros(n, dtype=np.float64),
             np.zeros(n, dtype=bool),
         )
-    a = patches[:, :-1, :-1]
-    b = patches[:, :-1, 1:]
-    c = patches[:, 1:, :-1]
-    d = patches[:, 1:, 1:]
-    gx = 0.5 * ((b + d) - (a + c))
-    gy = 0.5 * ((c + d) - (a + b))
-    # 3x3 boxcar on the gradients, zero-padded like the paper's conv2(..., 'same').
-    gx = ndimage.uniform_filter(gx, size=(1, 3, 3), mode="constant")
-    gy = ndimage.uniform_filter(gy, size=(1, 3, 3), mode="constant")
+    # float32 and flat (N, pixels) rows with BLAS / einsum row sums: the stack is small
+    # per particle, so temporaries and passes, not arithmetic, set the cost.
+    p = patches.astype(np.float32, copy=False)
+    a, b, c, d = p[:, :-1, :-1], p[:, :-1, 1:], p[:, 1:, :-1], p[:, 1:, 1:]
+    # Gradients into zero-bordered buffers: the 3x3 boxcar then zero-pads like the
+    # paper's conv2(..., 'same'); the gradients' 0.5 is folded into the boxcar's 1/9.
+    gx = np.zeros((n, h + 1, w + 1), dtype=np.float32)
+    gy = np.zeros((n, h + 1, w + 1), dtype=np.float32)
+    np.subtract(b + d, a + c, out=gx[:, 1:-1, 1:-1])
+    np.subtract(c + d, a + b, out=gy[:, 1:-1, 1:-1])
+    vg = None
+    if valid is not None:
+        vg = valid[:, :-1, :-1] & valid[:, :-1, 1:] & valid[:, 1:, :-1] & valid[:, 1:, 1:]
+        gx[:, 1:-1, 1:-1] *= vg
+        gy[:, 1:-1, 1:-1] *= vg
 
-    xm = np.arange(w - 1, dtype=np.float64)[None, None, :] + 0.5
-    ym = np.arange(h - 1, dtype=np.float64)[None, :, None] + 0.5
+    def box(g: NDArray[np.float32]) -> NDArray[np.float32]:
+        r = g[:, :-2] + g[:, 1:-1] + g[:, 2:]
+        return (r[:, :, :-2] + r[:, :, 1:-1] + r[:, :, 2:]) * np.float32(0.5 / 9.0)
+
+    gx, gy = box(gx), box(gy)
+    if vg is not None:
+        gx *= vg
+        gy *= vg
+    gx, gy = gx.reshape(n, -1), gy.reshape(n, -1)
+    xm, ym = _corner_grid(h, w)
     mag2 = gx * gx + gy * gy
-    smag = mag2.sum(axis=(1, 2))
+    smag = mag2.sum(axis=1, dtype=np.float64)
     safe = np.where(smag > 0, smag, 1.0)
-    xc0 = (mag2 * xm).sum(axis=(1, 2)) / safe
-    yc0 = (mag2 * ym).sum(axis=(1, 2)) / safe
-    dist = np.sqrt((xm - xc0[:, None, None]) ** 2 + (ym - yc0[:, None, None]) ** 2)
-    inv_d = 1.0 / np.maximum(dist, _MIN_DIST)
+    xc0 = ((mag2 @ xm) / safe).astype(np.float32)
+    yc0 = ((mag2 @ ym) / safe).astype(np.float32)
+    dx, dy = xm[None, :] - xc0[:, None], ym[None, :] - yc0[:, None]
+    inv_d = 1.0 / np.maximum(np.sqrt(dx * dx + dy * dy), np.float32(_MIN_DIST))
 
     # Line k: n_k . c = n_k . p_k with n_k = (-gy, gx) (unnormalised, so |g|^2 weight built in).
-    s = (-gy * xm + gx * ym) * inv_d
-    a11 = (gy * gy * inv_d).sum(axis=(1, 2))
-    a22 = (gx * gx * inv_d).sum(axis=(1, 2))
-    a12 = -(gx * gy * inv_d).sum(axis=(1, 2))
-    b1 = (-gy * s).sum(axis=(1, 2))
-    b2 = (gx * s).sum(axis=(1, 2))
+    gxw, gyw = gx * inv_d, gy * inv_d
+    s = gx * ym - gy * xm
+    a11 = np.einsum("ij,ij->i", gy, gyw, dtype=np.float64)
+    a22 = np.einsum("ij,ij->i", gx, gxw, dtype=np.float64)
+    a12 = -np.einsum("ij,ij->i", gx, gyw, dtype=np.float64)
+    b1 = -np.einsum("ij,ij->i", gyw, s, dtype=np.float64)
+    b2 = np.einsum("ij,ij->i", gxw, s, dtype=np.float64)
     det = a11 * a22 - a12 * a12
     trace = a11 + a22
     ok = (smag > 0) & (det > 1e-9 * trace * trace)
@@ -256,13 +327,18 @@ def _radial_symmetry_batch(
     return x, y, ok
 
 
-def _refine_batch(patches: FloatArray, method: str) -> tuple[FloatArray, FloatArray]:
-    """Refine a stack with the chosen method, falling back to centroid where it fails."""
-    cx, cy = _centroid_batch(patches)
+def _refine_batch(
+    patches: FloatArray, method: str, valid: NDArray[np.bool_] | None = None
+) -> tuple[FloatArray, FloatArray]:
+    """Refine a stack with the chosen method, falling back to centroid where it fails.
+    Pixels outside `valid` (if given) must be zero in patches."""
     if method == "centroid":
-        return cx, cy
-    rx, ry, ok = _radial_symmetry_batch(patches)
-    return np.where(ok, rx, cx), np.where(ok, ry, cy)
+        return _centroid_batch(patches)
+    rx, ry, ok = _radial_symmetry_batch(patches, valid)
+    if not ok.all():
+        bad = ~ok
+        rx[bad], ry[bad] = _centroid_batch(patches[bad])
+    return rx, ry
 
 
 def _as_patch(patch: np.ndarray) -> FloatArray:
@@ -320,18 +396,29 @@ def _label_sparse(idx: NDArray[np.intp], shape: tuple[int, int]) -> NDArray[np.i
 def _local_maxima(
     img: NDArray[np.float32], idx: NDArray[np.intp], vals: NDArray[np.float32]
 ) -> NDArray[np.bool_]:
-    """Which of the pixels idx (values vals) are strict maxima of their in-image 8-neighbours."""
+    """Which of the pixels idx (values vals) are strict maxima of their in-image 8-neighbours.
+
+    Interior pixels read their neighbours at fixed flat offsets; only the few on the
+    frame's border need clipped coordinates."""
     h, w = img.shape
     rows, cols = np.divmod(idx, w)
+    flat = img.ravel()
     out = np.ones(idx.size, dtype=bool)
+    inner = (rows > 0) & (rows < h - 1) & (cols > 0) & (cols < w - 1)
+    at, v = idx[inner], vals[inner]
+    keep = np.ones(at.size, dtype=bool)
+    for off in (-w - 1, -w, -w + 1, -1, 1, w - 1, w, w + 1):
+        keep &= v > flat[at + off]
+    out[inner] = keep
+    edge = np.flatnonzero(~inner)
     for dr in (-1, 0, 1):
         for dc in (-1, 0, 1):
-            if dr == 0 and dc == 0:
+            if edge.size == 0 or (dr == 0 and dc == 0):
                 continue
-            r, c = rows + dr, cols + dc
+            r, c = rows[edge] + dr, cols[edge] + dc
             inside = (r >= 0) & (r < h) & (c >= 0) & (c < w)
             nb = img[np.clip(r, 0, h - 1), np.clip(c, 0, w - 1)]
-            out &= ~inside | (vals > nb)
+            out[edge] &= ~inside | (vals[edge] > nb)
     return out
 
 
@@ -367,29 +454,52 @@ def _gaussian_weights(sigma_px: float) -> NDArray[np.float64]:
     return ndimage.gaussian_filter1d(impulse, sigma_px, mode="constant", truncate=_TRUNCATE)
 
 
-def _subtract_local_background(work: NDArray[np.float32], box_px: int) -> None:
-    """Subtract, in place, the box mean of side box_px around each pixel.
+def _flatten(frame: np.ndarray, box_px: int, sign: float) -> NDArray[np.float32]:
+    """sign x frame minus its box mean of side box_px (0: no background), as float32.
 
     Illumination varies slowly, so the box mean is taken on 4 x 4 block means and
-    subtracted block-wise (a broadcast into a view: no full-size temporary); a 4 px
-    step of a smooth background is far below the noise. Small boxes or frames use
-    the exact full-resolution filter.
+    subtracted block-wise in the same pass as the sign flip and the float conversion
+    (a broadcast into a view: no full-size temporary); a 4 px step of a smooth
+    background is far below the noise. Small boxes or frames use the exact
+    full-resolution filter.
     """
-    h, w = work.shape
+    h, w = frame.shape
     b = _BG_BLOCK
     hb, wb = h // b, w // b
-    if box_px < 4 * b or hb < 2 or wb < 2:
-        work -= ndimage.uniform_filter(work, min(box_px, h, w))
-        return
-    blocks = work[: hb * b, : wb * b].reshape(hb, b, wb, b)
-    small = ndimage.uniform_filter(blocks.mean(axis=(1, 3)), min(round(box_px / b), hb, wb))
-    blocks -= small[:, None, :, None]
-    if h > hb * b:  # leftover bottom rows and right columns take the nearest block
-        work[hb * b :, : wb * b] -= np.repeat(small[-1], b)[None, :]
+    if box_px == 0 or box_px < 4 * b or hb < 2 or wb < 2:
+        work = frame.astype(np.float32)
+        if sign < 0:
+            np.negative(work, out=work)
+        if box_px:
+            side = min(box_px, h, w)
+            work -= ndimage.uniform_filter(work, side - 1 + side % 2)
+        return work
+    core = frame[: hb * b, : wb * b]
+    rows_sum = core[0::b].astype(np.float32)
+    for k in range(1, b):
+        rows_sum += core[k::b]
+    small = rows_sum[:, 0::b].copy()
+    for k in range(1, b):
+        small += rows_sum[:, k::b]
+    # An odd box, centred: an even one is off by half a block (a 2 px shift of the map).
+    side = min(round(box_px / b), hb, wb)
+    small = ndimage.uniform_filter(small / np.float32(b * b), side - 1 + side % 2)
+    work = np.empty((h, w), dtype=np.float32)
+    bg = np.repeat(small, b, axis=1)
+    for k in range(b):  # whole rows at a stride: contiguous inner loops
+        a, c = (bg, core[k::b]) if sign < 0 else (core[k::b], bg)
+        np.subtract(a, c, out=work[k : hb * b : b, : wb * b], dtype=np.float32)
+    # Leftover bottom rows and right columns take the nearest block.
+    if h > hb * b:
+        rows = np.repeat(small[-1], b)[None, :]
+        rest = frame[hb * b :, : wb * b].astype(np.float32)
+        work[hb * b :, : wb * b] = rows - rest if sign < 0 else rest - rows
     if w > wb * b:
         col = np.repeat(small[:, -1], b)
-        col = np.concatenate((col, np.full(h - col.size, col[-1], dtype=col.dtype)))
-        work[:, wb * b :] -= col[:, None]
+        col = np.concatenate((col, np.full(h - col.size, col[-1], dtype=col.dtype)))[:, None]
+        rest = frame[:, wb * b :].astype(np.float32)
+        work[:, wb * b :] = col - rest if sign < 0 else rest - col
+    return work
 
 
 def _isolated(xy: FloatArray, radius: float) -> NDArray[np.intp]:
@@ -434,6 +544,7 @@ class _SegPlan:
         self.min_scale = self.scale.min()
         # Full-resolution per-axis noise gains for the candidate check (binned path only).
         self.full_gains = (np.ones(0), np.ones(0))
+        self.confirm_px = 0  # pixels one candidate's confirmation patch smooths
 
     def load(self, frame: np.ndarray) -> NDArray[np.float32]:
         """Write the (binned) frame into the padded buffer; returns the unpadded view."""
@@ -500,6 +611,7 @@ class ParticleDetector:
         # Fixed offsets of the refinement window, reused for every frame.
         self._offsets = np.arange(-self.config.refine_half_px, self.config.refine_half_px + 1)
         self._last_confidence = np.zeros(0)
+        self._matcher: RingMatcher | None = None
         self.adapted: object | None = None  # the estimate, when adapt=True has run
 
     def __call__(self, frame: np.ndarray) -> FloatArray:
@@ -534,6 +646,8 @@ class ParticleDetector:
             self._adapt(frame)
         self._last_confidence = np.zeros(0)
         cfg = self.config
+        if cfg.polarity == "ring":
+            return self._detect_rings(frame)
         work = self._preprocess(frame)
         plan = self._get_plan(work.shape)
         level, sigma = _background(work)
@@ -561,31 +675,18 @@ class ParticleDetector:
             idx, vals = idx[keep], vals[keep]
         if idx.size == 0:
             return _empty()
-        lab = _label_sparse(idx, plan.shape)
-
-        # Seeds without a Python loop: sort above-threshold pixels by (label, value);
-        # the last pixel of each label run is that component's brightest.
-        order = np.lexsort((vals, lab))
-        lab_sorted = lab[order]
-        last = np.flatnonzero(np.diff(lab_sorted, append=lab_sorted[-1] + 1))
-        seeds = idx[order[last]]
-        if plan.b == 1:
-            area = np.bincount(lab)
-            seeds = seeds[area[lab_sorted[last]] >= cfg.min_area_px]
-            if cfg.separation_px > 0:
-                # Touching particles share one blob: each local maximum seeds its own.
-                peaks = _local_maxima(seg, idx, vals) & (area[lab] >= cfg.min_area_px)
-                seeds = np.union1d(seeds, idx[peaks])
-            rows, cols = np.divmod(seeds, plan.shape[1])
+        peak = (
+            _local_maxima(seg, idx, vals)
+            if plan.b > 1 or cfg.separation_px > 0
+            else np.zeros(idx.size, dtype=bool)
+        )
+        if plan.b > 1 and np.count_nonzero(peak) * plan.confirm_px > _DENSE_CONFIRM * work.size:
+            # Dense field: confirmation patches would overlap and cost more than the
+            # frame. Binned peaks over the full threshold seed directly instead.
+            full = vals > seg_level + (k_sigma / _CANDIDATE_FRACTION) * plan.scale[idx]
+            rows, cols = self._seeds_from_bins(work, seg, idx[peak & full], plan)
         else:
-            # The coarser, lower-threshold binned mask merges close neighbours that are
-            # separate at full resolution, so other local maxima are candidates too.
-            is_max = np.zeros(idx.size, dtype=bool)
-            is_max[order[last]] = True
-            extra = idx[_local_maxima(seg, idx, vals) & ~is_max]
-            rows, cols = np.divmod(np.concatenate((seeds, extra)), plan.shape[1])
-            primary = np.arange(rows.size) < seeds.size
-            rows, cols = self._confirm(work, rows, cols, primary, plan, level, sigma)
+            rows, cols = self._component_seeds(work, idx, vals, peak, plan, level, sigma)
         if rows.size == 0:
             return _empty()
         xy, brightness = self._refine(work, rows, cols, level)
@@ -603,6 +704,48 @@ class ParticleDetector:
         noise = max(sigma, np.finfo(np.float64).tiny) * np.sqrt(n_pix.astype(np.float64))
         self._last_confidence = self._confidence(seg, r, c, plan, seg_level, seg_sigma)
         return xy[keep], brightness[keep] / noise
+
+    def _detect_rings(self, frame: np.ndarray) -> tuple[FloatArray, FloatArray]:
+        """Ring mode: peaks of the matched filter (agent.detection.ring_match), brightest
+        first; the score is the response in pixel-noise sigmas (the kernel is unit-norm)."""
+        cfg = self.config
+        profile = cfg.ring_profile or synthetic_ring_profile(
+            cfg.ring_radius_px if cfg.ring_radius_px > 0 else max(cfg.window_px / 0.85, 2.0)
+        )
+        if self._matcher is None or self._matcher.key != (profile, cfg.ring_scales):
+            self._matcher = RingMatcher(profile, cfg.ring_scales)
+        sigma = white_noise_sigma(frame)
+        if sigma <= 1e-12:  # a noiseless (flat or synthetic) frame: no scale for a threshold
+            return _empty()
+        resp, fine = self._matcher.response(frame)
+        # Candidates at half the threshold: neighbours' negative side lobes can pull a
+        # particle's response under it, and the joint fit below gives it back.
+        idx = np.flatnonzero(resp > _RING_CANDIDATE_FRACTION * cfg.threshold_sigma * sigma)
+        if idx.size == 0:
+            return _empty()
+        vals = resp.ravel()[idx]
+        peak = _local_maxima(resp, idx, vals)
+        idx, vals = idx[peak], vals[peak]
+        order = np.argsort(-vals, kind="stable")
+        rows, cols = np.divmod(idx[order], frame.shape[1])
+        xy = subpixel_peaks(resp, rows, cols)
+        # Candidates closer than the separation are one particle: keep the strongest,
+        # then fit all amplitudes jointly so side lobes of overlapping rings drop out.
+        keep = _isolated(xy, max(cfg.separation_px, 1.0))
+        xy, vals = xy[keep], vals[order][keep]
+        amp = explain_away(self._matcher, xy, vals)
+        z = amp / sigma
+        floor = cfg.threshold_sigma
+        if cfg.relative_threshold > 0 and z.size:
+            top = z[z >= 0.5 * np.percentile(z, 90)]
+            floor = max(floor, cfg.relative_threshold * float(np.median(top)))
+        strong = np.argsort(-z, kind="stable")
+        keep = strong[z[strong] > floor][: cfg.max_objects]
+        xy, z = refine_without_neighbours(self._matcher, fine, xy[keep], amp[keep]), z[keep]
+        keep = np.arange(len(xy))
+        k = cfg.threshold_sigma
+        self._last_confidence = np.clip((z[keep] - k) / k, 0.0, 1.0)
+        return xy[keep], z[keep]
 
     def _confidence(
         self,
@@ -637,12 +780,7 @@ class ParticleDetector:
         cfg = self.config
         if cfg.polarity != "dark" and cfg.background_px == 0:
             return frame
-        work = frame.astype(np.float32)
-        if cfg.polarity == "dark":
-            np.negative(work, out=work)
-        if cfg.background_px:
-            _subtract_local_background(work, cfg.background_px)
-        return work
+        return _flatten(frame, cfg.background_px, -1.0 if cfg.polarity == "dark" else 1.0)
 
     def _get_plan(self, shape: tuple[int, ...]) -> _SegPlan:
         """Segmentation plan for this frame shape; cached as the shape rarely changes."""
@@ -662,8 +800,61 @@ class ParticleDetector:
                     _noise_gain_1d(full, shape[0]),
                     _noise_gain_1d(full, shape[1]),
                 )
+                side = b + 2 * (b // 2 + 1) + 2 * int(_TRUNCATE * full + 0.5)
+                self._plan.confirm_px = side * side
             self._plan_shape = shape
         return self._plan
+
+    def _component_seeds(
+        self,
+        work: np.ndarray,
+        idx: NDArray[np.intp],
+        vals: NDArray[np.float32],
+        peak: NDArray[np.bool_],
+        plan: _SegPlan,
+        level: float,
+        sigma: float,
+    ) -> tuple[NDArray[np.intp], NDArray[np.intp]]:
+        """Seeds from the connected above-threshold components: each one's brightest
+        pixel (and, to separate touching particles, every local maximum)."""
+        cfg = self.config
+        lab = _label_sparse(idx, plan.shape)
+        # Seeds without a Python loop: sort above-threshold pixels by (label, value);
+        # the last pixel of each label run is that component's brightest.
+        order = np.lexsort((vals, lab))
+        lab_sorted = lab[order]
+        last = np.flatnonzero(np.diff(lab_sorted, append=lab_sorted[-1] + 1))
+        seeds = idx[order[last]]
+        if plan.b == 1:
+            area = np.bincount(lab)
+            seeds = seeds[area[lab_sorted[last]] >= cfg.min_area_px]
+            if cfg.separation_px > 0:
+                # Touching particles share one blob: each local maximum seeds its own.
+                seeds = np.union1d(seeds, idx[peak & (area[lab] >= cfg.min_area_px)])
+            return np.divmod(seeds, plan.shape[1])
+        # The coarser, lower-threshold binned mask merges close neighbours that are
+        # separate at full resolution, so other local maxima are candidates too.
+        is_max = np.zeros(idx.size, dtype=bool)
+        is_max[order[last]] = True
+        extra = idx[peak & ~is_max]
+        rows, cols = np.divmod(np.concatenate((seeds, extra)), plan.shape[1])
+        primary = np.arange(rows.size) < seeds.size
+        return self._confirm(work, rows, cols, primary, plan, level, sigma)
+
+    def _seeds_from_bins(
+        self, frame: np.ndarray, seg: NDArray[np.float32], flat: NDArray[np.intp], plan: _SegPlan
+    ) -> tuple[NDArray[np.intp], NDArray[np.intp]]:
+        """Full-resolution seeds for binned peaks (flat indices into seg): each peak's
+        sub-bin position (a parabola through its smoothed neighbours) on the full grid,
+        rounded; peaks that land on one pixel merge."""
+        b = plan.b
+        rows, cols = np.divmod(flat, plan.shape[1])
+        xy = (subpixel_peaks(seg, rows, cols) + 0.5) * b - 0.5
+        n_rows, n_cols = frame.shape
+        r = np.clip(np.rint(xy[:, 1]).astype(np.intp), 0, n_rows - 1)
+        c = np.clip(np.rint(xy[:, 0]).astype(np.intp), 0, n_cols - 1)
+        _, first = np.unique(r * n_cols + c, return_index=True)
+        return r[first], c[first]
 
     def _confirm(
         self,
@@ -727,31 +918,30 @@ class ParticleDetector:
         return r[first], c[first]
 
     def _refine(
-        self, frame: np.ndarray, rows: NDArray[np.intp], cols: NDArray[np.intp], level: float
+        self,
+        frame: np.ndarray,
+        rows: NDArray[np.intp],
+        cols: NDArray[np.intp],
+        level: float,
     ) -> tuple[FloatArray, FloatArray]:
-        """Sub-pixel positions and window brightness for each seed."""
+        """Sub-pixel positions and window brightness for each seed, all in one stack:
+        windows the frame edge clips are gathered whole and masked (no per-seed loop)."""
         half = self.config.refine_half_px
         n_rows, n_cols = frame.shape
-        xy = np.empty((rows.size, 2), dtype=np.float64)
-        brightness = np.empty(rows.size, dtype=np.float64)
-        inner = (rows >= half) & (rows < n_rows - half) & (cols >= half) & (cols < n_cols - half)
-
-        idx = np.flatnonzero(inner)
-        if idx.size:
-            r = rows[idx][:, None, None] + self._offsets[None, :, None]
-            c = cols[idx][:, None, None] + self._offsets[None, None, :]
-            patches = frame[r, c].astype(np.float64) - level
-            x, y = _refine_batch(patches, self.config.method)
-            xy[idx, 0] = x + (cols[idx] - half)
-            xy[idx, 1] = y + (rows[idx] - half)
-            brightness[idx] = patches.sum(axis=(1, 2))
-
-        # Edge seeds get a clipped window each; rare, so a loop is fine.
-        for i in np.flatnonzero(~inner):
-            r0, r1 = max(rows[i] - half, 0), min(rows[i] + half + 1, n_rows)
-            c0, c1 = max(cols[i] - half, 0), min(cols[i] + half + 1, n_cols)
-            patch = frame[r0:r1, c0:c1].astype(np.float64)[None] - level
-            x, y = _refine_batch(patch, self.config.method)
-            xy[i] = (x[0] + c0, y[0] + r0)
-            brightness[i] = patch.sum()
+        r = rows[:, None] + self._offsets[None, :]
+        c = cols[:, None] + self._offsets[None, :]
+        vr = (r >= 0) & (r < n_rows)
+        vc = (c >= 0) & (c < n_cols)
+        patches = frame[
+            np.clip(r, 0, n_rows - 1)[:, :, None], np.clip(c, 0, n_cols - 1)[:, None, :]
+        ]
+        patches = patches.astype(np.float32)
+        patches -= np.float32(level)
+        valid = None
+        if not (vr.all() and vc.all()):
+            valid = vr[:, :, None] & vc[:, None, :]
+            patches *= valid
+        x, y = _refine_batch(patches, self.config.method, valid)
+        xy = np.column_stack([x + (cols - half), y + (rows - half)])
+        brightness = patches.sum(axis=(1, 2), dtype=np.float64)
         return xy, brightness

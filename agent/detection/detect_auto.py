@@ -9,12 +9,17 @@ works on what the previous one cleaned:
    line saying so.
 2. Illumination: medians of coarse blocks (particles barely move a block median); if
    they vary by more than a few noise sigmas, a local background is subtracted.
-3. Polarity: the brightest and darkest local extremes of the lightly smoothed,
-   background-free frame; the stronger side is the particles' contrast.
-4. Size and shape: the median radial profile around the strongest particles. Its half
-   maximum gives the core width (smoothing, window, separation of touching particles);
-   a significant dip below the background after the core is a brightfield ring, whose
-   radius and outer edge set the ring fit and the refinement window.
+3. Polarity: the strongest bright and dark local extremes of the lightly smoothed,
+   background-free frame (noise: the white pixel noise from neighbour differences,
+   since in a dense field the frame's spread is mostly particles); the side whose
+   extremes are radially symmetric is the particles' contrast. Strength alone misleads:
+   a defocused sphere's dark ring, or overlapping rings, outweigh its bright centre.
+4. Size and shape: the median radial profile around the most symmetric particles. Its
+   half maximum gives the core width (smoothing, window, separation of touching
+   particles); a significant dip below the background after the core is a brightfield
+   ring, and the profile out to where the ring returns to the background becomes the
+   ring mode's matched filter (with its threshold: 5 pixel sigmas or a share of the
+   typical particle's response).
 5. Threshold: the noise of the smoothed background is measured where no particle is,
    not assumed white: texture and out-of-focus debris raise it, and the threshold with
    it. A relative minimum mass (a quarter of the typical particle's peak) drops halos,
@@ -33,8 +38,16 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import cKDTree
 
-from agent.detection.detect import DetectorConfig, ParticleDetector, _background, _noise_gain_1d
+from agent.detection.detect import (
+    DetectorConfig,
+    ParticleDetector,
+    _background,
+    _noise_gain_1d,
+    white_noise_sigma,
+)
+from agent.detection.ring_match import RingMatcher
 
 __all__ = ["Estimate", "blob_candidates", "check_frames", "estimate_config"]
 
@@ -47,7 +60,20 @@ _RING_DEPTH = 0.1  # a dip below -this x peak (and > 4 noise) after the core is 
 _SATURATED_FRACTION = 0.5  # frames with more pixels than this at the maximum: saturated
 _THRESHOLD_SIGMA = 5.0
 _MIN_PEAK_FRACTION = 0.25  # of the typical particle's smoothed peak: weaker is not one
-_QUIET_FRACTION = 1 / 3  # share of pixels far from features needed to measure texture
+_QUIET_FRACTION = 1 / 3
+# Ring mode's relative floor (of the frame's typical particle): residual side lobes of
+# overlapping rings after the joint fit stay under ~0.35 of a particle up to 2 um defocus.
+_RING_RELATIVE = 0.4
+_SMOOTH_GAIN = 0.5 / math.sqrt(math.pi)  # white noise through a sigma-1 px Gaussian
+_RESOLVE = 2.5  # smoothed images must be narrower than the close distance / this
+_SEPARATE = 0.6  # separation: at most this share of the close distance
+_QUIET_SNR = 4.0 * _THRESHOLD_SIGMA  # typical particle over noise after smoothing
+_CLOSE_QUANTILE = 0.1  # of nearest-neighbour distances: the touching pairs'
+_MIN_CLOSE_PEAKS = 20  # fewer particle-like extremes in a frame: no crowding measured
+_SYM_CANDIDATES = 100  # strongest extremes per side scored for symmetry
+# Disc (px) of the symmetry score: a few core widths of small particles; on large rings
+# it sees the centre (round) against arcs (not round).
+_SYM_RADIUS_PX = 8  # share of pixels far from features needed to measure texture
 
 
 @dataclass(frozen=True)
@@ -140,12 +166,6 @@ def _texture_sigma(img: np.ndarray, xy: np.ndarray, radius: int, floor: float) -
     return max(float(q3 - q1) / 1.34898, floor)
 
 
-def _pixel_sigma(frame: np.ndarray) -> float:
-    """White pixel noise from neighbour differences: blind to smooth structure."""
-    d = np.diff(frame.astype(np.float32), axis=1) / math.sqrt(2.0)
-    return max(_robust_sigma(d), 1e-12)
-
-
 def _extremes(sm: np.ndarray, sigma: float, sign: float) -> tuple[np.ndarray, np.ndarray]:
     """(rows, cols) and amplitudes of the strongest local extremes of sign, > _PEAK_SIGMAS."""
     img = sign * sm
@@ -154,6 +174,70 @@ def _extremes(sm: np.ndarray, sigma: float, sign: float) -> tuple[np.ndarray, np
     amp = img[peaks]
     order = np.argsort(-amp)
     return rc[order], amp[order]
+
+
+def _symmetry(img: np.ndarray, seeds: np.ndarray, radius: int) -> np.ndarray:
+    """Per seed, the share of the disc's variance that its radial mean explains (1: a
+    perfectly round particle centred there; a piece of a ring or a noise peak: low)."""
+    img = np.pad(img, radius, mode="reflect")
+    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+    dist = np.rint(np.hypot(yy, xx)).astype(np.intp).ravel()
+    disc = dist <= radius
+    dist = dist[disc]
+    counts = np.bincount(dist)
+    if len(seeds) == 0:
+        return np.zeros(0)
+    rows = np.asarray(seeds)[:, 0, None] + yy.ravel()[disc] + radius
+    cols = np.asarray(seeds)[:, 1, None] + xx.ravel()[disc] + radius
+    patch = img[rows, cols].astype(np.float64)
+    patch -= patch.mean(axis=1, keepdims=True)
+    radial = np.stack([np.bincount(dist, p) / counts for p in patch])[:, dist]
+    total = np.sum(patch * patch, axis=1)
+    return np.sum(radial * radial, axis=1) / np.where(total > 0, total, 1.0)
+
+
+def _close_distance(extremes: list[tuple[np.ndarray, np.ndarray]], peak_fraction: float) -> float:
+    """The _CLOSE_QUANTILE of nearest-neighbour distances (px) between the particle-like
+    extremes (within peak_fraction of the strongest few) of every frame; 0 if too few.
+    A low quantile: touching pairs are a minority of a field but must be resolved."""
+    dists = []
+    for rc, amp in extremes:
+        if amp.size < _MIN_CLOSE_PEAKS:
+            continue
+        keep = rc[amp >= peak_fraction * float(np.median(amp[:5]))].astype(np.float64)
+        if len(keep) >= _MIN_CLOSE_PEAKS:
+            d, _ = cKDTree(keep).query(keep, k=2)
+            dists.append(d[:, 1])
+    return float(np.quantile(np.concatenate(dists), _CLOSE_QUANTILE)) if dists else 0.0
+
+
+def _quiet_smoothing(snr_1px: float, sigma_px: float) -> float:
+    """Least Gaussian smoothing (>= 1 px, <= sigma_px) that keeps a particle of width
+    sigma_px, at snr_1px after 1 px smoothing, _QUIET_SNR above the noise: the noise
+    falls as 1/s, the particle's peak as sigma^2 / (sigma^2 + s^2)."""
+    for s in np.linspace(1.0, max(sigma_px, 1.0), 25):
+        if snr_1px * s * (sigma_px**2 + 1.0) / (sigma_px**2 + s * s) >= _QUIET_SNR:
+            return float(s)
+    return float(max(sigma_px, 1.0))
+
+
+def _median_or_zero(a: np.ndarray) -> float:
+    return float(np.median(a)) if a.size else 0.0
+
+
+def _by_symmetry(
+    flat: np.ndarray, extremes: tuple[np.ndarray, np.ndarray], sign: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The strongest extremes (rows, cols), amplitudes and symmetry scores, most
+    symmetric first. Only extremes within _MIN_PEAK_FRACTION of the strongest few count:
+    in a sparse field the rest are noise peaks, some round by chance."""
+    rc, amp = extremes[0][:_SYM_CANDIDATES], extremes[1][:_SYM_CANDIDATES]
+    if amp.size:
+        strong = amp >= _MIN_PEAK_FRACTION * float(np.median(amp[:5]))
+        rc, amp = rc[strong], amp[strong]
+    score = _symmetry(sign * flat, rc, _SYM_RADIUS_PX)
+    order = np.argsort(-score, kind="stable")
+    return rc[order], amp[order], score[order]
 
 
 def _radial_profile(
@@ -232,13 +316,25 @@ def _describe(est: dict[str, float | str], cfg: DetectorConfig) -> str:
     contrast = {
         "bright": "bright spots",
         "dark": "dark spots",
-        "ring": f"brightfield rings (bright centre, dark ring r={cfg.ring_radius_px:.1f} px)",
+        "ring": (
+            f"brightfield rings ({'bright' if est['sign'] > 0 else 'dark'} centre, "
+            f"{'dark' if est['sign'] > 0 else 'bright'} ring r={cfg.ring_radius_px:.1f} px)"
+        ),
     }[str(est["contrast"])]
     bg = (
         f"local {cfg.background_px} px box (illumination spread {est['spread']:.0f}x its noise)"
         if cfg.background_px
         else "flat"
     )
+    if cfg.polarity == "ring":
+        scales = f"{min(cfg.ring_scales):g}-{max(cfg.ring_scales):g}"
+        return (
+            f"auto: {contrast}, diameter {est['diameter']:.0f} px, matched filter on the "
+            f"measured profile (r <= {len(cfg.ring_profile) - 1} px, stretched {scales}x), "
+            f"separation {cfg.separation_px:.1f} px, threshold {cfg.threshold_sigma:.1f} "
+            f"sigma and {cfg.relative_threshold:.0%} of the typical particle, background "
+            f"removed by the filter (illumination spread {est['spread']:.0f}x its noise)"
+        )
     return (
         f"auto: {contrast}, diameter {est['diameter']:.0f} px, smoothing "
         f"{cfg.smooth_sigma_px:.2f} px, window +-{cfg.window_px} px, separation "
@@ -272,7 +368,7 @@ def estimate_config(
     use = [f for i, f in enumerate(use) if not _frame_problem(f, i)]
 
     frame = use[0]
-    pix_sigma = _pixel_sigma(frame)
+    pix_sigma = white_noise_sigma(frame)
     illum = _illumination(frame)
     # Spread of the block medians in units of what noise alone gives them (a median of
     # n pixels scatters by 1.25 sigma / sqrt(n); the range of M of them ~ 2 sqrt(2 ln M)).
@@ -282,19 +378,27 @@ def estimate_config(
     spread = float(np.ptp(illum)) / noise_range
     flats = [f.astype(np.float32) - _illumination(f) for f in use]
     sm = [ndimage.gaussian_filter(f, 1.0) for f in flats]
-    sm_sigma = max(_robust_sigma(sm[0]), 1e-12)
+    # Noise of the smoothed frame: the white pixel noise through the filter, unless the
+    # frame's own spread is lower; in a dense field that spread is mostly particles.
+    sm_sigma = max(min(_robust_sigma(sm[0]), pix_sigma * _SMOOTH_GAIN), 1e-12)
 
-    # Polarity: the side whose strongest extremes stand out more.
-    bright = [_extremes(s, sm_sigma, 1.0) for s in sm]
-    dark = [_extremes(s, sm_sigma, -1.0) for s in sm]
-    top_b = np.concatenate([a[:_PROFILE_PEAKS] for _, a in bright])
-    top_d = np.concatenate([a[:_PROFILE_PEAKS] for _, a in dark])
+    # Polarity: the side whose extremes look like particle centres, i.e. are radially
+    # symmetric. The strongest extremes are not always centres: the dark ring of a
+    # defocused sphere, or two overlapping rings, outweigh its bright centre.
+    all_b = [_extremes(s, sm_sigma, 1.0) for s in sm]
+    all_d = [_extremes(s, sm_sigma, -1.0) for s in sm]
+    bright = [_by_symmetry(f, e, 1.0) for f, e in zip(flats, all_b, strict=True)]
+    dark = [_by_symmetry(f, e, -1.0) for f, e in zip(flats, all_d, strict=True)]
+    top_b = np.concatenate([a[:_PROFILE_PEAKS] for _, a, _ in bright])
+    top_d = np.concatenate([a[:_PROFILE_PEAKS] for _, a, _ in dark])
     amp_b = float(np.median(top_b)) if top_b.size else 0.0
     amp_d = float(np.median(top_d)) if top_d.size else 0.0
+    sym_b = _median_or_zero(np.concatenate([y[:_PROFILE_PEAKS] for _, _, y in bright]))
+    sym_d = _median_or_zero(np.concatenate([y[:_PROFILE_PEAKS] for _, _, y in dark]))
     if "polarity" in given:
         sign = -1.0 if base.polarity == "dark" else 1.0
     else:
-        sign = 1.0 if amp_b >= amp_d else -1.0
+        sign = 1.0 if sym_b >= sym_d else -1.0
     why_empty = ""
     if max(amp_b, amp_d) == 0.0:
         why_empty = (
@@ -302,20 +406,27 @@ def estimate_config(
             f"smoothed background ({sm_sigma:.3g}) in the frames examined"
         )
 
-    # Size and shape from the median radial profile of the strongest particles. Bright
-    # peaks inside a dark annulus are brightfield rings, even where the dark side's
-    # extremes (pieces of the rings) are the stronger ones.
+    # Size and shape from the median radial profile of the most symmetric particles.
+    # Bright centres inside a dark annulus are brightfield rings.
     radius = int(min(_MAX_RADIUS_PX, min(frame.shape) // 2 - 1))
     radius = max(radius, 2)
-    shape = _shape(flats, bright, 1.0, pix_sigma, radius)
-    if (shape[3] > 0 and base.polarity != "dark") or ("polarity" in given and sign > 0):
-        contrast = "ring" if shape[3] > 0 else "bright"
+    seeds_b = [(rc, a) for rc, a, _ in bright]
+    seeds_d = [(rc, a) for rc, a, _ in dark]
+    shape = _shape(flats, seeds_b, 1.0, pix_sigma, radius)
+    if sign > 0 and (shape[3] > 0 or "polarity" in given):
+        forced_spots = "polarity" in given and base.polarity == "bright"
+        contrast = "ring" if shape[3] > 0 and not forced_spots else "bright"
     else:
         contrast = "dark" if sign < 0 else "bright"
         if sign < 0:
-            shape = _shape(flats, dark, -1.0, pix_sigma, radius)
-            shape = (*shape[:3], 0.0, 0.0)
-    _, _, hwhm, ring_r, outer = shape
+            # A dark centre inside a bright ring (a sphere on the other side of focus,
+            # darkfield-like halos) is a ring too, of the other sign.
+            shape = _shape(flats, seeds_d, -1.0, pix_sigma, radius)
+            if shape[3] > 0 and "polarity" not in given:
+                contrast = "ring"
+            else:
+                shape = (*shape[:3], 0.0, 0.0)
+    where, prof, hwhm, ring_r, outer = shape
     if contrast != "ring":
         ring_r = outer = 0.0
     sigma_core = max(hwhm / 1.1774, 0.5)
@@ -336,7 +447,22 @@ def estimate_config(
         if name not in given:
             updates[name] = value
 
-    smooth = float(min(max(sigma_core, 0.5), 10.0))
+    # Crowding: touching particles must stay two peaks. Smoothing widens each image to
+    # sqrt(sigma^2 + s^2), and two Gaussians merge once closer than twice that, so the
+    # smoothing is cut to what the closest common neighbour distance allows (noise
+    # permitting: not under the 1 px the extremes were found at), as are the window and
+    # the separation. Sparse fields keep the matched smoothing (the particle's width).
+    close = _close_distance((all_b if sign > 0 else all_d), peak_fraction=_MIN_PEAK_FRACTION)
+    spot_sigma = sigma_core
+    if contrast != "ring" and diameter_px is None and close > 0:
+        room = (close / _RESOLVE) ** 2 - sigma_core**2
+        snr_1px = (amp_b if sign > 0 else amp_d) / sm_sigma
+        spot_sigma = min(
+            sigma_core,
+            max(math.sqrt(max(room, 0.0)), _quiet_smoothing(snr_1px, sigma_core)),
+        )
+        hwhm = min(hwhm, max(0.5 * _SEPARATE * close, spot_sigma))
+    smooth = float(min(max(spot_sigma, 0.5), 10.0))
     put("smooth_sigma_px", smooth)
     if contrast == "ring":
         put("polarity", "ring")
@@ -345,46 +471,37 @@ def estimate_config(
         # Touching spheres sit one diameter apart, inside each other's rings: only
         # their bright centres are separate, so separation follows the centre's width.
         put("separation_px", float(min(max(2.0 * hwhm, 1.0), 200.0)))
+        put("ring_profile", tuple(sign * v for v in _ring_template(where, prof, ring_r)))
+        put("relative_threshold", _RING_RELATIVE)
     else:
         put("polarity", contrast)
-        put("window_px", int(min(max(round(2.5 * sigma_core), 2), 50)))
+        put("window_px", int(min(max(round(2.5 * spot_sigma), 2), 50)))
         put("separation_px", float(min(max(2.0 * hwhm, 1.0), 200.0)))
     extent = max(diameter, 2.0 * outer + 1.0)
-    if spread > _UNEVEN:
+    if spread > _UNEVEN and contrast != "ring":  # the ring filter is blind to it
         put("background_px", int(min(4 * extent + 1, 2001)))
     else:
         put("background_px", 0)
 
-    # Threshold: 5 sigma of the smoothed background's noise as measured (texture,
-    # debris and fixed pattern count; particles do not: they are clipped out), in the
-    # detector's units (its sigma is the frame's pixel IQR, inflated in dense fields).
+    if contrast == "ring":
+        put(
+            "threshold_sigma",
+            _ring_threshold(
+                frame, base.model_copy(update=updates), (seeds_b if sign > 0 else seeds_d)[0][0]
+            ),
+        )
+    else:
+        put(
+            "threshold_sigma",
+            _spot_threshold(
+                frame,
+                base.model_copy(update=updates),
+                extent,
+                seeds_b if contrast != "dark" else seeds_d,
+            ),
+        )
     cfg = base.model_copy(update=updates)
-    gain = float(_noise_gain_1d(cfg.smooth_sigma_px, 64)[32] ** 2)
-    probe = ParticleDetector(cfg.model_copy(update={"segment_bin_px": 1, "adapt": False}))
-    work = probe._preprocess(frame)
-    smooth_bg = ndimage.gaussian_filter(work.astype(np.float32), cfg.smooth_sigma_px)
-    white = _pixel_sigma(work) * gain
-    detector_sigma = _background(work)[1] * gain
-    # The minimum mass, relative: a monodisperse sample's particles image alike, so a
-    # peak under _MIN_PEAK_FRACTION of the typical particle's is a halo, an interference
-    # fringe between neighbours or debris, however far above the noise it stands. The
-    # typical particle is the median of all extremes (the strongest are pairs whose
-    # light adds).
-    level = float(np.median(smooth_bg))
-    top = (bright if contrast != "dark" else dark)[0][0]
-    typical = float(np.median(smooth_bg[top[:, 0], top[:, 1]])) - level if len(top) else 0.0
-    # Texture: the smoothed background's noise where no particle is. Particles are
-    # found provisionally (white-noise threshold and the relative floor), masked, and
-    # the rest measured; crowded fields leave too little and get white noise alone.
-    provisional = max(_THRESHOLD_SIGMA * white, _MIN_PEAK_FRACTION * typical)
-    probe.config = probe.config.model_copy(
-        update={"threshold_sigma": float(min(max(provisional / detector_sigma, 1.0), 100.0))}
-    )
-    measured = _texture_sigma(smooth_bg, probe(frame), max(1, round(0.5 * extent)), white)
-    floor = max(_THRESHOLD_SIGMA * measured, _MIN_PEAK_FRACTION * typical)
-    put("threshold_sigma", float(min(max(floor / detector_sigma, 1.0), 100.0)))
-    cfg = base.model_copy(update=updates)
-    est = {"contrast": contrast, "diameter": diameter, "spread": spread}
+    est = {"contrast": contrast, "diameter": diameter, "spread": spread, "sign": sign}
     return Estimate(
         config=cfg,
         diameter_px=diameter,
@@ -395,6 +512,68 @@ def estimate_config(
         why_empty=why_empty,
         peak_snr=max(amp_b, amp_d) / sm_sigma,
     )
+
+
+def _ring_template(where: np.ndarray, prof: np.ndarray, ring_r: float) -> tuple[float, ...]:
+    """The measured ring profile per px from the centre (= 1) out through the dark ring
+    and the bright fringe beyond it, to where that fringe has fallen to a quarter: the
+    matched filter's extent. Far out of focus the fringe is strong, and a filter that
+    leaves it out sees neighbours' fringes as particles it cannot explain away."""
+    end = float(where[-1])
+    beyond = np.flatnonzero((where > ring_r) & (prof >= 0.0))
+    if beyond.size:
+        top = beyond[0] + int(np.argmax(prof[beyond[0] :]))
+        fallen = np.flatnonzero((np.arange(prof.size) > top) & (prof <= 0.25 * prof[top]))
+        if fallen.size:
+            end = float(where[fallen[0]])
+    radii = np.arange(math.ceil(end) + 1, dtype=np.float64)
+    values = np.interp(radii, where, prof) / max(float(prof[0]), 1e-12)
+    return tuple(round(float(v), 4) for v in values)
+
+
+def _ring_threshold(frame: np.ndarray, cfg: DetectorConfig, seeds: np.ndarray) -> float:
+    """Ring filter threshold in pixel sigmas: _THRESHOLD_SIGMA, raised to the relative
+    minimum (_MIN_PEAK_FRACTION of the typical particle's response, at the seeds)."""
+    resp = RingMatcher(cfg.ring_profile, cfg.ring_scales).response(frame)[0]
+    z = resp[seeds[:_PROFILE_PEAKS, 0], seeds[:_PROFILE_PEAKS, 1]] / white_noise_sigma(frame)
+    typical = float(np.median(z)) if z.size else 0.0
+    return float(min(max(_THRESHOLD_SIGMA, _MIN_PEAK_FRACTION * typical), 100.0))
+
+
+def _spot_threshold(
+    frame: np.ndarray,
+    cfg: DetectorConfig,
+    extent: float,
+    seeds: list[tuple[np.ndarray, np.ndarray]],
+) -> float:
+    """Spot threshold in the detector's sigma units (see the module docstring, step 5)."""
+    # Threshold: 5 sigma of the smoothed background's noise as measured (texture,
+    # debris and fixed pattern count; particles do not: they are clipped out), in the
+    # detector's units (its sigma is the frame's pixel IQR, inflated in dense fields).
+    gain = float(_noise_gain_1d(cfg.smooth_sigma_px, 64)[32] ** 2)
+    probe = ParticleDetector(cfg.model_copy(update={"segment_bin_px": 1, "adapt": False}))
+    work = probe._preprocess(frame)
+    smooth_bg = ndimage.gaussian_filter(work.astype(np.float32), cfg.smooth_sigma_px)
+    white = white_noise_sigma(work) * gain
+    detector_sigma = _background(work)[1] * gain
+    # The minimum mass, relative: a monodisperse sample's particles image alike, so a
+    # peak under _MIN_PEAK_FRACTION of the typical particle's is a halo, an interference
+    # fringe between neighbours or debris, however far above the noise it stands. The
+    # typical particle is the median of all extremes (the strongest are pairs whose
+    # light adds).
+    level = float(np.median(smooth_bg))
+    top = seeds[0][0]
+    typical = float(np.median(smooth_bg[top[:, 0], top[:, 1]])) - level if len(top) else 0.0
+    # Texture: the smoothed background's noise where no particle is. Particles are
+    # found provisionally (white-noise threshold and the relative floor), masked, and
+    # the rest measured; crowded fields leave too little and get white noise alone.
+    provisional = max(_THRESHOLD_SIGMA * white, _MIN_PEAK_FRACTION * typical)
+    probe.config = probe.config.model_copy(
+        update={"threshold_sigma": float(min(max(provisional / detector_sigma, 1.0), 100.0))}
+    )
+    measured = _texture_sigma(smooth_bg, probe(frame), max(1, round(0.5 * extent)), white)
+    floor = max(_THRESHOLD_SIGMA * measured, _MIN_PEAK_FRACTION * typical)
+    return float(min(max(floor / detector_sigma, 1.0), 100.0))
 
 
 def blob_candidates(frame: np.ndarray, estimate: Estimate, sigmas: float = 3.0) -> np.ndarray:

@@ -39,8 +39,8 @@ import numpy as np
 from scipy import ndimage, optimize
 from scipy.spatial import cKDTree
 
-from agent.detection.detect import ParticleDetector, estimate_background
-from agent.detection.detect_auto import Estimate, _pixel_sigma, _texture_sigma
+from agent.detection.detect import ParticleDetector, estimate_background, white_noise_sigma
+from agent.detection.detect_auto import Estimate, _texture_sigma
 
 __all__ = [
     "SEED_SOURCES",
@@ -95,7 +95,7 @@ def significance(frame: np.ndarray, estimate: Estimate) -> np.ndarray:
     sign = -1.0 if cfg.polarity == "dark" else 1.0
     img = sign * np.asarray(frame, dtype=np.float32)
     dog = _dog(img, cfg.smooth_sigma_px)
-    white = _pixel_sigma(img) * _dog_white_gain(cfg.smooth_sigma_px)
+    white = white_noise_sigma(img) * _dog_white_gain(cfg.smooth_sigma_px)
     strong = _peaks(dog / white, _MASK_SIGMAS, 3)
     radius = max(1, round(0.5 * estimate.diameter_px))
     if len(strong) * math.pi * radius * radius > _CROWDED_SHARE * dog.size:

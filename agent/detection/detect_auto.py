@@ -524,8 +524,9 @@ def _ring_template(where: np.ndarray, prof: np.ndarray, ring_r: float) -> tuple[
     if beyond.size:
         top = beyond[0] + int(np.argmax(prof[beyond[0] :]))
         fallen = np.flatnonzero((np.arange(prof.size) > top) & (prof <= 0.25 * prof[top]))
-        if fallen.size:
-            end = float(where[fallen[0]])
+        # A "fringe" that never falls back is no fringe but the crowd's mean level
+        # (neighbours' rings, a background biased by them): stop where the ring ends.
+        end = float(where[fallen[0]] if fallen.size else where[beyond[0]])
     radii = np.arange(math.ceil(end) + 1, dtype=np.float64)
     values = np.interp(radii, where, prof) / max(float(prof[0]), 1e-12)
     return tuple(round(float(v), 4) for v in values)

@@ -47,16 +47,18 @@ def split_elongated(
     border = np.hypot(yy, xx) >= radius - 0.5
     r_idx = rows[cand, None, None] + yy
     c_idx = cols[cand, None, None] + xx
-    patch = sign * np.asarray(frame, dtype=np.float64)[r_idx, c_idx]
+    patch = sign * np.asarray(frame)[r_idx, c_idx].astype(np.float32)
     level = np.median(patch[:, border], axis=1)
-    wgt = np.clip(patch - level[:, None, None], 0.0, None)
-    total = np.maximum(wgt.sum(axis=(1, 2)), 1e-12)
-    mx = (wgt * xx).sum(axis=(1, 2)) / total
-    my = (wgt * yy).sum(axis=(1, 2)) / total
-    dx, dy = xx - mx[:, None, None], yy - my[:, None, None]
-    cxx = (wgt * dx * dx).sum(axis=(1, 2)) / total
-    cyy = (wgt * dy * dy).sum(axis=(1, 2)) / total
-    cxy = (wgt * dx * dy).sum(axis=(1, 2)) / total
+    wgt = np.clip(patch - level[:, None, None], 0.0, None).reshape(len(cand), -1)
+    # Weighted sums of 1, x, y, x^2, y^2, xy in one product; central moments from them.
+    x, y = xx.ravel().astype(np.float32), yy.ravel().astype(np.float32)
+    basis = np.column_stack([np.ones_like(x), x, y, x * x, y * y, x * y])
+    sums = (wgt @ basis).astype(np.float64)
+    total = np.maximum(sums[:, 0], 1e-12)
+    mx, my = sums[:, 1] / total, sums[:, 2] / total
+    cxx = sums[:, 3] / total - mx * mx
+    cyy = sums[:, 4] / total - my * my
+    cxy = sums[:, 5] / total - mx * my
     half_diff = 0.5 * (cxx - cyy)
     root = np.sqrt(half_diff**2 + cxy**2)
     half = np.sqrt(2.0 * root)  # sqrt(lambda_max - lambda_min)

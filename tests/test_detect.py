@@ -315,3 +315,33 @@ def test_local_background_flattens_uneven_illumination(shape: tuple[int, int]) -
     found = ParticleDetector(DetectorConfig(background_px=33))(frame)
     inside = (found > 17).all(axis=1) & (found < np.array(shape[::-1]) - 17).all(axis=1)
     assert not inside.any()
+
+
+def test_merged_touching_pair_split_by_elongation():
+    """Two wide dark images 9 px apart are one peak; with contact_px set the detector
+    splits that blob along its major axis into the two particles (round ones stay one)."""
+    from agent.detection.pair_split import split_elongated
+
+    rng = np.random.default_rng(11)
+    yy, xx = np.mgrid[0:80, 0:120]
+    truth = np.array([[30.0, 40.0], [37.4, 45.2], [90.0, 40.0]])  # a pair, one single
+    img = np.full((80, 120), 1000.0)
+    for x, y in truth:
+        img -= 300.0 * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 4.5**2))
+    frame = (img + rng.normal(0, 5.0, img.shape)).astype(np.float32)
+    blob = np.array([[33.7, 42.6], [90.0, 40.0]])
+    xy, src = split_elongated(frame, blob, -1.0, 9.0)
+    assert len(xy) == 3 and sorted(src.tolist()) == [0, 0, 1]
+    d = np.hypot(*(truth[:, None, :] - xy[None, :, :]).transpose(2, 0, 1)).min(axis=1)
+    assert np.all(d < 1.5), d
+    cfg = DetectorConfig(
+        polarity="dark",
+        smooth_sigma_px=2.0,
+        window_px=4,
+        separation_px=4.0,
+        threshold_sigma=5.0,
+        contact_px=9.0,
+    )
+    found, score, conf = ParticleDetector(cfg).detect_with_confidence(frame)
+    assert len(found) == 3 and len(score) == 3 and len(conf) == 3
+    assert len(ParticleDetector(cfg.model_copy(update={"contact_px": 0.0}))(frame)) == 2

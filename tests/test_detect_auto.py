@@ -144,3 +144,31 @@ def test_cli_detect_explains_an_empty_frame(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "empty" in proc.stderr
+
+
+def test_crowded_wide_spots_stay_resolved():
+    """Wide, bright spots in touching pairs (darkfield-like): the estimated smoothing is
+    cut below the spots' width so each pair stays two peaks; sparse spots keep it."""
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:256, 0:256]
+    img = np.full((256, 256), 10.0)
+    truth = []
+    for gx in range(6):
+        for gy in range(6):
+            c = np.array([24.0 + 40 * gx, 24.0 + 40 * gy]) + rng.uniform(-2, 2, 2)
+            angle = rng.uniform(0, np.pi)
+            mate = c + 10.0 * np.array([np.cos(angle), np.sin(angle)])
+            truth += [c, mate]
+    truth = np.array(truth)
+    for x, y in truth:
+        img += 1500.0 * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 4.4**2))
+    frame = rng.poisson(img).astype(np.uint16)
+    est = estimate_config([frame])
+    assert est.config.smooth_sigma_px < 3.0, est.summary
+    found = ParticleDetector(est.config)(frame)
+    d = np.hypot(*(truth[:, None, :] - found[None, :, :]).transpose(2, 0, 1))
+    # Both of each pair found (overlap pulls them ~1.5 px together: within 3 px).
+    assert np.mean(d.min(axis=1) <= 3.0) >= 0.9, est.summary
+    assert len(found) <= 1.1 * len(truth), est.summary
+    sparse = estimate_config([_field([(30.0, 30.0), (90.0, 60.0)], 200.0, sigma=2.5)])
+    assert sparse.config.smooth_sigma_px > 2.0, sparse.summary

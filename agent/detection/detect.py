@@ -30,6 +30,7 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
+from agent.detection.pair_split import split_elongated
 from agent.detection.ring_match import (
     DEFAULT_SCALES,
     RingMatcher,
@@ -111,6 +112,9 @@ class DetectorConfig(BaseModel):
     # > 0: subtract a local background (box mean of this side, px) first, for uneven
     # illumination; 0: one flat level per frame (cheapest).
     background_px: int = Field(default=0, ge=0, le=2001)
+    # > 0: centre distance (px) of touching particles whose images merge into one blob;
+    # elongated blobs are split into two (agent.detection.pair_split). 0: never.
+    contact_px: float = Field(default=0.0, ge=0, le=200)
     # Estimate every unset parameter above from the first frame seen (agent.detection.detect_auto).
     adapt: bool = False
 
@@ -640,14 +644,32 @@ class ParticleDetector:
         return xy, score, self._last_confidence
 
     def _detect(self, frame: np.ndarray) -> tuple[FloatArray, FloatArray]:
-        """Shared detection path: (N, 2) positions and (N,) scores, brightest first."""
+        """Shared detection path: (N, 2) positions and (N,) scores, brightest first;
+        merged touching pairs split when contact_px is set (agent.detection.pair_split)."""
         frame = _check_2d(frame, "frame")
         if self.config.adapt:
             self._adapt(frame)
         self._last_confidence = np.zeros(0)
+        xy, score = (
+            self._detect_rings(frame)
+            if self.config.polarity == "ring"
+            else (self._detect_spots(frame))
+        )
         cfg = self.config
+        if cfg.contact_px <= 0 or len(xy) == 0:
+            return xy, score
         if cfg.polarity == "ring":
-            return self._detect_rings(frame)
+            sign = -1.0 if cfg.ring_profile and cfg.ring_profile[0] < 0 else 1.0
+        else:
+            sign = -1.0 if cfg.polarity == "dark" else 1.0
+        xy, src = split_elongated(frame, xy, sign, cfg.contact_px)
+        if self._last_confidence.size == score.size:
+            self._last_confidence = self._last_confidence[src]
+        return xy, score[src]
+
+    def _detect_spots(self, frame: np.ndarray) -> tuple[FloatArray, FloatArray]:
+        """Spot modes: threshold the smoothed frame, seed, refine."""
+        cfg = self.config
         work = self._preprocess(frame)
         plan = self._get_plan(work.shape)
         level, sigma = _background(work)

@@ -68,6 +68,7 @@ _SMOOTH_GAIN = 0.5 / math.sqrt(math.pi)  # white noise through a sigma-1 px Gaus
 _RESOLVE = 2.5  # smoothed images must be narrower than the close distance / this
 _SEPARATE = 0.6  # separation: at most this share of the close distance
 _QUIET_SNR = 4.0 * _THRESHOLD_SIGMA  # typical particle over noise after smoothing
+_CROWDED = 2.0  # close distance under this many merge distances: split merged pairs
 _CLOSE_QUANTILE = 0.1  # of nearest-neighbour distances: the touching pairs'
 _MIN_CLOSE_PEAKS = 20  # fewer particle-like extremes in a frame: no crowding measured
 _SYM_CANDIDATES = 100  # strongest extremes per side scored for symmetry
@@ -326,6 +327,11 @@ def _describe(est: dict[str, float | str], cfg: DetectorConfig) -> str:
         if cfg.background_px
         else "flat"
     )
+    pairs = (
+        f", blobs elongated by touching pairs (images merge under {cfg.contact_px:.1f} px) split"
+        if cfg.contact_px
+        else ""
+    )
     if cfg.polarity == "ring":
         scales = f"{min(cfg.ring_scales):g}-{max(cfg.ring_scales):g}"
         return (
@@ -333,12 +339,13 @@ def _describe(est: dict[str, float | str], cfg: DetectorConfig) -> str:
             f"measured profile (r <= {len(cfg.ring_profile) - 1} px, stretched {scales}x), "
             f"separation {cfg.separation_px:.1f} px, threshold {cfg.threshold_sigma:.1f} "
             f"sigma and {cfg.relative_threshold:.0%} of the typical particle, background "
-            f"removed by the filter (illumination spread {est['spread']:.0f}x its noise)"
+            f"removed by the filter (illumination spread {est['spread']:.0f}x its noise)" + pairs
         )
     return (
         f"auto: {contrast}, diameter {est['diameter']:.0f} px, smoothing "
         f"{cfg.smooth_sigma_px:.2f} px, window +-{cfg.window_px} px, separation "
         f"{cfg.separation_px:.1f} px, threshold {cfg.threshold_sigma:.1f} sigma, background {bg}"
+        + pairs
     )
 
 
@@ -464,6 +471,11 @@ def estimate_config(
         hwhm = min(hwhm, max(0.5 * _SEPARATE * close, spot_sigma))
     smooth = float(min(max(spot_sigma, 0.5), 10.0))
     put("smooth_sigma_px", smooth)
+    # Images merge into one peak when closer than about twice their width: where the
+    # field is that crowded, touching pairs are one blob and are split by its elongation.
+    merge = 2.0 * sigma_core
+    if diameter_px is None and 0 < close < _CROWDED * merge:
+        put("contact_px", float(min(merge, 200.0)))
     if contrast == "ring":
         put("polarity", "ring")
         put("ring_radius_px", float(min(max(ring_r, 1.0), 100.0)))
@@ -524,8 +536,9 @@ def _ring_template(where: np.ndarray, prof: np.ndarray, ring_r: float) -> tuple[
     if beyond.size:
         top = beyond[0] + int(np.argmax(prof[beyond[0] :]))
         fallen = np.flatnonzero((np.arange(prof.size) > top) & (prof <= 0.25 * prof[top]))
-        if fallen.size:
-            end = float(where[fallen[0]])
+        # A "fringe" that never falls back is no fringe but the crowd's mean level
+        # (neighbours' rings, a background biased by them): stop where the ring ends.
+        end = float(where[fallen[0]] if fallen.size else where[beyond[0]])
     radii = np.arange(math.ceil(end) + 1, dtype=np.float64)
     values = np.interp(radii, where, prof) / max(float(prof[0]), 1e-12)
     return tuple(round(float(v), 4) for v in values)

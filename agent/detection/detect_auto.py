@@ -49,7 +49,7 @@ from agent.detection.detect import (
 )
 from agent.detection.ring_match import RingMatcher
 
-__all__ = ["Estimate", "blob_candidates", "check_frames", "estimate_config"]
+__all__ = ["Estimate", "check_frames", "estimate_config"]
 
 _BLOCKS = 16  # illumination grid: blocks per short side
 _UNEVEN = 2.0  # block medians spreading over this many times their noise range: uneven
@@ -587,22 +587,3 @@ def _spot_threshold(
     measured = _texture_sigma(smooth_bg, probe(frame), max(1, round(0.5 * extent)), white)
     floor = max(_THRESHOLD_SIGMA * measured, _MIN_PEAK_FRACTION * typical)
     return float(min(max(floor / detector_sigma, 1.0), 100.0))
-
-
-def blob_candidates(frame: np.ndarray, estimate: Estimate, sigmas: float = 3.0) -> np.ndarray:
-    """(N, 2) xy of every blob of the estimated size and contrast above `sigmas`.
-
-    A difference of Gaussians at the particle's scale, thresholded far lower than the
-    detector: candidate particles for self-supervised training that do not depend on
-    what the classical detector accepts (faint, defocused or odd-looking ones too).
-    """
-    cfg = estimate.config
-    sign = -1.0 if cfg.polarity == "dark" else 1.0
-    img = sign * np.asarray(frame, dtype=np.float32)
-    s = cfg.smooth_sigma_px
-    dog = ndimage.gaussian_filter(img, s) - ndimage.gaussian_filter(img, 3.0 * s)
-    sigma = _robust_sigma(dog)
-    size = max(3, int(2 * round(cfg.separation_px / 2) + 1))
-    peaks = (dog == ndimage.maximum_filter(dog, size=size)) & (dog > sigmas * sigma)
-    rows, cols = np.nonzero(peaks)
-    return np.column_stack([cols, rows]).astype(np.float64)

@@ -19,3 +19,13 @@ BENCHMARKS: dict[str, str] = {
     "faults": "benchmarks.faults",
     "optics": "benchmarks.optics",
 }
+
+SMOKE_ENV = "SCOPELOOP_BENCH_SMOKE"
+
+
+def smoke(quick: bool) -> bool:
+    """The smallest run (`--quick` and SCOPELOOP_BENCH_SMOKE=1): a bench's JSON contract in
+    seconds for the tests, its slowest sections left out (their own tests cover them)."""
+    import os
+
+    return quick and os.environ.get(SMOKE_ENV) == "1"

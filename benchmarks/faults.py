@@ -31,7 +31,6 @@ nothing.
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -46,7 +45,7 @@ import numpy as np
 import zmq
 
 from agent.config import ExperimentConfig, dump_config
-from benchmarks import faults_auth, faults_records, faults_shutter, faults_spm
+from benchmarks import faults_auth, faults_records, faults_shutter, faults_spm, smoke
 from drivers.config import DriverConfig, Limits, TwinSettings
 from drivers.light import LaserState, LightLimits
 from drivers.mmcore_node import LIGHT_TRUTH_TOPIC
@@ -68,12 +67,6 @@ LIMITS = Limits(
 )
 
 
-SMOKE_ENV = "SCOPELOOP_BENCH_SMOKE"
-
-
-def smoke(quick: bool) -> bool:
-    """The smallest run (`--quick` and SCOPELOOP_BENCH_SMOKE=1): the contract, no figures."""
-    return quick and os.environ.get(SMOKE_ENV) == "1"
 
 
 def _count(quick: bool, full: int, quick_n: int, smoke_n: int) -> int:

@@ -38,7 +38,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from agent.detection.detect import DetectorConfig, ParticleDetector
-from benchmarks import localization_brightfield
+from benchmarks import localization_brightfield, smoke
 from benchmarks.crb import mean_position_crb_px, pixel_profile
 from simulators.camera import CameraConfig, CameraModel
 
@@ -432,8 +432,11 @@ def run(quick: bool = False, log: Log = print) -> dict[str, float]:
         metrics |= _recall(with_tp, 2 if quick else 6, log)
         metrics |= localization_brightfield.run(quick, log)
         torch.set_num_threads(threads)  # training uses both cores, as in live use
-        metrics |= _seed_success(3 if quick else 10, quick, log)
-        metrics |= _live_lodestar_brightfield(quick, log)
+        metrics |= _seed_success(1 if smoke(quick) else 3 if quick else 10, quick, log)
+        if smoke(quick):  # two trainings; tests/test_training_crops.py covers the seeding
+            metrics["smoke_sections_left_out"] = 1
+        else:
+            metrics |= _live_lodestar_brightfield(quick, log)
     finally:
         torch.set_num_threads(threads)
     metrics["bench_s"] = time.perf_counter() - t_start

@@ -79,7 +79,8 @@ def test_twin_bench_contract_and_noise_statistics() -> None:
         assert abs(metrics[f"noise_mean_error_{level}e"]) < 0.02
 
 
-def test_localization_bench_contract() -> None:
+def test_localization_bench_contract(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SCOPELOOP_BENCH_SMOKE", "1")  # without the live LodeSTAR trainings
     metrics = _bench_json("localization")
     for det in ("centroid", "radial_symmetry", "deep"):
         assert f"ms_{det}_512_100p" in metrics
@@ -89,7 +90,7 @@ def test_localization_bench_contract() -> None:
     ratio = metrics["radial_rmse_over_crb_snr10"]
     assert ratio is not None and ratio >= 0.8  # no estimator beats the bound by much
     assert "deep_rmse_over_crb_snr5" in metrics
-    assert metrics["deep_seeds"] == 3 and 0.0 <= metrics["deep_success_rate_seeds"] <= 1.0
+    assert metrics["deep_seeds"] == 1 and 0.0 <= metrics["deep_success_rate_seeds"] <= 1.0
 
 
 def test_spm_bench_contract() -> None:

@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -45,6 +43,7 @@ import numpy as np
 import zmq
 
 from agent.config import ExperimentConfig, dump_config
+from agent.engine.driver_process import DriverProcess
 from benchmarks import faults_auth, faults_records, faults_shutter, faults_spm, smoke
 from drivers.config import DriverConfig, Limits, TwinSettings
 from drivers.light import LaserState, LightLimits
@@ -91,13 +90,8 @@ class Driver:
         path = folder / "faults.yaml"
         dump_config(ExperimentConfig(driver=driver), path)
         self.log_path = folder / "driver.log"
-        self._log = self.log_path.open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "driver", "serve", str(path)],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
+        self.process = DriverProcess(path, self.log_path)  # as a run starts it
+        self.proc = self.process.proc
         self.ctx = zmq.Context()
         self.light = self.ctx.socket(zmq.SUB)
         self.light.setsockopt(zmq.LINGER, 0)
@@ -138,14 +132,7 @@ class Driver:
     def close(self) -> None:
         self.client.close()
         self.light.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+        self.process.stop()
         self.ctx.term()
 
 

@@ -25,7 +25,6 @@ import json
 import math
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +35,7 @@ from typing import Any
 import yaml
 import zmq
 
+from agent.engine.driver_process import DriverProcess
 from drivers.nanonis_server import NanonisServer
 from drivers.protocol import now_ns
 from drivers.spm_twin_backend import PfmTwinBackend, spm_limits
@@ -77,14 +77,8 @@ class SpmChain:
             )
         )
         self.log_path = folder / "spm-driver.log"
-        self._log = self.log_path.open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "driver", "serve-spm", str(config)],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=ROOT,
-        )
+        self.process = DriverProcess(config, self.log_path, serve="serve-spm")
+        self.proc = self.process.proc
         self.ctx = zmq.Context()
         self.operator = CommandClient(self.ctx, self.command_endpoint, timeout_ms=10_000)
         deadline = time.monotonic() + 60
@@ -118,14 +112,7 @@ class SpmChain:
 
     def close(self) -> None:
         self.operator.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+        self.process.stop()
         self.ctx.term()
         self.server.stop()
 

@@ -65,15 +65,24 @@ HARD_CASES = {
 }
 
 
-def _camera(defocus_um: float, seed: int, contrast: str = "brightfield") -> CameraModel:
+def _camera(
+    defocus_um: float,
+    seed: int,
+    contrast: str = "brightfield",
+    shape_px: tuple[int, int] = (SIZE_PX, SIZE_PX),
+    pixel_size_um: float = PIXEL_UM,
+    radius_um: float = RADIUS_UM,
+    numerical_aperture: float = 0.9,
+) -> CameraModel:
+    """The twin camera the brightfield benches share (width, height = shape_px)."""
     cfg = CameraConfig(
-        width_px=SIZE_PX,
-        height_px=SIZE_PX,
-        pixel_size_um=PIXEL_UM,
+        width_px=shape_px[0],
+        height_px=shape_px[1],
+        pixel_size_um=pixel_size_um,
         contrast=contrast,
-        particle_radius_um=RADIUS_UM,
+        particle_radius_um=radius_um,
         wavelength_um=0.55,
-        numerical_aperture=0.9,
+        numerical_aperture=numerical_aperture,
         defocus_um=defocus_um,
         background_photons_per_px_per_ms=500.0,
         gain_adu_per_e=0.1,

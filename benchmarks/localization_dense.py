@@ -29,8 +29,9 @@ import numpy as np
 
 from agent.detection.detect import ParticleDetector
 from agent.detection.detect_auto import estimate_config
+from benchmarks.localization_brightfield import _camera as brightfield_camera
 from benchmarks.localization_brightfield import _match, hard_sphere_field
-from simulators.camera import CameraConfig, CameraModel
+from simulators.camera import CameraModel
 
 Log = Callable[[str], None]
 
@@ -46,22 +47,9 @@ MATCH_PX = 1.5
 
 
 def _camera(defocus_um: float, seed: int) -> CameraModel:
-    cfg = CameraConfig(
-        width_px=WIDTH_PX,
-        height_px=HEIGHT_PX,
-        pixel_size_um=PIXEL_UM,
-        contrast="brightfield",
-        particle_radius_um=RADIUS_UM,
-        wavelength_um=0.55,
-        numerical_aperture=0.3,
-        defocus_um=defocus_um,
-        background_photons_per_px_per_ms=500.0,
-        gain_adu_per_e=0.1,
-        read_noise_e=2.0,
-        illumination_falloff=0.2,
-        dust_count=6,
+    return brightfield_camera(
+        defocus_um, seed, "brightfield", (WIDTH_PX, HEIGHT_PX), PIXEL_UM, RADIUS_UM, 0.3
     )
-    return CameraModel(cfg, seed=seed)
 
 
 def dense_frames(n_frames: int) -> list[np.ndarray]:

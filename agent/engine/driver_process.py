@@ -11,11 +11,12 @@ from pathlib import Path
 class DriverProcess:
     """`scopeloop driver serve` as a child process, stopped gracefully (SIGTERM) at exit."""
 
-    def __init__(self, config_path: Path, log_path: Path) -> None:
+    def __init__(self, config_path: Path, log_path: Path, serve: str = "serve") -> None:
+        """`serve`: the `scopeloop driver` sub-command (`serve`, or `serve-spm` for SPM)."""
         self.log_path = log_path
         self._log = log_path.open("w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "driver", "serve", str(config_path)],
+            [sys.executable, "-m", "agent.cli", "driver", serve, str(config_path)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -73,12 +73,10 @@ def test_a_frame_whose_pixels_never_reached_the_disk_is_not_passed_off(tmp_path:
     rng = np.random.default_rng(0)
     for i in range(5):
         recorder.append(rng.integers(1, 1000, (16, 16), dtype=np.uint16), {"i": i})
-    # not closed: as after a kill; then frame 3's pixels go missing (write in flight)
+    recorder.flush()  # every chunk written and listed; not closed: as after a kill
     chunks = [path / "0" / "c" / str(i) / "0" / "0" for i in range(5)]
-    deadline = time.monotonic() + 10
-    while not all(c.is_file() for c in chunks) and time.monotonic() < deadline:
-        time.sleep(0.01)  # the chunk writes are asynchronous
-    chunks[3].unlink()
+    assert all(c.is_file() for c in chunks) and _frame_lines(sidecar_path(path)) == 5
+    chunks[3].unlink()  # then frame 3's pixels go missing (the disk, not the recorder)
     recording = read_recording(path)
     assert not recording.complete
     assert len(recording) == 3 and recording.frames_lost == 2

@@ -14,7 +14,7 @@ from agent.cli import app
 from agent.config import ConfigError
 from agent.engine.experiments import RUN_KINDS, resolve
 from agent.plans.smart_acquisition import run_smart_acquisition
-from agent.records.frame_recording import FRAMES_NAME, read_recording
+from agent.records.frame_recording import FRAMES_NAME, read_recording, recording_exists
 from agent.records.replay import replay_frames
 from simulators.sparse_field import SparseField, SparseFieldConfig
 
@@ -86,7 +86,8 @@ def test_dose_budget_limits_the_revisits(tmp_path: Path) -> None:
     summary = _run(tmp_path, [*base, f"dose_budget={budget}"])
     assert summary["positions_revisited"] == 2
     assert summary["dose_used"] <= budget
-    assert summary["frames_recorded"] == 0
+    assert "frames_recorded" not in summary  # the engine opened no recording
+    assert not recording_exists(Path(summary["run_dir"]) / FRAMES_NAME)
 
 
 def test_bad_smart_acquisition_config_is_one_line(tmp_path: Path) -> None:

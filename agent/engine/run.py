@@ -78,12 +78,20 @@ class RunEngine:
             self.events.write("resumed" if not self.stopped else "stopped")
         return not self.stopped
 
-    def frame_writer(self, max_queued_mb: float) -> BackgroundFrameWriter:
-        """The run's frame recording, opened on the first ask and shared by every phase;
-        it never makes the loop wait (see `BackgroundFrameWriter`)."""
+    def frame_writer(self, max_queued_mb: float, lossless: bool = False) -> BackgroundFrameWriter:
+        """The run's frame recording, opened on the first ask and shared by every phase.
+
+        The plan says what a writer that falls `max_queued_mb` behind does: drop and
+        count (a loop that must never wait) or, `lossless`, make the plan wait (every
+        frame precious, few of them); see `BackgroundFrameWriter`."""
         if self.frames is None:
             self.frames = BackgroundFrameWriter(
-                self.run_dir / FRAMES_NAME, int(max_queued_mb * 1024 * 1024)
+                self.run_dir / FRAMES_NAME, int(max_queued_mb * 1024 * 1024), lossless=lossless
+            )
+        elif self.frames.lossless != lossless:
+            raise ValueError(
+                f"frame recording: this run records with lossless={self.frames.lossless}; "
+                f"a phase asked for lossless={lossless} (one recording per run)"
             )
         return self.frames
 

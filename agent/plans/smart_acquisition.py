@@ -7,7 +7,9 @@ config (`kind: mmcore`), or a node already running (`driver.connect`), with even
 on each; then high-exposure time-lapse frames only at positions where objects were
 found, as many as the light-dose budget allows (dose per frame = exposure x
 illumination intensity, in ms at full intensity). Every frame is recorded to OME-Zarr
-with the decision that asked for it. The summary compares frames and dose with imaging
+with the decision that asked for it, through the run engine's writer in its lossless
+mode: frames are few and each cost the sample light, so the plan waits for the disk
+rather than drop one. The summary compares frames and dose with imaging
 every position at high quality, and, on a twin, the detections with the truth the
 driver publishes on its truth topic.
 """
@@ -30,7 +32,7 @@ from agent.detection.detect import DetectorConfig, ParticleDetector
 from agent.engine.link import DriverLink, driver_for
 from agent.engine.run import RunEngine
 from agent.records.evaluate import TruthRecorder
-from agent.records.frame_recording import FRAMES_NAME, FrameRecorder
+from agent.records.frame_writer import BackgroundFrameWriter
 from agent.records.recorder import EventLog
 from drivers.config import DriverConfig
 from drivers.protocol import FRAME_PREFIX, Frame, decode_frame, now_ns
@@ -90,6 +92,8 @@ class SmartAcquisitionConfig(Strict):
     detector: DetectorConfig = DetectorConfig()
     match_radius_um: float = Field(2.0, gt=0.0, le=1000.0)
     record_frames: bool = True
+    # How far the frame writer may fall behind before the plan waits for it (lossless).
+    record_queue_mb: float = Field(64.0, gt=0.0, le=65_536.0)
     timeout_s: float = Field(120.0, gt=0.0, le=86_400.0)
 
     @model_validator(mode="before")
@@ -204,7 +208,11 @@ class SmartAcquisition:
         )
         truth.start()
         client = CommandClient(ctx, link.command_endpoint, timeout_ms=10_000, keys=link.keys)
-        recorder = FrameRecorder(self.run_dir / FRAMES_NAME) if cfg.record_frames else None
+        recorder = (
+            self.engine.frame_writer(cfg.record_queue_mb, lossless=True)
+            if cfg.record_frames
+            else None
+        )
         log = self.engine.events
         try:
             self._layout(client.call("get_state").result)
@@ -212,15 +220,11 @@ class SmartAcquisition:
             if link.truth:  # the twin's objects, before it moves, for the evaluation
                 truth.received.wait(TRUTH_WAIT_S)
             summary = self._acquire(client, sub, recorder, log)
-        finally:
-            if recorder is not None:
-                recorder.close()
+        finally:  # the engine closes the recording and puts its counts in the summary
             client.close()
             sub.close()
             records = truth.stop()
         summary.update(self._truth_scores(records[-1] if records else None, summary))
-
-        summary["frames_recorded"] = recorder.count if recorder is not None else 0
         return summary
 
     def _frames_before_events(self, sub: zmq.Socket) -> None:
@@ -236,7 +240,7 @@ class SmartAcquisition:
         self, sub: zmq.Socket, ids: set[int], on_frame: Callable[[Frame], None]
     ) -> list[Frame]:
         """Frames of the given event ids (continuous live frames are ignored), each handed
-        to `on_frame` as it arrives so it is on disk at once (agent/records/frame_recording.py)."""
+        to `on_frame` as it arrives, so it goes to the recording at once."""
         frames: list[Frame] = []
         deadline = time.monotonic() + self.config.timeout_s
         while ids and time.monotonic() < deadline:
@@ -281,7 +285,7 @@ class SmartAcquisition:
         self,
         client: CommandClient,
         sub: zmq.Socket,
-        recorder: FrameRecorder | None,
+        recorder: BackgroundFrameWriter | None,
         log: EventLog,
     ) -> dict[str, Any]:
         cfg = self.config
@@ -366,7 +370,7 @@ class SmartAcquisition:
 
     def _record(
         self,
-        recorder: FrameRecorder | None,
+        recorder: BackgroundFrameWriter | None,
         log: EventLog,
         frame: Frame,
         light: Illumination,
@@ -392,7 +396,7 @@ class SmartAcquisition:
         log.write("frame", **meta)
         image = np.asarray(frame.data)
         if recorder is not None:
-            recorder.append(image, meta)
+            recorder.offer(image, meta)
         # the dashboard draws detections in the view's frame (um from its corner)
         corner = np.asarray(meta["stage_um"]) - np.array(image.shape[::-1]) * self.pixel_um / 2
         self.engine.telemetry.frame(

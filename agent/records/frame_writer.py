@@ -1,28 +1,43 @@
-"""Frame recording off the loop's path: a writer process fed over a local socket.
+"""Frame recording off the plan's path: a writer process fed over a local socket.
 
 A loop that acts on every frame within milliseconds must not wait for a disk, nor for
 the Python lock: tensorstore holds the GIL through parts of each append (measured: a
 writer thread in the loop's process raised the loop's p99 wake-up lateness from 1.7
 to 4.6 ms, and opening the store stalled it for 0.7 s). So `BackgroundFrameWriter`
 starts `python -m agent.records.frame_writer` (a `FrameRecorder`) and hands it
-each frame over a ZeroMQ PUSH socket in a private 0700 ipc directory: `offer` is a
-non-blocking send of a copy of the frame and its metadata. When
-the writer falls behind by more than `max_queued_bytes`, the send fails at once and the
-frame is counted in `dropped` instead of making the loop wait. The writer runs in the
-idle scheduling class (`SCHED_IDLE`, where the OS has it; else nice 19): it gets only
-CPU time nothing else wants, so it cannot delay the loop even on a busy machine (each
-tensorstore append costs ~3 ms, mostly growing the array). `close` sends the end,
-waits for the writer to write what is queued, and reads its counts back. A writer
-whose run was killed writes what reached it, closes the recording and exits.
+each frame over a ZeroMQ PUSH socket in a private 0700 ipc directory: `offer` sends a
+copy of the frame and its metadata. The run engine owns the one writer of a run
+(`RunEngine.frame_writer`), and the plan picks what happens when the writer falls
+more than `max_queued_bytes` behind:
+
+- `lossless=False` (a loop that acts on every frame, the feedback trap): the send
+  fails at once and the frame is counted in `dropped` instead of making the loop
+  wait. The writer runs in the idle scheduling class (`SCHED_IDLE`, where the OS has
+  it; else nice 19): it gets only CPU time nothing else wants, so it cannot delay the
+  loop even on a busy machine (each tensorstore append costs ~3 ms, mostly growing the
+  array).
+- `lossless=True` (a plan whose every frame is precious and rare: smart acquisition):
+  `offer` waits for room instead (the time is counted in `frames_wait_s`), and the
+  writer runs at normal priority so the queue stays short. Only a writer that died
+  makes a frame go unrecorded, and that is counted and named.
+
+`close` sends the end, waits for the writer to write what is queued, and reads its
+counts back. A writer whose run was killed writes what reached it, closes the
+recording and exits. Whenever its queue is empty the writer waits for its chunks and
+lists them in the sidecar (`agent.records.frame_recording`: the sidecar only ever names
+frames whose pixels are on disk), so after a kill the frames missing are only those
+still queued or in flight, never one the sidecar claims.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,23 +51,40 @@ CLOSE = b"close"
 CLOSE_TIMEOUT_S = 120.0  # a long backlog on a slow disk still gets written
 WRITER_NICE = 19
 ORPHAN_CHECK_MS = 500  # the loop's process comes first on a busy machine
+LOSSLESS_POLL_MS = 100  # a lossless offer waiting for room checks the writer is alive
 
 
 class BackgroundFrameWriter:
     """Frames to `path` (OME-Zarr) through a writer process; the caller never waits."""
 
-    def __init__(self, path: Path, max_queued_bytes: int, pixel_size_um: float | None = None):
+    def __init__(
+        self,
+        path: Path,
+        max_queued_bytes: int,
+        pixel_size_um: float | None = None,
+        lossless: bool = False,
+    ):
         self.path = Path(path)
         self.max_queued_bytes = int(max_queued_bytes)
+        self.lossless = lossless
         self.dropped = 0
         self.offered = 0
+        self.wait_s = 0.0  # time lossless offers spent waiting for room
+        self._error: str | None = None
         self._result: dict[str, Any] = {}
         self._dir = private_dir("sl-frames-")
         self._endpoint = f"ipc://{self._dir / 'frames.sock'}"
-        pixel = "" if pixel_size_um is None else str(float(pixel_size_um))
+        pixel = "-" if pixel_size_um is None else str(float(pixel_size_um))
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.records.frame_writer", str(self.path), self._endpoint]
-            + ([pixel] if pixel else []),
+            [
+                sys.executable,
+                "-m",
+                "agent.records.frame_writer",
+                str(self.path),
+                self._endpoint,
+                pixel,
+                "normal" if lossless else "idle",
+            ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             text=True,
@@ -62,8 +94,11 @@ class BackgroundFrameWriter:
 
     def _connect(self, frame_bytes: int) -> zmq.Socket | None:
         """The PUSH socket, its queue `max_queued_bytes` deep in frames of this size
-        (half on each side of the socket); None when not even one frame fits."""
+        (half on each side of the socket); None when not even one frame fits (a
+        lossless writer queues one frame at least)."""
         frames = self.max_queued_bytes // max(frame_bytes, 1)
+        if self.lossless:
+            frames = max(frames, 1)
         if frames < 1:
             return None
         socket = self._ctx.socket(zmq.PUSH)
@@ -73,7 +108,8 @@ class BackgroundFrameWriter:
         return socket
 
     def offer(self, frame: np.ndarray, metadata: dict[str, Any]) -> bool:
-        """Hand one frame to the writer; False (and counted) when it is too far behind."""
+        """Hand one frame to the writer; False (and counted) when it is too far behind
+        (lossless: only when the writer is gone)."""
         self.offered += 1
         if self._socket is None:
             self._socket = self._connect(int(frame.nbytes))
@@ -82,16 +118,30 @@ class BackgroundFrameWriter:
                 return False
         header = {**metadata, "_shape": list(frame.shape), "_dtype": str(frame.dtype)}
         payload = json.dumps(header, separators=(",", ":"), default=json_default).encode()
+        # copied here (a memcpy, ~10 us for 256x256 uint16): a zero-copy send would
+        # wake pyzmq's buffer-release thread for every frame, a GIL holder at random
+        parts = [payload, np.ascontiguousarray(frame)]
         try:
-            # copied here (a memcpy, ~10 us for 256x256 uint16): a zero-copy send would
-            # wake pyzmq's buffer-release thread for every frame, a GIL holder at random
-            self._socket.send_multipart(
-                [payload, np.ascontiguousarray(frame)], flags=zmq.NOBLOCK, copy=True
-            )
+            self._socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=True)
         except zmq.Again:
-            self.dropped += 1
-            return False
+            if not (self.lossless and self._send_when_room(self._socket, parts)):
+                self.dropped += 1
+                return False
         return True
+
+    def _send_when_room(self, socket: zmq.Socket, parts: list[Any]) -> bool:
+        """Lossless: wait for the writer to take the frame; False once it has died."""
+        start = time.perf_counter()
+        try:
+            while self._proc.poll() is None:
+                if socket.poll(LOSSLESS_POLL_MS, zmq.POLLOUT):
+                    with contextlib.suppress(zmq.Again):  # polled writable, still full: again
+                        socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=True)
+                        return True
+            self._error = f"frame writer exited with code {self._proc.returncode} mid-run"
+            return False
+        finally:
+            self.wait_s += time.perf_counter() - start
 
     def close(self) -> None:
         """Write what is queued, stop the writer, keep its counts (idempotent)."""
@@ -135,8 +185,10 @@ class BackgroundFrameWriter:
             "frames_recorded": written,
             "frames_not_recorded": self.offered - written if self._result else self.dropped,
             "frames_dropped_behind": self.dropped,
-            "frames_record_error": self._result.get("error"),
+            "frames_record_error": self._result.get("error") or self._error,
             "frames_pixel_size_um": self._result.get("pixel_size_um"),
+            "frames_lossless": self.lossless,
+            "frames_wait_s": round(self.wait_s, 3),
         }
 
 
@@ -152,10 +204,12 @@ def serve(path: Path, endpoint: str, pixel_size_um: float | None) -> dict[str, A
     parent = os.getppid()
     try:
         while True:
-            if not socket.poll(ORPHAN_CHECK_MS):
-                if os.getppid() != parent:  # the run was killed: keep what came, close
-                    break
-                continue
+            if not socket.poll(0):
+                recorder.flush()  # nothing queued: list every frame whose chunk is written
+                if not socket.poll(ORPHAN_CHECK_MS):
+                    if os.getppid() != parent:  # the run was killed: keep what came, close
+                        break
+                    continue
             parts = socket.recv_multipart(copy=False)
             if len(parts) == 1 and parts[0].bytes == CLOSE:
                 _yield_cpu(idle=False)  # the run is over: write the backlog at full speed
@@ -173,8 +227,8 @@ def serve(path: Path, endpoint: str, pixel_size_um: float | None) -> dict[str, A
         ctx.term()
     return {
         "written": recorder.count,
-        "failed": failed,
-        "error": error,
+        "failed": failed + recorder.failed,
+        "error": error or recorder.error,
         "pixel_size_um": recorder.pixel_size_um,
     }
 
@@ -193,7 +247,7 @@ def _yield_cpu(idle: bool) -> None:
 
 
 if __name__ == "__main__":
-    _yield_cpu(idle=True)
-    folder_path, address, *pixel_arg = sys.argv[1:]
-    result = serve(Path(folder_path), address, float(pixel_arg[0]) if pixel_arg else None)
+    folder_path, address, pixel_arg, priority = sys.argv[1:]
+    _yield_cpu(idle=priority == "idle")
+    result = serve(Path(folder_path), address, None if pixel_arg == "-" else float(pixel_arg))
     print(json.dumps(result), flush=True)

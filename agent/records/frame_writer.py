@@ -133,15 +133,25 @@ class BackgroundFrameWriter:
         """Lossless: wait for the writer to take the frame; False once it has died."""
         start = time.perf_counter()
         try:
-            while self._proc.poll() is None:
-                if socket.poll(LOSSLESS_POLL_MS, zmq.POLLOUT):
-                    with contextlib.suppress(zmq.Again):  # polled writable, still full: again
-                        socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=True)
-                        return True
+            if self._send_while_writer_lives(socket, parts, deadline=None):
+                return True
             self._error = f"frame writer exited with code {self._proc.returncode} mid-run"
             return False
         finally:
             self.wait_s += time.perf_counter() - start
+
+    def _send_while_writer_lives(
+        self, socket: zmq.Socket, parts: list[Any], deadline: float | None
+    ) -> bool:
+        """Send once there is room; False if the writer exits (or the deadline passes)."""
+        while self._proc.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            if socket.poll(LOSSLESS_POLL_MS, zmq.POLLOUT):
+                with contextlib.suppress(zmq.Again):  # polled writable, still full: again
+                    socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=True)
+                    return True
+        return False
 
     def close(self) -> None:
         """Write what is queued, stop the writer, keep its counts (idempotent)."""
@@ -151,10 +161,8 @@ class BackgroundFrameWriter:
             self._socket = self._ctx.socket(zmq.PUSH)
             self._socket.setsockopt(zmq.LINGER, 0)
             self._socket.connect(self._endpoint)
-        self._socket.setsockopt(zmq.SNDTIMEO, int(CLOSE_TIMEOUT_S * 1000))
-        try:
-            self._socket.send_multipart([CLOSE])
-        except zmq.Again:
+        deadline = time.monotonic() + CLOSE_TIMEOUT_S
+        if not self._send_while_writer_lives(self._socket, [CLOSE], deadline):
             self._proc.kill()
         try:
             out, _ = self._proc.communicate(timeout=CLOSE_TIMEOUT_S)

@@ -21,8 +21,9 @@ more than `max_queued_bytes` behind:
   writer runs at normal priority so the queue stays short. Only a writer that died
   makes a frame go unrecorded, and that is counted and named.
 
-`close` sends the end, waits for the writer to write what is queued, and reads its
-counts back. A writer whose run was killed writes what reached it, closes the
+`close` moves every writer thread out of the idle class (a busy machine may never
+give the idle class the time to drain the backlog), sends the end, waits for the
+writer to write what is queued, and reads its counts back. A writer whose run was killed writes what reached it, closes the
 recording and exits. Whenever its queue is empty the writer waits for its chunks and
 lists them in the sidecar (`agent.records.frame_recording`: the sidecar only ever names
 frames whose pixels are on disk), so after a kill the frames missing are only those
@@ -161,6 +162,8 @@ class BackgroundFrameWriter:
             self._socket = self._ctx.socket(zmq.PUSH)
             self._socket.setsockopt(zmq.LINGER, 0)
             self._socket.connect(self._endpoint)
+        if not self.lossless:  # the run is over: write the backlog at full speed
+            _leave_idle_class(self._proc.pid)
         deadline = time.monotonic() + CLOSE_TIMEOUT_S
         if not self._send_while_writer_lives(self._socket, [CLOSE], deadline):
             self._proc.kill()
@@ -220,7 +223,6 @@ def serve(path: Path, endpoint: str, pixel_size_um: float | None) -> dict[str, A
                     continue
             parts = socket.recv_multipart(copy=False)
             if len(parts) == 1 and parts[0].bytes == CLOSE:
-                _yield_cpu(idle=False)  # the run is over: write the backlog at full speed
                 break
             header = json.loads(parts[0].bytes)
             shape, dtype = header.pop("_shape"), header.pop("_dtype")
@@ -241,21 +243,33 @@ def serve(path: Path, endpoint: str, pixel_size_um: float | None) -> dict[str, A
     }
 
 
-def _yield_cpu(idle: bool) -> None:
-    """Into (or out of) the idle scheduling class, before any writer thread starts."""
-    policy = getattr(os, "SCHED_IDLE" if idle else "SCHED_OTHER", None)
+def _yield_cpu() -> None:
+    """Into the idle scheduling class, before any writer thread starts (they inherit it)."""
     try:
-        if policy is not None:
-            os.sched_setscheduler(0, policy, os.sched_param(0))
-        elif idle:
-            os.nice(WRITER_NICE)
+        if hasattr(os, "SCHED_IDLE"):
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            return
     except OSError:  # not allowed here: the loop still never waits, frames may drop
-        if idle:
-            os.nice(WRITER_NICE)
+        pass
+    os.nice(WRITER_NICE)
+
+
+def _leave_idle_class(pid: int) -> None:
+    """Every thread of the writer back to normal priority, so its backlog is written at
+    close even on a machine busy enough to starve the idle class (measured: three busy
+    processes on two cores kept an idle writer from draining for the 120 s timeout)."""
+    policy = getattr(os, "SCHED_OTHER", None)
+    tasks = Path(f"/proc/{pid}/task")
+    if policy is None or not tasks.is_dir():
+        return  # not Linux: nice 19 still runs, only slower
+    for task in tasks.iterdir():
+        with contextlib.suppress(OSError, ValueError):  # a thread that just ended
+            os.sched_setscheduler(int(task.name), policy, os.sched_param(0))
 
 
 if __name__ == "__main__":
     folder_path, address, pixel_arg, priority = sys.argv[1:]
-    _yield_cpu(idle=priority == "idle")
+    if priority == "idle":
+        _yield_cpu()
     result = serve(Path(folder_path), address, None if pixel_arg == "-" else float(pixel_arg))
     print(json.dumps(result), flush=True)

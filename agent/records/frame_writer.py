@@ -23,11 +23,12 @@ more than `max_queued_bytes` behind:
 
 `close` moves every writer thread out of the idle class (a busy machine may never
 give the idle class the time to drain the backlog), sends the end, waits for the
-writer to write what is queued, and reads its counts back. A writer whose run was killed writes what reached it, closes the
-recording and exits. Whenever its queue is empty the writer waits for its chunks and
-lists them in the sidecar (`agent.records.frame_recording`: the sidecar only ever names
-frames whose pixels are on disk), so after a kill the frames missing are only those
-still queued or in flight, never one the sidecar claims.
+writer to write what is queued, and reads its counts back. A writer whose run was
+killed writes what reached it, closes the recording and exits. Whenever its queue
+is empty the writer waits for its chunks and lists them in the sidecar
+(`agent.records.frame_recording`: the sidecar only ever names frames whose pixels
+are on disk), so after a kill the frames missing are only those still queued or in
+flight, never one the sidecar claims.
 """
 
 from __future__ import annotations

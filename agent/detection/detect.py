@@ -249,13 +249,20 @@ def _centroid_batch(patches: FloatArray) -> tuple[FloatArray, FloatArray]:
 
 
 @lru_cache(maxsize=32)
-def _corner_grid(h: int, w: int) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
-    """Flat x and y of the (h - 1) x (w - 1) pixel-corner midpoints of an h x w patch."""
-    xm = np.tile(np.arange(w - 1, dtype=np.float32) + 0.5, h - 1)
-    ym = np.repeat(np.arange(h - 1, dtype=np.float32) + 0.5, w - 1)
-    xm.flags.writeable = False
-    ym.flags.writeable = False
-    return xm, ym
+def _corner_layout(
+    h: int, w: int
+) -> tuple[NDArray[np.float32], NDArray[np.float32], NDArray[np.float32], NDArray[np.float32]]:
+    """Pixel-corner midpoints of an h x w patch in the patch's own flat layout: corner
+    k = i * w + j lies between pixels k, k + 1, k + w and k + w + 1. Only i < h - 1 and
+    j < w - 1 are corners; (inside, x, y, [inside, x, y] as columns) are 0 elsewhere."""
+    i, j = np.divmod(np.arange(h * w), w)
+    inside = ((i < h - 1) & (j < w - 1)).astype(np.float32)
+    x = ((j + 0.5) * inside).astype(np.float32)
+    y = ((i + 0.5) * inside).astype(np.float32)
+    basis = np.column_stack([inside, x, y])
+    for arr in (inside, x, y, basis):
+        arr.flags.writeable = False
+    return inside, x, y, basis
 
 
 def _radial_symmetry_batch(
@@ -278,48 +285,66 @@ def _radial_symmetry_batch(
             np.zeros(n, dtype=np.float64),
             np.zeros(n, dtype=bool),
         )
-    # float32 and flat (N, pixels) rows with BLAS / einsum row sums: the stack is small
-    # per particle, so temporaries and passes, not arithmetic, set the cost.
-    p = patches.astype(np.float32, copy=False)
-    a, b, c, d = p[:, :-1, :-1], p[:, :-1, 1:], p[:, 1:, :-1], p[:, 1:, 1:]
-    # Gradients into zero-bordered buffers: the 3x3 boxcar then zero-pads like the
-    # paper's conv2(..., 'same'); the gradients' 0.5 is folded into the boxcar's 1/9.
-    gx = np.zeros((n, h + 1, w + 1), dtype=np.float32)
-    gy = np.zeros((n, h + 1, w + 1), dtype=np.float32)
-    np.subtract(b + d, a + c, out=gx[:, 1:-1, 1:-1])
-    np.subtract(c + d, a + b, out=gy[:, 1:-1, 1:-1])
-    vg = None
+    # The whole stack as one flat float32 line, each patch in its own row-major layout:
+    # a neighbour is a fixed flat offset (1 across, w down), so every pass is one long
+    # contiguous loop. The positions that are no corner (last row and column of each
+    # patch) are zeroed and then serve as the boxcar's zero padding, like the paper's
+    # conv2(..., 'same'). Scale factors (the gradients' 0.5, the boxcar's 1/9) cancel in
+    # the fit and are left out. The weighted sums are one BLAS product with [1, x, y].
+    size = h * w
+    total = n * size
+    p = np.ascontiguousarray(patches, dtype=np.float32).reshape(total)
+    inside, xm, ym, basis = _corner_layout(h, w)
+    pad = w + 1
+    m = total - pad  # corners with all four pixels in the stack
+    gx = np.zeros(total + 2 * pad, dtype=np.float32)
+    gy = np.zeros(total + 2 * pad, dtype=np.float32)
+    down = p[:-w] + p[w:]
+    np.subtract(down[1:], down[:-1], out=gx[pad : pad + m])
+    across = p[:-1] + p[1:]
+    np.subtract(across[w:], across[:m], out=gy[pad : pad + m])
+    keep: NDArray[np.float32] = inside
     if valid is not None:
-        vg = valid[:, :-1, :-1] & valid[:, :-1, 1:] & valid[:, 1:, :-1] & valid[:, 1:, 1:]
-        gx[:, 1:-1, 1:-1] *= vg
-        gy[:, 1:-1, 1:-1] *= vg
+        v = valid.reshape(total)
+        corner_ok = np.zeros(total, dtype=bool)
+        corner_ok[:m] = v[:m] & v[1 : m + 1] & v[w : w + m] & v[w + 1 :]
+        keep = corner_ok.reshape(n, size) * inside
+    gx[pad : pad + total].reshape(n, size)[...] *= keep
+    gy[pad : pad + total].reshape(n, size)[...] *= keep
 
     def box(g: NDArray[np.float32]) -> NDArray[np.float32]:
-        r = g[:, :-2] + g[:, 1:-1] + g[:, 2:]
-        return (r[:, :, :-2] + r[:, :, 1:-1] + r[:, :, 2:]) * np.float32(0.5 / 9.0)
+        r = g[:-2] + g[1:-1]
+        r += g[2:]
+        out = r[:total] + r[w : w + total]
+        out += r[2 * w : 2 * w + total]
+        return out.reshape(n, size)
 
-    gx, gy = box(gx), box(gy)
-    if vg is not None:
-        gx *= vg
-        gy *= vg
-    gx, gy = gx.reshape(n, -1), gy.reshape(n, -1)
-    xm, ym = _corner_grid(h, w)
-    mag2 = gx * gx + gy * gy
-    smag = mag2.sum(axis=1, dtype=np.float64)
+    bx, by = box(gx), box(gy)
+    if valid is not None:
+        bx *= keep
+        by *= keep
+    q = np.empty((3, n, size), dtype=np.float32)  # gx^2, gy^2, gx gy
+    np.multiply(bx, bx, out=q[0])
+    np.multiply(by, by, out=q[1])
+    np.multiply(bx, by, out=q[2])
+    mom = ((q[0] + q[1]) @ basis).astype(np.float64)
+    smag = mom[:, 0]
     safe = np.where(smag > 0, smag, 1.0)
-    xc0 = ((mag2 @ xm) / safe).astype(np.float32)
-    yc0 = ((mag2 @ ym) / safe).astype(np.float32)
-    dx, dy = xm[None, :] - xc0[:, None], ym[None, :] - yc0[:, None]
-    inv_d = 1.0 / np.maximum(np.sqrt(dx * dx + dy * dy), np.float32(_MIN_DIST))
-
-    # Line k: n_k . c = n_k . p_k with n_k = (-gy, gx) (unnormalised, so |g|^2 weight built in).
-    gxw, gyw = gx * inv_d, gy * inv_d
-    s = gx * ym - gy * xm
-    a11 = np.einsum("ij,ij->i", gy, gyw, dtype=np.float64)
-    a22 = np.einsum("ij,ij->i", gx, gxw, dtype=np.float64)
-    a12 = -np.einsum("ij,ij->i", gx, gyw, dtype=np.float64)
-    b1 = -np.einsum("ij,ij->i", gyw, s, dtype=np.float64)
-    b2 = np.einsum("ij,ij->i", gxw, s, dtype=np.float64)
+    # 1 / distance of each corner to the gradient-weighted centroid, in place.
+    dist = xm - (mom[:, 1] / safe).astype(np.float32)[:, None]
+    dy = ym - (mom[:, 2] / safe).astype(np.float32)[:, None]
+    dist *= dist
+    dy *= dy
+    dist += dy
+    np.maximum(dist, np.float32(_MIN_DIST * _MIN_DIST), out=dist)
+    np.sqrt(dist, out=dist)
+    np.reciprocal(dist, out=dist)
+    q *= dist
+    s = (q.reshape(3 * n, size) @ basis).astype(np.float64).reshape(3, n, 3)
+    # Line k: n_k . c = n_k . p_k with n_k = (-gy, gx) (unnormalised: |g|^2 weight built in).
+    a22, a11, a12 = s[0, :, 0], s[1, :, 0], -s[2, :, 0]
+    b1 = s[1, :, 1] - s[2, :, 2]
+    b2 = s[0, :, 2] - s[2, :, 1]
     det = a11 * a22 - a12 * a12
     trace = a11 + a22
     ok = (smag > 0) & (det > 1e-9 * trace * trace)

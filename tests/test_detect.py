@@ -317,6 +317,55 @@ def test_local_background_flattens_uneven_illumination(shape: tuple[int, int]) -
     assert not inside.any()
 
 
+@pytest.mark.parametrize(
+    ("polarity", "background_px", "bin_px", "shape"),
+    [
+        ("dark", 37, 2, (203, 258)),  # leftover rows and columns past the last block
+        ("bright", 41, 4, (256, 330)),
+        ("dark", 0, 2, (130, 141)),  # polarity flip only
+    ],
+)
+def test_spot_path_flattens_on_the_fly_as_the_whole_frame(
+    polarity: str,
+    background_px: int,
+    bin_px: int,
+    shape: tuple[int, int],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The spot path flattens only where it reads (the binned image, the background's
+    sample, windows); those reads equal the whole flattened frame's at the same pixels,
+    and so do the detections."""
+    import agent.detection.detect as detect
+
+    rng = np.random.default_rng(7)
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
+    truth = rng.uniform(12, np.array(shape[::-1]) - 12, (25, 2))
+    spots = _spots(shape, truth, np.full(len(truth), 3000.0))
+    tilt = 1.0 if background_px else 0.0  # uneven only where a background is removed
+    ramp = 1000 + tilt * (2.0 * xx + 1.3 * yy) + rng.normal(0, 3, shape)
+    frame = (ramp + (-1 if polarity == "dark" else 1) * spots).astype(np.uint16)
+    cfg = DetectorConfig(
+        polarity=polarity, background_px=background_px, segment_bin_px=bin_px, smooth_sigma_px=2.0
+    )
+    det = ParticleDetector(cfg)
+    plan = det._get_plan(frame.shape)
+    flat = det._prepare(frame, plan)
+    assert flat.frame is frame  # no full-size flattened copy was made
+    binned = plan.src.copy()
+    whole = det._preprocess(frame)
+    plan.load(whole)
+    np.testing.assert_allclose(binned, plan.src, rtol=0, atol=2e-3)
+    rows = rng.integers(0, shape[0], (50, 1))
+    cols = rng.integers(0, shape[1], (1, 40))
+    assert np.array_equal(flat.take(rows, cols), whole[rows, cols])
+    assert flat.level_and_sigma() == pytest.approx(detect._background(whole), abs=1e-9)
+    found = det(frame)
+    monkeypatch.setattr(detect, "_lazy_flatten", lambda *_: False)
+    reference = ParticleDetector(cfg)(frame)
+    assert len(found) == len(reference) >= 20
+    np.testing.assert_allclose(found, reference, atol=1e-4)
+
+
 def test_merged_touching_pair_split_by_elongation():
     """Two wide dark images 9 px apart are one peak; with contact_px set the detector
     splits that blob along its major axis into the two particles (round ones stay one)."""

@@ -199,10 +199,20 @@ def _background(frame: np.ndarray, integer: bool | None = None) -> tuple[float, 
     Binned integer frames are held as float32 sums (exact below 2**24), so their sample
     is cast back to integers to keep the continuous-quantile treatment of integer data.
     """
-    step = max(1, int(np.sqrt(frame.size / _BG_SAMPLES)))
+    step = _sample_step(frame.size)
     sample = frame[::step, ::step].ravel()
     if integer:
         sample = sample.astype(np.int64)
+    return _level_and_sigma(sample)
+
+
+def _sample_step(size: int) -> int:
+    """Stride (both axes) of the background's subsample: about _BG_SAMPLES pixels."""
+    return max(1, int(np.sqrt(size / _BG_SAMPLES)))
+
+
+def _level_and_sigma(sample: np.ndarray) -> tuple[float, float]:
+    """(median, IQR sigma) of a flat pixel sample; std where the IQR is 0."""
     q1, level, q3 = _quantiles(sample, (0.25, 0.5, 0.75))
     sigma = (q3 - q1) / _IQR_TO_SIGMA
     if sigma <= 0.0:
@@ -510,9 +520,7 @@ def _flatten(frame: np.ndarray, box_px: int, sign: float) -> NDArray[np.float32]
     small = rows_sum[:, 0::b].copy()
     for k in range(1, b):
         small += rows_sum[:, k::b]
-    # An odd box, centred: an even one is off by half a block (a 2 px shift of the map).
-    side = min(round(box_px / b), hb, wb)
-    small = ndimage.uniform_filter(small / np.float32(b * b), side - 1 + side % 2)
+    small = _block_background(small, box_px)
     work = np.empty((h, w), dtype=np.float32)
     bg = np.repeat(small, b, axis=1)
     for k in range(b):  # whole rows at a stride: contiguous inner loops
@@ -529,6 +537,67 @@ def _flatten(frame: np.ndarray, box_px: int, sign: float) -> NDArray[np.float32]
         rest = frame[:, wb * b :].astype(np.float32)
         work[:, wb * b :] = col - rest if sign < 0 else rest - col
     return work
+
+
+def _block_background(block_sums: NDArray[np.float32], box_px: int) -> NDArray[np.float32]:
+    """The local background on the _BG_BLOCK grid from its block sums: their means
+    under a centred box of about box_px (an odd number of blocks: an even one is off by
+    half a block, a 2 px shift of the map)."""
+    b = _BG_BLOCK
+    side = min(round(box_px / b), *block_sums.shape)
+    return ndimage.uniform_filter(block_sums / np.float32(b * b), side - 1 + side % 2)
+
+
+def _lazy_flatten(box_px: int, b: int, shape: tuple[int, int]) -> bool:
+    """Whether the spot path can flatten on the fly: the segmentation bins (b) tile the
+    background's blocks or are tiled by them, and the block map is what _flatten uses."""
+    b_bg = _BG_BLOCK
+    hb, wb = shape[0] // b_bg, shape[1] // b_bg
+    return b in (2, 4) and (box_px == 0 or (box_px >= 4 * b_bg and hb >= 2 and wb >= 2))
+
+
+class _FlatFrame:
+    """sign x frame minus its local background (a map on the _BG_BLOCK grid), read only
+    where asked: the spot path needs the flattened frame binned (done from the raw sums)
+    and at a few thousand pixels (the background sample and the refinement windows), so
+    the full-size float copy _flatten makes is never written. Values are those of
+    _flatten at the same pixels, in the same float32 arithmetic."""
+
+    def __init__(
+        self, frame: np.ndarray, sign: float = 1.0, small: NDArray[np.float32] | None = None
+    ) -> None:
+        self.frame = frame
+        self.sign = sign
+        self.small = small
+        self.shape: tuple[int, int] = (frame.shape[0], frame.shape[1])
+        self.size = frame.size
+        # Plain (unflipped, unflattened) frames keep integer data's quantile treatment.
+        self.integer = bool(sign > 0 and small is None and np.issubdtype(frame.dtype, np.integer))
+        if small is not None:
+            # Pixels past the last whole block take the nearest block, as in _flatten.
+            h, w = self.shape
+            self.block_row = np.minimum(np.arange(h) // _BG_BLOCK, small.shape[0] - 1)
+            self.block_col = np.minimum(np.arange(w) // _BG_BLOCK, small.shape[1] - 1)
+
+    def take(self, rows: NDArray[np.intp], cols: NDArray[np.intp]) -> NDArray[np.float32]:
+        """Flattened values at broadcastable in-frame index arrays, as float32."""
+        raw = self.frame[rows, cols]
+        if self.small is None:
+            out = raw.astype(np.float32)
+            return np.negative(out, out=out) if self.sign < 0 else out
+        bg = self.small[self.block_row[rows], self.block_col[cols]]
+        a, c = (bg, raw) if self.sign < 0 else (raw, bg)
+        return np.subtract(a, c, dtype=np.float32)
+
+    def level_and_sigma(self) -> tuple[float, float]:
+        """_background of the flattened frame, from its strided subsample alone."""
+        if self.sign > 0 and self.small is None:
+            return _background(self.frame)
+        step = _sample_step(self.size)
+        h, w = self.shape
+        rows = np.arange(0, h, step)[:, None]
+        cols = np.arange(0, w, step)[None, :]
+        return _level_and_sigma(self.take(rows, cols).ravel())
 
 
 def _isolated(xy: FloatArray, radius: float) -> NDArray[np.intp]:
@@ -695,16 +764,13 @@ class ParticleDetector:
     def _detect_spots(self, frame: np.ndarray) -> tuple[FloatArray, FloatArray]:
         """Spot modes: threshold the smoothed frame, seed, refine."""
         cfg = self.config
-        work = self._preprocess(frame)
-        plan = self._get_plan(work.shape)
-        level, sigma = _background(work)
-        binned = plan.load(work)
+        plan = self._get_plan(frame.shape)
+        work = self._prepare(frame, plan)
+        level, sigma = work.level_and_sigma()
         if plan.b > 1:
             # Threshold from the binned image's own noise: exact, and immune to any
             # pixel-to-pixel correlation that would break a sqrt(b**2) scaling.
-            seg_level, seg_sigma = _background(
-                binned, integer=bool(np.issubdtype(work.dtype, np.integer))
-            )
+            seg_level, seg_sigma = _background(plan.src, integer=work.integer)
         else:
             seg_level, seg_sigma = level, sigma
         seg = plan.smooth()
@@ -822,6 +888,44 @@ class ParticleDetector:
         self._plan = None
         self._offsets = np.arange(-self.config.refine_half_px, self.config.refine_half_px + 1)
 
+    def _prepare(self, frame: np.ndarray, plan: _SegPlan) -> _FlatFrame:
+        """Load the plan's segmentation image with the flattened (polarity, background)
+        frame, binned; returns the flattened frame for reading windows from.
+
+        Where the bins and the background's blocks nest (_lazy_flatten), the raw frame is
+        binned and the background removed on the binned grid, so the only full-frame pass
+        is the binning itself; otherwise the frame is flattened whole first."""
+        cfg = self.config
+        sign = -1.0 if cfg.polarity == "dark" else 1.0
+        b = plan.b
+        if (sign > 0 and cfg.background_px == 0) or not _lazy_flatten(
+            cfg.background_px, b, frame.shape
+        ):
+            work = self._preprocess(frame)
+            plan.load(work)
+            return _FlatFrame(work)
+        binned = plan.load(frame)
+        if cfg.background_px == 0:
+            np.negative(binned, out=binned)
+            return _FlatFrame(frame, sign)
+        hb, wb = frame.shape[0] // _BG_BLOCK, frame.shape[1] // _BG_BLOCK
+        blocks = binned
+        if b == 2:  # 2 x 2 bins make the 4 x 4 blocks' sums
+            rows = binned[0 : 2 * hb : 2] + binned[1 : 2 * hb : 2]
+            blocks = rows[:, 0 : 2 * wb : 2] + rows[:, 1 : 2 * wb : 2]
+        small = _block_background(blocks[:hb, :wb], cfg.background_px)
+        # Each bin lies inside one block; bins past the last whole block take the nearest.
+        h, w = plan.shape
+        at_r = np.minimum(np.arange(h) * b // _BG_BLOCK, hb - 1)
+        at_c = np.minimum(np.arange(w) * b // _BG_BLOCK, wb - 1)
+        bg = small[at_r[:, None], at_c[None, :]]
+        bg *= np.float32(b * b)
+        if sign < 0:
+            np.subtract(bg, binned, out=binned)
+        else:
+            binned -= bg
+        return _FlatFrame(frame, sign, small)
+
     def _preprocess(self, frame: np.ndarray) -> np.ndarray:
         """Polarity flip and local background removal, only when asked (they cost a pass)."""
         cfg = self.config
@@ -854,7 +958,7 @@ class ParticleDetector:
 
     def _component_seeds(
         self,
-        work: np.ndarray,
+        work: _FlatFrame,
         idx: NDArray[np.intp],
         vals: NDArray[np.float32],
         peak: NDArray[np.bool_],
@@ -889,7 +993,7 @@ class ParticleDetector:
         return self._confirm(work, rows, cols, primary, plan, level, sigma)
 
     def _seeds_from_bins(
-        self, frame: np.ndarray, seg: NDArray[np.float32], flat: NDArray[np.intp], plan: _SegPlan
+        self, frame: _FlatFrame, seg: NDArray[np.float32], flat: NDArray[np.intp], plan: _SegPlan
     ) -> tuple[NDArray[np.intp], NDArray[np.intp]]:
         """Full-resolution seeds for binned peaks (flat indices into seg): each peak's
         sub-bin position (a parabola through its smoothed neighbours) on the full grid,
@@ -905,7 +1009,7 @@ class ParticleDetector:
 
     def _confirm(
         self,
-        frame: np.ndarray,
+        frame: _FlatFrame,
         rows: NDArray[np.intp],
         cols: NDArray[np.intp],
         primary: NDArray[np.bool_],
@@ -936,7 +1040,7 @@ class ParticleDetector:
         raw_c = cols[:, None] * b + off
         ri = _reflect_index(raw_r, n_rows)
         ci = _reflect_index(raw_c, n_cols)
-        patch = frame[ri[:, :, None], ci[:, None, :]].astype(np.float32)
+        patch = frame.take(ri[:, :, None], ci[:, None, :])
         if sig > 0:
             patch = ndimage.gaussian_filter1d(patch, sig, axis=1, truncate=_TRUNCATE)
             patch = ndimage.gaussian_filter1d(patch, sig, axis=2, truncate=_TRUNCATE)
@@ -966,23 +1070,23 @@ class ParticleDetector:
 
     def _refine(
         self,
-        frame: np.ndarray,
+        frame: np.ndarray | _FlatFrame,
         rows: NDArray[np.intp],
         cols: NDArray[np.intp],
         level: float,
     ) -> tuple[FloatArray, FloatArray]:
         """Sub-pixel positions and window brightness for each seed, all in one stack:
         windows the frame edge clips are gathered whole and masked (no per-seed loop)."""
+        flat = frame if isinstance(frame, _FlatFrame) else _FlatFrame(frame)
         half = self.config.refine_half_px
-        n_rows, n_cols = frame.shape
+        n_rows, n_cols = flat.shape
         r = rows[:, None] + self._offsets[None, :]
         c = cols[:, None] + self._offsets[None, :]
         vr = (r >= 0) & (r < n_rows)
         vc = (c >= 0) & (c < n_cols)
-        patches = frame[
+        patches = flat.take(
             np.clip(r, 0, n_rows - 1)[:, :, None], np.clip(c, 0, n_cols - 1)[:, None, :]
-        ]
-        patches = patches.astype(np.float32)
+        )
         patches -= np.float32(level)
         valid = None
         if not (vr.all() and vc.all()):

@@ -437,28 +437,36 @@ def _local_maxima(
 ) -> NDArray[np.bool_]:
     """Which of the pixels idx (values vals) are strict maxima of their in-image 8-neighbours.
 
-    Interior pixels read their neighbours at fixed flat offsets; only the few on the
-    frame's border need clipped coordinates."""
+    All 8 neighbours are read in one gather at fixed flat offsets (interior pixels) or
+    clipped coordinates (the few on the frame's border, where outside counts as lower)."""
     h, w = img.shape
     rows, cols = np.divmod(idx, w)
-    flat = img.ravel()
-    out = np.ones(idx.size, dtype=bool)
+    out = np.empty(idx.size, dtype=bool)
     inner = (rows > 0) & (rows < h - 1) & (cols > 0) & (cols < w - 1)
-    at, v = idx[inner], vals[inner]
-    keep = np.ones(at.size, dtype=bool)
-    for off in (-w - 1, -w, -w + 1, -1, 1, w - 1, w, w + 1):
-        keep &= v > flat[at + off]
-    out[inner] = keep
+    if inner.all():
+        return np.greater(vals[:, None], img.ravel()[idx[:, None] + _neighbour_offsets(w)]).all(
+            axis=1, out=out
+        )
+    at = np.flatnonzero(inner)
+    nb = img.ravel()[idx[at, None] + _neighbour_offsets(w)]
+    out[at] = (vals[at, None] > nb).all(axis=1)
     edge = np.flatnonzero(~inner)
-    for dr in (-1, 0, 1):
-        for dc in (-1, 0, 1):
-            if edge.size == 0 or (dr == 0 and dc == 0):
-                continue
-            r, c = rows[edge] + dr, cols[edge] + dc
-            inside = (r >= 0) & (r < h) & (c >= 0) & (c < w)
-            nb = img[np.clip(r, 0, h - 1), np.clip(c, 0, w - 1)]
-            out[edge] &= ~inside | (vals[edge] > nb)
+    r = rows[edge, None] + _NEIGHBOUR_STEPS[:, 0]
+    c = cols[edge, None] + _NEIGHBOUR_STEPS[:, 1]
+    outside = (r < 0) | (r >= h) | (c < 0) | (c >= w)
+    nb = img[np.clip(r, 0, h - 1), np.clip(c, 0, w - 1)]
+    out[edge] = (outside | (vals[edge, None] > nb)).all(axis=1)
     return out
+
+
+# The 8 neighbours as (row, column) steps, and as flat offsets in an image of width w.
+_NEIGHBOUR_STEPS = np.array([(dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1) if dr or dc])
+
+
+@lru_cache(maxsize=8)
+def _neighbour_offsets(width: int) -> NDArray[np.intp]:
+    """Flat offsets of the 8 neighbours in an image of this width."""
+    return _NEIGHBOUR_STEPS[:, 0] * width + _NEIGHBOUR_STEPS[:, 1]
 
 
 def _auto_bin(shape: tuple[int, ...], smooth_sigma_px: float) -> int:
@@ -632,12 +640,17 @@ class _FlatFrame:
 
 def _isolated(xy: FloatArray, radius: float) -> NDArray[np.intp]:
     """Indices of xy (strongest first) kept when each suppresses weaker ones within radius."""
-    keep = np.ones(len(xy), dtype=bool)
-    if len(xy) > 1:
-        pairs = cKDTree(xy).query_pairs(radius, output_type="ndarray")
-        for i, j in pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]:
-            if keep[i]:
-                keep[j] = False
+    if len(xy) < 2:
+        return np.arange(len(xy))
+    pairs = cKDTree(xy).query_pairs(radius, output_type="ndarray")
+    if pairs.size == 0:
+        return np.arange(len(xy))
+    # Greedy, strongest first: by the time i's pairs come, i's own fate is settled.
+    # A plain Python loop over lists: numpy scalars would cost ~10x per pair.
+    keep = [True] * len(xy)
+    for i, j in pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))].tolist():
+        if keep[i]:
+            keep[j] = False
     return np.flatnonzero(keep)
 
 

@@ -30,7 +30,7 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
-from agent.detection.pair_split import split_elongated
+from agent.detection.pair_split import resolved_radius, split_elongated
 from agent.detection.ring_match import (
     DEFAULT_SCALES,
     RingMatcher,
@@ -640,18 +640,39 @@ class _FlatFrame:
 
 def _isolated(xy: FloatArray, radius: float) -> NDArray[np.intp]:
     """Indices of xy (strongest first) kept when each suppresses weaker ones within radius."""
-    if len(xy) < 2:
-        return np.arange(len(xy))
-    pairs = cKDTree(xy).query_pairs(radius, output_type="ndarray")
-    if pairs.size == 0:
-        return np.arange(len(xy))
-    # Greedy, strongest first: by the time i's pairs come, i's own fate is settled.
-    # A plain Python loop over lists: numpy scalars would cost ~10x per pair.
-    keep = [True] * len(xy)
-    for i, j in pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))].tolist():
-        if keep[i]:
-            keep[j] = False
-    return np.flatnonzero(keep)
+    return _suppress(xy, radius)[0]
+
+
+def _suppress(
+    xy: FloatArray, radius: float, near: float = 0.0, limit: int | None = None
+) -> tuple[NDArray[np.intp], NDArray[np.bool_] | None]:
+    """_isolated's indices (the first `limit` of them), and for near > 0 which of those
+    have another of them within near: both from one tree of close pairs."""
+    n = len(xy)
+    pairs = np.zeros((0, 2), dtype=np.intp)
+    if n > 1:
+        pairs = cKDTree(xy).query_pairs(max(radius, near), output_type="ndarray")
+    close = pairs
+    if near > radius and pairs.size:
+        dist = np.hypot(*(xy[pairs[:, 0]] - xy[pairs[:, 1]]).T)
+        close = pairs[dist <= radius]
+    keep = np.ones(n, dtype=bool)
+    if close.size:
+        # Greedy, strongest first: by the time i's pairs come, i's own fate is settled.
+        # A plain Python loop over lists: numpy scalars would cost ~10x per pair.
+        flags = [True] * n
+        for i, j in close[np.lexsort((close[:, 1], close[:, 0]))].tolist():
+            if flags[i]:
+                flags[j] = False
+        keep = np.array(flags)
+    kept = np.flatnonzero(keep)[:limit]
+    if near <= 0:
+        return kept, None
+    keep[kept[-1] + 1 if kept.size else 0 :] = False  # those past the limit are gone too
+    if near < radius and pairs.size:
+        pairs = pairs[np.hypot(*(xy[pairs[:, 0]] - xy[pairs[:, 1]]).T) <= near]
+    both = pairs[keep[pairs[:, 0]] & keep[pairs[:, 1]]]
+    return kept, np.bincount(both.ravel(), minlength=n)[kept] > 0
 
 
 class _SegPlan:
@@ -752,6 +773,8 @@ class ParticleDetector:
         # Fixed offsets of the refinement window, reused for every frame.
         self._offsets = np.arange(-self.config.refine_half_px, self.config.refine_half_px + 1)
         self._last_confidence = np.zeros(0)
+        # Spot path: which detections have a resolved neighbour (pair split's test).
+        self._last_crowded: NDArray[np.bool_] | None = None
         self._matcher: RingMatcher | None = None
         self.adapted: object | None = None  # the estimate, when adapt=True has run
 
@@ -787,6 +810,7 @@ class ParticleDetector:
         if self.config.adapt:
             self._adapt(frame)
         self._last_confidence = np.zeros(0)
+        self._last_crowded = None
         xy, score = (
             self._detect_rings(frame)
             if self.config.polarity == "ring"
@@ -799,7 +823,7 @@ class ParticleDetector:
             sign = -1.0 if cfg.ring_profile and cfg.ring_profile[0] < 0 else 1.0
         else:
             sign = -1.0 if cfg.polarity == "dark" else 1.0
-        xy, src = split_elongated(frame, xy, sign, cfg.contact_px)
+        xy, src = split_elongated(frame, xy, sign, cfg.contact_px, self._last_crowded)
         if self._last_confidence.size == score.size:
             self._last_confidence = self._last_confidence[src]
         return xy, score[src]
@@ -849,7 +873,10 @@ class ParticleDetector:
 
         keep = np.argsort(-brightness, kind="stable")
         if cfg.separation_px > 0:
-            keep = keep[_isolated(xy[keep], cfg.separation_px)]
+            # One tree for suppression and for pair split's test of resolved neighbours.
+            near = resolved_radius(cfg.contact_px) if cfg.contact_px > 0 else 0.0
+            kept, self._last_crowded = _suppress(xy[keep], cfg.separation_px, near, cfg.max_objects)
+            keep = keep[kept]
         keep = keep[: cfg.max_objects]
         # Noise of a window sum is sigma * sqrt(pixels); edge windows are clipped, as in _refine.
         half, (n_rows, n_cols) = cfg.refine_half_px, work.shape

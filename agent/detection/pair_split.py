@@ -19,7 +19,7 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy.spatial import cKDTree
 
-__all__ = ["split_elongated"]
+__all__ = ["resolved_radius", "split_elongated"]
 
 FloatArray = NDArray[np.float64]
 _REACH = 0.8  # blob window radius, in contact distances
@@ -27,13 +27,23 @@ _MIN_SPLIT = 0.7  # a pair closer than this share of the contact distance: one p
 _RESOLVED = 1.5  # a neighbour detection within this many contact distances: resolved
 
 
+def resolved_radius(contact_px: float) -> float:
+    """A detection with another this close is resolved (its blob is not split)."""
+    return _RESOLVED * contact_px
+
+
 def split_elongated(
-    frame: np.ndarray, xy: FloatArray, sign: float, contact_px: float
+    frame: np.ndarray,
+    xy: FloatArray,
+    sign: float,
+    contact_px: float,
+    crowded: NDArray[np.bool_] | None = None,
 ) -> tuple[FloatArray, NDArray[np.intp]]:
     """(M, 2) positions with merged pairs split, and for each the index of the detection
     it came from (so scores and confidences follow). `sign` is +1 for particles brighter
     than the background around them, -1 for darker; `contact_px` the distance of
-    touching particles' centres."""
+    touching particles' centres. `crowded`, if the caller knows it, says which
+    detections have another within resolved_radius (otherwise found here)."""
     n = len(xy)
     src = np.arange(n)
     if n == 0 or contact_px <= 0:
@@ -43,7 +53,9 @@ def split_elongated(
     h, w = frame.shape
     rows, cols = np.rint(xy[:, 1]).astype(np.intp), np.rint(xy[:, 0]).astype(np.intp)
     inside = (rows >= radius) & (cols >= radius) & (rows < h - radius) & (cols < w - radius)
-    cand = np.flatnonzero(inside & ~_has_neighbour(xy, _RESOLVED * contact_px))
+    if crowded is None:
+        crowded = _has_neighbour(xy, resolved_radius(contact_px))
+    cand = np.flatnonzero(inside & ~crowded)
     if cand.size == 0:
         return xy, src
     window = _window(radius, w)

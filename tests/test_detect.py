@@ -12,8 +12,11 @@ from agent.detection.detect import (
     DetectorConfig,
     ParticleDetector,
     _flatten,
+    _isolated,
     _label_sparse,
+    _local_maxima,
     _noise_gain_1d,
+    _suppress,
     centroid_center,
     estimate_background,
     radial_symmetry_center,
@@ -394,3 +397,32 @@ def test_merged_touching_pair_split_by_elongation():
     found, score, conf = ParticleDetector(cfg).detect_with_confidence(frame)
     assert len(found) == 3 and len(score) == 3 and len(conf) == 3
     assert len(ParticleDetector(cfg.model_copy(update={"contact_px": 0.0}))(frame)) == 2
+
+
+@pytest.mark.parametrize("share", [0.002, 0.5])  # few candidates (neighbour reads), many (passes)
+def test_local_maxima_are_strict_over_the_in_image_neighbours(share: float) -> None:
+    rng = np.random.default_rng(5)
+    img = rng.normal(0, 1, (61, 83)).astype(np.float32)
+    img[0, 10] = img[0, 11] = 9.0  # a tie on the border: neither is strict
+    img[30, 0] = 9.0  # a border maximum
+    idx = np.flatnonzero(img.ravel() >= np.quantile(img, 1 - share))
+    footprint = np.ones((3, 3), dtype=bool)
+    footprint[1, 1] = False
+    nb = ndimage.maximum_filter(img, footprint=footprint, mode="constant", cval=-np.inf)
+    expected = img.ravel()[idx] > nb.ravel()[idx]
+    found = _local_maxima(img, idx, img.ravel()[idx])
+    assert np.array_equal(found, expected) and expected.any()
+    assert found[np.searchsorted(idx, 30 * 83)] and not found[np.searchsorted(idx, 10)]
+
+
+def test_suppression_flags_resolved_neighbours_among_the_kept() -> None:
+    """One tree serves suppression and pair split's test: the flags are exactly which
+    kept detections have another kept one within the near radius."""
+    rng = np.random.default_rng(9)
+    xy = rng.uniform(0, 60, (150, 2))
+    kept, crowded = _suppress(xy, 2.0, 5.0, limit=100)
+    assert np.array_equal(kept, _isolated(xy, 2.0)[:100])
+    d = np.hypot(*(xy[kept, None, :] - xy[None, kept, :]).transpose(2, 0, 1))
+    np.fill_diagonal(d, np.inf)
+    assert crowded is not None and np.array_equal(crowded, (d <= 5.0).any(axis=1))
+    assert crowded.any() and not crowded.all()

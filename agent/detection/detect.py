@@ -310,12 +310,15 @@ def _radial_symmetry_batch(
     inside, xm, ym, basis = _corner_layout(h, w)
     pad = w + 1
     m = total - pad  # corners with all four pixels in the stack
+    # Few, reused buffers (the stack is ~0.2 MB per array): the pass count is fixed,
+    # so what stays in cache sets the cost.
     gx = np.zeros(total + 2 * pad, dtype=np.float32)
     gy = np.zeros(total + 2 * pad, dtype=np.float32)
-    down = p[:-w] + p[w:]
-    np.subtract(down[1:], down[:-1], out=gx[pad : pad + m])
-    across = p[:-1] + p[1:]
-    np.subtract(across[w:], across[:m], out=gy[pad : pad + m])
+    tmp = np.empty(total + 2 * w, dtype=np.float32)
+    np.add(p[:-w], p[w:], out=tmp[: total - w])  # pixel + the one below
+    np.subtract(tmp[1 : m + 1], tmp[:m], out=gx[pad : pad + m])
+    np.add(p[:-1], p[1:], out=tmp[: total - 1])  # pixel + the one right
+    np.subtract(tmp[w : w + m], tmp[:m], out=gy[pad : pad + m])
     keep: NDArray[np.float32] = inside
     if valid is not None:
         v = valid.reshape(total)
@@ -326,9 +329,12 @@ def _radial_symmetry_batch(
     gy[pad : pad + total].reshape(n, size)[...] *= keep
 
     def box(g: NDArray[np.float32]) -> NDArray[np.float32]:
-        r = g[:-2] + g[1:-1]
+        """3 x 3 sums of g, written over g's own start (it is not read there again)."""
+        r = tmp[: total + 2 * w]
+        np.add(g[:-2], g[1:-1], out=r)
         r += g[2:]
-        out = r[:total] + r[w : w + total]
+        out = g[:total]
+        np.add(r[:total], r[w : w + total], out=out)
         out += r[2 * w : 2 * w + total]
         return out.reshape(n, size)
 
@@ -336,15 +342,14 @@ def _radial_symmetry_batch(
     if valid is not None:
         bx *= keep
         by *= keep
-    q = np.empty((3, n, size), dtype=np.float32)  # gx^2, gy^2, gx gy
-    np.multiply(bx, bx, out=q[0])
-    np.multiply(by, by, out=q[1])
-    np.multiply(bx, by, out=q[2])
-    mom = ((q[0] + q[1]) @ basis).astype(np.float64)
+    gxy = bx * by
+    gxx, gyy = np.multiply(bx, bx, out=bx), np.multiply(by, by, out=by)
+    mag2 = np.add(gxx, gyy, out=tmp[:total].reshape(n, size))
+    mom = (mag2 @ basis).astype(np.float64)
     smag = mom[:, 0]
     safe = np.where(smag > 0, smag, 1.0)
     # 1 / distance of each corner to the gradient-weighted centroid, in place.
-    dist = xm - (mom[:, 1] / safe).astype(np.float32)[:, None]
+    dist = np.subtract(xm, (mom[:, 1] / safe).astype(np.float32)[:, None], out=mag2)
     dy = ym - (mom[:, 2] / safe).astype(np.float32)[:, None]
     dist *= dist
     dy *= dy
@@ -352,8 +357,10 @@ def _radial_symmetry_batch(
     np.maximum(dist, np.float32(_MIN_DIST * _MIN_DIST), out=dist)
     np.sqrt(dist, out=dist)
     np.reciprocal(dist, out=dist)
-    q *= dist
-    s = (q.reshape(3 * n, size) @ basis).astype(np.float64).reshape(3, n, 3)
+    s = np.empty((3, n, 3))
+    for k, g in enumerate((gxx, gyy, gxy)):
+        g *= dist
+        s[k] = g @ basis
     # Line k: n_k . c = n_k . p_k with n_k = (-gy, gx) (unnormalised: |g|^2 weight built in).
     a22, a11, a12 = s[0, :, 0], s[1, :, 0], -s[2, :, 0]
     b1 = s[1, :, 1] - s[2, :, 2]

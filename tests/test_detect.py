@@ -426,3 +426,28 @@ def test_suppression_flags_resolved_neighbours_among_the_kept() -> None:
     np.fill_diagonal(d, np.inf)
     assert crowded is not None and np.array_equal(crowded, (d <= 5.0).any(axis=1))
     assert crowded.any() and not crowded.all()
+
+
+def test_confirmation_filter_and_labels_match_ndimage_on_the_inner_span() -> None:
+    """The binned candidates' check smooths only each patch's inner span (a band
+    kernel) and labels the stack as one sheet: both as ndimage does on whole patches."""
+    from agent.detection.detect import _band_kernel, _label_stack
+
+    rng = np.random.default_rng(4)
+    sigma, span = 1.9, 6
+    r = int(4.0 * sigma + 0.5)
+    patch = rng.normal(0, 1, (7, span + 2 * r, span + 2 * r)).astype(np.float32)
+    full = ndimage.gaussian_filter1d(patch, sigma, axis=1, truncate=4.0)
+    full = ndimage.gaussian_filter1d(full, sigma, axis=2, truncate=4.0)
+    band = _band_kernel(sigma, span)
+    inner = slice(r, r + span)
+    np.testing.assert_allclose(band @ patch @ band.T, full[:, inner, inner], atol=1e-5)
+    mask = rng.random((7, span, span)) > 0.5
+    cross = np.zeros((3, 3, 3), dtype=bool)
+    cross[1] = ndimage.generate_binary_structure(2, 1)
+    expected, _ = ndimage.label(mask, structure=cross)
+    labels = _label_stack(mask)
+    # Same partition (label numbers may differ): equal labels exactly where expected's are.
+    pairs = {(int(a), int(b)) for a, b in zip(expected.ravel(), labels.ravel(), strict=True)}
+    assert len(pairs) == len({a for a, _ in pairs}) == len({b for _, b in pairs})
+    assert np.array_equal(labels > 0, mask)

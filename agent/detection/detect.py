@@ -631,8 +631,9 @@ class _FlatFrame:
     """sign x frame minus its local background (a map on the _BG_BLOCK grid), read only
     where asked: the spot path needs the flattened frame binned (done from the raw sums)
     and at a few thousand pixels (the background sample and the refinement windows), so
-    the full-size float copy _flatten makes is never written. Values are those of
-    _flatten at the same pixels, in the same float32 arithmetic."""
+    the full-size float copy _flatten makes is never written. Pixels read are those of
+    _flatten, in the same float32 arithmetic; the binned image is _flatten's binned to
+    float rounding (a sum of differences taken as a difference of sums)."""
 
     def __init__(
         self, frame: np.ndarray, sign: float = 1.0, small: NDArray[np.float32] | None = None

@@ -289,7 +289,7 @@ def _radial_symmetry_batch(
     the valid part would (its boxcar zero-pads there too).
     """
     n, h, w = patches.shape
-    if h < 3 or w < 3:
+    if h < 3 or w < 3 or n == 0:
         return (
             np.zeros(n, dtype=np.float64),
             np.zeros(n, dtype=np.float64),

@@ -12,8 +12,11 @@ from agent.detection.detect import (
     DetectorConfig,
     ParticleDetector,
     _flatten,
+    _isolated,
     _label_sparse,
+    _local_maxima,
     _noise_gain_1d,
+    _suppress,
     centroid_center,
     estimate_background,
     radial_symmetry_center,
@@ -317,6 +320,55 @@ def test_local_background_flattens_uneven_illumination(shape: tuple[int, int]) -
     assert not inside.any()
 
 
+@pytest.mark.parametrize(
+    ("polarity", "background_px", "bin_px", "shape"),
+    [
+        ("dark", 37, 2, (203, 258)),  # leftover rows and columns past the last block
+        ("bright", 41, 4, (256, 330)),
+        ("dark", 0, 2, (130, 141)),  # polarity flip only
+    ],
+)
+def test_spot_path_flattens_on_the_fly_as_the_whole_frame(
+    polarity: str,
+    background_px: int,
+    bin_px: int,
+    shape: tuple[int, int],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The spot path flattens only where it reads (the binned image, the background's
+    sample, windows); those reads equal the whole flattened frame's at the same pixels,
+    and so do the detections."""
+    import agent.detection.detect as detect
+
+    rng = np.random.default_rng(7)
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
+    truth = rng.uniform(12, np.array(shape[::-1]) - 12, (25, 2))
+    spots = _spots(shape, truth, np.full(len(truth), 3000.0))
+    tilt = 1.0 if background_px else 0.0  # uneven only where a background is removed
+    ramp = 1000 + tilt * (2.0 * xx + 1.3 * yy) + rng.normal(0, 3, shape)
+    frame = (ramp + (-1 if polarity == "dark" else 1) * spots).astype(np.uint16)
+    cfg = DetectorConfig(
+        polarity=polarity, background_px=background_px, segment_bin_px=bin_px, smooth_sigma_px=2.0
+    )
+    det = ParticleDetector(cfg)
+    plan = det._get_plan(frame.shape)
+    flat = det._prepare(frame, plan)
+    assert flat.frame is frame  # no full-size flattened copy was made
+    binned = plan.src.copy()
+    whole = det._preprocess(frame)
+    plan.load(whole)
+    np.testing.assert_allclose(binned, plan.src, rtol=0, atol=2e-3)
+    rows = rng.integers(0, shape[0], (50, 1))
+    cols = rng.integers(0, shape[1], (1, 40))
+    assert np.array_equal(flat.take(rows, cols), whole[rows, cols])
+    assert flat.level_and_sigma() == pytest.approx(detect._background(whole), abs=1e-9)
+    found = det(frame)
+    monkeypatch.setattr(detect, "_lazy_flatten", lambda *_: False)
+    reference = ParticleDetector(cfg)(frame)
+    assert len(found) == len(reference) >= 20
+    np.testing.assert_allclose(found, reference, atol=1e-4)
+
+
 def test_merged_touching_pair_split_by_elongation():
     """Two wide dark images 9 px apart are one peak; with contact_px set the detector
     splits that blob along its major axis into the two particles (round ones stay one)."""
@@ -345,3 +397,57 @@ def test_merged_touching_pair_split_by_elongation():
     found, score, conf = ParticleDetector(cfg).detect_with_confidence(frame)
     assert len(found) == 3 and len(score) == 3 and len(conf) == 3
     assert len(ParticleDetector(cfg.model_copy(update={"contact_px": 0.0}))(frame)) == 2
+
+
+@pytest.mark.parametrize("share", [0.002, 0.5])  # few candidates (neighbour reads), many (passes)
+def test_local_maxima_are_strict_over_the_in_image_neighbours(share: float) -> None:
+    rng = np.random.default_rng(5)
+    img = rng.normal(0, 1, (61, 83)).astype(np.float32)
+    img[0, 10] = img[0, 11] = 9.0  # a tie on the border: neither is strict
+    img[30, 0] = 9.0  # a border maximum
+    idx = np.flatnonzero(img.ravel() >= np.quantile(img, 1 - share))
+    footprint = np.ones((3, 3), dtype=bool)
+    footprint[1, 1] = False
+    nb = ndimage.maximum_filter(img, footprint=footprint, mode="constant", cval=-np.inf)
+    expected = img.ravel()[idx] > nb.ravel()[idx]
+    found = _local_maxima(img, idx, img.ravel()[idx])
+    assert np.array_equal(found, expected) and expected.any()
+    assert found[np.searchsorted(idx, 30 * 83)] and not found[np.searchsorted(idx, 10)]
+
+
+def test_suppression_flags_resolved_neighbours_among_the_kept() -> None:
+    """One tree serves suppression and pair split's test: the flags are exactly which
+    kept detections have another kept one within the near radius."""
+    rng = np.random.default_rng(9)
+    xy = rng.uniform(0, 60, (150, 2))
+    kept, crowded = _suppress(xy, 2.0, 5.0, limit=100)
+    assert np.array_equal(kept, _isolated(xy, 2.0)[:100])
+    d = np.hypot(*(xy[kept, None, :] - xy[None, kept, :]).transpose(2, 0, 1))
+    np.fill_diagonal(d, np.inf)
+    assert crowded is not None and np.array_equal(crowded, (d <= 5.0).any(axis=1))
+    assert crowded.any() and not crowded.all()
+
+
+def test_confirmation_filter_and_labels_match_ndimage_on_the_inner_span() -> None:
+    """The binned candidates' check smooths only each patch's inner span (a band
+    kernel) and labels the stack as one sheet: both as ndimage does on whole patches."""
+    from agent.detection.detect import _band_kernel, _label_stack
+
+    rng = np.random.default_rng(4)
+    sigma, span = 1.9, 6
+    r = int(4.0 * sigma + 0.5)
+    patch = rng.normal(0, 1, (7, span + 2 * r, span + 2 * r)).astype(np.float32)
+    full = ndimage.gaussian_filter1d(patch, sigma, axis=1, truncate=4.0)
+    full = ndimage.gaussian_filter1d(full, sigma, axis=2, truncate=4.0)
+    band = _band_kernel(sigma, span)
+    inner = slice(r, r + span)
+    np.testing.assert_allclose(band @ patch @ band.T, full[:, inner, inner], atol=1e-5)
+    mask = rng.random((7, span, span)) > 0.5
+    cross = np.zeros((3, 3, 3), dtype=bool)
+    cross[1] = ndimage.generate_binary_structure(2, 1)
+    expected, _ = ndimage.label(mask, structure=cross)
+    labels = _label_stack(mask)
+    # Same partition (label numbers may differ): equal labels exactly where expected's are.
+    pairs = {(int(a), int(b)) for a, b in zip(expected.ravel(), labels.ravel(), strict=True)}
+    assert len(pairs) == len({a for a, _ in pairs}) == len({b for _, b in pairs})
+    assert np.array_equal(labels > 0, mask)

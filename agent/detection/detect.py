@@ -30,7 +30,7 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
-from agent.detection.pair_split import split_elongated
+from agent.detection.pair_split import resolved_radius, split_elongated
 from agent.detection.ring_match import (
     DEFAULT_SCALES,
     RingMatcher,
@@ -68,10 +68,10 @@ _CANDIDATE_FRACTION = 0.75
 _DENSE_CONFIRM = 0.5
 _RING_CANDIDATE_FRACTION = 0.5  # of threshold_sigma: ring-mode candidates for the joint fit
 _BG_BLOCK = 4  # local background: block side of the coarse grid it is computed on
+# Local maxima: whole-image passes beat reading 8 neighbours of each candidate once the
+# candidates are more than 1/_GATHER_VS_PASS of the pixels (measured ~1/40).
+_GATHER_VS_PASS = 40
 _BOX_LABEL_FACTOR = 64  # label in the bounding box while it holds <= this many px per candidate.
-# 4-connectivity within each (H, W) slice of an (N, H, W) stack, none across slices.
-_CROSS_2D = np.zeros((3, 3, 3), dtype=bool)
-_CROSS_2D[1] = ndimage.generate_binary_structure(2, 1)
 
 
 class DetectorConfig(BaseModel):
@@ -199,10 +199,20 @@ def _background(frame: np.ndarray, integer: bool | None = None) -> tuple[float, 
     Binned integer frames are held as float32 sums (exact below 2**24), so their sample
     is cast back to integers to keep the continuous-quantile treatment of integer data.
     """
-    step = max(1, int(np.sqrt(frame.size / _BG_SAMPLES)))
+    step = _sample_step(frame.size)
     sample = frame[::step, ::step].ravel()
     if integer:
         sample = sample.astype(np.int64)
+    return _level_and_sigma(sample)
+
+
+def _sample_step(size: int) -> int:
+    """Stride (both axes) of the background's subsample: about _BG_SAMPLES pixels."""
+    return max(1, int(np.sqrt(size / _BG_SAMPLES)))
+
+
+def _level_and_sigma(sample: np.ndarray) -> tuple[float, float]:
+    """(median, IQR sigma) of a flat pixel sample; std where the IQR is 0."""
     q1, level, q3 = _quantiles(sample, (0.25, 0.5, 0.75))
     sigma = (q3 - q1) / _IQR_TO_SIGMA
     if sigma <= 0.0:
@@ -249,13 +259,20 @@ def _centroid_batch(patches: FloatArray) -> tuple[FloatArray, FloatArray]:
 
 
 @lru_cache(maxsize=32)
-def _corner_grid(h: int, w: int) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
-    """Flat x and y of the (h - 1) x (w - 1) pixel-corner midpoints of an h x w patch."""
-    xm = np.tile(np.arange(w - 1, dtype=np.float32) + 0.5, h - 1)
-    ym = np.repeat(np.arange(h - 1, dtype=np.float32) + 0.5, w - 1)
-    xm.flags.writeable = False
-    ym.flags.writeable = False
-    return xm, ym
+def _corner_layout(
+    h: int, w: int
+) -> tuple[NDArray[np.float32], NDArray[np.float32], NDArray[np.float32], NDArray[np.float32]]:
+    """Pixel-corner midpoints of an h x w patch in the patch's own flat layout: corner
+    k = i * w + j lies between pixels k, k + 1, k + w and k + w + 1. Only i < h - 1 and
+    j < w - 1 are corners; (inside, x, y, [inside, x, y] as columns) are 0 elsewhere."""
+    i, j = np.divmod(np.arange(h * w), w)
+    inside = ((i < h - 1) & (j < w - 1)).astype(np.float32)
+    x = ((j + 0.5) * inside).astype(np.float32)
+    y = ((i + 0.5) * inside).astype(np.float32)
+    basis = np.column_stack([inside, x, y])
+    for arr in (inside, x, y, basis):
+        arr.flags.writeable = False
+    return inside, x, y, basis
 
 
 def _radial_symmetry_batch(
@@ -272,54 +289,79 @@ def _radial_symmetry_batch(
     the valid part would (its boxcar zero-pads there too).
     """
     n, h, w = patches.shape
-    if h < 3 or w < 3:
+    if h < 3 or w < 3 or n == 0:
         return (
             np.zeros(n, dtype=np.float64),
             np.zeros(n, dtype=np.float64),
             np.zeros(n, dtype=bool),
         )
-    # float32 and flat (N, pixels) rows with BLAS / einsum row sums: the stack is small
-    # per particle, so temporaries and passes, not arithmetic, set the cost.
-    p = patches.astype(np.float32, copy=False)
-    a, b, c, d = p[:, :-1, :-1], p[:, :-1, 1:], p[:, 1:, :-1], p[:, 1:, 1:]
-    # Gradients into zero-bordered buffers: the 3x3 boxcar then zero-pads like the
-    # paper's conv2(..., 'same'); the gradients' 0.5 is folded into the boxcar's 1/9.
-    gx = np.zeros((n, h + 1, w + 1), dtype=np.float32)
-    gy = np.zeros((n, h + 1, w + 1), dtype=np.float32)
-    np.subtract(b + d, a + c, out=gx[:, 1:-1, 1:-1])
-    np.subtract(c + d, a + b, out=gy[:, 1:-1, 1:-1])
-    vg = None
+    # The whole stack as one flat float32 line, each patch in its own row-major layout:
+    # a neighbour is a fixed flat offset (1 across, w down), so every pass is one long
+    # contiguous loop. The positions that are no corner (last row and column of each
+    # patch) are zeroed and then serve as the boxcar's zero padding, like the paper's
+    # conv2(..., 'same'). Scale factors (the gradients' 0.5, the boxcar's 1/9) cancel in
+    # the fit and are left out. The weighted sums are one BLAS product with [1, x, y].
+    size = h * w
+    total = n * size
+    p = np.ascontiguousarray(patches, dtype=np.float32).reshape(total)
+    inside, xm, ym, basis = _corner_layout(h, w)
+    pad = w + 1
+    m = total - pad  # corners with all four pixels in the stack
+    # Few, reused buffers (the stack is ~0.2 MB per array): the pass count is fixed,
+    # so what stays in cache sets the cost.
+    gx = np.zeros(total + 2 * pad, dtype=np.float32)
+    gy = np.zeros(total + 2 * pad, dtype=np.float32)
+    tmp = np.empty(total + 2 * w, dtype=np.float32)
+    np.add(p[:-w], p[w:], out=tmp[: total - w])  # pixel + the one below
+    np.subtract(tmp[1 : m + 1], tmp[:m], out=gx[pad : pad + m])
+    np.add(p[:-1], p[1:], out=tmp[: total - 1])  # pixel + the one right
+    np.subtract(tmp[w : w + m], tmp[:m], out=gy[pad : pad + m])
+    keep: NDArray[np.float32] = inside
     if valid is not None:
-        vg = valid[:, :-1, :-1] & valid[:, :-1, 1:] & valid[:, 1:, :-1] & valid[:, 1:, 1:]
-        gx[:, 1:-1, 1:-1] *= vg
-        gy[:, 1:-1, 1:-1] *= vg
+        v = valid.reshape(total)
+        corner_ok = np.zeros(total, dtype=bool)
+        corner_ok[:m] = v[:m] & v[1 : m + 1] & v[w : w + m] & v[w + 1 :]
+        keep = corner_ok.reshape(n, size) * inside
+    gx[pad : pad + total].reshape(n, size)[...] *= keep
+    gy[pad : pad + total].reshape(n, size)[...] *= keep
 
     def box(g: NDArray[np.float32]) -> NDArray[np.float32]:
-        r = g[:, :-2] + g[:, 1:-1] + g[:, 2:]
-        return (r[:, :, :-2] + r[:, :, 1:-1] + r[:, :, 2:]) * np.float32(0.5 / 9.0)
+        """3 x 3 sums of g, written over g's own start (it is not read there again)."""
+        r = tmp[: total + 2 * w]
+        np.add(g[:-2], g[1:-1], out=r)
+        r += g[2:]
+        out = g[:total]
+        np.add(r[:total], r[w : w + total], out=out)
+        out += r[2 * w : 2 * w + total]
+        return out.reshape(n, size)
 
-    gx, gy = box(gx), box(gy)
-    if vg is not None:
-        gx *= vg
-        gy *= vg
-    gx, gy = gx.reshape(n, -1), gy.reshape(n, -1)
-    xm, ym = _corner_grid(h, w)
-    mag2 = gx * gx + gy * gy
-    smag = mag2.sum(axis=1, dtype=np.float64)
+    bx, by = box(gx), box(gy)
+    if valid is not None:
+        bx *= keep
+        by *= keep
+    gxy = bx * by
+    gxx, gyy = np.multiply(bx, bx, out=bx), np.multiply(by, by, out=by)
+    mag2 = np.add(gxx, gyy, out=tmp[:total].reshape(n, size))
+    mom = (mag2 @ basis).astype(np.float64)
+    smag = mom[:, 0]
     safe = np.where(smag > 0, smag, 1.0)
-    xc0 = ((mag2 @ xm) / safe).astype(np.float32)
-    yc0 = ((mag2 @ ym) / safe).astype(np.float32)
-    dx, dy = xm[None, :] - xc0[:, None], ym[None, :] - yc0[:, None]
-    inv_d = 1.0 / np.maximum(np.sqrt(dx * dx + dy * dy), np.float32(_MIN_DIST))
-
-    # Line k: n_k . c = n_k . p_k with n_k = (-gy, gx) (unnormalised, so |g|^2 weight built in).
-    gxw, gyw = gx * inv_d, gy * inv_d
-    s = gx * ym - gy * xm
-    a11 = np.einsum("ij,ij->i", gy, gyw, dtype=np.float64)
-    a22 = np.einsum("ij,ij->i", gx, gxw, dtype=np.float64)
-    a12 = -np.einsum("ij,ij->i", gx, gyw, dtype=np.float64)
-    b1 = -np.einsum("ij,ij->i", gyw, s, dtype=np.float64)
-    b2 = np.einsum("ij,ij->i", gxw, s, dtype=np.float64)
+    # 1 / distance of each corner to the gradient-weighted centroid, in place.
+    dist = np.subtract(xm, (mom[:, 1] / safe).astype(np.float32)[:, None], out=mag2)
+    dy = ym - (mom[:, 2] / safe).astype(np.float32)[:, None]
+    dist *= dist
+    dy *= dy
+    dist += dy
+    np.maximum(dist, np.float32(_MIN_DIST * _MIN_DIST), out=dist)
+    np.sqrt(dist, out=dist)
+    np.reciprocal(dist, out=dist)
+    s = np.empty((3, n, 3))
+    for k, g in enumerate((gxx, gyy, gxy)):
+        g *= dist
+        s[k] = g @ basis
+    # Line k: n_k . c = n_k . p_k with n_k = (-gy, gx) (unnormalised: |g|^2 weight built in).
+    a22, a11, a12 = s[0, :, 0], s[1, :, 0], -s[2, :, 0]
+    b1 = s[1, :, 1] - s[2, :, 2]
+    b2 = s[0, :, 2] - s[2, :, 1]
     det = a11 * a22 - a12 * a12
     trace = a11 + a22
     ok = (smag > 0) & (det > 1e-9 * trace * trace)
@@ -402,9 +444,13 @@ def _local_maxima(
 ) -> NDArray[np.bool_]:
     """Which of the pixels idx (values vals) are strict maxima of their in-image 8-neighbours.
 
-    Interior pixels read their neighbours at fixed flat offsets; only the few on the
-    frame's border need clipped coordinates."""
+    Few candidates read their neighbours at fixed flat offsets (only the few on the
+    frame's border need clipped coordinates); many (a dense field) read one image of
+    every pixel's neighbour maximum, a few whole-image passes, instead: a random read
+    costs several streamed pixels."""
     h, w = img.shape
+    if idx.size * _GATHER_VS_PASS > img.size:
+        return vals > _neighbour_max(img).ravel()[idx]
     rows, cols = np.divmod(idx, w)
     flat = img.ravel()
     out = np.ones(idx.size, dtype=bool)
@@ -424,6 +470,18 @@ def _local_maxima(
             nb = img[np.clip(r, 0, h - 1), np.clip(c, 0, w - 1)]
             out[edge] &= ~inside | (vals[edge] > nb)
     return out
+
+
+def _neighbour_max(img: NDArray[np.float32]) -> NDArray[np.float32]:
+    """Each pixel's maximum over its 8 neighbours (outside the image counts as -inf)."""
+    h, w = img.shape
+    pad = np.full((h + 2, w + 2), -np.inf, dtype=np.float32)
+    pad[1:-1, 1:-1] = img
+    row3 = np.maximum(pad[:, :-2], pad[:, 2:])  # left and right, every padded row
+    side = row3[1:-1].copy()
+    np.maximum(row3, pad[:, 1:-1], out=row3)  # and the pixel itself: 3 wide
+    out = np.maximum(row3[:-2], row3[2:])  # the rows above and below
+    return np.maximum(out, side, out=out)
 
 
 def _auto_bin(shape: tuple[int, ...], smooth_sigma_px: float) -> int:
@@ -458,6 +516,31 @@ def _gaussian_weights(sigma_px: float) -> NDArray[np.float64]:
     return ndimage.gaussian_filter1d(impulse, sigma_px, mode="constant", truncate=_TRUNCATE)
 
 
+@lru_cache(maxsize=16)
+def _band_kernel(sigma_px: float, span: int) -> NDArray[np.float32]:
+    """(span, span + 2r) matrix whose row i is the Gaussian kernel starting at column i:
+    ``band @ x`` is the filtered x on the span inside its r-sample margins, exactly as
+    gaussian_filter1d gives there (same weights and truncation)."""
+    weights = _gaussian_weights(sigma_px)
+    r = (weights.size - 1) // 2
+    band = np.zeros((span, span + 2 * r), dtype=np.float32)
+    for i in range(span):
+        band[i, i : i + 2 * r + 1] = weights
+    band.flags.writeable = False
+    return band
+
+
+def _label_stack(mask: NDArray[np.bool_]) -> NDArray[np.int32]:
+    """4-connected labels within each (H, W) slice of an (N, H, W) stack, none across:
+    the slices stacked as one 2-D image with an empty row between them (a 2-D label is
+    several times cheaper than a 3-D one)."""
+    n, h, w = mask.shape
+    sheet = np.zeros((n, h + 1, w), dtype=bool)
+    sheet[:, :h] = mask
+    labels, _ = ndimage.label(sheet.reshape(n * (h + 1), w))
+    return labels.reshape(n, h + 1, w)[:, :h]
+
+
 def _flatten(frame: np.ndarray, box_px: int, sign: float) -> NDArray[np.float32]:
     """sign x frame minus its box mean of side box_px (0: no background), as float32.
 
@@ -485,9 +568,7 @@ def _flatten(frame: np.ndarray, box_px: int, sign: float) -> NDArray[np.float32]
     small = rows_sum[:, 0::b].copy()
     for k in range(1, b):
         small += rows_sum[:, k::b]
-    # An odd box, centred: an even one is off by half a block (a 2 px shift of the map).
-    side = min(round(box_px / b), hb, wb)
-    small = ndimage.uniform_filter(small / np.float32(b * b), side - 1 + side % 2)
+    small = _block_background(small, box_px)
     work = np.empty((h, w), dtype=np.float32)
     bg = np.repeat(small, b, axis=1)
     for k in range(b):  # whole rows at a stride: contiguous inner loops
@@ -506,15 +587,133 @@ def _flatten(frame: np.ndarray, box_px: int, sign: float) -> NDArray[np.float32]
     return work
 
 
+def _block_background(block_sums: NDArray[np.float32], box_px: int) -> NDArray[np.float32]:
+    """The local background on the _BG_BLOCK grid from its block sums: their means
+    under a centred box of about box_px (an odd number of blocks: an even one is off by
+    half a block, a 2 px shift of the map)."""
+    b = _BG_BLOCK
+    side = min(round(box_px / b), *block_sums.shape)
+    return ndimage.uniform_filter(block_sums / np.float32(b * b), side - 1 + side % 2)
+
+
+def _lazy_flatten(box_px: int, b: int, shape: tuple[int, int]) -> bool:
+    """Whether the spot path can flatten on the fly: the segmentation bins (b) tile the
+    background's blocks or are tiled by them, and the block map is what _flatten uses."""
+    b_bg = _BG_BLOCK
+    hb, wb = shape[0] // b_bg, shape[1] // b_bg
+    return b in (2, 4) and (box_px == 0 or (box_px >= 4 * b_bg and hb >= 2 and wb >= 2))
+
+
+def _subtract_blocks(
+    img: NDArray[np.float32], blocks: NDArray[np.float32], k: int, sign: float
+) -> None:
+    """img := sign x img - blocks, in place, each block value covering k x k pixels of
+    img; rows and columns past the last whole block take the nearest block. Strided
+    views, one per phase: no expanded copy of the block map."""
+    hb, wb = blocks.shape
+    parts = []
+    for j in range(k):
+        parts += [(img[i : hb * k : k, j : wb * k : k], blocks) for i in range(k)]
+        if img.shape[0] > hb * k:  # bottom rows, nearest block row
+            parts.append((img[hb * k :, j : wb * k : k], blocks[-1:]))
+    if img.shape[1] > wb * k:  # right columns, nearest block column (all rows)
+        col = np.repeat(blocks[:, -1:], k, axis=0)
+        col = np.concatenate((col, np.repeat(col[-1:], img.shape[0] - col.shape[0], axis=0)))
+        parts.append((img[:, wb * k :], col))
+    for view, bg in parts:
+        if sign < 0:
+            np.subtract(bg, view, out=view)
+        else:
+            view -= bg
+
+
+class _FlatFrame:
+    """sign x frame minus its local background (a map on the _BG_BLOCK grid), read only
+    where asked: the spot path needs the flattened frame binned (done from the raw sums)
+    and at a few thousand pixels (the background sample and the refinement windows), so
+    the full-size float copy _flatten makes is never written. Pixels read are those of
+    _flatten, in the same float32 arithmetic; the binned image is _flatten's binned to
+    float rounding (a sum of differences taken as a difference of sums)."""
+
+    def __init__(
+        self, frame: np.ndarray, sign: float = 1.0, small: NDArray[np.float32] | None = None
+    ) -> None:
+        self.frame = frame
+        self.sign = sign
+        self.small = small
+        self.shape: tuple[int, int] = (frame.shape[0], frame.shape[1])
+        self.size = frame.size
+        self._raw: np.ndarray | None = None
+        # Plain (unflipped, unflattened) frames keep integer data's quantile treatment.
+        self.integer = bool(sign > 0 and small is None and np.issubdtype(frame.dtype, np.integer))
+        if small is not None:
+            # Pixels past the last whole block take the nearest block, as in _flatten.
+            h, w = self.shape
+            self.block_row = np.minimum(np.arange(h) // _BG_BLOCK, small.shape[0] - 1)
+            self.block_col = np.minimum(np.arange(w) // _BG_BLOCK, small.shape[1] - 1)
+
+    def take(self, rows: NDArray[np.intp], cols: NDArray[np.intp]) -> NDArray[np.float32]:
+        """Flattened values at broadcastable in-frame row and column indices, as float32
+        (flat takes: several times cheaper than indexing with two arrays)."""
+        if self._raw is None:
+            self._raw = self.frame.ravel()  # a view of a contiguous frame
+        raw = self._raw.take(rows * self.shape[1] + cols)
+        if self.small is None:
+            out = raw.astype(np.float32)
+            return np.negative(out, out=out) if self.sign < 0 else out
+        wb = self.small.shape[1]
+        bg = self.small.ravel().take(self.block_row[rows] * wb + self.block_col[cols])
+        a, c = (bg, raw) if self.sign < 0 else (raw, bg)
+        return np.subtract(a, c, dtype=np.float32)
+
+    def level_and_sigma(self) -> tuple[float, float]:
+        """_background of the flattened frame, from its strided subsample alone."""
+        if self.sign > 0 and self.small is None:
+            return _background(self.frame)
+        step = _sample_step(self.size)
+        raw = self.frame[::step, ::step]
+        if self.small is None:
+            return _level_and_sigma(np.negative(raw, dtype=np.float32).ravel())
+        bg = self.small.take(self.block_row[::step], axis=0).take(self.block_col[::step], axis=1)
+        a, c = (bg, raw) if self.sign < 0 else (raw, bg)
+        return _level_and_sigma(np.subtract(a, c, dtype=np.float32).ravel())
+
+
 def _isolated(xy: FloatArray, radius: float) -> NDArray[np.intp]:
     """Indices of xy (strongest first) kept when each suppresses weaker ones within radius."""
-    keep = np.ones(len(xy), dtype=bool)
-    if len(xy) > 1:
-        pairs = cKDTree(xy).query_pairs(radius, output_type="ndarray")
-        for i, j in pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]:
-            if keep[i]:
-                keep[j] = False
-    return np.flatnonzero(keep)
+    return _suppress(xy, radius)[0]
+
+
+def _suppress(
+    xy: FloatArray, radius: float, near: float = 0.0, limit: int | None = None
+) -> tuple[NDArray[np.intp], NDArray[np.bool_] | None]:
+    """_isolated's indices (the first `limit` of them), and for near > 0 which of those
+    have another of them within near: both from one tree of close pairs."""
+    n = len(xy)
+    pairs = np.zeros((0, 2), dtype=np.intp)
+    if n > 1:
+        pairs = cKDTree(xy).query_pairs(max(radius, near), output_type="ndarray")
+    close = pairs
+    if near > radius and pairs.size:
+        dist = np.hypot(*(xy[pairs[:, 0]] - xy[pairs[:, 1]]).T)
+        close = pairs[dist <= radius]
+    keep = np.ones(n, dtype=bool)
+    if close.size:
+        # Greedy, strongest first: by the time i's pairs come, i's own fate is settled.
+        # A plain Python loop over lists: numpy scalars would cost ~10x per pair.
+        flags = [True] * n
+        for i, j in close[np.lexsort((close[:, 1], close[:, 0]))].tolist():
+            if flags[i]:
+                flags[j] = False
+        keep = np.array(flags)
+    kept = np.flatnonzero(keep)[:limit]
+    if near <= 0:
+        return kept, None
+    keep[kept[-1] + 1 if kept.size else 0 :] = False  # those past the limit are gone too
+    if near < radius and pairs.size:
+        pairs = pairs[np.hypot(*(xy[pairs[:, 0]] - xy[pairs[:, 1]]).T) <= near]
+    both = pairs[keep[pairs[:, 0]] & keep[pairs[:, 1]]]
+    return kept, np.bincount(both.ravel(), minlength=n)[kept] > 0
 
 
 class _SegPlan:
@@ -615,6 +814,8 @@ class ParticleDetector:
         # Fixed offsets of the refinement window, reused for every frame.
         self._offsets = np.arange(-self.config.refine_half_px, self.config.refine_half_px + 1)
         self._last_confidence = np.zeros(0)
+        # Spot path: which detections have a resolved neighbour (pair split's test).
+        self._last_crowded: NDArray[np.bool_] | None = None
         self._matcher: RingMatcher | None = None
         self.adapted: object | None = None  # the estimate, when adapt=True has run
 
@@ -650,6 +851,7 @@ class ParticleDetector:
         if self.config.adapt:
             self._adapt(frame)
         self._last_confidence = np.zeros(0)
+        self._last_crowded = None
         xy, score = (
             self._detect_rings(frame)
             if self.config.polarity == "ring"
@@ -662,7 +864,7 @@ class ParticleDetector:
             sign = -1.0 if cfg.ring_profile and cfg.ring_profile[0] < 0 else 1.0
         else:
             sign = -1.0 if cfg.polarity == "dark" else 1.0
-        xy, src = split_elongated(frame, xy, sign, cfg.contact_px)
+        xy, src = split_elongated(frame, xy, sign, cfg.contact_px, self._last_crowded)
         if self._last_confidence.size == score.size:
             self._last_confidence = self._last_confidence[src]
         return xy, score[src]
@@ -670,16 +872,13 @@ class ParticleDetector:
     def _detect_spots(self, frame: np.ndarray) -> tuple[FloatArray, FloatArray]:
         """Spot modes: threshold the smoothed frame, seed, refine."""
         cfg = self.config
-        work = self._preprocess(frame)
-        plan = self._get_plan(work.shape)
-        level, sigma = _background(work)
-        binned = plan.load(work)
+        plan = self._get_plan(frame.shape)
+        work = self._prepare(frame, plan)
+        level, sigma = work.level_and_sigma()
         if plan.b > 1:
             # Threshold from the binned image's own noise: exact, and immune to any
             # pixel-to-pixel correlation that would break a sqrt(b**2) scaling.
-            seg_level, seg_sigma = _background(
-                binned, integer=bool(np.issubdtype(work.dtype, np.integer))
-            )
+            seg_level, seg_sigma = _background(plan.src, integer=work.integer)
         else:
             seg_level, seg_sigma = level, sigma
         seg = plan.smooth()
@@ -715,7 +914,10 @@ class ParticleDetector:
 
         keep = np.argsort(-brightness, kind="stable")
         if cfg.separation_px > 0:
-            keep = keep[_isolated(xy[keep], cfg.separation_px)]
+            # One tree for suppression and for pair split's test of resolved neighbours.
+            near = resolved_radius(cfg.contact_px) if cfg.contact_px > 0 else 0.0
+            kept, self._last_crowded = _suppress(xy[keep], cfg.separation_px, near, cfg.max_objects)
+            keep = keep[kept]
         keep = keep[: cfg.max_objects]
         # Noise of a window sum is sigma * sqrt(pixels); edge windows are clipped, as in _refine.
         half, (n_rows, n_cols) = cfg.refine_half_px, work.shape
@@ -797,6 +999,35 @@ class ParticleDetector:
         self._plan = None
         self._offsets = np.arange(-self.config.refine_half_px, self.config.refine_half_px + 1)
 
+    def _prepare(self, frame: np.ndarray, plan: _SegPlan) -> _FlatFrame:
+        """Load the plan's segmentation image with the flattened (polarity, background)
+        frame, binned; returns the flattened frame for reading windows from.
+
+        Where the bins and the background's blocks nest (_lazy_flatten), the raw frame is
+        binned and the background removed on the binned grid, so the only full-frame pass
+        is the binning itself; otherwise the frame is flattened whole first."""
+        cfg = self.config
+        sign = -1.0 if cfg.polarity == "dark" else 1.0
+        b = plan.b
+        if (sign > 0 and cfg.background_px == 0) or not _lazy_flatten(
+            cfg.background_px, b, frame.shape
+        ):
+            work = self._preprocess(frame)
+            plan.load(work)
+            return _FlatFrame(work)
+        binned = plan.load(frame)
+        if cfg.background_px == 0:
+            np.negative(binned, out=binned)
+            return _FlatFrame(frame, sign)
+        hb, wb = frame.shape[0] // _BG_BLOCK, frame.shape[1] // _BG_BLOCK
+        blocks = binned
+        if b == 2:  # 2 x 2 bins make the 4 x 4 blocks' sums
+            rows = binned[0 : 2 * hb : 2] + binned[1 : 2 * hb : 2]
+            blocks = rows[:, 0 : 2 * wb : 2] + rows[:, 1 : 2 * wb : 2]
+        small = _block_background(blocks[:hb, :wb], cfg.background_px)
+        _subtract_blocks(binned, small * np.float32(b * b), _BG_BLOCK // b, sign)
+        return _FlatFrame(frame, sign, small)
+
     def _preprocess(self, frame: np.ndarray) -> np.ndarray:
         """Polarity flip and local background removal, only when asked (they cost a pass)."""
         cfg = self.config
@@ -829,7 +1060,7 @@ class ParticleDetector:
 
     def _component_seeds(
         self,
-        work: np.ndarray,
+        work: _FlatFrame,
         idx: NDArray[np.intp],
         vals: NDArray[np.float32],
         peak: NDArray[np.bool_],
@@ -864,7 +1095,7 @@ class ParticleDetector:
         return self._confirm(work, rows, cols, primary, plan, level, sigma)
 
     def _seeds_from_bins(
-        self, frame: np.ndarray, seg: NDArray[np.float32], flat: NDArray[np.intp], plan: _SegPlan
+        self, frame: _FlatFrame, seg: NDArray[np.float32], flat: NDArray[np.intp], plan: _SegPlan
     ) -> tuple[NDArray[np.intp], NDArray[np.intp]]:
         """Full-resolution seeds for binned peaks (flat indices into seg): each peak's
         sub-bin position (a parabola through its smoothed neighbours) on the full grid,
@@ -880,7 +1111,7 @@ class ParticleDetector:
 
     def _confirm(
         self,
-        frame: np.ndarray,
+        frame: _FlatFrame,
         rows: NDArray[np.intp],
         cols: NDArray[np.intp],
         primary: NDArray[np.bool_],
@@ -911,21 +1142,23 @@ class ParticleDetector:
         raw_c = cols[:, None] * b + off
         ri = _reflect_index(raw_r, n_rows)
         ci = _reflect_index(raw_c, n_cols)
-        patch = frame[ri[:, :, None], ci[:, None, :]].astype(np.float32)
-        if sig > 0:
-            patch = ndimage.gaussian_filter1d(patch, sig, axis=1, truncate=_TRUNCATE)
-            patch = ndimage.gaussian_filter1d(patch, sig, axis=2, truncate=_TRUNCATE)
-
+        patch = frame.take(ri[:, :, None], ci[:, None, :])
         inner = slice(rf, rf + span)
+        if sig > 0:
+            # Only the inner span is read, and its margin is in the patch: the separable
+            # filter there is one small band matrix per side (two BLAS products).
+            band = _band_kernel(sig, span)
+            sm = np.matmul(np.matmul(band, patch), band.T)
+        else:
+            sm = patch[:, inner, inner]
         ri, ci = ri[:, inner], ci[:, inner]
         valid = ((raw_r[:, inner] >= 0) & (raw_r[:, inner] < n_rows))[:, :, None] & (
             (raw_c[:, inner] >= 0) & (raw_c[:, inner] < n_cols)
         )[:, None, :]
         g_rows, g_cols = plan.full_gains
         scale = (g_rows[ri][:, :, None] * g_cols[ci][:, None, :]).astype(np.float32)
-        sm = patch[:, inner, inner]
         mask = (sm > level + (cfg.threshold_sigma * sigma) * scale) & valid
-        labels, _ = ndimage.label(mask, structure=_CROSS_2D)
+        labels = _label_stack(mask)
 
         n = np.arange(rows.size)
         best = np.argmax(np.where(valid, sm, -np.inf).reshape(rows.size, -1), axis=1)
@@ -941,23 +1174,23 @@ class ParticleDetector:
 
     def _refine(
         self,
-        frame: np.ndarray,
+        frame: np.ndarray | _FlatFrame,
         rows: NDArray[np.intp],
         cols: NDArray[np.intp],
         level: float,
     ) -> tuple[FloatArray, FloatArray]:
         """Sub-pixel positions and window brightness for each seed, all in one stack:
         windows the frame edge clips are gathered whole and masked (no per-seed loop)."""
+        flat = frame if isinstance(frame, _FlatFrame) else _FlatFrame(frame)
         half = self.config.refine_half_px
-        n_rows, n_cols = frame.shape
+        n_rows, n_cols = flat.shape
         r = rows[:, None] + self._offsets[None, :]
         c = cols[:, None] + self._offsets[None, :]
         vr = (r >= 0) & (r < n_rows)
         vc = (c >= 0) & (c < n_cols)
-        patches = frame[
+        patches = flat.take(
             np.clip(r, 0, n_rows - 1)[:, :, None], np.clip(c, 0, n_cols - 1)[:, None, :]
-        ]
-        patches = patches.astype(np.float32)
+        )
         patches -= np.float32(level)
         valid = None
         if not (vr.all() and vc.all()):

@@ -759,7 +759,11 @@ class ParticleDetector:
         z = amp / sigma
         floor = cfg.threshold_sigma
         if cfg.relative_threshold > 0 and z.size:
-            top = z[z >= 0.5 * np.percentile(z, 90)]
+            # The strong ones among those over the threshold: the candidates under it
+            # (down to half, for the joint fit) can be many and would drag it down.
+            over = z[z > floor]
+            over = over if over.size else z
+            top = over[over >= 0.5 * np.percentile(over, 90)]
             floor = max(floor, cfg.relative_threshold * float(np.median(top)))
         strong = np.argsort(-z, kind="stable")
         keep = strong[z[strong] > floor][: cfg.max_objects]

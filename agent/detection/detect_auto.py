@@ -47,7 +47,7 @@ from agent.detection.detect import (
     _noise_gain_1d,
     white_noise_sigma,
 )
-from agent.detection.ring_match import RingMatcher
+from agent.detection.ring_match import RingMatcher, central_lobe_px, fit_radial_profile
 
 __all__ = ["Estimate", "check_frames", "estimate_config"]
 
@@ -64,6 +64,11 @@ _QUIET_FRACTION = 1 / 3
 # Ring mode's relative floor (of the frame's typical particle): residual side lobes of
 # overlapping rings after the joint fit stay under ~0.35 of a particle up to 2 um defocus.
 _RING_RELATIVE = 0.4
+_REFITS = 2  # rounds of fitting the ring profile to whole frames at the particles found
+_REFIT_FRAMES = 2  # frames the fit uses
+_MIN_FIT_PARTICLES = 3
+_MIN_CENTRE = 0.2  # a fitted centre weaker than this share of the profile's extreme: stop
+_LOBES = 1.5  # separation in half widths of the filter's central lobe
 _SMOOTH_GAIN = 0.5 / math.sqrt(math.pi)  # white noise through a sigma-1 px Gaussian
 _RESOLVE = 2.5  # smoothed images must be narrower than the close distance / this
 _SEPARATE = 0.6  # separation: at most this share of the close distance
@@ -293,15 +298,22 @@ def _shape(
     if not profiles:
         return where, np.zeros(where.size), 1.5, 0.0, 0.0
     prof = np.median(profiles, axis=0)
+    # 4 sigma of a profile bin: each averages >= 8 pixels of every seed.
+    n_seeds = sum(min(len(rc), _PROFILE_PEAKS) for rc, _ in seeds)
+    noise = 4.0 * pix_sigma / math.sqrt(8.0 * max(n_seeds, 1))
+    return (where, prof, *_features(where, prof, noise))
+
+
+def _features(where: np.ndarray, prof: np.ndarray, noise: float) -> tuple[float, float, float]:
+    """(core half width at half maximum, ring radius, ring outer edge) of a radial
+    profile whose centre is positive; ring radius 0 where no significant dip (deeper than
+    _RING_DEPTH of the centre and than noise) follows the core."""
     peak = float(prof[0])
     hwhm = _crossing(where, prof, 0.5 * peak)
     core = math.ceil(hwhm)
     after = prof[core:]
-    # 4 sigma of a profile bin: each averages >= 8 pixels of every seed.
-    n_seeds = sum(min(len(rc), _PROFILE_PEAKS) for rc, _ in seeds)
-    noise = 4.0 * pix_sigma / math.sqrt(8.0 * max(n_seeds, 1))
     if after.size <= 2 or -after.min() <= max(_RING_DEPTH * peak, noise):
-        return where, prof, hwhm, 0.0, 0.0
+        return hwhm, 0.0, 0.0
     k = core + int(np.argmin(after))
     # Sub-pixel ring radius: parabola through the minimum and its neighbours.
     ring_r = float(where[k])
@@ -310,7 +322,7 @@ def _shape(
         curv = a - 2 * b + c
         ring_r += 0.5 * (a - c) / curv if curv > 0 else 0.0
     outer = _crossing(where, -prof, 0.25 * float(-prof[k]), start=k + 1)
-    return where, prof, hwhm, ring_r, outer
+    return hwhm, ring_r, outer
 
 
 def _describe(est: dict[str, float | str], cfg: DetectorConfig) -> str:
@@ -474,17 +486,14 @@ def estimate_config(
     # Images merge into one peak when closer than about twice their width: where the
     # field is that crowded, touching pairs are one blob and are split by its elongation.
     merge = 2.0 * sigma_core
-    if diameter_px is None and 0 < close < _CROWDED * merge:
+    # Ring mode needs no split: the joint amplitude fit gives touching rings their own.
+    if diameter_px is None and 0 < close < _CROWDED * merge and contrast != "ring":
         put("contact_px", float(min(merge, 200.0)))
     if contrast == "ring":
         put("polarity", "ring")
-        put("ring_radius_px", float(min(max(ring_r, 1.0), 100.0)))
-        put("window_px", int(min(max(round(0.85 * ring_r), 2), 50)))
-        # Touching spheres sit one diameter apart, inside each other's rings: only
-        # their bright centres are separate, so separation follows the centre's width.
-        put("separation_px", float(min(max(2.0 * hwhm, 1.0), 200.0)))
-        put("ring_profile", tuple(sign * v for v in _ring_template(where, prof, ring_r)))
         put("relative_threshold", _RING_RELATIVE)
+        for name, value in _ring_settings(where, prof, sign, ring_r).items():
+            put(name, value)
     else:
         put("polarity", contrast)
         put("window_px", int(min(max(round(2.5 * spot_sigma), 2), 50)))
@@ -496,12 +505,28 @@ def estimate_config(
         put("background_px", 0)
 
     if contrast == "ring":
-        put(
-            "threshold_sigma",
-            _ring_threshold(
-                frame, base.model_copy(update=updates), (seeds_b if sign > 0 else seeds_d)[0][0]
-            ),
-        )
+        top_seeds = (seeds_b if sign > 0 else seeds_d)[0][0]
+        put("threshold_sigma", _ring_threshold(frame, base.model_copy(update=updates), top_seeds))
+        if diameter_px is None and "ring_profile" not in given:
+            # The median profile around the most symmetric particles holds their
+            # neighbours' rings in a crowded field: fit the shape to whole frames at the
+            # particles found with it, and again with the better shape.
+            for _ in range(_REFITS):
+                fitted = _fitted_profile(use, base.model_copy(update=updates), sign, radius)
+                if fitted is None:
+                    break
+                where_f = np.arange(fitted.size, dtype=np.float64)
+                hwhm_f, ring_f, outer_f = _features(where_f, fitted, 0.0)
+                if ring_f <= 0:
+                    break
+                where, prof, hwhm, ring_r, outer = where_f, fitted, hwhm_f, ring_f, outer_f
+                diameter = 2.0 * math.ceil(outer) + 1.0
+                for name, value in _ring_settings(where, prof, sign, ring_r).items():
+                    put(name, value)
+                put(
+                    "threshold_sigma",
+                    _ring_threshold(frame, base.model_copy(update=updates), top_seeds),
+                )
     else:
         put(
             "threshold_sigma",
@@ -544,13 +569,68 @@ def _ring_template(where: np.ndarray, prof: np.ndarray, ring_r: float) -> tuple[
     return tuple(round(float(v), 4) for v in values)
 
 
+def _ring_settings(
+    where: np.ndarray, prof: np.ndarray, sign: float, ring_r: float
+) -> dict[str, object]:
+    """Ring mode's shape settings from a radial profile (centre positive after sign):
+    the matched filter, its ring radius and refinement window, and the separation."""
+    template = tuple(sign * v for v in _ring_template(where, prof, ring_r))
+    return {
+        "ring_radius_px": float(min(max(ring_r, 1.0), 100.0)),
+        "window_px": int(min(max(round(0.85 * ring_r), 2), 50)),
+        # Peaks of the filter's response closer than its resolution are one particle
+        # (touching spheres sit inside each other's rings: only the response's central
+        # lobes are apart, and the joint fit tells them apart).
+        "separation_px": float(min(max(_LOBES * central_lobe_px(template), 1.0), 200.0)),
+        "ring_profile": template,
+    }
+
+
+def _fitted_profile(
+    frames: list[np.ndarray], cfg: DetectorConfig, sign: float, radius: int
+) -> np.ndarray | None:
+    """Mean over frames of the profile fitted at the particles cfg finds (centre
+    normalised to 1, positive after sign). None where the rings do not overlap (the
+    median profile around isolated particles is then the same shape, and more robust to
+    particles that differ), when too few are found, or when the fitted centre has lost
+    the sign or weight the polarity was chosen for."""
+    det = ParticleDetector(cfg)
+    fits = []
+    reach = 2.0 * (len(cfg.ring_profile) - 1)  # rings closer than this overlap
+    for f in frames[:_REFIT_FRAMES]:
+        xy = det(f)
+        if len(xy) < _MIN_FIT_PARTICLES:
+            continue
+        nearest = cKDTree(xy).query(xy, k=2)[0][:, 1]
+        if float(np.median(nearest)) < reach:
+            fits.append(fit_radial_profile(f, xy, radius))
+    if not fits:
+        return None
+    fit = sign * np.mean(fits, axis=0)
+    if fit[0] <= _MIN_CENTRE * float(np.max(np.abs(fit))):
+        return None
+    return fit / fit[0]
+
+
 def _ring_threshold(frame: np.ndarray, cfg: DetectorConfig, seeds: np.ndarray) -> float:
-    """Ring filter threshold in pixel sigmas: _THRESHOLD_SIGMA, raised to the relative
-    minimum (_MIN_PEAK_FRACTION of the typical particle's response, at the seeds)."""
+    """Ring filter threshold in pixel sigmas: _THRESHOLD_SIGMA of the filter's noise as
+    measured where no particle is (texture, dust and debris raise it above the white
+    pixel noise, which a unit-norm filter passes unchanged). The particles masked out
+    are those over _MIN_PEAK_FRACTION of the typical one's response (at the seeds);
+    crowded fields leave too little background to measure and get the white noise.
+    Halos and side lobes far above the noise are the relative threshold's job (per
+    frame, in detect), so a frame of particles at another height keeps its own."""
+    white = white_noise_sigma(frame)
+    if white <= 1e-12:
+        return _THRESHOLD_SIGMA
     resp = RingMatcher(cfg.ring_profile, cfg.ring_scales).response(frame)[0]
-    z = resp[seeds[:_PROFILE_PEAKS, 0], seeds[:_PROFILE_PEAKS, 1]] / white_noise_sigma(frame)
-    typical = float(np.median(z)) if z.size else 0.0
-    return float(min(max(_THRESHOLD_SIGMA, _MIN_PEAK_FRACTION * typical), 100.0))
+    z = resp[seeds[:_PROFILE_PEAKS, 0], seeds[:_PROFILE_PEAKS, 1]] / white
+    provisional = max(_THRESHOLD_SIGMA, _MIN_PEAK_FRACTION * _median_or_zero(z))
+    found = ParticleDetector(cfg.model_copy(update={"threshold_sigma": min(provisional, 100.0)}))(
+        frame
+    )
+    measured = _texture_sigma(resp, found, max(1, len(cfg.ring_profile) - 1), white)
+    return float(min(max(_THRESHOLD_SIGMA * measured / white, _THRESHOLD_SIGMA), 100.0))
 
 
 def _spot_threshold(

@@ -49,7 +49,7 @@ from agent.detection.detect import (
 )
 from agent.detection.ring_match import RingMatcher, central_lobe_px, fit_radial_profile
 
-__all__ = ["Estimate", "check_frames", "estimate_config"]
+__all__ = ["Estimate", "RingTracker", "check_frames", "estimate_config"]
 
 _BLOCKS = 16  # illumination grid: blocks per short side
 _UNEVEN = 2.0  # block medians spreading over this many times their noise range: uneven
@@ -69,6 +69,8 @@ _REFIT_FRAMES = 2  # frames the fit uses
 _MIN_FIT_PARTICLES = 3
 _MIN_CENTRE = 0.2  # a fitted centre weaker than this share of the profile's extreme: stop
 _LOBES = 1.5  # separation in half widths of the filter's central lobe
+_DRIFT = 1.3  # typical response changed by this factor (either way): refit the profile
+_MIN_TRACK = 10  # detections needed to refit the profile on a frame
 _SMOOTH_GAIN = 0.5 / math.sqrt(math.pi)  # white noise through a sigma-1 px Gaussian
 _RESOLVE = 2.5  # smoothed images must be narrower than the close distance / this
 _SEPARATE = 0.6  # separation: at most this share of the close distance
@@ -492,6 +494,7 @@ def estimate_config(
     if contrast == "ring":
         put("polarity", "ring")
         put("relative_threshold", _RING_RELATIVE)
+        put("ring_refit", True)
         for name, value in _ring_settings(where, prof, sign, ring_r).items():
             put(name, value)
     else:
@@ -512,10 +515,10 @@ def estimate_config(
             # neighbours' rings in a crowded field: fit the shape to whole frames at the
             # particles found with it, and again with the better shape.
             for _ in range(_REFITS):
-                fitted = _fitted_profile(use, base.model_copy(update=updates), sign, radius)
-                if fitted is None:
+                measured = _fitted_profile(use, base.model_copy(update=updates), sign, radius)
+                if measured is None:
                     break
-                where_f = np.arange(fitted.size, dtype=np.float64)
+                where_f, fitted = measured
                 hwhm_f, ring_f, outer_f = _features(where_f, fitted, 0.0)
                 if ring_f <= 0:
                     break
@@ -586,30 +589,81 @@ def _ring_settings(
     }
 
 
+def _typical_response(z: np.ndarray) -> float:
+    """The frame's typical particle response: median of the strong detections."""
+    return _median_or_zero(z[z >= 0.5 * np.percentile(z, 90)]) if z.size else 0.0
+
+
+class RingTracker:
+    """Keeps ring mode's matched filter matched as the image changes (focus drift,
+    a stage move to particles at another height): when the typical detection's
+    response moves by more than _DRIFT from its reference, the profile is refitted to
+    that frame's own detections and the frame detected again. One per detector."""
+
+    def __init__(self) -> None:
+        self.reference = 0.0
+
+    def update(
+        self, frame: np.ndarray, xy: np.ndarray, z: np.ndarray, cfg: DetectorConfig, settle: bool
+    ) -> DetectorConfig | None:
+        """A config with the refitted profile, or None (no change needed or possible).
+        settle: this is the detection with a new profile: only take its reference."""
+        typical = _typical_response(z)
+        if settle or self.reference <= 0.0:
+            self.reference = typical
+            return None
+        ratio = typical / self.reference if self.reference > 0 else 0.0
+        if 1.0 / _DRIFT <= ratio <= _DRIFT or len(xy) < _MIN_TRACK:
+            return None
+        self.reference = typical  # refit or not, judge the next frames against this one
+        sign = -1.0 if cfg.ring_profile and cfg.ring_profile[0] < 0 else 1.0
+        radius = int(min(_MAX_RADIUS_PX, 2 * len(cfg.ring_profile), min(frame.shape) // 2 - 1))
+        measured = _profile_at(frame, xy, sign, max(radius, 3), crowded_only=False)
+        if measured is None:
+            return None
+        where, fitted = measured
+        _, ring_r, _ = _features(where, fitted, 0.0)
+        if ring_r <= 0:
+            return None
+        return cfg.model_copy(update=_ring_settings(where, fitted, sign, ring_r))
+
+
+def _profile_at(
+    frame: np.ndarray, xy: np.ndarray, sign: float, radius: int, crowded_only: bool
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """(radii, profile) (centre 1, positive after sign) of the particles at xy in one
+    frame, out to radius: fitted to the whole frame where the rings overlap (median
+    nearest neighbour under 2 radius), else the median profile around them (or None
+    where crowded_only: the profile already measured around isolated particles is the
+    same shape). None also when too few, or the centre lost its sign or weight."""
+    if len(xy) < _MIN_FIT_PARTICLES:
+        return None
+    nearest = cKDTree(xy).query(xy, k=2)[0][:, 1]
+    if float(np.median(nearest)) < 2.0 * radius:
+        where = np.arange(radius + 1, dtype=np.float64)
+        fit = sign * fit_radial_profile(frame, xy, radius)
+    elif crowded_only:
+        return None
+    else:
+        flat = frame.astype(np.float32) - _illumination(frame)
+        rc = np.clip(np.rint(xy[:, ::-1]).astype(np.intp), 0, np.array(frame.shape) - 1)
+        where, fit = _radial_profile(sign * flat, rc, radius)
+    if fit.size == 0 or fit[0] <= _MIN_CENTRE * float(np.max(np.abs(fit))):
+        return None
+    return where, fit / fit[0]
+
+
 def _fitted_profile(
     frames: list[np.ndarray], cfg: DetectorConfig, sign: float, radius: int
-) -> np.ndarray | None:
-    """Mean over frames of the profile fitted at the particles cfg finds (centre
-    normalised to 1, positive after sign). None where the rings do not overlap (the
-    median profile around isolated particles is then the same shape, and more robust to
-    particles that differ), when too few are found, or when the fitted centre has lost
-    the sign or weight the polarity was chosen for."""
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Mean over the first frames of the profile fitted at the particles cfg finds,
+    where their rings overlap (see _profile_at); None where they do not."""
     det = ParticleDetector(cfg)
-    fits = []
-    reach = 2.0 * (len(cfg.ring_profile) - 1)  # rings closer than this overlap
-    for f in frames[:_REFIT_FRAMES]:
-        xy = det(f)
-        if len(xy) < _MIN_FIT_PARTICLES:
-            continue
-        nearest = cKDTree(xy).query(xy, k=2)[0][:, 1]
-        if float(np.median(nearest)) < reach:
-            fits.append(fit_radial_profile(f, xy, radius))
+    fits = [_profile_at(f, det(f), sign, radius, crowded_only=True) for f in frames[:_REFIT_FRAMES]]
+    fits = [f for f in fits if f is not None]
     if not fits:
         return None
-    fit = sign * np.mean(fits, axis=0)
-    if fit[0] <= _MIN_CENTRE * float(np.max(np.abs(fit))):
-        return None
-    return fit / fit[0]
+    return fits[0][0], np.mean([f[1] for f in fits], axis=0)
 
 
 def _ring_threshold(frame: np.ndarray, cfg: DetectorConfig, seeds: np.ndarray) -> float:

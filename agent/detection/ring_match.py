@@ -272,14 +272,16 @@ def explain_away(
     return np.maximum(amp, 0.0)
 
 
-def fit_radial_profile(frame: np.ndarray, xy: FloatArray, radius: int) -> FloatArray:
-    """One particle's radial profile c(k), k = 0 .. radius px, fitted to the whole frame.
+def fit_radial_profile(frame: np.ndarray, xy: FloatArray, radius: int) -> tuple[FloatArray, float]:
+    """One particle's radial profile c(k), k = 0 .. radius px, fitted to the whole frame,
+    and the share of the frame's variance about the background that the fit explains
+    (how well particles of that profile at xy account for the image).
 
     In a crowded field the mean profile around a particle holds its neighbours' rings
     too (far from focus they overlap at every distance), so the shape is solved for
     instead: frame = quadratic background + sum_i c(|x - x_i|) over all particles at xy,
     c linear between integer radii, least squares over every pixel. The quadratic
-    takes the camera offset and vignetting. Returns c in the frame's units."""
+    takes the camera offset and vignetting. c is in the frame's units."""
     img = np.asarray(frame, dtype=np.float64)
     h, w = img.shape
     pts = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
@@ -310,7 +312,12 @@ def fit_radial_profile(frame: np.ndarray, xy: FloatArray, radius: int) -> FloatA
     rhs = np.concatenate([design.T @ b, poly.T @ b])
     # A whisker of ridge: radii no particle reaches (small frames) stay at 0.
     normal[np.arange(m), np.arange(m)] += 1e-9 * np.trace(normal) / m
-    return np.linalg.solve(normal, rhs)[:n]
+    sol = np.linalg.solve(normal, rhs)
+    residual = b - design @ sol[:n] - poly @ sol[n:]
+    background_only = b - poly @ np.linalg.lstsq(poly, b, rcond=None)[0]
+    total = float(background_only @ background_only)
+    explained = 1.0 - float(residual @ residual) / total if total > 0 else 0.0
+    return sol[:n], explained
 
 
 def central_lobe_px(profile: tuple[float, ...]) -> float:

@@ -75,7 +75,7 @@ _QUIET_FRACTION = 1 / 3
 # overlapping rings after the joint fit stay under ~0.35 of a particle up to 2 um defocus.
 _RING_RELATIVE = 0.4
 _REFITS = 2  # rounds of fitting the ring profile to whole frames at the particles found
-_REFIT_FRAMES = 2  # frames the fit uses
+_REFIT_FRAMES = 1  # frames the fit uses
 _MIN_FIT_PARTICLES = 3
 _MIN_CENTRE = 0.2  # a fitted centre weaker than this share of the profile's extreme: stop
 _LOBES = 1.5  # separation in half widths of the filter's central lobe

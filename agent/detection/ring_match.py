@@ -44,6 +44,7 @@ __all__ = [
 FloatArray = NDArray[np.float64]
 _STEPS = np.arange(-1, 2)
 _REFINE_RING_WEIGHT = 0.5  # weight of the dark ring in the refinement kernel (core: 1)
+_FIT_PARTICLES = 100  # particles whose neighbourhood the profile fit uses at most
 
 # Radial stretch factors of the template bank: +-15 % covers the ring-radius spread of
 # spheres a few um apart in height at NA 0.3-1.0 (measured on the twin's Mie-free model
@@ -281,10 +282,28 @@ def fit_radial_profile(frame: np.ndarray, xy: FloatArray, radius: int) -> tuple[
     too (far from focus they overlap at every distance), so the shape is solved for
     instead: frame = quadratic background + sum_i c(|x - x_i|) over all particles at xy,
     c linear between integer radii, least squares over every pixel. The quadratic
-    takes the camera offset and vignetting. c is in the frame's units."""
+    takes the camera offset and vignetting. c is in the frame's units.
+
+    A few hundred particles pin a profile of a few tens of values, so in a large frame
+    only a central window holding about _FIT_PARTICLES of them is fitted (the particles
+    around it still count where their rings reach in): the cost stays ~0.1 s."""
     img = np.asarray(frame, dtype=np.float64)
-    h, w = img.shape
     pts = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+    h, w = img.shape
+    if len(pts) > _FIT_PARTICLES:
+        side = math.sqrt(h * w * _FIT_PARTICLES / len(pts))
+        sh, sw = int(min(h, max(side, 4 * radius))), int(min(w, max(side, 4 * radius)))
+        y0, x0 = (h - sh) // 2, (w - sw) // 2
+        img = img[y0 : y0 + sh, x0 : x0 + sw]
+        pts = pts - np.array([x0, y0])
+        near = (
+            (pts[:, 0] > -radius)
+            & (pts[:, 0] < sw + radius)
+            & (pts[:, 1] > -radius)
+            & (pts[:, 1] < sh + radius)
+        )
+        pts = pts[near]
+        h, w = img.shape
     offs = np.arange(-radius - 1, radius + 2)
     cols = np.rint(pts[:, 0]).astype(np.intp)[:, None, None] + offs[None, None, :]
     rows = np.rint(pts[:, 1]).astype(np.intp)[:, None, None] + offs[None, :, None]

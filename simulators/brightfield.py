@@ -36,10 +36,13 @@ illumination, partially coherent. In words:
   did the reverse: it smeared an in-focus sphere into a faint blob.)
 
 Checks (tests/test_brightfield.py): a weak sphere (n_p - n_m = 0.03, a = 0.2 um) gives the
-projection-approximation (thin phase object) image to within a few per cent; the
-extinction theorem holds (Re S(0) = x^2 Q_ext / 4); and the real frames in
-shared/data/brightfield (bright centre in a dark ring) are reproduced by a sphere a little
-out of focus, ring radius and centre-to-ring contrast within the tolerances stated there.
+projection-approximation (thin phase object) image to within 2-4 % of its peak at 1-2 um
+defocus; the extinction theorem holds (Re S(0) = x^2 Q_ext / 4) and the Rayleigh limit has
+the exp(-i omega t) sign; and the real frames in shared/data/brightfield (bright centre in
+a dark ring) match a 2.4 um silica-like sphere (n 1.45) 1.5 um out of focus at NA 0.9,
+condenser NA 0.5, 0.152 um/px (assumed: the frames carry no pixel size): profile
+correlation 0.987, ring radius 8.60 px against 8.44, ring depth -0.38 against -0.36 (the
+real centres clip at 255). A profile costs 0.3-0.7 s (512^2 grid, 6-24 condenser rings).
 
 The result is a radial contrast profile c(r), tabulated once per setting (lru_cache),
 so that rendering costs one interpolation per window pixel (point-sampled at pixel

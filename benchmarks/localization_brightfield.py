@@ -17,7 +17,13 @@
 4. Settings outside the headline range (``hard_cases``): in focus, darkfield and the far
    side of focus, 300 spheres per 512^2 each, parameters estimated from the case's own
    first frame; ``recall_in_focus``, ``recall_darkfield``, ``recall_far_side`` within
-   1.5 px of twin truth.
+   1.5 px of twin truth. Full runs add a sweep over more settings (``SWEEP_CASES``:
+   sphere size, objective NA, both sides of focus, density), ``recall_sweep_*``.
+
+The twin's images come from Lorenz-Mie scattering under Koehler illumination
+(``simulators.brightfield``): the contrast changes strongly with defocus (a 1 um sphere's
+centre falls from +3.7 at 1 um to +0.3 at 2.5 um and turns dark at 4 um), so a detector
+tuned on the first frame must follow the rest (ring mode refits its filter).
 """
 
 from __future__ import annotations
@@ -229,6 +235,53 @@ def hard_cases(n_frames: int, log: Log) -> dict[str, float]:
     return metrics
 
 
+# Settings beyond the hard cases (full runs only), each with parameters from its own first
+# frame: (contrast, defocus um, sphere radius um, objective NA, spheres per 512^2). Several
+# are not met yet (rings whose centre is no extreme of the frame, crowded wide darkfield
+# blobs): they are reported so the gap stays measured.
+SWEEP_CASES = (
+    ("brightfield", -2.5, 0.5, 0.9, 300),
+    ("brightfield", -0.5, 0.5, 0.9, 300),
+    ("brightfield", 0.5, 0.5, 0.9, 300),
+    ("darkfield", 0.0, 0.5, 0.9, 300),
+    ("darkfield", 2.0, 0.5, 0.9, 300),
+    ("darkfield", -1.5, 0.5, 0.9, 300),
+    ("brightfield", 1.5, 1.0, 0.9, 100),
+    ("brightfield", 0.0, 1.0, 0.9, 100),
+    ("brightfield", -2.0, 1.0, 0.9, 100),
+    ("brightfield", 0.0, 0.5, 0.5, 300),
+    ("brightfield", 2.0, 0.5, 0.5, 300),
+    ("brightfield", 3.0, 0.5, 0.9, 60),
+)
+
+
+def sweep(n_frames: int, log: Log) -> dict[str, float]:
+    """recall_sweep_<case> within MATCH_PX for each of SWEEP_CASES, and their minimum."""
+    metrics: dict[str, float] = {}
+    for contrast, dz, radius, na, n in SWEEP_CASES:
+        rng = np.random.default_rng(77)
+        tp = n_true = n_found = 0
+        det = None
+        for k in range(n_frames):
+            cam = _camera(dz, 77 + k, contrast, radius_um=radius, numerical_aperture=na)
+            truth = hard_sphere_field(rng, n, SIZE_PX, 2 * radius / PIXEL_UM)
+            frame = cam.render(truth[None] * PIXEL_UM, EXPOSURE_S)
+            if det is None:
+                estimate = estimate_config([frame])
+                det = ParticleDetector(estimate.config)
+            found = det(frame)
+            tp += len(_match(truth, found, MATCH_PX)[0])
+            n_true, n_found = n_true + len(truth), n_found + len(found)
+        key = f"recall_sweep_{contrast}_dz{dz:g}_r{radius:g}_na{na:g}_n{n}"
+        metrics[key] = tp / n_true
+        log(
+            f"sweep {contrast} dz {dz:g} um, r {radius:g} um, NA {na:g}, {n} spheres: recall "
+            f"{tp / n_true:.3f}, precision {tp / max(n_found, 1):.3f} ({estimate.summary[:60]}...)"
+        )
+    metrics["recall_sweep_min"] = min(metrics.values())
+    return metrics
+
+
 def _real_dir() -> Path | None:
     for d in (REAL_DIR, SHARED_REAL_DIR):
         if d.is_dir() and any(d.glob("bf_*.png")):
@@ -282,6 +335,8 @@ def run(quick: bool, log: Log) -> dict[str, float]:
     metrics = _twin(4 if quick else 12, log)
     metrics |= _twin(len(WIDE_DEFOCUS_UM), log, WIDE_DEFOCUS_UM, "_wide")
     metrics |= hard_cases(2 if quick else 4, log)
+    if not quick:
+        metrics |= sweep(2, log)
     metrics |= _real(50, log)  # all 50 frames even when quick: cheap, and the headline
     metrics |= localization_dense.run(quick, log)
     metrics |= linking(10 if quick else 40, log)

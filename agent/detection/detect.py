@@ -101,6 +101,10 @@ class DetectorConfig(BaseModel):
     # particle (median of the strong ones): residual side lobes of overlapping rings and
     # fringes. A monodisperse sample's particles image alike; 0 turns it off.
     relative_threshold: float = Field(default=0.0, ge=0.0, lt=1.0)
+    # Ring mode: refit ring_profile to a frame's own detections when their response moves
+    # away from what it was (focus drift, particles at another height) and detect again
+    # (agent.detection.detect_auto.RingTracker).
+    ring_refit: bool = False
     # Radial stretches of the profile tried at every pixel (particles at other heights).
     ring_scales: tuple[Annotated[float, Field(ge=0.3, le=3.0)], ...] = Field(
         default=DEFAULT_SCALES, min_length=1, max_length=9
@@ -817,6 +821,7 @@ class ParticleDetector:
         # Spot path: which detections have a resolved neighbour (pair split's test).
         self._last_crowded: NDArray[np.bool_] | None = None
         self._matcher: RingMatcher | None = None
+        self._ring_tracker: object | None = None  # detect_auto.RingTracker, with ring_refit
         self.adapted: object | None = None  # the estimate, when adapt=True has run
 
     def __call__(self, frame: np.ndarray) -> FloatArray:
@@ -929,9 +934,25 @@ class ParticleDetector:
         self._last_confidence = self._confidence(seg, r, c, plan, seg_level, seg_sigma)
         return xy[keep], brightness[keep] / noise
 
-    def _detect_rings(self, frame: np.ndarray) -> tuple[FloatArray, FloatArray]:
+    def _detect_rings(
+        self, frame: np.ndarray, again: bool = False
+    ) -> tuple[FloatArray, FloatArray]:
         """Ring mode: peaks of the matched filter (agent.detection.ring_match), brightest
         first; the score is the response in pixel-noise sigmas (the kernel is unit-norm)."""
+        xy, z = self._match_rings(frame)
+        if self.config.ring_refit:
+            from agent.detection.detect_auto import RingTracker
+
+            if self._ring_tracker is None:
+                self._ring_tracker = RingTracker()
+            assert isinstance(self._ring_tracker, RingTracker)
+            refit = self._ring_tracker.update(frame, xy, z, self.config, settle=again)
+            if refit is not None and not again:
+                self.config = refit
+                return self._detect_rings(frame, again=True)
+        return xy, z
+
+    def _match_rings(self, frame: np.ndarray) -> tuple[FloatArray, FloatArray]:
         cfg = self.config
         profile = cfg.ring_profile or synthetic_ring_profile(
             cfg.ring_radius_px if cfg.ring_radius_px > 0 else max(cfg.window_px / 0.85, 2.0)
@@ -961,7 +982,11 @@ class ParticleDetector:
         z = amp / sigma
         floor = cfg.threshold_sigma
         if cfg.relative_threshold > 0 and z.size:
-            top = z[z >= 0.5 * np.percentile(z, 90)]
+            # The strong ones among those over the threshold: the candidates under it
+            # (down to half, for the joint fit) can be many and would drag it down.
+            over = z[z > floor]
+            over = over if over.size else z
+            top = over[over >= 0.5 * np.percentile(over, 90)]
             floor = max(floor, cfg.relative_threshold * float(np.median(top)))
         strong = np.argsort(-z, kind="stable")
         keep = strong[z[strong] > floor][: cfg.max_objects]

@@ -18,12 +18,22 @@ works on what the previous one cleaned:
    half maximum gives the core width (smoothing, window, separation of touching
    particles); a significant dip below the background after the core is a brightfield
    ring, and the profile out to where the ring returns to the background becomes the
-   ring mode's matched filter (with its threshold: 5 pixel sigmas or a share of the
-   typical particle's response).
+   ring mode's matched filter. Where the rings overlap (crowded fields, far from focus)
+   that median holds the neighbours' rings too, so the profile is then fitted to the
+   whole frame at the particles the filter finds (least squares over every pixel,
+   ``ring_match.fit_radial_profile``) and the filter rebuilt, twice. Peaks closer than
+   the filter's resolution (1.5 half widths of its central lobe) are one particle;
+   touching rings are told apart by the joint amplitude fit, not split as blobs.
+   Ring mode then keeps the filter matched (``RingTracker``): when a frame's typical
+   response moves by 30 % (focus drift, particles at another height, a centre turning
+   from bright to dark) the profile is refitted to that frame's own detections.
 5. Threshold: the noise of the smoothed background is measured where no particle is,
    not assumed white: texture and out-of-focus debris raise it, and the threshold with
    it. A relative minimum mass (a quarter of the typical particle's peak) drops halos,
-   fringes between neighbours and debris that stand far above the noise.
+   fringes between neighbours and debris that stand far above the noise. Ring mode
+   measures the filter's own background noise the same way (5 of its sigmas), and its
+   relative floor (40 % of the frame's typical particle) is taken per frame, so frames
+   whose particles image more weakly keep them.
 
 Parameters the caller set explicitly (fields in ``base.model_fields_set``, or a given
 ``diameter_px``) are kept. ``Estimate.summary`` is the one line ``scopeloop detect``
@@ -47,9 +57,9 @@ from agent.detection.detect import (
     _noise_gain_1d,
     white_noise_sigma,
 )
-from agent.detection.ring_match import RingMatcher
+from agent.detection.ring_match import RingMatcher, central_lobe_px, fit_radial_profile
 
-__all__ = ["Estimate", "check_frames", "estimate_config"]
+__all__ = ["Estimate", "RingTracker", "check_frames", "estimate_config"]
 
 _BLOCKS = 16  # illumination grid: blocks per short side
 _UNEVEN = 2.0  # block medians spreading over this many times their noise range: uneven
@@ -64,6 +74,14 @@ _QUIET_FRACTION = 1 / 3
 # Ring mode's relative floor (of the frame's typical particle): residual side lobes of
 # overlapping rings after the joint fit stay under ~0.35 of a particle up to 2 um defocus.
 _RING_RELATIVE = 0.4
+_REFITS = 2  # rounds of fitting the ring profile to whole frames at the particles found
+_REFIT_FRAMES = 1  # frames the fit uses
+_MIN_FIT_PARTICLES = 3
+_MIN_CENTRE = 0.2  # a fitted centre weaker than this share of the profile's extreme: stop
+_LOBES = 1.5  # separation in half widths of the filter's central lobe
+_DRIFT = 1.3  # typical response changed by this factor (either way): refit the profile
+_MIN_TRACK = 10  # detections needed to refit the profile on a frame
+_TRACK_ROUNDS = 3  # refit, detect, refit ... on the frame that triggered it
 _SMOOTH_GAIN = 0.5 / math.sqrt(math.pi)  # white noise through a sigma-1 px Gaussian
 _RESOLVE = 2.5  # smoothed images must be narrower than the close distance / this
 _SEPARATE = 0.6  # separation: at most this share of the close distance
@@ -293,15 +311,22 @@ def _shape(
     if not profiles:
         return where, np.zeros(where.size), 1.5, 0.0, 0.0
     prof = np.median(profiles, axis=0)
+    # 4 sigma of a profile bin: each averages >= 8 pixels of every seed.
+    n_seeds = sum(min(len(rc), _PROFILE_PEAKS) for rc, _ in seeds)
+    noise = 4.0 * pix_sigma / math.sqrt(8.0 * max(n_seeds, 1))
+    return (where, prof, *_features(where, prof, noise))
+
+
+def _features(where: np.ndarray, prof: np.ndarray, noise: float) -> tuple[float, float, float]:
+    """(core half width at half maximum, ring radius, ring outer edge) of a radial
+    profile whose centre is positive; ring radius 0 where no significant dip (deeper than
+    _RING_DEPTH of the centre and than noise) follows the core."""
     peak = float(prof[0])
     hwhm = _crossing(where, prof, 0.5 * peak)
     core = math.ceil(hwhm)
     after = prof[core:]
-    # 4 sigma of a profile bin: each averages >= 8 pixels of every seed.
-    n_seeds = sum(min(len(rc), _PROFILE_PEAKS) for rc, _ in seeds)
-    noise = 4.0 * pix_sigma / math.sqrt(8.0 * max(n_seeds, 1))
     if after.size <= 2 or -after.min() <= max(_RING_DEPTH * peak, noise):
-        return where, prof, hwhm, 0.0, 0.0
+        return hwhm, 0.0, 0.0
     k = core + int(np.argmin(after))
     # Sub-pixel ring radius: parabola through the minimum and its neighbours.
     ring_r = float(where[k])
@@ -310,7 +335,7 @@ def _shape(
         curv = a - 2 * b + c
         ring_r += 0.5 * (a - c) / curv if curv > 0 else 0.0
     outer = _crossing(where, -prof, 0.25 * float(-prof[k]), start=k + 1)
-    return where, prof, hwhm, ring_r, outer
+    return hwhm, ring_r, outer
 
 
 def _describe(est: dict[str, float | str], cfg: DetectorConfig) -> str:
@@ -339,7 +364,9 @@ def _describe(est: dict[str, float | str], cfg: DetectorConfig) -> str:
             f"measured profile (r <= {len(cfg.ring_profile) - 1} px, stretched {scales}x), "
             f"separation {cfg.separation_px:.1f} px, threshold {cfg.threshold_sigma:.1f} "
             f"sigma and {cfg.relative_threshold:.0%} of the typical particle, background "
-            f"removed by the filter (illumination spread {est['spread']:.0f}x its noise)" + pairs
+            f"removed by the filter (illumination spread {est['spread']:.0f}x its noise)"
+            + (", profile refitted to a frame when its response drifts" if cfg.ring_refit else "")
+            + pairs
         )
     return (
         f"auto: {contrast}, diameter {est['diameter']:.0f} px, smoothing "
@@ -474,34 +501,39 @@ def estimate_config(
     # Images merge into one peak when closer than about twice their width: where the
     # field is that crowded, touching pairs are one blob and are split by its elongation.
     merge = 2.0 * sigma_core
-    if diameter_px is None and 0 < close < _CROWDED * merge:
+    if diameter_px is None and 0 < close < _CROWDED * merge and contrast != "ring":
         put("contact_px", float(min(merge, 200.0)))
-    if contrast == "ring":
-        put("polarity", "ring")
-        put("ring_radius_px", float(min(max(ring_r, 1.0), 100.0)))
-        put("window_px", int(min(max(round(0.85 * ring_r), 2), 50)))
-        # Touching spheres sit one diameter apart, inside each other's rings: only
-        # their bright centres are separate, so separation follows the centre's width.
-        put("separation_px", float(min(max(2.0 * hwhm, 1.0), 200.0)))
-        put("ring_profile", tuple(sign * v for v in _ring_template(where, prof, ring_r)))
-        put("relative_threshold", _RING_RELATIVE)
-    else:
+    if contrast != "ring":
         put("polarity", contrast)
         put("window_px", int(min(max(round(2.5 * spot_sigma), 2), 50)))
         put("separation_px", float(min(max(2.0 * hwhm, 1.0), 200.0)))
     extent = max(diameter, 2.0 * outer + 1.0)
-    if spread > _UNEVEN and contrast != "ring":  # the ring filter is blind to it
-        put("background_px", int(min(4 * extent + 1, 2001)))
-    else:
-        put("background_px", 0)
+    if contrast != "ring":  # the ring filter is blind to smooth illumination
+        put("background_px", int(min(4 * extent + 1, 2001)) if spread > _UNEVEN else 0)
 
     if contrast == "ring":
-        put(
-            "threshold_sigma",
-            _ring_threshold(
-                frame, base.model_copy(update=updates), (seeds_b if sign > 0 else seeds_d)[0][0]
-            ),
+        refit = diameter_px is None and "ring_profile" not in given
+        seeds_of = {1.0: seeds_b, -1.0: seeds_d}
+        shape = (where, prof, hwhm, ring_r, outer)
+        ring, shape, explained = _ring_fit(
+            use, base, given, sign, shape, seeds_of[sign][0][0], radius, refit
         )
+        # Crowded rings of either sign look alike in places (the bright fringes between
+        # dark-centred rings are round too): where the whole-frame fit ran, the centres
+        # of the other sign are tried as well, and the model explaining more of the
+        # frame's variance wins.
+        if refit and "polarity" not in given and np.isfinite(explained):
+            other = _shape(flats, seeds_of[-sign], -sign, pix_sigma, radius)
+            if other[3] > 0 and len(seeds_of[-sign][0][0]):
+                ring_o, shape_o, explained_o = _ring_fit(
+                    use, base, given, -sign, other, seeds_of[-sign][0][0], radius, refit
+                )
+                if explained_o > explained:
+                    sign, ring, shape = -sign, ring_o, shape_o
+        updates |= ring
+        _, _, hwhm, ring_r, outer = shape
+        if diameter_px is None:
+            diameter = 2.0 * math.ceil(outer) + 1.0
     else:
         put(
             "threshold_sigma",
@@ -520,7 +552,8 @@ def estimate_config(
         contrast=contrast,
         ring_radius_px=ring_r,
         illumination_spread=spread,
-        summary=_describe(est, cfg),
+        summary=_describe(est, cfg)
+        + "".join(f"; {p} (left out of the estimate)" for p in problems),
         why_empty=why_empty,
         peak_snr=max(amp_b, amp_d) / sm_sigma,
     )
@@ -544,13 +577,183 @@ def _ring_template(where: np.ndarray, prof: np.ndarray, ring_r: float) -> tuple[
     return tuple(round(float(v), 4) for v in values)
 
 
+def _ring_settings(
+    where: np.ndarray, prof: np.ndarray, sign: float, ring_r: float
+) -> dict[str, object]:
+    """Ring mode's shape settings from a radial profile (centre positive after sign):
+    the matched filter, its ring radius and refinement window, and the separation."""
+    template = tuple(sign * v for v in _ring_template(where, prof, ring_r))
+    return {
+        "ring_radius_px": float(min(max(ring_r, 1.0), 100.0)),
+        "window_px": int(min(max(round(0.85 * ring_r), 2), 50)),
+        # Peaks of the filter's response closer than its resolution are one particle
+        # (touching spheres sit inside each other's rings: only the response's central
+        # lobes are apart, and the joint fit tells them apart).
+        "separation_px": float(min(max(_LOBES * central_lobe_px(template), 1.0), 200.0)),
+        "ring_profile": template,
+    }
+
+
+def _typical_response(z: np.ndarray) -> float:
+    """The frame's typical particle response: median of the strong detections."""
+    return _median_or_zero(z[z >= 0.5 * np.percentile(z, 90)]) if z.size else 0.0
+
+
+class RingTracker:
+    """Keeps ring mode's matched filter matched as the image changes (focus drift,
+    a stage move to particles at another height): when the typical detection's
+    response moves by more than _DRIFT from its reference, the profile is refitted to
+    that frame's own detections and the frame detected again. One per detector."""
+
+    def __init__(self) -> None:
+        self.reference = 0.0
+
+    def update(
+        self, frame: np.ndarray, xy: np.ndarray, z: np.ndarray, cfg: DetectorConfig, settle: bool
+    ) -> DetectorConfig | None:
+        """A config with the refitted profile, or None (no change needed or possible).
+        settle: this is the detection with a new profile: only take its reference."""
+        typical = _typical_response(z)
+        if settle or self.reference <= 0.0:
+            self.reference = typical
+            return None
+        ratio = typical / self.reference if self.reference > 0 else 0.0
+        if 1.0 / _DRIFT <= ratio <= _DRIFT or len(xy) < _MIN_TRACK:
+            return None
+        self.reference = typical  # refit or not, judge the next frames against this one
+        radius = int(min(_MAX_RADIUS_PX, 2 * len(cfg.ring_profile), min(frame.shape) // 2 - 1))
+        refit = None
+        for _ in range(_TRACK_ROUNDS):  # a far-off start needs a few rounds to converge
+            # Either sign: far enough out a sphere's centre turns from bright to dark.
+            measured = _profile_at(frame, xy, 0.0, max(radius, 3), crowded_only=False)
+            if measured is None:
+                break
+            where, fitted, sign, _ = measured
+            ring_r = _features(where, fitted, 0.0)[1]
+            if ring_r <= 0:
+                break
+            refit = cfg.model_copy(update=_ring_settings(where, fitted, sign, ring_r))
+            xy = ParticleDetector(refit.model_copy(update={"ring_refit": False}))(frame)
+            if len(xy) < _MIN_TRACK:
+                break
+            cfg = refit
+        return refit
+
+
+def _profile_at(
+    frame: np.ndarray, xy: np.ndarray, sign: float, radius: int, crowded_only: bool
+) -> tuple[np.ndarray, np.ndarray, float, float] | None:
+    """(radii, profile, sign, explained) (centre 1, positive after sign; sign 0: the
+    fitted centre's sign; explained: the fit's share of the frame's variance, NaN for
+    the median) of the particles at xy in one frame, out to radius: fitted to the whole frame
+    where the rings overlap (median nearest neighbour under 2 radius), else the median
+    profile around them (or None where crowded_only: the profile already measured
+    around isolated particles is the same shape). None also when too few, or the
+    centre lost its sign or weight."""
+    if len(xy) < _MIN_FIT_PARTICLES:
+        return None
+    given_sign, sign = sign, (sign or 1.0)
+    nearest = cKDTree(xy).query(xy, k=2)[0][:, 1]
+    explained = math.nan
+    if float(np.median(nearest)) < 2.0 * radius:
+        where = np.arange(radius + 1, dtype=np.float64)
+        fit, explained = fit_radial_profile(frame, xy, radius)
+        fit = sign * fit
+    elif crowded_only:
+        return None
+    else:
+        flat = frame.astype(np.float32) - _illumination(frame)
+        rc = np.clip(np.rint(xy[:, ::-1]).astype(np.intp), 0, np.array(frame.shape) - 1)
+        where, fit = _radial_profile(sign * flat, rc, radius)
+    if given_sign == 0.0 and fit.size and fit[0] < 0:  # either polarity: the centre's
+        fit, sign = -fit, -1.0
+    if fit.size == 0 or fit[0] <= _MIN_CENTRE * float(np.max(np.abs(fit))):
+        return None
+    return where, fit / fit[0], sign, explained
+
+
+def _fitted_profile(
+    frames: list[np.ndarray], cfg: DetectorConfig, sign: float, radius: int
+) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """(radii, mean profile, mean explained variance) over the first frames, fitted at
+    the particles cfg finds where their rings overlap (see _profile_at); None where
+    they do not."""
+    det = ParticleDetector(cfg)
+    fits = [_profile_at(f, det(f), sign, radius, crowded_only=True) for f in frames[:_REFIT_FRAMES]]
+    fits = [f for f in fits if f is not None]
+    if not fits:
+        return None
+    profile = np.mean([f[1] for f in fits], axis=0)
+    return fits[0][0], profile, float(np.mean([f[3] for f in fits]))
+
+
+def _ring_fit(
+    frames: list[np.ndarray],
+    base: DetectorConfig,
+    given: set[str],
+    sign: float,
+    shape: tuple[np.ndarray, np.ndarray, float, float, float],
+    seeds: np.ndarray,
+    radius: int,
+    refit: bool,
+) -> tuple[dict[str, object], tuple[np.ndarray, np.ndarray, float, float, float], float]:
+    """Ring mode's settings for centres of this sign (updates not in given), the final
+    (radii, profile, hwhm, ring radius, outer edge), and the share of the first frames'
+    variance particles of that profile explain (NaN where no fit to whole frames ran).
+
+    The median profile around the most symmetric particles holds their neighbours'
+    rings in a crowded field: with refit, the shape is fitted to whole frames at the
+    particles found with it, and again with the better shape."""
+    updates: dict[str, object] = {}
+
+    def put(name: str, value: object) -> None:
+        if name not in given:
+            updates[name] = value
+
+    where, prof, _, ring_r, _ = shape
+    put("polarity", "ring")
+    put("relative_threshold", _RING_RELATIVE)
+    put("ring_refit", True)
+    put("background_px", 0)  # the zero-mean filter is blind to smooth illumination
+    put("contact_px", 0.0)  # no blob split: the joint amplitude fit separates touching rings
+    for name, value in _ring_settings(where, prof, sign, ring_r).items():
+        put(name, value)
+    put("threshold_sigma", _ring_threshold(frames[0], base.model_copy(update=updates), seeds))
+    explained = math.nan
+    for _ in range(_REFITS if refit else 0):
+        measured = _fitted_profile(frames, base.model_copy(update=updates), sign, radius)
+        if measured is None:
+            break
+        where_f, fitted, explained_f = measured
+        features = _features(where_f, fitted, 0.0)
+        if features[1] <= 0:
+            break
+        shape, explained = (where_f, fitted, *features), explained_f
+        for name, value in _ring_settings(where_f, fitted, sign, features[1]).items():
+            put(name, value)
+        put("threshold_sigma", _ring_threshold(frames[0], base.model_copy(update=updates), seeds))
+    return updates, shape, explained
+
+
 def _ring_threshold(frame: np.ndarray, cfg: DetectorConfig, seeds: np.ndarray) -> float:
-    """Ring filter threshold in pixel sigmas: _THRESHOLD_SIGMA, raised to the relative
-    minimum (_MIN_PEAK_FRACTION of the typical particle's response, at the seeds)."""
+    """Ring filter threshold in pixel sigmas: _THRESHOLD_SIGMA of the filter's noise as
+    measured where no particle is (texture, dust and debris raise it above the white
+    pixel noise, which a unit-norm filter passes unchanged). The particles masked out
+    are those over _MIN_PEAK_FRACTION of the typical one's response (at the seeds);
+    crowded fields leave too little background to measure and get the white noise.
+    Halos and side lobes far above the noise are the relative threshold's job (per
+    frame, in detect), so a frame of particles at another height keeps its own."""
+    white = white_noise_sigma(frame)
+    if white <= 1e-12:
+        return _THRESHOLD_SIGMA
     resp = RingMatcher(cfg.ring_profile, cfg.ring_scales).response(frame)[0]
-    z = resp[seeds[:_PROFILE_PEAKS, 0], seeds[:_PROFILE_PEAKS, 1]] / white_noise_sigma(frame)
-    typical = float(np.median(z)) if z.size else 0.0
-    return float(min(max(_THRESHOLD_SIGMA, _MIN_PEAK_FRACTION * typical), 100.0))
+    z = resp[seeds[:_PROFILE_PEAKS, 0], seeds[:_PROFILE_PEAKS, 1]] / white
+    provisional = max(_THRESHOLD_SIGMA, _MIN_PEAK_FRACTION * _median_or_zero(z))
+    found = ParticleDetector(cfg.model_copy(update={"threshold_sigma": min(provisional, 100.0)}))(
+        frame
+    )
+    measured = _texture_sigma(resp, found, max(1, len(cfg.ring_profile) - 1), white)
+    return float(min(max(_THRESHOLD_SIGMA * measured / white, _THRESHOLD_SIGMA), 100.0))
 
 
 def _spot_threshold(

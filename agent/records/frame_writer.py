@@ -57,6 +57,7 @@ class BackgroundFrameWriter:
             stdout=subprocess.PIPE,
             text=True,
         )
+        _yield_cpu(idle=True, pid=self._proc.pid)  # its start-up (imports) too, not just its work
         self._ctx = zmq.Context.instance()
         self._socket: zmq.Socket | None = None  # sized by the first frame
 
@@ -179,16 +180,17 @@ def serve(path: Path, endpoint: str, pixel_size_um: float | None) -> dict[str, A
     }
 
 
-def _yield_cpu(idle: bool) -> None:
-    """Into (or out of) the idle scheduling class, before any writer thread starts."""
+def _yield_cpu(idle: bool, pid: int = 0) -> None:
+    """Into (or out of) the idle scheduling class, before any writer thread starts
+    (`pid`: this process, or the writer the loop's process has just started)."""
     policy = getattr(os, "SCHED_IDLE" if idle else "SCHED_OTHER", None)
     try:
         if policy is not None:
-            os.sched_setscheduler(0, policy, os.sched_param(0))
-        elif idle:
+            os.sched_setscheduler(pid, policy, os.sched_param(0))
+        elif idle and pid == 0:
             os.nice(WRITER_NICE)
     except OSError:  # not allowed here: the loop still never waits, frames may drop
-        if idle:
+        if idle and pid == 0:
             os.nice(WRITER_NICE)
 
 

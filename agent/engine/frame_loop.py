@@ -227,7 +227,23 @@ class FrameLoop:
         on_step: Callable[[int, float], None] | None,
     ) -> None:
         with _LoopGarbage() as garbage:
-            self._loop_steps(client, subscriber, limits, duration_s, stop, result, on_step, garbage)
+            try:
+                self._loop_steps(
+                    client, subscriber, limits, duration_s, stop, result, on_step, garbage
+                )
+            finally:
+                self._driver_messages(subscriber, result)
+
+    def _driver_messages(self, subscriber: StreamSubscriber, result: LoopResult) -> None:
+        """Log the driver's events (watchdog, control) that came with the stream."""
+        if not subscriber.messages:
+            return
+        for topic, message in subscriber.take_messages():
+            if topic == EVENT_TOPIC:
+                result.driver_events.append(message)
+                self.events.write("driver_event", **message)
+                if self.telemetry is not None:
+                    self.telemetry.event(f"driver: {message}", "warning")
 
     def _loop_steps(
         self,
@@ -248,7 +264,9 @@ class FrameLoop:
         paused_ns = 0  # paused time does not count towards the duration
         paused_since: int | None = None
         while not stop.is_set():
-            garbage.collect_due()  # upkeep while no frame waits for its command
+            # upkeep, while no frame waits for its command
+            self._driver_messages(subscriber, result)
+            garbage.collect_due()
             t = now_ns()
             active_ns = t - t_start - paused_ns - (t - paused_since if paused_since else 0)
             if active_ns >= duration_ns:
@@ -272,12 +290,6 @@ class FrameLoop:
             wait_ms = (heartbeat_ns - (now_ns() - self._last_sent_ns)) // 1_000_000
             frame = subscriber.recv_newest(timeout_ms=int(min(max(wait_ms, 1), self.heartbeat_ms)))
             t = now_ns()
-            for topic, message in subscriber.take_messages():
-                if topic == EVENT_TOPIC:
-                    result.driver_events.append(message)
-                    self.events.write("driver_event", **message)
-                    if self.telemetry is not None:
-                        self.telemetry.event(f"driver: {message}", "warning")
             if subscriber.last_message_ns:
                 last_traffic = subscriber.last_message_ns
             fault = self.faults.check(t, last_traffic, frame.header.seq if frame else None)

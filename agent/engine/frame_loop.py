@@ -18,11 +18,13 @@ and leaves the driver in its safe state (laser off).
 Between a frame and its command the loop does only what decides the command: observe
 (detect, track), decide, clip to the limits, send. Everything else (the plan's
 learning, the frame recording, through a writer that never makes the loop wait, the
-dashboard, the step log) comes after the send, and so does the loop's own upkeep:
-a heartbeat goes out before the loop waits for the next frame and only when nothing
-else was sent for `heartbeat_ms` (every command feeds the driver's watchdog), and
-Python's garbage collector, switched off for the loop, runs its due collections
-there too (`_LoopGarbage`), so no collection lands between a frame and its command.
+dashboard, the step log) comes after the send, and so does the loop's upkeep, done
+before it waits for the next frame: a heartbeat, only when nothing else was sent for
+`heartbeat_ms` (every command feeds the driver's watchdog); the driver's events; the
+caller's `upkeep` (the feedback trap drains its truth log there rather than on a
+thread of its own that would take the GIL at random); and Python's garbage
+collector, switched off for the loop, runs its due collections there
+(`_LoopGarbage`), so no collection lands between a frame and its command.
 """
 
 from __future__ import annotations
@@ -124,10 +126,12 @@ class FrameLoop:
         frame_tags: dict[str, Any] | None = None,
         needs_actuators: frozenset[str] = frozenset(),
         plan_name: str = "feedback-trap",
+        upkeep: Callable[[], None] | None = None,
     ) -> None:
         self.ctx = ctx or zmq.Context.instance()
         self.needs_actuators = needs_actuators  # checked against the node before anything moves
         self.plan_name = plan_name
+        self.upkeep = upkeep  # the caller's own work between steps (e.g. the truth log)
         # without a reconnect allowance, a silent driver ends the loop at once
         self.faults = faults or DriverFaults(0.0, driver_silence_ms)
         self.endpoints = endpoints
@@ -266,6 +270,8 @@ class FrameLoop:
         while not stop.is_set():
             # upkeep, while no frame waits for its command
             self._driver_messages(subscriber, result)
+            if self.upkeep is not None:
+                self.upkeep()
             garbage.collect_due()
             t = now_ns()
             active_ns = t - t_start - paused_ns - (t - paused_since if paused_since else 0)

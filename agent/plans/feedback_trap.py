@@ -199,8 +199,8 @@ def run_phase(
     ctx = zmq.Context.instance()
     driver_config, driver = _phase_driver(config, run_dir, name)
     keys = client_keys(config.driver.client_auth)
+    # drained by the loop between steps (`upkeep`), not on a thread of its own
     truth = TruthRecorder(ctx, driver_config.stream_endpoint, run_dir / f"truth-{name}.jsonl", keys)
-    truth.start()
     events_path = run_dir / f"events-{name}.jsonl"
     settings = config.agent
     plan = FeedbackTrap(
@@ -229,6 +229,7 @@ def run_phase(
                 frame_tags={"phase": name},
                 needs_actuators=FEEDBACK_ACTUATORS,
                 plan_name=config.kind,
+                upkeep=truth.drain,
             )
             on_step = (lambda _n, t: progress(name, t)) if progress else None
             result = loop.run(

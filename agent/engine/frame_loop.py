@@ -292,9 +292,7 @@ class FrameLoop:
                     paused_since = None
                     self.events.write("resume", paused_ms=paused_ns / 1e6)
                     self.telemetry.event("resumed: policy in control")
-            # wait no longer than until the next heartbeat is due
-            wait_ms = (heartbeat_ns - (now_ns() - self._last_sent_ns)) // 1_000_000
-            frame = subscriber.recv_newest(timeout_ms=int(min(max(wait_ms, 1), self.heartbeat_ms)))
+            frame = subscriber.recv_newest(timeout_ms=self._wait_ms(heartbeat_ns))
             t = now_ns()
             if subscriber.last_message_ns:
                 last_traffic = subscriber.last_message_ns
@@ -316,6 +314,14 @@ class FrameLoop:
             self._step(client, frame, limits, result, subscriber.stats.skipped)
             if on_step is not None:
                 on_step(result.steps, (t - t_start - paused_ns) / 1e9)
+
+    def _wait_ms(self, heartbeat_ns: int) -> int:
+        """How long to wait for a frame: until the next heartbeat is due (none goes to a
+        driver that is down: then a whole heartbeat period, so the loop never spins)."""
+        if self.faults.down:
+            return self.heartbeat_ms
+        due_ms = (heartbeat_ns - (now_ns() - self._last_sent_ns)) // 1_000_000
+        return int(min(max(due_ms, 1), self.heartbeat_ms))
 
     def _pause(self, client: CommandClient) -> int:
         """Enter the paused state: laser off now; the loop sends no actuation until resume."""

@@ -58,7 +58,8 @@ class BackgroundFrameWriter:
             text=True,
         )
         _yield_cpu(idle=True, pid=self._proc.pid)  # its start-up (imports) too, not just its work
-        self._ctx = zmq.Context.instance()
+        # its own I/O thread: pushing frames to a slow writer never delays the driver link
+        self._ctx = zmq.Context()
         self._socket: zmq.Socket | None = None  # sized by the first frame
 
     def _connect(self, frame_bytes: int) -> zmq.Socket | None:
@@ -113,6 +114,7 @@ class BackgroundFrameWriter:
             self._proc.kill()
             out, _ = self._proc.communicate()
         self._socket.close()
+        self._ctx.term()
         shutil.rmtree(self._dir, ignore_errors=True)
         lines = [line for line in (out or "").splitlines() if line.startswith("{")]
         self._result = (

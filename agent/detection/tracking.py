@@ -140,9 +140,11 @@ class Tracker:
         n = det.shape[0]
         ids = np.empty(n, dtype=np.int64)
         matched = np.zeros(n, dtype=bool)
+        linked = 0
         if n and self._ids.size:
             rows, cols = self._assign(frame, det)
-            if rows.size:
+            linked = rows.size
+            if linked:
                 ids[cols] = self._ids[rows]
                 matched[cols] = True
                 self._pos[rows] = det[cols]
@@ -151,6 +153,8 @@ class Tracker:
                 hist = self._history
                 for tid, (x, y) in zip(ids[cols].tolist(), det[cols].tolist(), strict=True):
                     hist[tid].append(frame, x, y)
+        if linked == n:  # every detection continued a track (a held particle, each frame)
+            return ids
 
         new = np.flatnonzero(~matched)
         if new.size:

@@ -1,20 +1,35 @@
 """`scopeloop bench engine`: is the feedback-trap plan through the engine (run dir,
 telemetry with pause/stop, driver faults, safety clipping, tracking, live calibration,
-step log and frame recording, as `scopeloop run` runs it) as fast as a bare loop with
-the same detector and policy?
+step log, truth log and frame recording, as `scopeloop run` runs it) as fast as a
+bare loop with the same detector and policy?
 
 All loops attach (`agent.engine.link`, as `driver.connect` does) to one twin driver
-process started from `configs/twin-feedback-trap.yaml`, in rotated rounds so load on
-a shared machine hits each alike. Latency is the driver's own measure (frame
-published -> command applied, `latency_ns` in the reply), the figure the demo reports.
-`latency_p99_ratio` = engine (recording on, the default) p99 / bare p99, median over
-rounds (`latency_p99_ratio_pooled`: the p99s of all rounds' steps together);
-`latency_p99_ratio_no_recording` the same with `agent.record_frames: false`, and
-`recording_p99_ratio` what recording costs (engine / engine without recording).
+process started from `configs/twin-feedback-trap.yaml`. Latency is the driver's own
+measure (frame published -> command applied, `latency_ns` in the reply), the figure
+the demo reports.
+
+How it is measured, so that load on a shared machine hits every kind alike: rounds of
+`round_s` seconds, one per kind (bare, engine, engine without recording) in turn, the
+order rotated each round (`rounds` is a multiple of the 3 kinds, so each kind goes
+first, second and third equally often). A round's p99 comes from ~30 steps a second,
+so one stall moves it: the headline is the median over rounds of the per-round ratio,
+with every round's ratio and the quartiles of those ratios beside it, and the pooled
+ratio (the p99 of all rounds' steps together, the figure a long run would show; one
+burst of load in one round moves it most).
+
+- `latency_p99_ratio`: engine (recording on, the default) p99 / bare p99, median over
+  rounds; `_rounds` every round's, `_quartiles` their 25th and 75th percentiles,
+  `_pooled` from all steps together.
+- `latency_p99_ratio_no_recording` the same with `agent.record_frames: false`, and
+  `recording_p99_ratio` what recording costs (engine / engine without recording).
+- `latency_p50_ratio`: medians, from all steps together.
+- `load_average_1min`: the machine's load at the start and at the end; above its
+  core count the ratios say more about the scheduler than about the engine.
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -109,23 +124,24 @@ def _plan_round(
     return step_latencies_ms(phase.steps), stats
 
 
+KINDS = ("bare", "engine", "engine_no_recording")
+
+
 def run(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
     from agent.config import load_config
     from agent.engine.link import driver_for
 
-    rounds, duration_s = (3, 2.0) if quick else (9, 3.0)  # a multiple of the 3 kinds
+    rounds, duration_s = (3, 2.0) if quick else (12, 3.0)  # a multiple of the 3 kinds
     folder = Path(tempfile.mkdtemp(prefix="sl-bench-engine-"))
     config = load_config(CONFIG, [f"runs_dir={folder}"])
     ctx = zmq.Context.instance()
-    kinds = ("bare", "engine", "engine_no_recording")
-    p99: dict[str, list[float]] = {k: [] for k in kinds}
-    p50: dict[str, list[float]] = {k: [] for k in kinds}
-    steps: dict[str, int] = dict.fromkeys(kinds, 0)
-    pooled: dict[str, list[float]] = {k: [] for k in kinds}
+    p99: dict[str, list[float]] = {k: [] for k in KINDS}
+    pooled: dict[str, list[float]] = {k: [] for k in KINDS}
     recorded = not_recorded = 0
+    load_start = os.getloadavg()[0]
     with driver_for(config.driver, folder, "bench", ctx) as link:
         for k in range(rounds):
-            order = kinds[k % 3 :] + kinds[: k % 3]  # rotated: load drifts hit all alike
+            order = KINDS[k % 3 :] + KINDS[: k % 3]  # rotated: load drifts hit all alike
             for which in order:
                 if which == "bare":
                     lat = _bare_round(config, link, duration_s, ctx)
@@ -134,35 +150,37 @@ def run(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
                     recorded += stats.get("frames_recorded", 0)
                     not_recorded += stats.get("frames_not_recorded", 0)
                 p99[which].append(float(np.percentile(lat, 99)) if lat else float("nan"))
-                p50[which].append(float(np.percentile(lat, 50)) if lat else float("nan"))
-                steps[which] += len(lat)
                 pooled[which] += lat
                 log(f"round {k} {which}: {len(lat)} steps, p99 {p99[which][-1]:.2f} ms")
 
     def ratios(a: str, b: str) -> list[float]:
         return [x / y for x, y in zip(p99[a], p99[b], strict=True)]
 
-    median = {k: float(np.median(v)) for k, v in p99.items()}
-    median50 = {k: float(np.median(v)) for k, v in p50.items()}
+    def pooled_ratio(a: str, b: str, q: float = 99) -> float:
+        return float(np.percentile(pooled[a], q) / np.percentile(pooled[b], q))
+
+    engine_bare = ratios("engine", "bare")
     return {
-        "latency_p99_ratio": float(np.median(ratios("engine", "bare"))),
-        "latency_p99_ratio_rounds": ratios("engine", "bare"),
+        "latency_p99_ratio": float(np.median(engine_bare)),
+        "latency_p99_ratio_rounds": engine_bare,
+        "latency_p99_ratio_quartiles": [float(q) for q in np.percentile(engine_bare, [25, 75])],
         # every round's steps together: the figure a long run would show
-        "latency_p99_ratio_pooled": float(
-            np.percentile(pooled["engine"], 99) / np.percentile(pooled["bare"], 99)
-        ),
+        "latency_p99_ratio_pooled": pooled_ratio("engine", "bare"),
         "latency_p99_ratio_no_recording": float(np.median(ratios("engine_no_recording", "bare"))),
+        "latency_p99_ratio_no_recording_rounds": ratios("engine_no_recording", "bare"),
+        "latency_p99_ratio_no_recording_pooled": pooled_ratio("engine_no_recording", "bare"),
         "recording_p99_ratio": float(np.median(ratios("engine", "engine_no_recording"))),
-        "latency_p50_ratio": median50["engine"] / median50["bare"],
-        "engine_latency_p99_ms": median["engine"],
-        "engine_no_recording_latency_p99_ms": median["engine_no_recording"],
-        "bare_latency_p99_ms": median["bare"],
-        "engine_latency_p50_ms": median50["engine"],
-        "bare_latency_p50_ms": median50["bare"],
-        "engine_steps": steps["engine"],
-        "bare_steps": steps["bare"],
+        "latency_p50_ratio": pooled_ratio("engine", "bare", 50),
+        "engine_latency_p99_ms": float(np.median(p99["engine"])),
+        "engine_no_recording_latency_p99_ms": float(np.median(p99["engine_no_recording"])),
+        "bare_latency_p99_ms": float(np.median(p99["bare"])),
+        "engine_latency_p50_ms": float(np.percentile(pooled["engine"], 50)),
+        "bare_latency_p50_ms": float(np.percentile(pooled["bare"], 50)),
+        "engine_steps": len(pooled["engine"]),
+        "bare_steps": len(pooled["bare"]),
         "frames_recorded": recorded,
         "frames_not_recorded": not_recorded,
         "rounds": rounds,
         "round_s": duration_s,
+        "load_average_1min": [load_start, os.getloadavg()[0]],
     }

@@ -165,6 +165,27 @@ def test_dense_and_kdtree_gating_agree(monkeypatch: pytest.MonkeyPatch, dense_pa
     np.testing.assert_array_equal(results[0], results[1])
 
 
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_few_particles_link_as_the_numpy_path_does(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
+    # A trap's few particles, close enough to contest each other's gates, with dropouts
+    # and a spurious detection now and then: the plain-Python links give the same ids.
+    rng = np.random.default_rng(5 + n)
+    traj = _brownian(rng, n, 300, 3.0, 0.8)
+    keep = rng.random(traj.shape[:2]) > 0.15
+    extra = rng.random(300) < 0.1
+    frames = [
+        np.vstack([p[k], rng.uniform(0.0, 3.0, (1, 2))]) if e else p[k]
+        for p, k, e in zip(traj, keep, extra, strict=True)
+    ]
+    results = []
+    for small in (0, tracking._SMALL_PAIRS):
+        monkeypatch.setattr(tracking, "_SMALL_PAIRS", small)
+        tracker = Tracker()
+        results.append(np.concatenate([tracker.update(f, d) for f, d in enumerate(frames)]))
+    np.testing.assert_array_equal(results[0], results[1])
+    assert len(np.unique(results[0])) > n  # the gates were contested: some tracks broke
+
+
 def test_100_detections_per_frame_is_fast() -> None:
     rng = np.random.default_rng(4)
     traj = _brownian(rng, 100, 200, 300.0, 0.2)

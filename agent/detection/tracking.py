@@ -39,6 +39,7 @@ _MAX_RETIRED_TRACKS = 10_000  # retired histories kept for history() look-ups ..
 _MAX_RETIRED_POINTS = 2_000_000  # ... and their total points (48 MB of float64).
 _FIRST_CAPACITY = 16  # ring buffers start small: most tracks are short.
 _DENSE_PAIRS = 40_000  # above this many track x detection pairs, gate with a k-d tree.
+_SMALL_PAIRS = 16  # up to this many, gate in plain Python (`Tracker._separate_links`).
 
 
 class TrackerConfig(BaseModel):
@@ -90,9 +91,7 @@ def _check_detections(detections_um: np.ndarray) -> FloatArray:
     arr = np.asarray(detections_um)
     if arr.ndim != 2 or arr.shape[1] != 2:
         raise ValueError(f"detections_um must have shape (N, 2), got shape {arr.shape}")
-    if arr.dtype == np.bool_ or not (
-        np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
-    ):
+    if arr.dtype.kind not in "iuf":  # signed, unsigned, floating; not bool or complex
         raise ValueError(f"detections_um must be a real numeric array, got dtype {arr.dtype}")
     out = arr.astype(np.float64, copy=False)
     if not np.isfinite(out).all():
@@ -141,9 +140,11 @@ class Tracker:
         n = det.shape[0]
         ids = np.empty(n, dtype=np.int64)
         matched = np.zeros(n, dtype=bool)
+        linked = 0
         if n and self._ids.size:
             rows, cols = self._assign(frame, det)
-            if rows.size:
+            linked = rows.size
+            if linked:
                 ids[cols] = self._ids[rows]
                 matched[cols] = True
                 self._pos[rows] = det[cols]
@@ -152,6 +153,8 @@ class Tracker:
                 hist = self._history
                 for tid, (x, y) in zip(ids[cols].tolist(), det[cols].tolist(), strict=True):
                     hist[tid].append(frame, x, y)
+        if linked == n:  # every detection continued a track (a held particle, each frame)
+            return ids
 
         new = np.flatnonzero(~matched)
         if new.size:
@@ -170,6 +173,10 @@ class Tracker:
 
     def _assign(self, frame: int, det: FloatArray) -> tuple[IntArray, IntArray]:
         """Gated global nearest-neighbour assignment: (track rows, detection rows) linked."""
+        if self._ids.size * det.shape[0] <= _SMALL_PAIRS:
+            links = self._separate_links(frame, det)
+            if links is not None:
+                return links
         gate2 = self.config.max_displacement_um**2 * (frame - self._last + 0.0)  # gap + 1
         ti, di, d2 = self._candidate_pairs(det, gate2)
         if ti.size == 0:
@@ -193,6 +200,29 @@ class Tracker:
             link_t.append(rows[r[keep]])
             link_d.append(cols[c[keep]])
         return np.concatenate(link_t), np.concatenate(link_d)
+
+    def _separate_links(self, frame: int, det: FloatArray) -> tuple[IntArray, IntArray] | None:
+        """A few tracks and detections (a trap's one particle), in plain Python: numpy's
+        per-call cost would dominate, and it sets the loop's frame-to-command time. The
+        in-gate pairs when each is its own component (no track or detection in two of
+        them): what `_assign` links without the solver, by the same arithmetic. None
+        when the solver is needed."""
+        scale = self.config.max_displacement_um**2
+        points = det.tolist()
+        pairs: list[tuple[int, int]] = []
+        for row, ((tx, ty), last) in enumerate(
+            zip(self._pos.tolist(), self._last.tolist(), strict=True)
+        ):
+            gate2 = scale * (frame - last + 0.0)
+            for col, (x, y) in enumerate(points):
+                dx, dy = tx - x, ty - y
+                if dx * dx + dy * dy <= gate2:
+                    pairs.append((row, col))
+        rows = [r for r, _ in pairs]
+        cols = [c for _, c in pairs]
+        if len(set(rows)) < len(rows) or len(set(cols)) < len(cols):
+            return None
+        return np.array(rows, dtype=np.int64), np.array(cols, dtype=np.int64)
 
     def _candidate_pairs(
         self, det: FloatArray, gate2: FloatArray

@@ -13,13 +13,24 @@ skipped. It heartbeats from the loop itself, so if this loop stalls the driver's
 watchdog switches the laser off. `pause` switches the laser off and stops
 actuating while frames are still observed and shown (paused time does not count
 towards the duration); `resume` hands control back to the plan; `stop` ends the loop
-and leaves the driver in its safe state (laser off). Frames go to the recording after
-the command is sent, through a writer that never makes the loop wait.
+and leaves the driver in its safe state (laser off).
+
+Between a frame and its command the loop does only what decides the command: observe
+(detect, track), decide, clip to the limits, send. Everything else (the plan's
+learning, the frame recording, through a writer that never makes the loop wait, the
+dashboard, the step log) comes after the send, and so does the loop's upkeep, done
+before it waits for the next frame: a heartbeat, only when nothing else was sent for
+`heartbeat_ms` (every command feeds the driver's watchdog); the driver's events; the
+caller's `upkeep` (the feedback trap drains its truth log there rather than on a
+thread of its own that would take the GIL at random); and Python's garbage
+collector, switched off for the loop, runs its due collections there
+(`_LoopGarbage`), so no collection lands between a frame and its command.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -115,10 +126,12 @@ class FrameLoop:
         frame_tags: dict[str, Any] | None = None,
         needs_actuators: frozenset[str] = frozenset(),
         plan_name: str = "feedback-trap",
+        upkeep: Callable[[], None] | None = None,
     ) -> None:
         self.ctx = ctx or zmq.Context.instance()
         self.needs_actuators = needs_actuators  # checked against the node before anything moves
         self.plan_name = plan_name
+        self.upkeep = upkeep  # the caller's own work between steps (e.g. the truth log)
         # without a reconnect allowance, a silent driver ends the loop at once
         self.faults = faults or DriverFaults(0.0, driver_silence_ms)
         self.endpoints = endpoints
@@ -130,6 +143,7 @@ class FrameLoop:
         self.frames = frames
         self.frame_tags = frame_tags or {}  # e.g. the phase, in every recorded frame
         self._target: tuple[float, float] = (0.0, 0.0)
+        self._last_sent_ns = 0  # the loop's last message to the driver (feeds its watchdog)
 
     def wait_for_driver(self, client: CommandClient, timeout_s: float) -> dict[str, Any]:
         """Poll `get_state` until the driver answers (it may still be starting)."""
@@ -216,17 +230,56 @@ class FrameLoop:
         result: LoopResult,
         on_step: Callable[[int, float], None] | None,
     ) -> None:
+        with _LoopGarbage() as garbage:
+            try:
+                self._loop_steps(
+                    client, subscriber, limits, duration_s, stop, result, on_step, garbage
+                )
+            finally:
+                self._driver_messages(subscriber, result)
+
+    def _driver_messages(self, subscriber: StreamSubscriber, result: LoopResult) -> None:
+        """Log the driver's events (watchdog, control) that came with the stream."""
+        if not subscriber.messages:
+            return
+        for topic, message in subscriber.take_messages():
+            if topic == EVENT_TOPIC:
+                result.driver_events.append(message)
+                self.events.write("driver_event", **message)
+                if self.telemetry is not None:
+                    self.telemetry.event(f"driver: {message}", "warning")
+
+    def _loop_steps(
+        self,
+        client: CommandClient,
+        subscriber: StreamSubscriber,
+        limits: LaserLimits,
+        duration_s: float,
+        stop: threading.Event,
+        result: LoopResult,
+        on_step: Callable[[int, float], None] | None,
+        garbage: _LoopGarbage,
+    ) -> None:
         t_start = now_ns()
         duration_ns = int(duration_s * 1e9)
-        last_heartbeat = 0
+        heartbeat_ns = self.heartbeat_ms * 1_000_000
+        self._last_sent_ns = 0
         last_traffic = t_start
         paused_ns = 0  # paused time does not count towards the duration
         paused_since: int | None = None
         while not stop.is_set():
+            # upkeep, while no frame waits for its command
+            self._driver_messages(subscriber, result)
+            if self.upkeep is not None:
+                self.upkeep()
+            garbage.collect_due()
             t = now_ns()
             active_ns = t - t_start - paused_ns - (t - paused_since if paused_since else 0)
             if active_ns >= duration_ns:
                 break
+            if not self.faults.down and t - self._last_sent_ns >= heartbeat_ns:
+                client.send("heartbeat", reply=False)  # only when no command fed the watchdog
+                self._last_sent_ns = t
             if self.telemetry is not None:
                 self.telemetry.poll_control()
                 if self.telemetry.stop_requested:
@@ -239,17 +292,8 @@ class FrameLoop:
                     paused_since = None
                     self.events.write("resume", paused_ms=paused_ns / 1e6)
                     self.telemetry.event("resumed: policy in control")
-            frame = subscriber.recv_newest(timeout_ms=self.heartbeat_ms)
+            frame = subscriber.recv_newest(timeout_ms=self._wait_ms(heartbeat_ns))
             t = now_ns()
-            if not self.faults.down and t - last_heartbeat > self.heartbeat_ms * 1_000_000:
-                client.send("heartbeat", reply=False)
-                last_heartbeat = t
-            for topic, message in subscriber.take_messages():
-                if topic == EVENT_TOPIC:
-                    result.driver_events.append(message)
-                    self.events.write("driver_event", **message)
-                    if self.telemetry is not None:
-                        self.telemetry.event(f"driver: {message}", "warning")
             if subscriber.last_message_ns:
                 last_traffic = subscriber.last_message_ns
             fault = self.faults.check(t, last_traffic, frame.header.seq if frame else None)
@@ -271,6 +315,14 @@ class FrameLoop:
             if on_step is not None:
                 on_step(result.steps, (t - t_start - paused_ns) / 1e9)
 
+    def _wait_ms(self, heartbeat_ns: int) -> int:
+        """How long to wait for a frame: until the next heartbeat is due (none goes to a
+        driver that is down: then a whole heartbeat period, so the loop never spins)."""
+        if self.faults.down:
+            return self.heartbeat_ms
+        due_ms = (heartbeat_ns - (now_ns() - self._last_sent_ns)) // 1_000_000
+        return int(min(max(due_ms, 1), self.heartbeat_ms))
+
     def _pause(self, client: CommandClient) -> int:
         """Enter the paused state: laser off now; the loop sends no actuation until resume."""
         error = None
@@ -288,7 +340,7 @@ class FrameLoop:
     def _show_paused(self, frame: Frame, skipped: int) -> None:
         """While paused: keep observing (tracking) and showing frames, actuate nothing."""
         obs = self.plan.observe(frame)
-        self._record(frame, obs, paused=True)
+        self._record(frame, _rounded(obs.detections_um), paused=True)
         telemetry = self.telemetry
         if telemetry is not None and telemetry.frame_due():
             pixel = _pixel_size(frame)
@@ -305,24 +357,27 @@ class FrameLoop:
     ) -> None:
         header = frame.header
         t_received = now_ns()
+        # Frame -> command: only what decides the command, the clip, and the send.
         obs = self.plan.observe(frame)
         t_detected = now_ns()
         action, clipped = limits.clip(self.plan.decide(obs))
-        result.actions_clipped += int(clipped)
+        spots = spots_wire(action.laser)
         latency_ms = None
         error = None
         try:
-            reply = self._send(client, action, header.seq)
+            reply = self._send(client, spots, header.seq)
             if "latency_ns" in reply:
                 latency_ms = reply["latency_ns"] / 1e6
                 result.latency_count += 1
         except (CommandTimeout, CommandError) as exc:
             result.commands_failed += 1
             error = str(exc)
+        # The command is out: everything else.
         result.steps += 1
+        result.actions_clipped += int(clipped)
         self.plan.learn(obs)
-        self._record(frame, obs, paused=False)
-        spots = spots_wire(action.laser)
+        detections = _rounded(obs.detections_um)  # once, for the recording and the step log
+        self._record(frame, detections, paused=False)
         if self.telemetry is not None:
             self._publish_step(frame, obs, spots, action)
             self.telemetry.metrics(
@@ -340,7 +395,7 @@ class FrameLoop:
                 self.telemetry.event(note)
             if error is not None:
                 self.telemetry.event(f"command failed: {error}", "warning")
-        ids = obs.track_ids if obs.track_ids is not None else np.zeros(0, dtype=np.int64)
+        ids = obs.track_ids
         self.events.write(
             "step",
             seq=header.seq,
@@ -348,9 +403,9 @@ class FrameLoop:
             t_pub_ns=header.t_published_ns,
             receive_delay_ms=(t_received - header.t_published_ns) / 1e6,
             detect_ms=(t_detected - t_received) / 1e6,
-            n_detections=len(obs.detections_um),
-            detections_um=np.round(obs.detections_um[:16], 4).tolist(),
-            track_ids=ids[:16].tolist(),
+            n_detections=len(detections),
+            detections_um=detections[:16],
+            track_ids=[] if ids is None else ids[:16].tolist(),
             target_um=list(obs.target_um),
             laser=spots,
             clipped=clipped,
@@ -361,7 +416,7 @@ class FrameLoop:
             session=self.faults.session,
         )
 
-    def _record(self, frame: Frame, obs: Observation, paused: bool) -> None:
+    def _record(self, frame: Frame, detections_um: list[list[float]], paused: bool) -> None:
         """The frame and what the plan saw in it, to the run's recording (never waits).
         Detections are in um from the frame's corner: `origin_um` + pixel x pixel size."""
         if self.frames is None:
@@ -379,7 +434,7 @@ class FrameLoop:
                 "pixel_size_um": _pixel_size(frame),
                 "origin_um": [0.0, 0.0],
                 "laser": header.state.get("laser"),
-                "detections_um": np.round(obs.detections_um, 4).tolist(),
+                "detections_um": detections_um,
             },
         )
 
@@ -400,11 +455,64 @@ class FrameLoop:
             info,
         )
 
-    def _send(self, client: CommandClient, action: Action, seq: int) -> dict[str, Any]:
-        if action.laser:
-            args = {"spots": spots_wire(action.laser), "frame_seq": seq}
-            return client.call("set_laser", args).result
+    def _send(
+        self, client: CommandClient, spots: list[dict[str, float]], seq: int
+    ) -> dict[str, Any]:
+        self._last_sent_ns = now_ns()  # a command feeds the watchdog as a heartbeat does
+        if spots:
+            return client.call("set_laser", {"spots": spots, "frame_seq": seq}).result
         return client.call("laser_off", {"frame_seq": seq}).result
+
+
+class _LoopGarbage:
+    """Python's cyclic garbage collector, run by the loop between steps, not mid-step.
+
+    Left automatic, a collection starts at whichever allocation crosses the threshold,
+    often inside detection between a frame and its command. While a loop runs it is
+    switched off; `collect_due` runs the collection Python would have run by now (the
+    same thresholds, youngest generations first), where the loop is about to wait for
+    a frame. What existed before the loop (modules, config, the detector) is frozen
+    out of every collection (`gc.freeze`), so each one scans only the loop's own
+    objects. Loops on several threads share one switch: the first in turns automatic
+    collection off, the last out turns it back on (unless it was off before).
+    """
+
+    _lock = threading.Lock()
+    _holders = 0
+    _was_enabled = True
+
+    def __enter__(self) -> _LoopGarbage:
+        cls = type(self)
+        with cls._lock:
+            if cls._holders == 0:
+                cls._was_enabled = gc.isenabled()
+                gc.freeze()
+                gc.disable()
+            cls._holders += 1
+        self._thresholds = gc.get_threshold()
+        return self
+
+    def collect_due(self) -> None:
+        if not type(self)._was_enabled:
+            return  # collection was off before the loop: leave it off
+        counts = gc.get_count()
+        due = [g for g in range(3) if self._thresholds[g] and counts[g] >= self._thresholds[g]]
+        if due:
+            gc.collect(max(due))
+
+    def __exit__(self, *_exc: object) -> None:
+        cls = type(self)
+        with cls._lock:
+            cls._holders -= 1
+            if cls._holders == 0:
+                gc.unfreeze()
+                if cls._was_enabled:
+                    gc.enable()
+
+
+def _rounded(detections_um: np.ndarray) -> list[list[float]]:
+    """Detections as the records keep them (um, 0.1 nm)."""
+    return np.round(detections_um, 4).tolist()
 
 
 def _pixel_size(frame: Frame) -> float:

@@ -9,8 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from policies.contract import Action, LaserSpot
 
 
@@ -37,10 +35,15 @@ class LaserLimits:
         """Return the clipped action and whether anything had to change."""
         spots = []
         changed = len(action.laser) > self.max_spots
-        for spot in action.laser[: self.max_spots]:
-            x = float(np.clip(spot.x_um, *self.x_um))
-            y = float(np.clip(spot.y_um, *self.y_um))
-            p = float(np.clip(spot.power_mw, 0.0, self.max_power_mw))
+        for spot in action.laser[: self.max_spots]:  # on the frame-to-command path: no numpy
+            x = _clip(spot.x_um, *self.x_um)
+            y = _clip(spot.y_um, *self.y_um)
+            p = _clip(spot.power_mw, 0.0, self.max_power_mw)
             changed |= (x, y, p) != (spot.x_um, spot.y_um, spot.power_mw)
             spots.append(LaserSpot(x, y, p))
         return Action(laser=tuple(spots), info=action.info), changed
+
+
+def _clip(value: float, low: float, high: float) -> float:
+    """`float(np.clip(value, low, high))` for one number, NaN kept, at a tenth of the cost."""
+    return float(min(max(value, low), high))

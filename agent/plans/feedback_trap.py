@@ -14,6 +14,7 @@ every frame the loop acts on, on unless `agent.record_frames: false`) and the su
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,8 @@ class FeedbackTrap:
         self.target_um: tuple[float, float] | None = None
         self.field_um: tuple[float, float] = (0.0, 0.0)
         self._notes: list[str] = []
+        # looked up once, not per frame
+        self._with_confidence = getattr(detector, "detect_with_confidence", None)
 
     def begin(self, state: dict[str, Any]) -> tuple[float, float]:
         self.field_um = (float(state["field_um"][0]), float(state["field_um"][1]))
@@ -93,9 +96,8 @@ class FeedbackTrap:
     def observe(self, frame: Frame) -> Observation:
         header = frame.header
         pixel_size = float(header.state.get("pixel_size_um", 1.0))
-        with_confidence = getattr(self.detector, "detect_with_confidence", None)
-        if with_confidence is not None:
-            xy, _scores, confidences = with_confidence(frame.data)
+        if self._with_confidence is not None:
+            xy, _scores, confidences = self._with_confidence(frame.data)
         else:
             xy, confidences = self.detector(frame.data), None
         detections_um = xy * pixel_size
@@ -197,8 +199,8 @@ def run_phase(
     ctx = zmq.Context.instance()
     driver_config, driver = _phase_driver(config, run_dir, name)
     keys = client_keys(config.driver.client_auth)
+    # drained by the loop between steps (`upkeep`), not on a thread of its own
     truth = TruthRecorder(ctx, driver_config.stream_endpoint, run_dir / f"truth-{name}.jsonl", keys)
-    truth.start()
     events_path = run_dir / f"events-{name}.jsonl"
     settings = config.agent
     plan = FeedbackTrap(
@@ -227,6 +229,7 @@ def run_phase(
                 frame_tags={"phase": name},
                 needs_actuators=FEEDBACK_ACTUATORS,
                 plan_name=config.kind,
+                upkeep=truth.drain,
             )
             on_step = (lambda _n, t: progress(name, t)) if progress else None
             result = loop.run(
@@ -385,8 +388,15 @@ def run_feedback_trap(config_path: Path, overrides: list[str], console: Console)
     return run_with_progress(load_config(config_path, overrides), console)
 
 
+PROGRESS_REFRESH_S = 0.25
+
+
 def run_with_progress(config: ExperimentConfig, console: Console) -> dict[str, Any]:
-    """Run the experiment with a progress bar over its phases; print the summary table."""
+    """Run the experiment with a progress bar over its phases; print the summary table.
+
+    The bar is redrawn from the loop after a step's command is out, at most every
+    PROGRESS_REFRESH_S: rich's own refresh thread would draw at random moments,
+    holding the GIL between a frame and its command."""
     phases = 2 if config.compare_free_diffusion else 1
     columns = (
         TextColumn("{task.description}"),
@@ -394,9 +404,10 @@ def run_with_progress(config: ExperimentConfig, console: Console) -> dict[str, A
         TextColumn("{task.fields[t]}"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=console, transient=False) as progress:
+    with Progress(*columns, console=console, transient=False, auto_refresh=False) as progress:
         task = progress.add_task(config.name, total=config.duration_s * phases, t="")
         offsets = {"feedback": 0.0, "free": config.duration_s}
+        last_drawn = [0.0]
 
         def on_progress(phase: str, t_s: float) -> None:
             progress.update(
@@ -405,6 +416,10 @@ def run_with_progress(config: ExperimentConfig, console: Console) -> dict[str, A
                 description=f"{config.name} [{phase}]",
                 t=f"{t_s:5.1f} s",
             )
+            now = time.monotonic()
+            if now - last_drawn[0] >= PROGRESS_REFRESH_S:
+                last_drawn[0] = now
+                progress.refresh()
 
         run_dir, summary = run_experiment(config, on_progress)
     table = Table(title="run summary", show_header=True)

@@ -64,10 +64,19 @@ class TruthRecorder(threading.Thread):
             self._log.write("truth", **record)
             self.received.set()
 
+    def drain(self) -> None:
+        """Log what has arrived, on the caller's thread, for a caller that never starts
+        this thread: a frame loop calls it between steps, so the recorder never holds
+        the GIL between a frame and its command."""
+        self._drain()
+
     def stop(self) -> list[dict[str, Any]]:
         """Stop and return every record, read back from the file (memory stays flat)."""
         self._stop_event.set()
-        self.join(timeout=5)
+        if self.ident is None and not self._socket.closed:  # never started: finish here
+            self.run()
+        elif self.ident is not None:
+            self.join(timeout=5)
         return read_events(self.path)
 
 

@@ -91,7 +91,10 @@ class BackgroundFrameWriter:
             stdout=subprocess.PIPE,
             text=True,
         )
-        self._ctx = zmq.Context.instance()
+        if not lossless:  # its start-up (imports) too, not just its work
+            _yield_cpu(idle=True, pid=self._proc.pid)
+        # its own I/O thread: pushing frames to a slow writer never delays the driver link
+        self._ctx = zmq.Context()
         self._socket: zmq.Socket | None = None  # sized by the first frame
 
     def _connect(self, frame_bytes: int) -> zmq.Socket | None:
@@ -174,6 +177,7 @@ class BackgroundFrameWriter:
             self._proc.kill()
             out, _ = self._proc.communicate()
         self._socket.close()
+        self._ctx.term()
         shutil.rmtree(self._dir, ignore_errors=True)
         lines = [line for line in (out or "").splitlines() if line.startswith("{")]
         self._result = (
@@ -244,15 +248,18 @@ def serve(path: Path, endpoint: str, pixel_size_um: float | None) -> dict[str, A
     }
 
 
-def _yield_cpu() -> None:
-    """Into the idle scheduling class, before any writer thread starts (they inherit it)."""
+def _yield_cpu(idle: bool, pid: int = 0) -> None:
+    """Into (or out of) the idle scheduling class, before any writer thread starts
+    (`pid`: this process, or the writer the loop's process has just started)."""
+    policy = getattr(os, "SCHED_IDLE" if idle else "SCHED_OTHER", None)
     try:
-        if hasattr(os, "SCHED_IDLE"):
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-            return
+        if policy is not None:
+            os.sched_setscheduler(pid, policy, os.sched_param(0))
+        elif idle and pid == 0:
+            os.nice(WRITER_NICE)
     except OSError:  # not allowed here: the loop still never waits, frames may drop
-        pass
-    os.nice(WRITER_NICE)
+        if idle and pid == 0:
+            os.nice(WRITER_NICE)
 
 
 def _leave_idle_class(pid: int) -> None:
@@ -271,6 +278,6 @@ def _leave_idle_class(pid: int) -> None:
 if __name__ == "__main__":
     folder_path, address, pixel_arg, priority = sys.argv[1:]
     if priority == "idle":
-        _yield_cpu()
+        _yield_cpu(idle=True)
     result = serve(Path(folder_path), address, None if pixel_arg == "-" else float(pixel_arg))
     print(json.dumps(result), flush=True)

@@ -7,9 +7,11 @@ above-threshold pixels and refinement windows are gathered into one stack.
 Segmentation cost is kept down on large frames (short side >= 512 px) by finding
 candidates on a binned copy: a b x b sum is itself a matched smoothing, divides
 the pixel count by b**2, and its (deliberately lower) threshold comes from the
-binned image's own robust noise. Each candidate is then mapped back and re-checked
-on a small full-resolution patch, smoothed exactly as the whole frame would be:
-the seed is the brightest smoothed pixel near it, and it must pass the usual
+binned image's own robust noise. A binned peak that clears the full threshold by the
+binned-to-full SNR margin is decided there and seeds from its sub-bin position (radial
+symmetry does not depend on where its window sits). Each marginal candidate is mapped
+back and re-checked on a small full-resolution patch, smoothed exactly as the whole
+frame would be: the seed is the brightest smoothed pixel near it, and it must pass the usual
 per-pixel threshold and minimum area. So the accepted seeds, refinement windows
 and false-alarm rate are those of the full-resolution path, at a fraction of its cost.
 

@@ -220,8 +220,38 @@ def test_binned_path_matches_full_resolution(n: int, method: str) -> None:
     assert full._get_plan(frame.shape).b == 1
     reference = full(frame)
     assert found.shape == reference.shape == truth.shape
-    np.testing.assert_allclose(found, reference, atol=0.05)
+    # Strong radial-symmetry seeds come from the binned peaks (their window may sit a
+    # pixel off, shifting the brightness order of near-equal spots), not the position.
+    assert np.all(_match(found, reference) < 0.05)
+    if method == "centroid":  # window-dependent: every seed confirmed at full resolution
+        np.testing.assert_allclose(found, reference, atol=0.05)
     assert np.all(_match(found, truth) < 0.3)
+
+
+def test_binned_seeds_confirm_only_marginal_candidates() -> None:
+    # Strong spots seed from their binned peaks; a faint one (binned SNR under the
+    # confirmation margin) still goes through the full-resolution check and is found.
+    rng = np.random.default_rng(5)
+    truth = _separated_grid(rng, 512, 6)
+    amps = np.full(len(truth), 6000.0)
+    amps[7] = 250.0  # about the full threshold once binned
+    frame = _frame(rng, (512, 512), truth, amps)
+    det = ParticleDetector(DetectorConfig(threshold_sigma=6.0))
+    calls: list[int] = []
+    original = det._confirm
+
+    def spy(frame, rows, *args):  # type: ignore[no-untyped-def]
+        calls.append(rows.size)
+        return original(frame, rows, *args)
+
+    det._confirm = spy  # type: ignore[method-assign]
+    found = det(frame)
+    assert det._get_plan(frame.shape).b > 1
+    assert calls and 0 < calls[0] < len(truth) // 4  # only the marginal few
+    reference = ParticleDetector(DetectorConfig(threshold_sigma=6.0, segment_bin_px=1))(frame)
+    assert found.shape == reference.shape == truth.shape
+    assert np.all(_match(found, reference) < 0.05)
+    assert _match(found, truth)[7] < 1.0 and np.delete(_match(found, truth), 7).max() < 0.3
 
 
 def test_binned_pure_noise_gives_no_detections() -> None:

@@ -7,9 +7,11 @@ above-threshold pixels and refinement windows are gathered into one stack.
 Segmentation cost is kept down on large frames (short side >= 512 px) by finding
 candidates on a binned copy: a b x b sum is itself a matched smoothing, divides
 the pixel count by b**2, and its (deliberately lower) threshold comes from the
-binned image's own robust noise. Each candidate is then mapped back and re-checked
-on a small full-resolution patch, smoothed exactly as the whole frame would be:
-the seed is the brightest smoothed pixel near it, and it must pass the usual
+binned image's own robust noise. A binned peak that clears the full threshold by the
+binned-to-full SNR margin is decided there and seeds from its sub-bin position (radial
+symmetry does not depend on where its window sits). Each marginal candidate is mapped
+back and re-checked on a small full-resolution patch, smoothed exactly as the whole
+frame would be: the seed is the brightest smoothed pixel near it, and it must pass the usual
 per-pixel threshold and minimum area. So the accepted seeds, refinement windows
 and false-alarm rate are those of the full-resolution path, at a fraction of its cost.
 
@@ -63,8 +65,8 @@ _MIN_BINNED_SIGMA = 0.7
 # applies the real threshold. 0.75 covers the worst-case binned SNR loss for a PSF as
 # sharp as smooth_sigma_px (about 0.72 of full-resolution SNR at 2 x 2).
 _CANDIDATE_FRACTION = 0.75
-# Binned candidates whose confirmation patches would smooth more than this share of the
-# frame's pixels are seeded from the binned peaks directly (dense fields).
+# Marginal binned candidates (under the full threshold) are confirmed only while their
+# confirmation patches smooth at most this share of the frame's pixels (else dropped).
 _DENSE_CONFIRM = 0.5
 _RING_CANDIDATE_FRACTION = 0.5  # of threshold_sigma: ring-mode candidates for the joint fit
 _BG_BLOCK = 4  # local background: block side of the coarse grid it is computed on
@@ -446,7 +448,12 @@ def _label_sparse(idx: NDArray[np.intp], shape: tuple[int, int]) -> NDArray[np.i
 def _local_maxima(
     img: NDArray[np.float32], idx: NDArray[np.intp], vals: NDArray[np.float32]
 ) -> NDArray[np.bool_]:
-    """Which of the pixels idx (values vals) are strict maxima of their in-image 8-neighbours.
+    """Which of the pixels idx (values vals) are strict maxima of their in-image 8-neighbours."""
+    return vals > _neighbours_max_at(img, idx)
+
+
+def _neighbours_max_at(img: NDArray[np.float32], idx: NDArray[np.intp]) -> NDArray[np.float32]:
+    """The maximum over the in-image 8-neighbours of each pixel idx (-inf: none).
 
     Few candidates read their neighbours at fixed flat offsets (only the few on the
     frame's border need clipped coordinates); many (a dense field) read one image of
@@ -454,16 +461,16 @@ def _local_maxima(
     costs several streamed pixels."""
     h, w = img.shape
     if idx.size * _GATHER_VS_PASS > img.size:
-        return vals > _neighbour_max(img).ravel()[idx]
+        return _neighbour_max(img).ravel()[idx]
     rows, cols = np.divmod(idx, w)
     flat = img.ravel()
-    out = np.ones(idx.size, dtype=bool)
+    out = np.full(idx.size, -np.inf, dtype=np.float32)
     inner = (rows > 0) & (rows < h - 1) & (cols > 0) & (cols < w - 1)
-    at, v = idx[inner], vals[inner]
-    keep = np.ones(at.size, dtype=bool)
-    for off in (-w - 1, -w, -w + 1, -1, 1, w - 1, w, w + 1):
-        keep &= v > flat[at + off]
-    out[inner] = keep
+    at = idx[inner]
+    nb = flat[at - w - 1]
+    for off in (-w, -w + 1, -1, 1, w - 1, w, w + 1):
+        np.maximum(nb, flat[at + off], out=nb)
+    out[inner] = nb
     edge = np.flatnonzero(~inner)
     for dr in (-1, 0, 1):
         for dc in (-1, 0, 1):
@@ -471,8 +478,8 @@ def _local_maxima(
                 continue
             r, c = rows[edge] + dr, cols[edge] + dc
             inside = (r >= 0) & (r < h) & (c >= 0) & (c < w)
-            nb = img[np.clip(r, 0, h - 1), np.clip(c, 0, w - 1)]
-            out[edge] &= ~inside | (vals[edge] > nb)
+            v = img[np.clip(r, 0, h - 1), np.clip(c, 0, w - 1)]
+            out[edge] = np.maximum(out[edge], np.where(inside, v, -np.inf))
     return out
 
 
@@ -486,6 +493,16 @@ def _neighbour_max(img: NDArray[np.float32]) -> NDArray[np.float32]:
     np.maximum(row3, pad[:, 1:-1], out=row3)  # and the pixel itself: 3 wide
     out = np.maximum(row3[:-2], row3[2:])  # the rows above and below
     return np.maximum(out, side, out=out)
+
+
+def _merge_seeds(
+    a: tuple[NDArray[np.intp], NDArray[np.intp]],
+    b: tuple[NDArray[np.intp], NDArray[np.intp]],
+    width: int,
+) -> tuple[NDArray[np.intp], NDArray[np.intp]]:
+    """Union of two (rows, cols) seed sets; seeds on one pixel merge."""
+    flat = np.union1d(a[0] * width + a[1], b[0] * width + b[1])
+    return np.divmod(flat, width)
 
 
 def _auto_bin(shape: tuple[int, ...], smooth_sigma_px: float) -> int:
@@ -901,16 +918,19 @@ class ParticleDetector:
             idx, vals = idx[keep], vals[keep]
         if idx.size == 0:
             return _empty()
-        peak = (
-            _local_maxima(seg, idx, vals)
+        nb = (
+            _neighbours_max_at(seg, idx)
             if plan.b > 1 or cfg.separation_px > 0
-            else np.zeros(idx.size, dtype=bool)
+            else np.full(idx.size, np.inf, dtype=np.float32)
         )
-        if plan.b > 1 and np.count_nonzero(peak) * plan.confirm_px > _DENSE_CONFIRM * work.size:
-            # Dense field: confirmation patches would overlap and cost more than the
-            # frame. Binned peaks over the full threshold seed directly instead.
-            full = vals > seg_level + (k_sigma / _CANDIDATE_FRACTION) * plan.scale[idx]
-            rows, cols = self._seeds_from_bins(work, seg, idx[peak & full], plan)
+        peak = vals > nb
+        if plan.b > 1:
+            # Over the binned level, in units of the full (per-pixel) threshold.
+            z = (vals - seg_level) / ((k_sigma / _CANDIDATE_FRACTION) * plan.scale[idx])
+            flat_top = np.any((vals == nb) & ~peak)  # a component may have no strict peak
+            rows, cols = self._binned_seeds(
+                work, seg, idx, vals, peak, z, plan, level, sigma, flat_top
+            )
         else:
             rows, cols = self._component_seeds(work, idx, vals, peak, plan, level, sigma)
         if rows.size == 0:
@@ -1083,6 +1103,43 @@ class ParticleDetector:
             self._plan_shape = shape
         return self._plan
 
+    def _binned_seeds(
+        self,
+        work: _FlatFrame,
+        seg: NDArray[np.float32],
+        idx: NDArray[np.intp],
+        vals: NDArray[np.float32],
+        peak: NDArray[np.bool_],
+        z: NDArray[np.float32],
+        plan: _SegPlan,
+        level: float,
+        sigma: float,
+        flat_top: bool,
+    ) -> tuple[NDArray[np.intp], NDArray[np.intp]]:
+        """Full-resolution seeds for the binned candidates idx (z: their smoothed binned
+        value over the level in units of the full threshold).
+
+        Confirmation at full resolution is for the candidates the binned image cannot
+        decide. Binned peaks that clear the full threshold by the binned-to-full SNR
+        margin (1 / _CANDIDATE_FRACTION) seed directly from their sub-bin position when
+        the refinement does not depend on where its window sits (radial symmetry; a
+        centroid does); the rest are confirmed. In a dense field, whose confirmation
+        patches would cost more than the frame, every peak over the full threshold seeds
+        directly and the rest are dropped. flat_top: some candidate ties its largest
+        neighbour (a component may have no strict peak), so components are labelled."""
+        dense = np.count_nonzero(peak) * plan.confirm_px > _DENSE_CONFIRM * work.size
+        if dense:
+            return self._seeds_from_bins(work, seg, idx[peak & (z > 1.0)], plan)
+        if self.config.method != "radial_symmetry":
+            return self._component_seeds(work, idx, vals, peak, plan, level, sigma)
+        decided = peak & (z > 1.0 / _CANDIDATE_FRACTION)
+        rows, cols = self._seeds_from_bins(work, seg, idx[decided], plan)
+        if not flat_top and np.all(decided[peak]):
+            # Every component's brightest pixel is a decided peak: nothing to confirm.
+            return rows, cols
+        more = self._component_seeds(work, idx, vals, peak, plan, level, sigma, decided)
+        return _merge_seeds((rows, cols), more, work.shape[1])
+
     def _component_seeds(
         self,
         work: _FlatFrame,
@@ -1092,9 +1149,11 @@ class ParticleDetector:
         plan: _SegPlan,
         level: float,
         sigma: float,
+        decided: NDArray[np.bool_] | None = None,
     ) -> tuple[NDArray[np.intp], NDArray[np.intp]]:
         """Seeds from the connected above-threshold components: each one's brightest
-        pixel (and, to separate touching particles, every local maximum)."""
+        pixel (and, to separate touching particles, every local maximum). Binned
+        candidates marked decided (seeded already) are not confirmed again."""
         cfg = self.config
         lab = _label_sparse(idx, plan.shape)
         # Seeds without a Python loop: sort above-threshold pixels by (label, value);
@@ -1114,9 +1173,14 @@ class ParticleDetector:
         # separate at full resolution, so other local maxima are candidates too.
         is_max = np.zeros(idx.size, dtype=bool)
         is_max[order[last]] = True
-        extra = idx[peak & ~is_max]
-        rows, cols = np.divmod(np.concatenate((seeds, extra)), plan.shape[1])
+        extra = peak & ~is_max
+        if decided is not None:
+            seeds = seeds[~decided[order[last]]]
+            extra &= ~decided
+        rows, cols = np.divmod(np.concatenate((seeds, idx[extra])), plan.shape[1])
         primary = np.arange(rows.size) < seeds.size
+        if rows.size == 0:
+            return rows, cols
         return self._confirm(work, rows, cols, primary, plan, level, sigma)
 
     def _seeds_from_bins(

@@ -92,6 +92,14 @@ _MIN_CLOSE_PEAKS = 20  # fewer particle-like extremes in a frame: no crowding me
 _SYM_CANDIDATES = 100  # strongest extremes per side scored for symmetry
 # Disc (px) of the symmetry score: a few core widths of small particles; on large rings
 # it sees the centre (round) against arcs (not round).
+_VOTING_SHARE = 0.15  # strongest gradients that vote for symmetry centres
+# Centres with fewer votes than this share of the strongest few's are texture or noise
+# (a sparse field's edges vote for many chance points).
+_MIN_VOTE_FRACTION = 0.5
+_CHANCE_VOTES = 3.0  # and than this many times the typical local maximum's (chance)
+_VOTE_SMOOTH_PX = 1.5
+_SNAP_PX = 3.0  # an extreme this close to a centre of symmetry is the centre
+_VOTE_RADIUS_PX = 20  # farthest centre an edge votes for
 _SYM_RADIUS_PX = 8  # share of pixels far from features needed to measure texture
 
 
@@ -244,6 +252,63 @@ def _median_or_zero(a: np.ndarray) -> float:
     return float(np.median(a)) if a.size else 0.0
 
 
+def _symmetry_centres(sm: np.ndarray, max_radius: int) -> np.ndarray:
+    """(rows, cols) of the strongest centres of radial symmetry, most votes first.
+
+    Gradient voting (Loy & Zelinsky's fast radial symmetry transform, both directions,
+    magnitude-weighted): every strong edge votes for the points 1 .. max_radius px along
+    its gradient, both ways. A round particle's edges, whatever their sign, agree on its
+    centre; so the votes peak at a ring's centre even where the centre is no extreme of
+    the frame (a dark donut in focus, a bright ring round a grey centre), while an arc
+    of a ring spreads its votes. Only centres within _MIN_VOTE_FRACTION of the
+    strongest few's votes, and _CHANCE_VOTES over the typical maximum of the vote map
+    (in a sparse field mostly chance), are kept."""
+    gy, gx = ndimage.sobel(sm, 0), ndimage.sobel(sm, 1)
+    mag = np.hypot(gx, gy)
+    rows, cols = np.nonzero(mag > np.quantile(mag, 1.0 - _VOTING_SHARE))
+    m = mag[rows, cols].astype(np.float64)
+    uy, ux = gy[rows, cols] / m, gx[rows, cols] / m
+    h, w = sm.shape
+    acc = np.zeros(h * w)
+    for n in range(1, max_radius + 1):
+        for s in (n, -n):
+            rr, cc = np.rint(rows + s * uy).astype(np.intp), np.rint(cols + s * ux).astype(np.intp)
+            ok = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
+            acc += np.bincount(rr[ok] * w + cc[ok], m[ok], minlength=h * w)
+    votes = ndimage.gaussian_filter(acc.reshape(h, w), _VOTE_SMOOTH_PX)
+    peaks = votes == ndimage.maximum_filter(votes, size=5)
+    rc, amp = np.argwhere(peaks), votes[peaks]
+    if amp.size == 0:
+        return rc
+    chance = _CHANCE_VOTES * float(np.median(amp))
+    order = np.argsort(-amp)[:_SYM_CANDIDATES]
+    rc, amp = rc[order], amp[order]
+    return rc[amp >= max(_MIN_VOTE_FRACTION * float(np.median(amp[:5])), chance)]
+
+
+def _snap(centres: np.ndarray, extremes: np.ndarray) -> np.ndarray:
+    """Each centre (row, col) moved to the nearest extreme within _SNAP_PX, if any."""
+    if len(centres) == 0 or len(extremes) == 0:
+        return centres
+    d, i = cKDTree(extremes).query(centres, distance_upper_bound=_SNAP_PX)
+    near = np.isfinite(d)
+    out = centres.copy()
+    out[near] = extremes[i[near]]
+    return out
+
+
+def _centre_sign(flat: np.ndarray, seeds: np.ndarray, radius: int) -> float:
+    """The sign that makes the particles' centre positive: the median profile's centre,
+    or where that is near zero (a donut), the opposite of its strongest extreme."""
+    _, prof = _radial_profile(flat, seeds[:_PROFILE_PEAKS], radius)
+    if prof.size == 0:
+        return 1.0
+    top = float(np.max(np.abs(prof)))
+    if abs(float(prof[0])) >= _MIN_CENTRE * top:
+        return 1.0 if prof[0] > 0 else -1.0
+    return -1.0 if prof[int(np.argmax(np.abs(prof)))] > 0 else 1.0
+
+
 def _by_symmetry(
     flat: np.ndarray, extremes: tuple[np.ndarray, np.ndarray], sign: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -322,6 +387,8 @@ def _features(where: np.ndarray, prof: np.ndarray, noise: float) -> tuple[float,
     profile whose centre is positive; ring radius 0 where no significant dip (deeper than
     _RING_DEPTH of the centre and than noise) follows the core."""
     peak = float(prof[0])
+    if peak <= 0:  # no centre of this sign
+        return 0.5, 0.0, 0.0
     hwhm = _crossing(where, prof, 0.5 * peak)
     core = math.ceil(hwhm)
     after = prof[core:]
@@ -429,10 +496,28 @@ def estimate_config(
     amp_d = float(np.median(top_d)) if top_d.size else 0.0
     sym_b = _median_or_zero(np.concatenate([y[:_PROFILE_PEAKS] for _, _, y in bright]))
     sym_d = _median_or_zero(np.concatenate([y[:_PROFILE_PEAKS] for _, _, y in dark]))
+    # Seeds for the profile: the centres of radial symmetry (extremes of either sign
+    # land on rings where the centre is no extreme of the frame), with the extremes'
+    # amplitudes kept for the noise and crowding measures.
+    radius = max(int(min(_MAX_RADIUS_PX, min(frame.shape) // 2 - 1)), 2)
+    centres = [_symmetry_centres(s, min(_VOTE_RADIUS_PX, radius)) for s in sm]
     if "polarity" in given:
         sign = -1.0 if base.polarity == "dark" else 1.0
+    elif all(len(c) for c in centres):
+        sign = _centre_sign(flats[0], centres[0], radius)
     else:
         sign = 1.0 if sym_b >= sym_d else -1.0
+    # Where the centre is an extreme of that sign, the extreme is the better centre: the
+    # votes follow illumination asymmetries of the ring (2 px off on the real frames).
+    if all(len(c) for c in centres):
+        centres = [
+            _snap(c, (e_b if sign > 0 else e_d)[0])
+            for c, e_b, e_d in zip(centres, all_b, all_d, strict=True)
+        ]
+        bright = [
+            (c, s[c[:, 0], c[:, 1]], b[2]) for c, s, b in zip(centres, sm, bright, strict=True)
+        ]
+        dark = [(c, -s[c[:, 0], c[:, 1]], d[2]) for c, s, d in zip(centres, sm, dark, strict=True)]
     why_empty = ""
     if max(amp_b, amp_d) == 0.0:
         why_empty = (
@@ -442,8 +527,6 @@ def estimate_config(
 
     # Size and shape from the median radial profile of the most symmetric particles.
     # Bright centres inside a dark annulus are brightfield rings.
-    radius = int(min(_MAX_RADIUS_PX, min(frame.shape) // 2 - 1))
-    radius = max(radius, 2)
     seeds_b = [(rc, a) for rc, a, _ in bright]
     seeds_d = [(rc, a) for rc, a, _ in dark]
     shape = _shape(flats, seeds_b, 1.0, pix_sigma, radius)

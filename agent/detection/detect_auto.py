@@ -98,6 +98,8 @@ _VOTING_SHARE = 0.15  # strongest gradients that vote for symmetry centres
 _MIN_VOTE_FRACTION = 0.5
 _CHANCE_VOTES = 3.0  # and than this many times the typical local maximum's (chance)
 _VOTE_SMOOTH_PX = 1.5
+# A centre weaker than this share of the profile's extreme has no sign of its own (a donut)
+_DONUT_CENTRE = 0.1
 _SNAP_PX = 3.0  # an extreme this close to a centre of symmetry is the centre
 _VOTE_RADIUS_PX = 20  # farthest centre an edge votes for
 _SYM_RADIUS_PX = 8  # share of pixels far from features needed to measure texture
@@ -304,7 +306,7 @@ def _centre_sign(flat: np.ndarray, seeds: np.ndarray, radius: int) -> float:
     if prof.size == 0:
         return 1.0
     top = float(np.max(np.abs(prof)))
-    if abs(float(prof[0])) >= _MIN_CENTRE * top:
+    if abs(float(prof[0])) >= _DONUT_CENTRE * top:
         return 1.0 if prof[0] > 0 else -1.0
     return -1.0 if prof[int(np.argmax(np.abs(prof)))] > 0 else 1.0
 

@@ -47,7 +47,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, signal
 from scipy.spatial import cKDTree
 
 from agent.detection.detect import (
@@ -57,7 +57,7 @@ from agent.detection.detect import (
     _noise_gain_1d,
     white_noise_sigma,
 )
-from agent.detection.ring_match import RingMatcher, central_lobe_px, fit_radial_profile
+from agent.detection.ring_match import RingMatcher, _kernel, central_lobe_px, fit_radial_profile
 
 __all__ = ["Estimate", "RingTracker", "check_frames", "estimate_config"]
 
@@ -100,6 +100,10 @@ _CHANCE_VOTES = 3.0  # and than this many times the typical local maximum's (cha
 _VOTE_SMOOTH_PX = 1.5
 # A centre weaker than this share of the profile's extreme has no sign of its own (a donut)
 _DONUT_CENTRE = 0.1
+# Blob images still this share of their peak at a neighbour's centre overlap (they add
+# up there): the matched filter's joint fit takes over from smoothing and splitting.
+_FADED = 0.05
+_OVERLAP = 0.8  # of the close distance: a faded radius beyond it is overlapping images
 _SNAP_PX = 3.0  # an extreme this close to a centre of symmetry is the centre
 _VOTE_RADIUS_PX = 20  # farthest centre an edge votes for
 _SYM_RADIUS_PX = 8  # share of pixels far from features needed to measure texture
@@ -297,6 +301,12 @@ def _snap(centres: np.ndarray, extremes: np.ndarray) -> np.ndarray:
     out = centres.copy()
     out[near] = extremes[i[near]]
     return out
+
+
+def _most_symmetric(flat: np.ndarray, *candidates: np.ndarray) -> np.ndarray:
+    """The candidate (row, col) seeds, each once, most radially symmetric first."""
+    rc = np.unique(np.concatenate([c.reshape(-1, 2) for c in candidates]), axis=0)
+    return rc[np.argsort(-_symmetry(flat, rc, _SYM_RADIUS_PX), kind="stable")]
 
 
 def _centre_sign(flat: np.ndarray, seeds: np.ndarray, radius: int) -> float:
@@ -512,9 +522,11 @@ def estimate_config(
     # Where the centre is an extreme of that sign, the extreme is the better centre: the
     # votes follow illumination asymmetries of the ring (2 px off on the real frames).
     if all(len(c) for c in centres):
+        # Extremes and centres compete on roundness: the votes of a touching pair meet
+        # between the two (elongated), an extreme on a ring is an arc.
         centres = [
-            _snap(c, (e_b if sign > 0 else e_d)[0])
-            for c, e_b, e_d in zip(centres, all_b, all_d, strict=True)
+            _most_symmetric(f, _snap(c, (e_b if sign > 0 else e_d)[0]), (b if sign > 0 else d)[0])
+            for f, c, e_b, e_d, b, d in zip(flats, centres, all_b, all_d, bright, dark, strict=True)
         ]
         bright = [
             (c, s[c[:, 0], c[:, 1]], b[2]) for c, s, b in zip(centres, sm, bright, strict=True)
@@ -581,6 +593,22 @@ def estimate_config(
             max(math.sqrt(max(room, 0.0)), _quiet_smoothing(snr_1px, sigma_core)),
         )
         hwhm = min(hwhm, max(0.5 * _SEPARATE * close, spot_sigma))
+    # Blobs whose images reach into their neighbours' centres (wide or heavy-tailed
+    # images in a crowded field: darkfield out of focus) add up into merged peaks: they
+    # get the matched filter on their measured profile, whose joint amplitude fit
+    # explains the overlap away as for rings, where that filter resolves a touching pair
+    # better than the smoothed image does (a sharp-edged or heavy-tailed profile; not a
+    # Gaussian, whose matched response is wider than the image).
+    overlapping = (
+        contrast != "ring"
+        and diameter_px is None
+        and not given & {"polarity", "ring_profile", "smooth_sigma_px"}
+        and close > 0
+        and prof.size > 2
+        and prof[0] > 0
+        and _faded_px(where, prof) >= _OVERLAP * close
+        and _matched_resolves_better(_blob_template(where, prof), close, spot_sigma)
+    )
     smooth = float(min(max(spot_sigma, 0.5), 10.0))
     put("smooth_sigma_px", smooth)
     # Images merge into one peak when closer than about twice their width: where the
@@ -596,7 +624,11 @@ def estimate_config(
     if contrast != "ring":  # the ring filter is blind to smooth illumination
         put("background_px", int(min(4 * extent + 1, 2001)) if spread > _UNEVEN else 0)
 
-    if contrast == "ring":
+    if overlapping:
+        seeds = (seeds_b if sign > 0 else seeds_d)[0][0]
+        blob = (where, prof, hwhm, 0.0, 0.0)
+        updates |= _ring_fit(use, base, given, sign, blob, seeds, radius, refit=False)[0]
+    elif contrast == "ring":
         refit = diameter_px is None and "ring_profile" not in given
         seeds_of = {1.0: seeds_b, -1.0: seeds_d}
         shape = (where, prof, hwhm, ring_r, outer)
@@ -662,15 +694,61 @@ def _ring_template(where: np.ndarray, prof: np.ndarray, ring_r: float) -> tuple[
     return tuple(round(float(v), 4) for v in values)
 
 
+def _faded_px(where: np.ndarray, prof: np.ndarray) -> float:
+    """Radius (px) where a blob's profile (centre positive) has fallen to _FADED of it."""
+    return _crossing(where, prof, _FADED * float(prof[0]))
+
+
+def _blob_template(where: np.ndarray, prof: np.ndarray) -> tuple[float, ...]:
+    """A blob's measured profile per px from the centre (= 1) to where it has faded."""
+    radii = np.arange(max(math.ceil(_faded_px(where, prof)), 2) + 1, dtype=np.float64)
+    values = np.interp(radii, where, prof) / max(float(prof[0]), 1e-12)
+    return tuple(round(float(v), 4) for v in values)
+
+
+def _pair_dips(template: tuple[float, ...], distance: float, smooth: float) -> tuple[float, float]:
+    """How deep the dip between two particles of this profile, distance px apart, is in
+    the matched filter's response and in the image smoothed by smooth px (share of the
+    peaks' height; <= 0: one peak)."""
+    n = len(template) - 1
+    half = math.ceil(distance / 2 + 2 * n + 3 * smooth) + 1
+    yy, xx = np.mgrid[-half : half + 1, -half : half + 1].astype(np.float64)
+    image = sum(
+        np.interp(np.hypot(xx - dx, yy), np.arange(n + 1), template, right=0.0)
+        for dx in (-distance / 2, distance / 2)
+    )
+    kernel = _kernel(np.asarray(template, dtype=np.float64), 1.0).astype(np.float64)
+    dips = []
+    for resp in (
+        signal.fftconvolve(image, kernel, mode="same"),
+        ndimage.gaussian_filter(image, max(smooth, 1e-3)),
+    ):
+        row = resp[half]
+        peak = float(np.interp(half + distance / 2, np.arange(row.size), row))
+        dips.append(1.0 - float(row[half]) / peak if peak > 0 else 0.0)
+    return dips[0], dips[1]
+
+
+def _matched_resolves_better(template: tuple[float, ...], distance: float, smooth: float) -> bool:
+    """Whether the matched filter parts a pair distance px apart more than smoothing does."""
+    matched, smoothed = _pair_dips(template, distance, smooth)
+    return matched > smoothed
+
+
 def _ring_settings(
     where: np.ndarray, prof: np.ndarray, sign: float, ring_r: float
 ) -> dict[str, object]:
     """Ring mode's shape settings from a radial profile (centre positive after sign):
     the matched filter, its ring radius and refinement window, and the separation."""
-    template = tuple(sign * v for v in _ring_template(where, prof, ring_r))
+    if ring_r > 0:
+        template = tuple(sign * v for v in _ring_template(where, prof, ring_r))
+        window = 0.85 * ring_r
+    else:  # a blob: the matched filter is its profile out to where it has faded
+        template = tuple(sign * v for v in _blob_template(where, prof))
+        window = _crossing(where, prof, 0.5 * float(prof[0]))
     return {
         "ring_radius_px": float(min(max(ring_r, 1.0), 100.0)),
-        "window_px": int(min(max(round(0.85 * ring_r), 2), 50)),
+        "window_px": int(min(max(round(window), 2), 50)),
         # Peaks of the filter's response closer than its resolution are one particle
         # (touching spheres sit inside each other's rings: only the response's central
         # lobes are apart, and the joint fit tells them apart).

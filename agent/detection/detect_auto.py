@@ -14,7 +14,13 @@ works on what the previous one cleaned:
    since in a dense field the frame's spread is mostly particles); the side whose
    extremes are radially symmetric is the particles' contrast. Strength alone misleads:
    a defocused sphere's dark ring, or overlapping rings, outweigh its bright centre.
-4. Size and shape: the median radial profile around the most symmetric particles. Its
+4. Size and shape: the median radial profile around the most symmetric particles.
+   The candidates are the extremes and the centres of radial symmetry (gradient
+   voting, both polarities: it peaks at a ring's centre whatever that centre's
+   brightness, so a dark donut in focus or a weak centre inside strong rings is seeded
+   at its centre, not on its ring), snapped to an extreme where one is within 3 px;
+   the polarity is the sign of the median profile's centre (a centre under a tenth of
+   the profile's extreme: the opposite of that extreme). Its
    half maximum gives the core width (smoothing, window, separation of touching
    particles); a significant dip below the background after the core is a brightfield
    ring, and the profile out to where the ring returns to the background becomes the
@@ -24,6 +30,10 @@ works on what the previous one cleaned:
    ``ring_match.fit_radial_profile``) and the filter rebuilt, twice. Peaks closer than
    the filter's resolution (1.5 half widths of its central lobe) are one particle;
    touching rings are told apart by the joint amplitude fit, not split as blobs.
+   Blobs whose images still hold 5 % of their peak at the close neighbour distance
+   (darkfield out of focus: flat-topped or heavy-tailed) get the same matched filter
+   on their profile where a pair at that distance dips deeper in its response than in
+   the smoothed image (not so for Gaussians, which stay with smoothing and splitting).
    Ring mode then keeps the filter matched (``RingTracker``): when a frame's typical
    response moves by 30 % (focus drift, particles at another height, a centre turning
    from bright to dark) the profile is refitted to that frame's own detections.

@@ -236,9 +236,10 @@ def hard_cases(n_frames: int, log: Log) -> dict[str, float]:
 
 
 # Settings beyond the hard cases (full runs only), each with parameters from its own first
-# frame: (contrast, defocus um, sphere radius um, objective NA, spheres per 512^2). Several
-# are not met yet (rings whose centre is no extreme of the frame, crowded wide darkfield
-# blobs): they are reported so the gap stays measured.
+# frame: (contrast, defocus um, sphere radius um, objective NA, spheres per 512^2). Not met
+# yet (reported so the gap stays measured): -2.5 um brightfield (~0.55: wide rings
+# overlapping at 300 per 512^2; the detector gets ~0.58 even with the true profile) and
+# 2 um darkfield (~0.9: flat-topped blobs wider than the touching distance).
 SWEEP_CASES = (
     ("brightfield", -2.5, 0.5, 0.9, 300),
     ("brightfield", -0.5, 0.5, 0.9, 300),

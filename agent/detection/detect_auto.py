@@ -14,7 +14,13 @@ works on what the previous one cleaned:
    since in a dense field the frame's spread is mostly particles); the side whose
    extremes are radially symmetric is the particles' contrast. Strength alone misleads:
    a defocused sphere's dark ring, or overlapping rings, outweigh its bright centre.
-4. Size and shape: the median radial profile around the most symmetric particles. Its
+4. Size and shape: the median radial profile around the most symmetric particles.
+   The candidates are the extremes and the centres of radial symmetry (gradient
+   voting, both polarities: it peaks at a ring's centre whatever that centre's
+   brightness, so a dark donut in focus or a weak centre inside strong rings is seeded
+   at its centre, not on its ring), snapped to an extreme where one is within 3 px;
+   the polarity is the sign of the median profile's centre (a centre under a tenth of
+   the profile's extreme: the opposite of that extreme). Its
    half maximum gives the core width (smoothing, window, separation of touching
    particles); a significant dip below the background after the core is a brightfield
    ring, and the profile out to where the ring returns to the background becomes the
@@ -24,6 +30,10 @@ works on what the previous one cleaned:
    ``ring_match.fit_radial_profile``) and the filter rebuilt, twice. Peaks closer than
    the filter's resolution (1.5 half widths of its central lobe) are one particle;
    touching rings are told apart by the joint amplitude fit, not split as blobs.
+   Blobs whose images still hold 5 % of their peak at the close neighbour distance
+   (darkfield out of focus: flat-topped or heavy-tailed) get the same matched filter
+   on their profile where a pair at that distance dips deeper in its response than in
+   the smoothed image (not so for Gaussians, which stay with smoothing and splitting).
    Ring mode then keeps the filter matched (``RingTracker``): when a frame's typical
    response moves by 30 % (focus drift, particles at another height, a centre turning
    from bright to dark) the profile is refitted to that frame's own detections.
@@ -47,7 +57,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, signal
 from scipy.spatial import cKDTree
 
 from agent.detection.detect import (
@@ -57,7 +67,7 @@ from agent.detection.detect import (
     _noise_gain_1d,
     white_noise_sigma,
 )
-from agent.detection.ring_match import RingMatcher, central_lobe_px, fit_radial_profile
+from agent.detection.ring_match import RingMatcher, _kernel, central_lobe_px, fit_radial_profile
 
 __all__ = ["Estimate", "RingTracker", "check_frames", "estimate_config"]
 
@@ -92,6 +102,20 @@ _MIN_CLOSE_PEAKS = 20  # fewer particle-like extremes in a frame: no crowding me
 _SYM_CANDIDATES = 100  # strongest extremes per side scored for symmetry
 # Disc (px) of the symmetry score: a few core widths of small particles; on large rings
 # it sees the centre (round) against arcs (not round).
+_VOTING_SHARE = 0.15  # strongest gradients that vote for symmetry centres
+# Centres with fewer votes than this share of the strongest few's are texture or noise
+# (a sparse field's edges vote for many chance points).
+_MIN_VOTE_FRACTION = 0.5
+_CHANCE_VOTES = 3.0  # and than this many times the typical local maximum's (chance)
+_VOTE_SMOOTH_PX = 1.5
+# A centre weaker than this share of the profile's extreme has no sign of its own (a donut)
+_DONUT_CENTRE = 0.1
+# Blob images still this share of their peak at a neighbour's centre overlap (they add
+# up there): the matched filter's joint fit takes over from smoothing and splitting.
+_FADED = 0.05
+_OVERLAP = 0.8  # of the close distance: a faded radius beyond it is overlapping images
+_SNAP_PX = 3.0  # an extreme this close to a centre of symmetry is the centre
+_VOTE_RADIUS_PX = 20  # farthest centre an edge votes for
 _SYM_RADIUS_PX = 8  # share of pixels far from features needed to measure texture
 
 
@@ -244,6 +268,69 @@ def _median_or_zero(a: np.ndarray) -> float:
     return float(np.median(a)) if a.size else 0.0
 
 
+def _symmetry_centres(sm: np.ndarray, max_radius: int) -> np.ndarray:
+    """(rows, cols) of the strongest centres of radial symmetry, most votes first.
+
+    Gradient voting (Loy & Zelinsky's fast radial symmetry transform, both directions,
+    magnitude-weighted): every strong edge votes for the points 1 .. max_radius px along
+    its gradient, both ways. A round particle's edges, whatever their sign, agree on its
+    centre; so the votes peak at a ring's centre even where the centre is no extreme of
+    the frame (a dark donut in focus, a bright ring round a grey centre), while an arc
+    of a ring spreads its votes. Only centres within _MIN_VOTE_FRACTION of the
+    strongest few's votes, and _CHANCE_VOTES over the typical maximum of the vote map
+    (in a sparse field mostly chance), are kept."""
+    gy, gx = ndimage.sobel(sm, 0), ndimage.sobel(sm, 1)
+    mag = np.hypot(gx, gy)
+    rows, cols = np.nonzero(mag > np.quantile(mag, 1.0 - _VOTING_SHARE))
+    m = mag[rows, cols].astype(np.float64)
+    uy, ux = gy[rows, cols] / m, gx[rows, cols] / m
+    h, w = sm.shape
+    acc = np.zeros(h * w)
+    for n in range(1, max_radius + 1):
+        for s in (n, -n):
+            rr, cc = np.rint(rows + s * uy).astype(np.intp), np.rint(cols + s * ux).astype(np.intp)
+            ok = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
+            acc += np.bincount(rr[ok] * w + cc[ok], m[ok], minlength=h * w)
+    votes = ndimage.gaussian_filter(acc.reshape(h, w), _VOTE_SMOOTH_PX)
+    peaks = votes == ndimage.maximum_filter(votes, size=5)
+    rc, amp = np.argwhere(peaks), votes[peaks]
+    if amp.size == 0:
+        return rc
+    chance = _CHANCE_VOTES * float(np.median(amp))
+    order = np.argsort(-amp)[:_SYM_CANDIDATES]
+    rc, amp = rc[order], amp[order]
+    return rc[amp >= max(_MIN_VOTE_FRACTION * float(np.median(amp[:5])), chance)]
+
+
+def _snap(centres: np.ndarray, extremes: np.ndarray) -> np.ndarray:
+    """Each centre (row, col) moved to the nearest extreme within _SNAP_PX, if any."""
+    if len(centres) == 0 or len(extremes) == 0:
+        return centres
+    d, i = cKDTree(extremes).query(centres, distance_upper_bound=_SNAP_PX)
+    near = np.isfinite(d)
+    out = centres.copy()
+    out[near] = extremes[i[near]]
+    return out
+
+
+def _most_symmetric(flat: np.ndarray, *candidates: np.ndarray) -> np.ndarray:
+    """The candidate (row, col) seeds, each once, most radially symmetric first."""
+    rc = np.unique(np.concatenate([c.reshape(-1, 2) for c in candidates]), axis=0)
+    return rc[np.argsort(-_symmetry(flat, rc, _SYM_RADIUS_PX), kind="stable")]
+
+
+def _centre_sign(flat: np.ndarray, seeds: np.ndarray, radius: int) -> float:
+    """The sign that makes the particles' centre positive: the median profile's centre,
+    or where that is near zero (a donut), the opposite of its strongest extreme."""
+    _, prof = _radial_profile(flat, seeds[:_PROFILE_PEAKS], radius)
+    if prof.size == 0:
+        return 1.0
+    top = float(np.max(np.abs(prof)))
+    if abs(float(prof[0])) >= _DONUT_CENTRE * top:
+        return 1.0 if prof[0] > 0 else -1.0
+    return -1.0 if prof[int(np.argmax(np.abs(prof)))] > 0 else 1.0
+
+
 def _by_symmetry(
     flat: np.ndarray, extremes: tuple[np.ndarray, np.ndarray], sign: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -322,6 +409,8 @@ def _features(where: np.ndarray, prof: np.ndarray, noise: float) -> tuple[float,
     profile whose centre is positive; ring radius 0 where no significant dip (deeper than
     _RING_DEPTH of the centre and than noise) follows the core."""
     peak = float(prof[0])
+    if peak <= 0:  # no centre of this sign
+        return 0.5, 0.0, 0.0
     hwhm = _crossing(where, prof, 0.5 * peak)
     core = math.ceil(hwhm)
     after = prof[core:]
@@ -429,10 +518,30 @@ def estimate_config(
     amp_d = float(np.median(top_d)) if top_d.size else 0.0
     sym_b = _median_or_zero(np.concatenate([y[:_PROFILE_PEAKS] for _, _, y in bright]))
     sym_d = _median_or_zero(np.concatenate([y[:_PROFILE_PEAKS] for _, _, y in dark]))
+    # Seeds for the profile: the centres of radial symmetry (extremes of either sign
+    # land on rings where the centre is no extreme of the frame), with the extremes'
+    # amplitudes kept for the noise and crowding measures.
+    radius = max(int(min(_MAX_RADIUS_PX, min(frame.shape) // 2 - 1)), 2)
+    centres = [_symmetry_centres(s, min(_VOTE_RADIUS_PX, radius)) for s in sm]
     if "polarity" in given:
         sign = -1.0 if base.polarity == "dark" else 1.0
+    elif all(len(c) for c in centres):
+        sign = _centre_sign(flats[0], centres[0], radius)
     else:
         sign = 1.0 if sym_b >= sym_d else -1.0
+    # Where the centre is an extreme of that sign, the extreme is the better centre: the
+    # votes follow illumination asymmetries of the ring (2 px off on the real frames).
+    if all(len(c) for c in centres):
+        # Extremes and centres compete on roundness: the votes of a touching pair meet
+        # between the two (elongated), an extreme on a ring is an arc.
+        centres = [
+            _most_symmetric(f, _snap(c, (e_b if sign > 0 else e_d)[0]), (b if sign > 0 else d)[0])
+            for f, c, e_b, e_d, b, d in zip(flats, centres, all_b, all_d, bright, dark, strict=True)
+        ]
+        bright = [
+            (c, s[c[:, 0], c[:, 1]], b[2]) for c, s, b in zip(centres, sm, bright, strict=True)
+        ]
+        dark = [(c, -s[c[:, 0], c[:, 1]], d[2]) for c, s, d in zip(centres, sm, dark, strict=True)]
     why_empty = ""
     if max(amp_b, amp_d) == 0.0:
         why_empty = (
@@ -442,8 +551,6 @@ def estimate_config(
 
     # Size and shape from the median radial profile of the most symmetric particles.
     # Bright centres inside a dark annulus are brightfield rings.
-    radius = int(min(_MAX_RADIUS_PX, min(frame.shape) // 2 - 1))
-    radius = max(radius, 2)
     seeds_b = [(rc, a) for rc, a, _ in bright]
     seeds_d = [(rc, a) for rc, a, _ in dark]
     shape = _shape(flats, seeds_b, 1.0, pix_sigma, radius)
@@ -496,6 +603,22 @@ def estimate_config(
             max(math.sqrt(max(room, 0.0)), _quiet_smoothing(snr_1px, sigma_core)),
         )
         hwhm = min(hwhm, max(0.5 * _SEPARATE * close, spot_sigma))
+    # Blobs whose images reach into their neighbours' centres (wide or heavy-tailed
+    # images in a crowded field: darkfield out of focus) add up into merged peaks: they
+    # get the matched filter on their measured profile, whose joint amplitude fit
+    # explains the overlap away as for rings, where that filter resolves a touching pair
+    # better than the smoothed image does (a sharp-edged or heavy-tailed profile; not a
+    # Gaussian, whose matched response is wider than the image).
+    overlapping = (
+        contrast != "ring"
+        and diameter_px is None
+        and not given & {"polarity", "ring_profile", "smooth_sigma_px"}
+        and close > 0
+        and prof.size > 2
+        and prof[0] > 0
+        and _faded_px(where, prof) >= _OVERLAP * close
+        and _matched_resolves_better(_blob_template(where, prof), close, spot_sigma)
+    )
     smooth = float(min(max(spot_sigma, 0.5), 10.0))
     put("smooth_sigma_px", smooth)
     # Images merge into one peak when closer than about twice their width: where the
@@ -511,7 +634,11 @@ def estimate_config(
     if contrast != "ring":  # the ring filter is blind to smooth illumination
         put("background_px", int(min(4 * extent + 1, 2001)) if spread > _UNEVEN else 0)
 
-    if contrast == "ring":
+    if overlapping:
+        seeds = (seeds_b if sign > 0 else seeds_d)[0][0]
+        blob = (where, prof, hwhm, 0.0, 0.0)
+        updates |= _ring_fit(use, base, given, sign, blob, seeds, radius, refit=False)[0]
+    elif contrast == "ring":
         refit = diameter_px is None and "ring_profile" not in given
         seeds_of = {1.0: seeds_b, -1.0: seeds_d}
         shape = (where, prof, hwhm, ring_r, outer)
@@ -577,15 +704,61 @@ def _ring_template(where: np.ndarray, prof: np.ndarray, ring_r: float) -> tuple[
     return tuple(round(float(v), 4) for v in values)
 
 
+def _faded_px(where: np.ndarray, prof: np.ndarray) -> float:
+    """Radius (px) where a blob's profile (centre positive) has fallen to _FADED of it."""
+    return _crossing(where, prof, _FADED * float(prof[0]))
+
+
+def _blob_template(where: np.ndarray, prof: np.ndarray) -> tuple[float, ...]:
+    """A blob's measured profile per px from the centre (= 1) to where it has faded."""
+    radii = np.arange(max(math.ceil(_faded_px(where, prof)), 2) + 1, dtype=np.float64)
+    values = np.interp(radii, where, prof) / max(float(prof[0]), 1e-12)
+    return tuple(round(float(v), 4) for v in values)
+
+
+def _pair_dips(template: tuple[float, ...], distance: float, smooth: float) -> tuple[float, float]:
+    """How deep the dip between two particles of this profile, distance px apart, is in
+    the matched filter's response and in the image smoothed by smooth px (share of the
+    peaks' height; <= 0: one peak)."""
+    n = len(template) - 1
+    half = math.ceil(distance / 2 + 2 * n + 3 * smooth) + 1
+    yy, xx = np.mgrid[-half : half + 1, -half : half + 1].astype(np.float64)
+    image = sum(
+        np.interp(np.hypot(xx - dx, yy), np.arange(n + 1), template, right=0.0)
+        for dx in (-distance / 2, distance / 2)
+    )
+    kernel = _kernel(np.asarray(template, dtype=np.float64), 1.0).astype(np.float64)
+    dips = []
+    for resp in (
+        signal.fftconvolve(image, kernel, mode="same"),
+        ndimage.gaussian_filter(image, max(smooth, 1e-3)),
+    ):
+        row = resp[half]
+        peak = float(np.interp(half + distance / 2, np.arange(row.size), row))
+        dips.append(1.0 - float(row[half]) / peak if peak > 0 else 0.0)
+    return dips[0], dips[1]
+
+
+def _matched_resolves_better(template: tuple[float, ...], distance: float, smooth: float) -> bool:
+    """Whether the matched filter parts a pair distance px apart more than smoothing does."""
+    matched, smoothed = _pair_dips(template, distance, smooth)
+    return matched > smoothed
+
+
 def _ring_settings(
     where: np.ndarray, prof: np.ndarray, sign: float, ring_r: float
 ) -> dict[str, object]:
     """Ring mode's shape settings from a radial profile (centre positive after sign):
     the matched filter, its ring radius and refinement window, and the separation."""
-    template = tuple(sign * v for v in _ring_template(where, prof, ring_r))
+    if ring_r > 0:
+        template = tuple(sign * v for v in _ring_template(where, prof, ring_r))
+        window = 0.85 * ring_r
+    else:  # a blob: the matched filter is its profile out to where it has faded
+        template = tuple(sign * v for v in _blob_template(where, prof))
+        window = _crossing(where, prof, 0.5 * float(prof[0]))
     return {
         "ring_radius_px": float(min(max(ring_r, 1.0), 100.0)),
-        "window_px": int(min(max(round(0.85 * ring_r), 2), 50)),
+        "window_px": int(min(max(round(window), 2), 50)),
         # Peaks of the filter's response closer than its resolution are one particle
         # (touching spheres sit inside each other's rings: only the response's central
         # lobes are apart, and the joint fit tells them apart).

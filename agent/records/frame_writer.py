@@ -21,6 +21,11 @@ more than `max_queued_bytes` behind:
   writer runs at normal priority so the queue stays short. Only a writer that died
   makes a frame go unrecorded, and that is counted and named.
 
+The writer says `ready` once it has imported its libraries and bound its socket, and
+the constructor waits for that (up to `READY_TIMEOUT_S`): its start-up (a second of
+imports) then runs before the plan's first step, not beside it (measured: a recording
+round's first steps had p99 8.4 ms against 3.6 ms later on).
+
 `close` moves every writer thread out of the idle class (a busy machine may never
 give the idle class the time to drain the backlog), sends the end, waits for the
 writer to write what is queued, and reads its counts back. A writer whose run was
@@ -36,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -52,6 +58,7 @@ from drivers.auth import private_dir
 CLOSE = b"close"
 CLOSE_TIMEOUT_S = 120.0  # a long backlog on a slow disk still gets written
 WRITER_NICE = 19
+READY_TIMEOUT_S = 60.0  # imports on a slow, busy machine; past it the run goes on
 ORPHAN_CHECK_MS = 500  # the loop's process comes first on a busy machine
 LOSSLESS_POLL_MS = 100  # a lossless offer waiting for room checks the writer is alive
 
@@ -96,6 +103,20 @@ class BackgroundFrameWriter:
         # its own I/O thread: pushing frames to a slow writer never delays the driver link
         self._ctx = zmq.Context()
         self._socket: zmq.Socket | None = None  # sized by the first frame
+        self._wait_until_ready()
+
+    def _wait_until_ready(self) -> None:
+        """Block until the writer has started (its `ready` line), died, or timed out:
+        either of the last two is reported by `close`, as a writer that fails later is."""
+        stdout = self._proc.stdout
+        if stdout is None:
+            return
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while self._proc.poll() is None and time.monotonic() < deadline:
+            ready, _, _ = select.select([stdout], [], [], 0.1)
+            if ready:
+                stdout.readline()  # "ready" (or EOF: the writer died; close says so)
+                return
 
     def _connect(self, frame_bytes: int) -> zmq.Socket | None:
         """The PUSH socket, its queue `max_queued_bytes` deep in frames of this size
@@ -216,6 +237,9 @@ def serve(path: Path, endpoint: str, pixel_size_um: float | None) -> dict[str, A
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.RCVHWM, 2)  # the queue (bytes-bounded) is the sender's
     socket.bind(endpoint)
+    import ome_writers  # noqa: F401  (imported now, before `ready`, not at the first frame)
+
+    print("ready", flush=True)
     failed, error = 0, None
     parent = os.getppid()
     try:

@@ -37,9 +37,9 @@ class AgentSettings(BaseModel):
     # A driver that dies or restarts mid-run: wait this long (no actuation) for it to
     # answer again, then end the run (agent/engine/driver_faults.py); 0: end at once.
     driver_reconnect_s: float = Field(30.0, ge=0.0, le=3600.0)
-    # Every frame the loop acts on goes to the run's frames.ome.zarr, written on a
-    # background thread; past record_queue_mb waiting, frames are counted as not
-    # recorded rather than slowing the loop (agent/records/frame_recording.py).
+    # Every frame the loop acts on goes to the run's frames.ome.zarr, written by a
+    # writer process at idle priority; past record_queue_mb waiting, frames are counted
+    # as not recorded rather than slowing the loop (agent/records/frame_writer.py).
     record_frames: bool = True
     record_queue_mb: float = Field(256.0, gt=0.0, le=65_536.0)
 

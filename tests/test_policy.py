@@ -70,6 +70,15 @@ def test_agent_side_clipping_to_driver_limits() -> None:
     assert limits.clip(inside) == (inside, False)
 
 
+@pytest.mark.parametrize("nan", [float("nan"), np.float64("nan")])
+def test_agent_side_clipping_drops_a_spot_no_number_places(nan: float) -> None:
+    # A policy's NaN (a plain float or numpy's) puts no light anywhere, and is counted.
+    limits = LaserLimits(x_um=(0.0, 25.6), y_um=(0.0, 25.6), max_power_mw=3.0, max_spots=2)
+    for spot in (LaserSpot(nan, 1.0, 1.0), LaserSpot(1.0, nan, 1.0), LaserSpot(1.0, 1.0, nan)):
+        clipped, changed = limits.clip(Action(laser=(spot, LaserSpot(2.0, 2.0, 0.5))))
+        assert changed and clipped.laser == (LaserSpot(2.0, 2.0, 0.5),)
+
+
 def test_track_ids_keep_the_trap_on_the_same_particle() -> None:
     policy = ProportionalTrap(ProportionalTrapConfig())
 

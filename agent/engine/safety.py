@@ -6,6 +6,7 @@ over-eager request from turning into a refused command and a missed step.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,9 @@ class LaserLimits:
         spots = []
         changed = len(action.laser) > self.max_spots
         for spot in action.laser[: self.max_spots]:  # on the frame-to-command path: no numpy
+            if math.isnan(spot.x_um) or math.isnan(spot.y_um) or math.isnan(spot.power_mw):
+                changed = True  # a spot no number places: no light from it
+                continue
             x = _clip(spot.x_um, *self.x_um)
             y = _clip(spot.y_um, *self.y_um)
             p = _clip(spot.power_mw, 0.0, self.max_power_mw)

@@ -99,7 +99,7 @@ class BackgroundFrameWriter:
             text=True,
         )
         if not lossless:  # its start-up (imports) too, not just its work
-            _yield_cpu(idle=True, pid=self._proc.pid)
+            _yield_cpu(self._proc.pid)
         # its own I/O thread: pushing frames to a slow writer never delays the driver link
         self._ctx = zmq.Context()
         self._socket: zmq.Socket | None = None  # sized by the first frame
@@ -272,18 +272,19 @@ def serve(path: Path, endpoint: str, pixel_size_um: float | None) -> dict[str, A
     }
 
 
-def _yield_cpu(idle: bool, pid: int = 0) -> None:
-    """Into (or out of) the idle scheduling class, before any writer thread starts
-    (`pid`: this process, or the writer the loop's process has just started)."""
-    policy = getattr(os, "SCHED_IDLE" if idle else "SCHED_OTHER", None)
+def _yield_cpu(pid: int = 0) -> None:
+    """Into the idle scheduling class, before any writer thread starts (`pid`: this
+    process, or the writer the loop's process has just started; nice 19 where the OS
+    has no idle class, which only a process can ask for itself)."""
+    policy = getattr(os, "SCHED_IDLE", None)
     try:
         if policy is not None:
             os.sched_setscheduler(pid, policy, os.sched_param(0))
-        elif idle and pid == 0:
-            os.nice(WRITER_NICE)
+            return
     except OSError:  # not allowed here: the loop still never waits, frames may drop
-        if idle and pid == 0:
-            os.nice(WRITER_NICE)
+        pass
+    if pid == 0:
+        os.nice(WRITER_NICE)
 
 
 def _leave_idle_class(pid: int) -> None:
@@ -302,6 +303,6 @@ def _leave_idle_class(pid: int) -> None:
 if __name__ == "__main__":
     folder_path, address, pixel_arg, priority = sys.argv[1:]
     if priority == "idle":
-        _yield_cpu(idle=True)
+        _yield_cpu()
     result = serve(Path(folder_path), address, None if pixel_arg == "-" else float(pixel_arg))
     print(json.dumps(result), flush=True)
